@@ -1,0 +1,3 @@
+from alseg.cli import entry
+
+entry()

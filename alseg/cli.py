@@ -1,0 +1,222 @@
+"""The ``alseg`` command line: arguments, progress bars, tables and one-line errors.
+
+A thin layer over the Python API: every command calls one public function and renders its
+result. :class:`~alseg.errors.AlsegError` becomes ``alseg: error: FILE: PROBLEM`` on stderr with
+exit status 2; any other exception is a bug and keeps its traceback.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from alseg.errors import AlsegError
+from alseg.progress import Reporter
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Cost-effective active learning (CEAL) for biomedical image segmentation.")
+data_app = typer.Typer(no_args_is_help=True, help="Inspect datasets.")
+model_app = typer.Typer(no_args_is_help=True, help="Inspect the U-Net.")
+app.add_typer(data_app, name="data")
+app.add_typer(model_app, name="model")
+
+out = Console()
+err = Console(stderr=True)
+
+
+class Format(str, Enum):
+    isic2017 = "isic2017"
+    lgg = "lgg"
+    folder = "folder"
+
+
+class PresetName(str, Enum):
+    paper_isic = "paper-isic"
+    paper_lgg = "paper-lgg"
+    quick_isic = "quick-isic"
+    quick_lgg = "quick-lgg"
+    demo = "demo"
+
+
+class RichReporter(Reporter):
+    """Progress bars on stderr (so ``--json`` stdout stays clean); silent when ``quiet``."""
+
+    def __init__(self, quiet: bool = False):
+        self.quiet = quiet
+        self.progress: Progress | None = None
+
+    def stage(self, name, total):
+        if self.quiet:
+            return lambda done: None
+        self.end_stage()
+        self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), TimeRemainingColumn(), console=err, transient=True)
+        self.progress.start()
+        task = self.progress.add_task(name, total=total)
+        return lambda done: self.progress.update(task, completed=done)
+
+    def end_stage(self):
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+    def epoch(self, phase, round, record):
+        if not self.quiet:
+            val = "-" if record.get("val_dice") is None else f"{record['val_dice']:.3f}"
+            err.print(f"{phase} round {round} epoch {record['epoch']:>3}: loss {record['train_loss']:.3f}  "
+                      f"train Dice {record['train_dice']:.3f}  val Dice {val}  ({record['seconds']:.1f} s)")
+
+    def note(self, text):
+        if not self.quiet:
+            err.print(f"[dim]note:[/dim] {text}")
+
+
+def _emit(result, as_json: bool, render) -> None:
+    if as_json:
+        sys.stdout.write(json.dumps(result, indent=2, default=str) + "\n")
+    else:
+        render(result)
+
+
+def _kv_table(title: str, rows: dict) -> Table:
+    table = Table(title=title, show_header=False)
+    for k, v in rows.items():
+        table.add_row(str(k), f"{v:.4f}" if isinstance(v, float) else str(v))
+    return table
+
+
+@data_app.command("summary")
+def data_summary(path: Path = typer.Argument(..., help="Dataset folder (layout detected unless --format)."),
+                 format: Optional[Format] = typer.Option(None, "--format", help="Override layout detection."),
+                 as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts.")):
+    """Count samples, masks, non-empty masks, groups and image sizes; every mask is validated."""
+    from alseg.data import open_dataset, summarize
+
+    result = summarize(open_dataset(path, format.value if format else None))
+    _emit(result, as_json, lambda r: out.print(_kv_table(f"{path}", r)))
+
+
+@model_app.command("summary")
+def model_summary(width: int = typer.Option(64, help="Base width w (channels of the first level)."),
+                  depth: int = typer.Option(5, help="Encoder levels."),
+                  in_channels: int = typer.Option(3, help="Input channels."),
+                  dropout: float = typer.Option(0.1, help="Dropout rate."),
+                  norm: str = typer.Option("none", help="none, batch, instance or group."),
+                  as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts.")):
+    """Parameter count of the U-Net at the given size (31,031,745 for the paper's)."""
+    from alseg.model import ModelConfig, UNet, count_parameters
+
+    cfg = ModelConfig(in_channels=in_channels, width=width, depth=depth, dropout=dropout, norm=norm)
+    result = {"parameters": count_parameters(UNet(cfg)), **cfg.to_dict()}
+    _emit(result, as_json, lambda r: out.print(_kv_table("U-Net", {**r, "parameters": f"{r['parameters']:,}"})))
+
+
+def _default_out(prefix: str) -> Path:
+    import time
+
+    return Path("runs") / f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+@app.command()
+def train(data: Path = typer.Option(..., "--data", help="Dataset folder."),
+          format: Optional[Format] = typer.Option(None, "--format", help="Override layout detection."),
+          preset: Optional[PresetName] = typer.Option(None, help="Settings preset (default: quick-* for the layout)."),
+          config: Optional[Path] = typer.Option(None, "--config", help="YAML file overriding the preset."),
+          size: Optional[int] = typer.Option(None, help="Working size in pixels (square)."),
+          width: Optional[int] = typer.Option(None, help="U-Net base width."),
+          epochs: Optional[int] = typer.Option(None, help="Training epochs."),
+          batch_size: Optional[int] = typer.Option(None, help="Images per batch."),
+          lr: Optional[float] = typer.Option(None, help="Adam learning rate."),
+          dropout: Optional[float] = typer.Option(None, help="Dropout rate."),
+          split_by: Optional[str] = typer.Option(None, help="group (default: no patient in two splits) or sample."),
+          full: bool = typer.Option(False, "--full", help="Train on the whole train split, not its 37.5 % labelled part."),
+          seed: Optional[int] = typer.Option(None, help="Random seed."),
+          device: Optional[str] = typer.Option(None, help="auto, cpu or cuda."),
+          precision: Optional[str] = typer.Option(None, help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16."),
+          out_dir: Optional[Path] = typer.Option(None, "--out", help="Run directory to create (default runs/train-TIME)."),
+          cache_dir: Optional[Path] = typer.Option(None, help="Decoded-pixel cache (default ~/.cache/alseg)."),
+          as_json: bool = typer.Option(False, "--json", help="Print the result as JSON.")):
+    """Supervised training on a split's labelled part, then Dice on its test split."""
+    from alseg.config import build_config, preset_for_format
+    from alseg.data import detect_format
+    from alseg.experiment import train_supervised
+
+    fmt = format.value if format else detect_format(data)
+    cfg = build_config(preset.value if preset else preset_for_format(fmt), config, {
+        "seed": seed,
+        "data": {"path": str(data), "format": fmt, "size": size, "split_by": split_by,
+                 "cache_dir": str(cache_dir) if cache_dir else None},
+        "model": {"width": width, "dropout": dropout},
+        "train": {"epochs": epochs, "batch_size": batch_size, "lr": lr, "device": device, "precision": precision},
+    })
+    if not as_json:
+        err.print(f"[dim]effective config ({cfg.preset}):[/dim]\n{cfg.to_yaml()}")
+    result = train_supervised(cfg, out_dir or _default_out("train"), full=full, reporter=RichReporter(quiet=as_json))
+
+    def render(r):
+        out.print(_kv_table("test Dice", r["test"]))
+        out.print(f"labelled {r['labelled']}, split {r['split']} (by {r['split_by']}); best epoch {r['best_epoch']} "
+                  f"(val Dice {r['best_val_dice']:.3f}); {r['seconds']:.0f} s; run: {r['run_dir']}")
+
+    _emit(result, as_json, render)
+
+
+@app.command()
+def evaluate(target: Path = typer.Argument(..., help="Checkpoint file or run directory (its latest model)."),
+             data: Path = typer.Option(..., "--data", help="Dataset folder with masks (any, not only the training one)."),
+             format: Optional[Format] = typer.Option(None, "--format", help="Override layout detection."),
+             positive_only: bool = typer.Option(False, "--positive-only", help="Only images whose mask is not empty."),
+             split: str = typer.Option("all", help="all, or train/val/test of the run (needs a run directory)."),
+             device: str = typer.Option("auto", help="auto, cpu or cuda."),
+             per_image: Optional[Path] = typer.Option(None, help="Also write per-image Dice to this CSV."),
+             cache_dir: Optional[Path] = typer.Option(None, help="Decoded-pixel cache (default ~/.cache/alseg)."),
+             as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON.")):
+    """Dice per image (mean, median), pooled, and per volume (grouped data).
+
+    Empty-mask convention: an image whose mask and prediction are both empty scores 1.0.
+    """
+    from alseg.evaluate import evaluate as run_eval
+    from alseg.store import atomic_write_text
+
+    result = run_eval(target, data, format=format.value if format else None, positive_only=positive_only,
+                      split=split, device=device, cache_dir=cache_dir, reporter=RichReporter(quiet=as_json))
+    if per_image:
+        atomic_write_text(per_image, "id,dice\n" + "".join(f"{i},{d:.6f}\n" for i, d in zip(result.ids, result.dice)))
+    _emit(result.summary, as_json, lambda r: out.print(_kv_table(f"Dice on {data}", r)))
+
+
+@app.command()
+def demo(data: Optional[Path] = typer.Option(None, "--data", help="Real dataset folder (default: generated lesions)."),
+         out_dir: Optional[Path] = typer.Option(None, "--out", help="Run directory (default runs/demo-TIME)."),
+         as_json: bool = typer.Option(False, "--json", help="Print the result as JSON.")):
+    """A complete small run on CPU in about two minutes (generated data unless --data)."""
+    from alseg.demo import run_demo
+
+    result = run_demo(data, out_dir or _default_out("demo"), reporter=RichReporter(quiet=as_json))
+    _emit(result, as_json, lambda r: out.print(_kv_table("demo: test Dice", r["test"]),
+                                                 f"results in {r['run_dir']}"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        app(args=argv, prog_name="alseg", standalone_mode=True)
+    except AlsegError as exc:
+        err.print(f"alseg: error: {exc}", markup=False, highlight=False, soft_wrap=True)
+        return 2
+    except KeyboardInterrupt:
+        err.print("alseg: interrupted", markup=False)
+        return 130
+    except SystemExit as exc:
+        return int(exc.code or 0) if not isinstance(exc.code, str) else 1
+    return 0
+
+
+def entry() -> None:
+    sys.exit(main())

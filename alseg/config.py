@@ -1,0 +1,144 @@
+"""Experiment configuration: one nested dataclass, its presets, and YAML round-trips.
+
+Presets say what they use and why:
+
+* ``paper-isic`` / ``paper-lgg``: the paper's protocol (256 px, width 64, depth 5, 20 initial
+  epochs, 5 per round, 37.5 % labelled, the paper's split sizes). Dropout 0.2 in every block and
+  Adam at 1e-4: the U-Net of the paper with a rate below 0.5, because 0.5 everywhere with Adam
+  at 1e-3 was measured unstable (held-out Dice swinging 0.44-0.65 between epochs at width 16).
+  Sized for a GPU.
+* ``quick-isic`` / ``quick-lgg``: CPU-sized (96 px ISIC, 128 px LGG; width 16). Dropout 0.1 with
+  Adam at 3e-4: measured on our CPUs (ISIC, 96 px, width 16, full supervision) to reach
+  held-out Dice 0.74 in 12 epochs, where 0.5 / 1e-3 oscillated. Fewer epochs (10 initial, 3 per
+  round) so a run ends in minutes on 2 cores.
+* ``demo``: the generated lesion-like dataset at 64 px, width 8: a complete run in about two
+  minutes on a laptop CPU; its numbers say nothing about real data.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from alseg.errors import AlsegError
+from alseg.model import ModelConfig
+from alseg.train import TrainConfig
+
+
+@dataclass
+class DataConfig:
+    path: str | None = None
+    format: str | None = None
+    size: int = 128
+    split_preset: str = "default"
+    split_by: str = "group"
+    split_seed: int | None = None  # None: the experiment's seed
+    labelled_fraction: float = 0.375
+    test_source: str = "auto"
+    cache_dir: str | None = None
+
+
+@dataclass
+class ActiveConfig:
+    """Settings of the active-learning phase (used by ``alseg run``)."""
+
+    round_epochs: int = 5  # the initial phase uses train.epochs
+
+
+@dataclass
+class ExperimentConfig:
+    preset: str = "custom"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    active: ActiveConfig = field(default_factory=ActiveConfig)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _preset(preset: str, size: int, width: int, dropout: float, lr: float, split: str,
+            initial: int, per_round: int, batch: int) -> ExperimentConfig:
+    return ExperimentConfig(
+        preset=preset,
+        data=DataConfig(size=size, split_preset=split),
+        model=ModelConfig(width=width, depth=5, dropout=dropout, dropout_scope="all", norm="none"),
+        train=TrainConfig(epochs=initial, batch_size=batch, lr=lr),
+        active=ActiveConfig(round_epochs=per_round),
+    )
+
+
+PRESETS: dict[str, ExperimentConfig] = {
+    "paper-isic": _preset("paper-isic", 256, 64, 0.2, 1e-4, "isic", 20, 5, 8),
+    "paper-lgg": _preset("paper-lgg", 256, 64, 0.2, 1e-4, "lgg", 20, 5, 8),
+    "quick-isic": _preset("quick-isic", 96, 16, 0.1, 3e-4, "isic", 10, 3, 8),
+    "quick-lgg": _preset("quick-lgg", 128, 16, 0.1, 3e-4, "lgg", 10, 3, 8),
+    "demo": _preset("demo", 64, 8, 0.1, 1e-3, "default", 8, 3, 8),
+}
+
+
+def preset_for_format(fmt: str | None) -> str:
+    """The quick preset that suits a detected layout, for commands run without ``--preset``."""
+    return {"isic2017": "quick-isic", "lgg": "quick-lgg"}.get(fmt or "", "demo")
+
+
+def _merge(obj: Any, values: dict, where: str) -> Any:
+    known = {f.name: f for f in fields(obj)}
+    updates = {}
+    for key, value in values.items():
+        if key not in known:
+            raise AlsegError(f"unknown config key {where}{key!r}; known: {', '.join(known)}")
+        current = getattr(obj, key)
+        if is_dataclass(current):
+            if not isinstance(value, dict):
+                raise AlsegError(f"config key {where}{key} must be a mapping")
+            value = _merge(current, value, f"{where}{key}.")
+        updates[key] = value
+    data = {f.name: getattr(obj, f.name) for f in fields(obj)}
+    data.update(updates)
+    try:
+        return type(obj)(**data)
+    except TypeError as exc:
+        raise AlsegError(f"bad config {where.rstrip('.') or 'value'}: {exc}") from None
+
+
+def build_config(preset: str | None = None, config_file: str | Path | None = None,
+                 overrides: dict | None = None) -> ExperimentConfig:
+    """Preset, then the YAML file, then ``overrides`` (nested dicts; None values are ignored)."""
+    name = preset or "demo"
+    if name not in PRESETS:
+        raise AlsegError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    cfg = copy.deepcopy(PRESETS[name])
+    if config_file is not None:
+        path = Path(config_file)
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except FileNotFoundError:
+            raise AlsegError("config file not found", path) from None
+        except yaml.YAMLError as exc:
+            raise AlsegError(f"invalid YAML ({str(exc).splitlines()[0]})", path) from None
+        if not isinstance(loaded, dict):
+            raise AlsegError("config file must hold a mapping", path)
+        cfg = _merge(cfg, loaded, "")
+    if overrides:
+        cfg = _merge(cfg, _drop_none(overrides), "")
+    return cfg
+
+
+def _drop_none(d: dict) -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            v = _drop_none(v)
+            if v:
+                out[k] = v
+        elif v is not None:
+            out[k] = v
+    return out

@@ -1,0 +1,7 @@
+"""Data: layouts on disk (sources), decoded pixels (cache), and train/val/test splits."""
+from alseg.data.cache import CachedData, default_cache_dir, load_cached
+from alseg.data.sources import FORMATS, Dataset, Sample, detect_format, open_dataset
+from alseg.data.summary import summarize
+
+__all__ = ["CachedData", "Dataset", "FORMATS", "Sample", "default_cache_dir", "detect_format",
+           "load_cached", "open_dataset", "summarize"]

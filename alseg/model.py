@@ -1,0 +1,133 @@
+"""The paper's U-Net with Monte Carlo dropout, and its options.
+
+Depth ``d`` encoder levels of two 3x3 convolutions (padding same, ReLU) with dropout between
+them, 2x2 max-pooling between levels (not after the last); channels ``w, 2w, ..., 2^(d-1) w``.
+The decoder has ``d - 1`` levels: a 2x2 stride-2 transposed convolution halving the channels,
+concatenation with the encoder skip, two 3x3 convolutions with dropout between. A final 1x1
+convolution gives one logit map. With ``width=64, depth=5, in_channels=3`` and no normalisation
+that is 31,031,745 parameters, the paper's "around 31 million".
+
+``dropout_scope`` says which blocks carry dropout: ``all`` (every block, the paper),
+``decoder`` (bottleneck and decoder) or ``bottleneck`` (the deepest level only). ``norm`` adds
+``batch``/``instance``/``group`` normalisation after each convolution (``none`` is the paper).
+
+:func:`set_mc_dropout` switches a model to MC inference: dropout active, normalisation in eval.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from alseg.errors import AlsegError
+
+DROPOUT_SCOPES = ("all", "decoder", "bottleneck")
+NORMS = ("none", "batch", "instance", "group")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    in_channels: int = 3
+    width: int = 64
+    depth: int = 5
+    dropout: float = 0.1
+    dropout_scope: str = "all"
+    norm: str = "none"
+
+    def __post_init__(self):
+        if self.depth < 1:
+            raise AlsegError(f"depth must be at least 1, got {self.depth}")
+        if self.width < 1 or self.in_channels < 1:
+            raise AlsegError("width and in_channels must be positive")
+        if not 0.0 <= self.dropout < 1.0:
+            raise AlsegError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.dropout_scope not in DROPOUT_SCOPES:
+            raise AlsegError(f"dropout_scope must be one of {', '.join(DROPOUT_SCOPES)}")
+        if self.norm not in NORMS:
+            raise AlsegError(f"norm must be one of {', '.join(NORMS)}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _norm(kind: str, channels: int) -> nn.Module:
+    if kind == "batch":
+        return nn.BatchNorm2d(channels)
+    if kind == "instance":
+        return nn.InstanceNorm2d(channels, affine=True)
+    if kind == "group":
+        return nn.GroupNorm(min(8, channels), channels)
+    return nn.Identity()
+
+
+class DoubleConv(nn.Sequential):
+    """conv3x3 -> [norm] -> ReLU -> dropout -> conv3x3 -> [norm] -> ReLU."""
+
+    def __init__(self, cin: int, cout: int, dropout: float, norm: str):
+        super().__init__(
+            nn.Conv2d(cin, cout, 3, padding=1), _norm(norm, cout), nn.ReLU(inplace=True),
+            nn.Dropout(dropout),
+            nn.Conv2d(cout, cout, 3, padding=1), _norm(norm, cout), nn.ReLU(inplace=True),
+        )
+
+
+class UNet(nn.Module):
+    """U-Net returning one logit map of the input's height and width (a multiple of 2^(depth-1))."""
+
+    def __init__(self, config: ModelConfig = ModelConfig()):
+        super().__init__()
+        self.config = config
+        c, w, d = config, config.width, config.depth
+        chans = [w * 2 ** i for i in range(d)]
+
+        def rate(level: int, decoder: bool) -> float:
+            if c.dropout_scope == "all":
+                return c.dropout
+            if c.dropout_scope == "decoder":
+                return c.dropout if decoder or level == d - 1 else 0.0
+            return c.dropout if level == d - 1 and not decoder else 0.0
+
+        self.down = nn.ModuleList()
+        cin = c.in_channels
+        for level, ch in enumerate(chans):
+            self.down.append(DoubleConv(cin, ch, rate(level, False), c.norm))
+            cin = ch
+        self.pool = nn.MaxPool2d(2)
+        self.up = nn.ModuleList()
+        self.dec = nn.ModuleList()
+        for level in range(d - 2, -1, -1):
+            self.up.append(nn.ConvTranspose2d(chans[level + 1], chans[level], 2, stride=2))
+            self.dec.append(DoubleConv(2 * chans[level], chans[level], rate(level, True), c.norm))
+        self.head = nn.Conv2d(chans[0], 1, 1)
+
+    @property
+    def multiple(self) -> int:
+        return 2 ** (self.config.depth - 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] % self.multiple or x.shape[-2] % self.multiple:
+            raise AlsegError(f"input size {tuple(x.shape[-2:])} must be a multiple of {self.multiple} for depth {self.config.depth}")
+        skips = []
+        for i, block in enumerate(self.down):
+            x = block(x)
+            if i < len(self.down) - 1:
+                skips.append(x)
+                x = self.pool(x)
+        for up, dec in zip(self.up, self.dec):
+            x = dec(torch.cat([skips.pop(), up(x)], dim=1))
+        return self.head(x)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def set_mc_dropout(model: nn.Module, enabled: bool = True) -> nn.Module:
+    """Eval mode everywhere, then dropout layers back to train mode when ``enabled`` (MC dropout)."""
+    model.eval()
+    if enabled:
+        for m in model.modules():
+            if isinstance(m, nn.Dropout):
+                m.train()
+    return model
