@@ -1,1 +1,23 @@
-"""alseg."""
+"""alseg: cost-effective active learning (CEAL) with MC-dropout U-Nets for biomedical segmentation.
+
+Everything the CLI does is importable from here.
+"""
+from alseg.config import PRESETS, ExperimentConfig, build_config
+from alseg.data import CachedData, Dataset, Sample, detect_format, load_cached, open_dataset, summarize
+from alseg.data.splits import Split, make_split
+from alseg.errors import AlsegError
+from alseg.evaluate import evaluate, score_model
+from alseg.experiment import prepare_data, train_supervised
+from alseg.metrics import dice_per_image, pooled_dice, summarize_dice, volume_dice
+from alseg.model import ModelConfig, UNet, count_parameters, set_mc_dropout
+from alseg.train import Checkpoint, TrainConfig, fit, predict_probs
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AlsegError", "CachedData", "Checkpoint", "Dataset", "ExperimentConfig", "ModelConfig", "PRESETS", "Sample",
+    "Split", "TrainConfig", "UNet", "build_config", "count_parameters", "detect_format", "dice_per_image",
+    "evaluate", "fit", "load_cached", "make_split", "open_dataset", "pooled_dice", "predict_probs",
+    "prepare_data", "score_model", "set_mc_dropout", "summarize", "summarize_dice", "train_supervised",
+    "volume_dice",
+]

@@ -156,8 +156,6 @@ def train(data: Path = typer.Option(..., "--data", help="Dataset folder."),
         "model": {"width": width, "dropout": dropout},
         "train": {"epochs": epochs, "batch_size": batch_size, "lr": lr, "device": device, "precision": precision},
     })
-    if not as_json:
-        err.print(f"[dim]effective config ({cfg.preset}):[/dim]\n{cfg.to_yaml()}")
     result = train_supervised(cfg, out_dir or _default_out("train"), full=full, reporter=RichReporter(quiet=as_json))
 
     def render(r):

@@ -81,6 +81,7 @@ def train_supervised(config: ExperimentConfig, out: str | Path, *, full: bool = 
     config = fitted_config(config, prepared.data)
     data, split = prepared.data, prepared.split
     labelled = split.train if full else split.labelled
+    reporter.note(f"effective config ({config.preset}):\n{config.to_yaml()}")
     for note in split.notes:
         reporter.note(note)
     device = resolve_device(config.train.device)

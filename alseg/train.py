@@ -73,9 +73,13 @@ class Checkpoint:
             blob = torch.load(path, map_location=device, weights_only=True)
             model = UNet(ModelConfig(**blob["model_config"]))
             model.load_state_dict(blob["state_dict"])
-        except (RuntimeError, KeyError, TypeError, EOFError, OSError) as exc:
-            raise AlsegError(f"not a readable alseg checkpoint ({str(exc).splitlines()[0][:100]})", path) from None
-        return cls(model.to(device), Normalizer.from_dict(blob["normalizer"]), int(blob["size"]), blob.get("meta", {}))
+            normalizer, size = Normalizer.from_dict(blob["normalizer"]), int(blob["size"])
+        except AlsegError:
+            raise
+        except Exception as exc:  # torch.load and a foreign file can fail in many ways; all mean "not ours"
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:100]
+            raise AlsegError(f"not a readable alseg checkpoint ({reason})", path) from None
+        return cls(model.to(device), normalizer, size, blob.get("meta", {}))
 
 
 def dice_bce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

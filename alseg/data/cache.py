@@ -28,7 +28,7 @@ from alseg.data.imageio import read_image, read_mask
 from alseg.data.sources import Dataset
 from alseg.errors import AlsegError
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 ProgressFn = Callable[[int, int], None]
 
 
@@ -44,7 +44,8 @@ class CachedData:
     """Working-size pixels of a dataset plus per-sample facts, aligned by index.
 
     ``images`` is ``(N, S, S, C)`` uint8, ``masks`` ``(N, S, S)`` uint8 in {0, 1} (all zero
-    where ``has_mask`` is False). ``orig_sizes`` holds each source image's (width, height).
+    where ``has_mask`` is False). ``positive`` says whether the mask at native size has any
+    foreground (a tiny lesion can vanish at a small working size). ``orig_sizes`` holds each source image's (width, height).
     """
 
     ids: list[str]
@@ -91,16 +92,17 @@ def _decode(sample, size: int, channels: int):
     h, w = img.shape[:2]
     if img.shape[2] != channels:
         img = np.repeat(img, 3, axis=2) if img.shape[2] == 1 else img.mean(axis=2, keepdims=True).round().astype(np.uint8)
-    mask = None
+    mask, positive = None, False
     if sample.mask is not None:
         m = read_mask(sample.mask)
         if m.shape != (h, w):
             raise AlsegError(f"mask is {m.shape[1]}x{m.shape[0]} but its image is {w}x{h}", sample.mask)
+        positive = bool(m.any())  # at native size: a tiny lesion may vanish when shrunk
         mask = np.asarray(Image.fromarray(m.astype(np.uint8) * 255).resize((size, size), Image.NEAREST)) >= 128
     if (h, w) != (size, size):
         planes = [np.asarray(Image.fromarray(img[:, :, c]).resize((size, size), Image.BILINEAR)) for c in range(channels)]
         img = np.stack(planes, axis=2)
-    return img, mask, (w, h)
+    return img, mask, positive, (w, h)
 
 
 def load_cached(dataset: Dataset, size: int, channels: int | None = None, cache_dir: str | Path | None = None,
@@ -128,11 +130,11 @@ def _build(dataset: Dataset, size: int, channels: int, final: Path, progress, wo
         positive = np.zeros(n, bool)
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
             # Pillow and tifffile release the GIL while decoding, so threads overlap the I/O and codecs.
-            for i, (img, mask, wh) in enumerate(pool.map(lambda s: _decode(s, size, channels), dataset.samples)):
+            for i, (img, mask, pos, wh) in enumerate(pool.map(lambda s: _decode(s, size, channels), dataset.samples)):
                 images[i] = img
+                positive[i] = pos
                 if mask is not None:
                     masks[i] = mask
-                    positive[i] = bool(mask.any())
                 orig[i] = wh
                 if progress:
                     progress(i + 1, n)

@@ -106,24 +106,3 @@ def read_mask(path: str | Path) -> np.ndarray:
             return arr >= 128
     shown = ", ".join(str(v) for v in values[:6]) + (", ..." if len(values) > 6 else "")
     raise AlsegError(f"mask is not binary (values {shown}); expected 0/255 or 0/1", path)
-
-
-def image_size(path: str | Path) -> tuple[int, int]:
-    """(width, height) of an image from its header, without decoding the pixels when possible."""
-    path = Path(path)
-    try:
-        if path.suffix.lower() in _TIFF:
-            import tifffile
-
-            with tifffile.TiffFile(path) as tif:
-                shape = tif.pages[0].shape
-            hwc = shape if len(shape) == 2 or shape[-1] <= 4 else shape[1:]
-            return int(hwc[1]), int(hwc[0])
-        with Image.open(path) as im:
-            return im.size
-    except FileNotFoundError:
-        raise AlsegError("file not found", path) from None
-    except Exception as exc:
-        if isinstance(exc, (OSError, SyntaxError, ValueError)) or type(exc).__module__.startswith("tifffile"):
-            raise AlsegError(f"unreadable image ({_short(exc)})", path) from None
-        raise

@@ -4,19 +4,27 @@ from __future__ import annotations
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
-from alseg.data.imageio import image_size, read_mask
+from alseg.data.imageio import read_image, read_mask
+from alseg.errors import AlsegError
 from alseg.data.sources import Dataset
 
 
 def summarize(dataset: Dataset) -> dict:
     """Counts of samples, masks, non-empty masks, groups and image sizes ("WxH" -> count).
 
-    Every mask is decoded and validated (so a bad mask is reported here, not mid-training);
-    image sizes come from file headers.
+    Every image and mask is decoded and checked as training would (unreadable or truncated
+    files, non-binary masks, a mask of another size than its image), so bad input is reported
+    here rather than mid-training.
     """
     def one(sample):
-        positive = bool(read_mask(sample.mask).any()) if sample.mask is not None else False
-        return positive, image_size(sample.image)
+        h, w = read_image(sample.image).shape[:2]
+        positive = False
+        if sample.mask is not None:
+            mask = read_mask(sample.mask)
+            if mask.shape != (h, w):
+                raise AlsegError(f"mask is {mask.shape[1]}x{mask.shape[0]} but its image is {w}x{h}", sample.mask)
+            positive = bool(mask.any())
+        return positive, (w, h)
 
     with ThreadPoolExecutor(max_workers=4) as pool:
         results = list(pool.map(one, dataset.samples))

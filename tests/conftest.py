@@ -1,0 +1,41 @@
+"""Shared fixtures: the real data in ../shared/data, a session-wide pixel cache, CLI runner."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+ISIC = SHARED / "isic"
+LGG = SHARED / "lgg" / "kaggle_3m"
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    """One decoded-pixel cache for the whole session, so real data is decoded once per size."""
+    path = tmp_path_factory.mktemp("alseg-cache")
+    os.environ["ALSEG_CACHE_DIR"] = str(path)
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _use_cache(cache_dir):
+    yield
+
+
+def run_cli(*args: str, check: bool = True, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, **(env_extra or {})}
+    proc = subprocess.run([sys.executable, "-m", "alseg", *map(str, args)], capture_output=True, text=True,
+                          env=env, timeout=900)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"alseg {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stderr}")
+    return proc
+
+
+def run_json(*args: str) -> dict:
+    return json.loads(run_cli(*args, "--json").stdout)

@@ -1,0 +1,71 @@
+"""Seeded, grouped splits and the paper's presets."""
+import pytest
+
+from alseg.data import load_cached, open_dataset
+from alseg.data.splits import Split, make_split
+from alseg.errors import AlsegError
+from conftest import ISIC, LGG
+
+
+def _split(data, **kw):
+    return make_split(data.ids, has_mask=data.has_mask, positive=data.positive, groups=data.groups,
+                      subsets=data.subsets, **kw)
+
+
+@pytest.fixture(scope="module")
+def lgg():
+    return load_cached(open_dataset(LGG), 32)
+
+
+@pytest.fixture(scope="module")
+def isic():
+    return load_cached(open_dataset(ISIC), 32)
+
+
+def test_isic_preset_carves_test_from_training_pairs(isic):
+    s = _split(isic, preset="isic", seed=0)
+    assert s.counts() == {"train": 1230, "val": 308, "test": 462, "labelled": 461, "pool": 769}
+    everything = set(s.train) | set(s.val) | set(s.test)
+    assert len(everything) == 2000 and all(isic.has_mask[i] for i in isic.indices(sorted(everything)))
+    assert set(s.labelled) | set(s.pool) == set(s.train) and not set(s.labelled) & set(s.pool)
+    assert any("carved" in n for n in s.notes)
+
+
+def test_isic_official_test_with_masks_is_the_test_split():
+    ids = [f"t{i}" for i in range(100)] + [f"x{i}" for i in range(30)]
+    subsets = ["training"] * 100 + ["test"] * 30
+    s = make_split(ids, has_mask=[True] * 130, positive=[True] * 130, subsets=subsets, preset="isic", seed=3)
+    assert sorted(s.test) == sorted(ids[100:])
+    assert (len(s.train), len(s.val)) == (80, 20) and len(s.labelled) == 30
+
+
+def test_lgg_preset_positive_slices_split_by_patient(lgg):
+    s = _split(lgg, preset="lgg", seed=0)
+    n = sum(s.counts()[k] for k in ("train", "val", "test"))
+    assert n == 360
+    assert all(lgg.positive[i] for i in lgg.indices(list(s.train + s.val + s.test)))
+    patients = {name: {lgg.groups[i] for i in lgg.indices(list(getattr(s, name)))} for name in ("train", "val", "test")}
+    assert not patients["train"] & patients["test"] and not patients["train"] & patients["val"]
+    assert not patients["val"] & patients["test"]
+    assert s.split_by == "group"
+    # close to the paper's 80/20 then 80/20 proportions (whole patients, so not exact)
+    assert abs(len(s.test) - 72) <= 15 and abs(len(s.val) - 58) <= 15
+    assert len(s.labelled) == round(0.375 * len(s.train))
+
+
+def test_sample_split_reproduces_slice_level_proportions(lgg):
+    s = _split(lgg, preset="lgg", seed=0, split_by="sample")
+    assert s.split_by == "sample" and (len(s.test), len(s.val), len(s.train)) == (72, 58, 230)
+
+
+def test_seeded_and_serialisable(lgg):
+    a, b, c = (_split(lgg, preset="lgg", seed=k) for k in (1, 1, 2))
+    assert a == b and a.test != c.test
+    assert Split.from_dict(a.to_dict()) == a
+
+
+def test_bad_split_requests():
+    with pytest.raises(AlsegError, match="split preset"):
+        make_split(["a"], has_mask=[True], positive=[True], preset="nope")
+    with pytest.raises(AlsegError, match="at least 3"):
+        make_split(["a", "b"], has_mask=[True, True], positive=[True, True])
