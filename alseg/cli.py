@@ -190,16 +190,98 @@ def evaluate(target: Path = typer.Argument(..., help="Checkpoint file or run dir
     _emit(result.summary, as_json, lambda r: out.print(_kv_table(f"Dice on {data}", r)))
 
 
+class StrategyName(str, Enum):
+    ceal = "ceal"
+    random = "random"
+    uncertainty = "uncertainty"
+    entropy = "entropy"
+    bald = "bald"
+
+
+def _rounds_table(status: dict) -> Table:
+    table = Table(title="rounds")
+    for col in ("round", "expert-labelled", "pseudo-labelled", "pool", "test Dice", "seconds"):
+        table.add_column(col, justify="right")
+    for r in status["rounds"]:
+        table.add_row(str(r["round"]), str(r["expert_labelled"]), str(r["pseudo_labelled"]), str(r["pool"]),
+                      f"{r['test_dice']:.4f}", f"{r['seconds']:.1f}")
+    return table
+
+
+def _render_run(r: dict) -> None:
+    out.print(_rounds_table(r))
+    out.print(f"stopped: {r['stopped']}; results in {r['run_dir']}")
+
+
+@app.command()
+def run(preset: Optional[PresetName] = typer.Option(None, help="Settings preset (default: quick-* for the layout)."),
+        data: Optional[Path] = typer.Option(None, "--data", help="Dataset folder."),
+        format: Optional[Format] = typer.Option(None, "--format", help="Override layout detection."),
+        config: Optional[Path] = typer.Option(None, "--config", help="YAML file overriding the preset."),
+        out_dir: Optional[Path] = typer.Option(None, "--out", help="Run directory to create (default runs/run-TIME)."),
+        resume: Optional[Path] = typer.Option(None, "--resume", help="Continue this run directory after a crash or Ctrl-C."),
+        strategy: Optional[StrategyName] = typer.Option(None, help="Selection strategy (default ceal)."),
+        rounds: Optional[int] = typer.Option(None, help="Active-learning rounds after the initial training."),
+        budget: Optional[float] = typer.Option(None, help="Stop once this fraction of the train split is expert-labelled."),
+        seed: Optional[int] = typer.Option(None, help="Random seed (split, model, selection)."),
+        size: Optional[int] = typer.Option(None, help="Working size in pixels."),
+        width: Optional[int] = typer.Option(None, help="U-Net base width."),
+        epochs: Optional[int] = typer.Option(None, help="Initial training epochs."),
+        round_epochs: Optional[int] = typer.Option(None, help="Retraining epochs per round."),
+        mc_passes: Optional[int] = typer.Option(None, help="MC-dropout passes T."),
+        from_scratch: bool = typer.Option(False, "--from-scratch", help="Retrain from scratch each round (default: warm start)."),
+        keep_pseudo: bool = typer.Option(False, "--keep-pseudo", help="Keep pseudo-labels for good (default: transient)."),
+        split_by: Optional[str] = typer.Option(None, help="group (default) or sample."),
+        device: Optional[str] = typer.Option(None, help="auto, cpu or cuda."),
+        cache_dir: Optional[Path] = typer.Option(None, help="Decoded-pixel cache (default ~/.cache/alseg)."),
+        as_json: bool = typer.Option(False, "--json", help="Print the rounds as JSON.")):
+    """Run the active-learning loop (CEAL by default) with a simulated oracle; resumable.
+
+    The effective config is printed and saved as RUN_DIR/config.yaml.
+    """
+    from alseg.config import build_config, preset_for_format
+    from alseg.data import detect_format
+    from alseg.loop import run_active
+
+    reporter = RichReporter(quiet=as_json)
+    if resume is not None:
+        result = run_active(resume=resume, rounds=rounds, budget=budget, reporter=reporter)
+    else:
+        if data is None:
+            raise AlsegError("--data PATH is required for a new run (or --resume RUN_DIR)")
+        fmt = format.value if format else detect_format(data)
+        cfg = build_config(preset.value if preset else preset_for_format(fmt), config, {
+            "seed": seed,
+            "data": {"path": str(data), "format": fmt, "size": size, "split_by": split_by,
+                     "cache_dir": str(cache_dir) if cache_dir else None},
+            "model": {"width": width},
+            "train": {"epochs": epochs, "device": device},
+            "active": {"strategy": strategy.value if strategy else None, "rounds": rounds, "budget": budget,
+                       "round_epochs": round_epochs, "mc_passes": mc_passes,
+                       "warm_start": False if from_scratch else None, "keep_pseudo": True if keep_pseudo else None},
+        })
+        result = run_active(cfg, out_dir or _default_out("run"), reporter=reporter)
+    _emit(result, as_json, _render_run)
+
+
+@app.command()
+def status(run_dir: Path = typer.Argument(..., help="Run directory."),
+           as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts.")):
+    """The finished rounds of a run: labels, pool, test Dice, time, and the ids the expert labelled."""
+    from alseg.loop import status as run_status
+
+    result = run_status(run_dir)
+    _emit(result, as_json, lambda r: (out.print(_rounds_table(r)), out.print(f"stopped: {r['stopped']}")))
+
+
 @app.command()
 def demo(data: Optional[Path] = typer.Option(None, "--data", help="Real dataset folder (default: generated lesions)."),
          out_dir: Optional[Path] = typer.Option(None, "--out", help="Run directory (default runs/demo-TIME)."),
-         as_json: bool = typer.Option(False, "--json", help="Print the result as JSON.")):
-    """A complete small run on CPU in about two minutes (generated data unless --data)."""
+         as_json: bool = typer.Option(False, "--json", help="Print the rounds as JSON.")):
+    """A complete CEAL run on CPU in about two minutes (generated lesion-like data unless --data)."""
     from alseg.demo import run_demo
 
-    result = run_demo(data, out_dir or _default_out("demo"), reporter=RichReporter(quiet=as_json))
-    _emit(result, as_json, lambda r: out.print(_kv_table("demo: test Dice", r["test"]),
-                                                 f"results in {r['run_dir']}"))
+    _emit(run_demo(data, out_dir or _default_out("demo"), reporter=RichReporter(quiet=as_json)), as_json, _render_run)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,6 +25,7 @@ import yaml
 
 from alseg.errors import AlsegError
 from alseg.model import ModelConfig
+from alseg.strategies import CealParams
 from alseg.train import TrainConfig
 
 
@@ -43,9 +44,19 @@ class DataConfig:
 
 @dataclass
 class ActiveConfig:
-    """Settings of the active-learning phase (used by ``alseg run``)."""
+    """Settings of the active-learning phase (``alseg run``); the initial phase uses ``train.epochs``."""
 
-    round_epochs: int = 5  # the initial phase uses train.epochs
+    strategy: str = "ceal"
+    rounds: int = 10
+    budget: float | None = None      # stop once this fraction of the train split is expert-labelled
+    round_epochs: int = 5
+    warm_start: bool = True          # retrain from the previous round's model (False: from scratch)
+    keep_pseudo: bool = False        # True: pseudo-labels stay for good (the seed paper's literal reading)
+    mc_passes: int = 20
+    mc_batch_size: int = 16
+    mc_precision: str = "auto"       # bf16 on CUDA and on CPUs with bf16 instructions, else fp32
+    weighting: str = "none"          # "edt": weight variance maps by the distance transform (CEAL code option)
+    ceal: CealParams = field(default_factory=CealParams)
 
 
 @dataclass
@@ -65,22 +76,22 @@ class ExperimentConfig:
 
 
 def _preset(preset: str, size: int, width: int, dropout: float, lr: float, split: str,
-            initial: int, per_round: int, batch: int) -> ExperimentConfig:
+            initial: int, per_round: int, batch: int, rounds: int) -> ExperimentConfig:
     return ExperimentConfig(
         preset=preset,
         data=DataConfig(size=size, split_preset=split),
         model=ModelConfig(width=width, depth=5, dropout=dropout, dropout_scope="all", norm="none"),
         train=TrainConfig(epochs=initial, batch_size=batch, lr=lr),
-        active=ActiveConfig(round_epochs=per_round),
+        active=ActiveConfig(round_epochs=per_round, rounds=rounds),
     )
 
 
 PRESETS: dict[str, ExperimentConfig] = {
-    "paper-isic": _preset("paper-isic", 256, 64, 0.2, 1e-4, "isic", 20, 5, 8),
-    "paper-lgg": _preset("paper-lgg", 256, 64, 0.2, 1e-4, "lgg", 20, 5, 8),
-    "quick-isic": _preset("quick-isic", 96, 16, 0.1, 3e-4, "isic", 10, 3, 8),
-    "quick-lgg": _preset("quick-lgg", 128, 16, 0.1, 3e-4, "lgg", 10, 3, 8),
-    "demo": _preset("demo", 64, 8, 0.1, 1e-3, "default", 8, 3, 8),
+    "paper-isic": _preset("paper-isic", 256, 64, 0.2, 1e-4, "isic", 20, 5, 8, 10),
+    "paper-lgg": _preset("paper-lgg", 256, 64, 0.2, 1e-4, "lgg", 20, 5, 8, 10),
+    "quick-isic": _preset("quick-isic", 96, 16, 0.1, 3e-4, "isic", 10, 3, 8, 5),
+    "quick-lgg": _preset("quick-lgg", 128, 16, 0.1, 3e-4, "lgg", 10, 3, 8, 3),
+    "demo": _preset("demo", 64, 8, 0.1, 1e-3, "default", 8, 3, 8, 3),
 }
 
 
@@ -107,6 +118,11 @@ def _merge(obj: Any, values: dict, where: str) -> Any:
         return type(obj)(**data)
     except TypeError as exc:
         raise AlsegError(f"bad config {where.rstrip('.') or 'value'}: {exc}") from None
+
+
+def config_from_dict(values: dict) -> ExperimentConfig:
+    """Rebuild a config saved with :meth:`ExperimentConfig.to_dict` (e.g. from a run's store)."""
+    return _merge(ExperimentConfig(), values, "")
 
 
 def build_config(preset: str | None = None, config_file: str | Path | None = None,

@@ -21,7 +21,7 @@ from alseg.data.splits import Split, make_split
 from alseg.errors import AlsegError
 from alseg.evaluate import score_model
 from alseg.model import UNet
-from alseg.progress import SILENT, Reporter
+from alseg.progress import SILENT, Reporter, batch_progress
 from alseg.runtime import Normalizer, resolve_device, seed_everything
 from alseg.store import RunStore, atomic_write_text
 from alseg.train import Checkpoint, fit
@@ -98,10 +98,12 @@ def train_supervised(config: ExperimentConfig, out: str | Path, *, full: bool = 
                            "size": data.size, "channels": data.channels, "cache": str(data.path)})
         record_split(store, split, labelled)
         started = time.perf_counter()
-        result = fit(model, data.images, data.masks, train_idx, data.indices(split.val), config.train, normalizer,
+        val_idx = data.indices(split.val)
+        result = fit(model, data.images[train_idx], data.masks[train_idx], data.images[val_idx], data.masks[val_idx],
+                     config.train, normalizer,
                      size=data.size, checkpoint_dir=store.checkpoint_dir, seed=config.seed,
                      on_epoch=lambda r: (store.add_epoch("initial", 0, r), reporter.epoch("initial", 0, r)),
-                     on_batch=_batch_progress(reporter),
+                     on_batch=batch_progress(reporter),
                      checkpoint_meta={"config": config.to_dict()})
         store.set("latest_checkpoint", "checkpoints/best.pt")
         best = Checkpoint.load(store.checkpoint_dir / "best.pt", device=device)
@@ -113,17 +115,3 @@ def train_supervised(config: ExperimentConfig, out: str | Path, *, full: bool = 
     return {"run_dir": str(out), "labelled": len(labelled), "split": split.counts(), "split_by": split.split_by,
             "best_epoch": result["best_epoch"], "best_val_dice": result["best_val_dice"],
             "test": evaluation.summary, "seconds": seconds}
-
-
-def _batch_progress(reporter: Reporter):
-    """An on_batch callback that shows one progress bar per epoch."""
-    state = {"advance": None}
-
-    def on_batch(step: int, steps: int) -> None:
-        if step == 1:
-            state["advance"] = reporter.stage("train epoch", steps)
-        state["advance"](step)
-        if step == steps:
-            reporter.end_stage()
-
-    return on_batch

@@ -26,3 +26,17 @@ class Reporter:
 
 
 SILENT = Reporter()
+
+
+def batch_progress(reporter: Reporter) -> Callable[[int, int], None]:
+    """An ``on_batch(step, steps)`` callback for :func:`alseg.train.fit`: one bar per epoch."""
+    state: dict = {}
+
+    def on_batch(step: int, steps: int) -> None:
+        if step == 1:
+            state["advance"] = reporter.stage("train epoch", steps)
+        state["advance"](step)
+        if step == steps:
+            reporter.end_stage()
+
+    return on_batch

@@ -6,8 +6,13 @@ the same folder, fsync, then rename over the target.
 
 Tables: ``meta`` (JSON values by key: config, split, data description, pointers such as the
 latest checkpoint), ``samples`` (every split sample, its split and label state), ``epochs``
-(per-epoch training history by phase and round) and ``evaluations`` (Dice summaries).
-Only this module writes them.
+(per-epoch training history by phase and round), ``evaluations`` (Dice summaries),
+``rounds`` (one row per active-learning round: ``selected`` once its labels moved, ``done``
+once its model is trained and evaluated), ``scores`` (each pool image's uncertainty scores
+per round) and ``selections`` (who was chosen in each round, as expert or pseudo, and why).
+
+Label moves and the round's selection are written in one transaction, so a crash can never
+lose or duplicate a label. Only this module writes the database.
 """
 from __future__ import annotations
 
@@ -35,6 +40,15 @@ CREATE TABLE IF NOT EXISTS epochs (
     phase TEXT NOT NULL, round INTEGER NOT NULL, epoch INTEGER NOT NULL,
     train_loss REAL, train_dice REAL, val_dice REAL, lr REAL, seconds REAL,
     PRIMARY KEY (phase, round, epoch));
+CREATE TABLE IF NOT EXISTS rounds (
+    round INTEGER PRIMARY KEY, status TEXT NOT NULL, expert_labelled INTEGER, pseudo_labelled INTEGER,
+    pool INTEGER, test_dice REAL, val_dice REAL, seconds REAL, timings TEXT, shortfalls TEXT);
+CREATE TABLE IF NOT EXISTS scores (
+    round INTEGER NOT NULL, id TEXT NOT NULL, variance REAL, entropy REAL, bald REAL,
+    PRIMARY KEY (round, id));
+CREATE TABLE IF NOT EXISTS selections (
+    round INTEGER NOT NULL, id TEXT NOT NULL, kind TEXT NOT NULL, reason TEXT,
+    PRIMARY KEY (round, id));
 CREATE TABLE IF NOT EXISTS evaluations (
     round INTEGER NOT NULL, split TEXT NOT NULL, images INTEGER, mean_dice REAL, median_dice REAL,
     pooled_dice REAL, volume_dice_mean REAL, created REAL, PRIMARY KEY (round, split));
@@ -154,3 +168,59 @@ class RunStore:
         keys = ("round", "split", "images", "mean_dice", "median_dice", "pooled_dice", "volume_dice_mean")
         rows = self.conn.execute(f"SELECT {', '.join(keys)} FROM evaluations ORDER BY round, split")
         return [dict(zip(keys, r)) for r in rows]
+
+    # --- active-learning rounds ----------------------------------------------------------------
+    def record_selection(self, round: int, pool_ids, scores: dict, expert: list[str], pseudo: list[str],
+                         reasons: dict[str, str], shortfalls: list[str], keep_pseudo: bool) -> None:
+        """Atomically: the pool's scores, the selection, the label moves and a ``selected`` round row."""
+        with self.transaction() as c:
+            c.executemany("INSERT OR REPLACE INTO scores VALUES (?, ?, ?, ?, ?)",
+                          [(round, i, float(scores["variance"][k]), float(scores["entropy"][k]), float(scores["bald"][k]))
+                           for k, i in enumerate(pool_ids)])
+            c.executemany("INSERT OR REPLACE INTO selections VALUES (?, ?, ?, ?)",
+                          [(round, i, "expert", reasons.get(i)) for i in expert]
+                          + [(round, i, "pseudo", reasons.get(i)) for i in pseudo])
+            c.executemany("UPDATE samples SET state = 'labelled', origin = 'expert', round = ? WHERE id = ? AND state = 'pool'",
+                          [(round, i) for i in expert])
+            if keep_pseudo:
+                c.executemany("UPDATE samples SET state = 'labelled', origin = 'pseudo', round = ? "
+                              "WHERE id = ? AND state = 'pool'", [(round, i) for i in pseudo])
+            c.execute("INSERT OR REPLACE INTO rounds (round, status, shortfalls) VALUES (?, 'selected', ?)",
+                      (round, json.dumps(shortfalls)))
+
+    def finish_round(self, round: int, *, expert_labelled: int, pseudo_labelled: int, pool: int,
+                     test_dice: float | None, val_dice: float | None, seconds: float, timings: dict) -> None:
+        shortfalls = self.conn.execute("SELECT shortfalls FROM rounds WHERE round = ?", (round,)).fetchone()
+        self.conn.execute(
+            "INSERT OR REPLACE INTO rounds VALUES (?, 'done', ?, ?, ?, ?, ?, ?, ?, ?)",
+            (round, expert_labelled, pseudo_labelled, pool, test_dice, val_dice, seconds, json.dumps(timings),
+             shortfalls[0] if shortfalls else "[]"))
+
+    def round_status(self, round: int) -> str | None:
+        row = self.conn.execute("SELECT status FROM rounds WHERE round = ?", (round,)).fetchone()
+        return row[0] if row else None
+
+    def rounds(self) -> list[dict]:
+        keys = ("round", "status", "expert_labelled", "pseudo_labelled", "pool", "test_dice", "val_dice", "seconds",
+                "timings", "shortfalls")
+        rows = [dict(zip(keys, r)) for r in self.conn.execute(f"SELECT {', '.join(keys)} FROM rounds ORDER BY round")]
+        for r in rows:
+            r["timings"] = json.loads(r["timings"]) if r["timings"] else {}
+            r["shortfalls"] = json.loads(r["shortfalls"]) if r["shortfalls"] else []
+        return rows
+
+    def selection(self, round: int, kind: str) -> list[str]:
+        return [r[0] for r in self.conn.execute(
+            "SELECT id FROM selections WHERE round = ? AND kind = ? ORDER BY rowid", (round, kind))]
+
+    def scores(self, round: int) -> dict[str, dict[str, float]]:
+        rows = self.conn.execute("SELECT id, variance, entropy, bald FROM scores WHERE round = ? ORDER BY rowid", (round,))
+        return {r[0]: {"variance": r[1], "entropy": r[2], "bald": r[3]} for r in rows}
+
+    def labelled_ids(self, origins: tuple[str, ...] | None = None) -> list[str]:
+        """Labelled training ids, optionally only those of the given origins (initial/expert/pseudo)."""
+        q, args = "SELECT id FROM samples WHERE split = 'train' AND state = 'labelled'", []
+        if origins:
+            q += f" AND origin IN ({', '.join('?' * len(origins))})"
+            args += list(origins)
+        return [r[0] for r in self.conn.execute(q + " ORDER BY rowid", args)]

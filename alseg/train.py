@@ -143,16 +143,17 @@ EpochCallback = Callable[[dict], None]
 BatchCallback = Callable[[int, int], None]
 
 
-def fit(model: UNet, images: np.ndarray, masks: np.ndarray, train_idx: np.ndarray, val_idx: np.ndarray,
-        config: TrainConfig, normalizer: Normalizer, *, size: int, checkpoint_dir: str | Path | None = None,
-        on_epoch: EpochCallback | None = None, on_batch: BatchCallback | None = None,
-        checkpoint_meta: dict | None = None, best_val_dice: float = -1.0, seed: int = 0) -> dict:
-    """Train ``model`` in place on ``images[train_idx]``; validate on ``images[val_idx]`` each epoch.
+def fit(model: UNet, train_images: np.ndarray, train_masks: np.ndarray, val_images: np.ndarray | None,
+        val_masks: np.ndarray | None, config: TrainConfig, normalizer: Normalizer, *, size: int,
+        checkpoint_dir: str | Path | None = None, on_epoch: EpochCallback | None = None,
+        on_batch: BatchCallback | None = None, checkpoint_meta: dict | None = None, seed: int = 0) -> dict:
+    """Train ``model`` in place on uint8 ``train_images`` (N, S, S, C) and {0, 1} ``train_masks``.
 
-    Returns ``{"history": [...], "best_val_dice", "best_epoch"}``. With ``checkpoint_dir`` it writes
-    ``best.pt`` (only when the validation Dice beats ``best_val_dice``) and ``last.pt``.
+    Validates on ``val_images`` each epoch (dropout off); without them the training Dice picks the
+    best epoch. Returns ``{"history": [...], "best_val_dice", "best_epoch"}``. With ``checkpoint_dir``
+    it writes ``best.pt`` and ``last.pt`` there.
     """
-    if len(train_idx) == 0:
+    if len(train_images) == 0:
         raise AlsegError("no labelled training images to fit on")
     device = resolve_device(config.device)
     dtype = resolve_precision(config.precision, device)
@@ -162,10 +163,11 @@ def fit(model: UNet, images: np.ndarray, masks: np.ndarray, train_idx: np.ndarra
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     # Training pixels live on the device as uint8: a few MB at working size, no loader needed.
-    x_all = torch.from_numpy(np.ascontiguousarray(images[np.sort(train_idx)])).to(device)
-    y_all = torch.from_numpy(np.ascontiguousarray(masks[np.sort(train_idx)])).to(device)
-    val_images = np.asarray(images[val_idx]) if len(val_idx) else None
-    val_masks = np.asarray(masks[val_idx]) if len(val_idx) else None
+    x_all = torch.from_numpy(np.ascontiguousarray(train_images)).to(device)
+    y_all = torch.from_numpy(np.ascontiguousarray(train_masks)).to(device)
+    if val_images is not None and len(val_images) == 0:
+        val_images = None
+    best_val_dice = -1.0
     n = len(x_all)
     steps = math.ceil(n / config.batch_size)
     history: list[dict] = []
@@ -197,8 +199,8 @@ def fit(model: UNet, images: np.ndarray, masks: np.ndarray, train_idx: np.ndarra
         record = {"epoch": epoch, "train_loss": loss_sum / n, "train_dice": float(np.mean(dices)),
                   "val_dice": None, "lr": config.lr}
         if val_images is not None:
-            probs = predict_probs(model, val_images, normalizer, device=device, precision=config.precision)
-            record["val_dice"] = float(dice_per_image(probs > 0.5, val_masks > 0).mean())
+            probs = predict_probs(model, np.asarray(val_images), normalizer, device=device, precision=config.precision)
+            record["val_dice"] = float(dice_per_image(probs > 0.5, np.asarray(val_masks) > 0).mean())
         record["seconds"] = time.perf_counter() - t0
         history.append(record)
         score = record["val_dice"] if record["val_dice"] is not None else record["train_dice"]

@@ -24,7 +24,7 @@ def test_tiny_unet_learns_real_lesions(isic64, tmp_path):
     model = UNet(ModelConfig(width=8, depth=4, dropout=0.1))
     start = dice_per_image(predict_probs(model, np.asarray(isic64.images[train_idx]), norm) > 0.5,
                            isic64.masks[train_idx] > 0).mean()
-    result = fit(model, isic64.images, isic64.masks, train_idx, val_idx,
+    result = fit(model, isic64.images[train_idx], isic64.masks[train_idx], isic64.images[val_idx], isic64.masks[val_idx],
                  TrainConfig(epochs=8, batch_size=8, lr=2e-3, device="cpu"), norm, size=64, checkpoint_dir=tmp_path)
     hist = result["history"]
     assert len(hist) == 8 and all(r["val_dice"] is not None for r in hist)
@@ -58,7 +58,7 @@ def test_augmentation_moves_image_and_mask_together():
 
 def test_fit_needs_labelled_images(isic64):
     with pytest.raises(AlsegError, match="no labelled"):
-        fit(UNet(ModelConfig(width=4, depth=3)), isic64.images, isic64.masks, np.array([], int), np.array([], int),
+        fit(UNet(ModelConfig(width=4, depth=3)), isic64.images[:0], isic64.masks[:0], None, None,
             TrainConfig(epochs=1, device="cpu"), Normalizer((0.5,) * 3, (0.2,) * 3), size=64)
 
 
