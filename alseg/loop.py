@@ -95,10 +95,10 @@ class ActiveRun:
             return f"reached {a.rounds} rounds"
         if self.store.round_status(round) == "selected":
             return None  # its labels have moved already: finish it
-        if a.budget is not None and len(self.expert_labelled()) >= a.budget * len(self.split.train):
-            return f"reached the label budget ({a.budget:.0%} of {len(self.split.train)} training images)"
         if not self.pool():
             return "the pool is empty"
+        if a.budget is not None and len(self.expert_labelled()) >= a.budget * len(self.split.train):
+            return f"reached the label budget ({a.budget:.0%} of {len(self.split.train)} training images)"
         return None
 
     # --- steps ----------------------------------------------------------------------------------

@@ -1,0 +1,139 @@
+"""The active-learning loop end to end on real data at a tiny size, pseudo-label pairing, resume."""
+import json
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import alseg.loop as loop_module
+from alseg.config import build_config
+from alseg.data import load_cached, open_dataset
+from alseg.loop import ActiveRun, run_active, status
+from alseg.store import RunStore
+from conftest import ISIC, LGG, run_json
+
+TINY = ["--size", "32", "--width", "4", "--epochs", "2", "--round-epochs", "1", "--mc-passes", "3"]
+
+
+def _tiny_config(data, **active):
+    return build_config("quick-lgg", overrides={
+        "data": {"path": str(data), "size": 32}, "model": {"width": 4}, "train": {"epochs": 2},
+        "active": {"rounds": 2, "round_epochs": 1, "mc_passes": 3, **active}})
+
+
+@pytest.mark.parametrize("dataset,preset", [(LGG, "quick-lgg"), (ISIC, "quick-isic")])
+def test_two_round_ceal_run_on_real_data(tmp_path, dataset, preset):
+    out = tmp_path / "run"
+    result = run_json("run", "--preset", preset, "--data", dataset, "--rounds", "2", "--out", out, *TINY)
+    rounds = result["rounds"]
+    assert [r["round"] for r in rounds] == [0, 1, 2] and result["stopped"] == "reached 2 rounds"
+    r0, r1, r2 = rounds
+    assert len(r0["expert_ids"]) == r0["expert_labelled"]
+    for before, after in ((r0, r1), (r1, r2)):
+        assert len(after["expert_ids"]) == 35
+        assert after["expert_labelled"] == before["expert_labelled"] + 35
+        assert after["pool"] == before["pool"] - 35  # transient pseudo-labels stay in the pool
+    assert (r1["pseudo_labelled"], r2["pseudo_labelled"]) == (20, 40)
+    all_expert = [i for r in rounds for i in r["expert_ids"]]
+    assert len(all_expert) == len(set(all_expert))
+    assert all(0 <= r["test_dice"] <= 1 and r["seconds"] > 0 for r in rounds)
+    assert run_json("status", out) == {"rounds": rounds, "stopped": result["stopped"]}
+    with RunStore(out) as store:
+        scores = store.scores(1)
+        assert len(scores) == r0["pool"] and all(v["variance"] >= 0 for v in scores.values())
+        assert set(store.selection(1, "expert")) == set(r1["expert_ids"])
+        assert {e["phase"] for e in store.epochs()} == {"initial", "active"}
+
+
+def test_pseudo_labels_belong_to_their_images(tmp_path, monkeypatch):
+    """Every pseudo-label mask in a round's training set is the model's MC mean for that very image."""
+    cfg = _tiny_config(LGG, rounds=1)
+    captured = {}
+    real_fit = loop_module.fit
+
+    def spy(model, images, masks, *args, **kw):
+        captured.setdefault("calls", []).append((np.array(images), np.array(masks)))
+        return real_fit(model, images, masks, *args, **kw)
+
+    monkeypatch.setattr(loop_module, "fit", spy)
+    run_active(cfg, tmp_path / "run")
+    images, masks = captured["calls"][-1]  # round 1's training set
+    data = load_cached(open_dataset(LGG), 32)
+    with RunStore(tmp_path / "run") as store:
+        expert = store.labelled_ids(origins=("initial", "expert"))
+        pseudo_ids = store.selection(1, "pseudo")
+        run = ActiveRun(store, cfg)
+        saved_ids, saved_masks = run.pseudo_labels(1)
+    assert saved_ids == pseudo_ids and len(pseudo_ids) == 20
+    assert len(images) == len(expert) + 20
+    for row, sid in enumerate(expert + pseudo_ids):
+        k = data.ids.index(sid)
+        assert np.array_equal(images[row], data.images[k]), sid
+    assert np.array_equal(masks[: len(expert)], data.masks[data.indices(expert)])
+    # recompute the MC mean of each pseudo image independently, one at a time: it must match its own mask
+    from alseg.train import Checkpoint
+    from alseg.uncertainty import mc_dropout
+
+    ckpt = Checkpoint.load(tmp_path / "run" / "checkpoints" / "round-000" / "best.pt")
+    agree = []
+    for row, sid in enumerate(pseudo_ids):
+        res = mc_dropout(ckpt.model, data.images, data.indices([sid]), ckpt.normalizer, passes=30, seed=row,
+                         keep_maps=True)
+        own = res.mean[0] > 0.5
+        pseudo_mask = masks[len(expert) + row] > 0
+        agree.append(np.mean(own == pseudo_mask))
+    assert np.mean(agree) > 0.97  # MC noise aside, each mask is its own image's prediction
+
+
+def _labels(run_dir):
+    with sqlite3.connect(run_dir / "run.db") as db:
+        return sorted(db.execute("SELECT id, state, origin, round FROM samples WHERE split = 'train'").fetchall())
+
+
+def test_sigkill_mid_round_then_resume_matches_uninterrupted_run(tmp_path):
+    args = ["--preset", "quick-lgg", "--data", str(LGG), "--rounds", "2", "--size", "32", "--width", "4",
+            "--epochs", "2", "--round-epochs", "4", "--mc-passes", "3", "--seed", "7"]
+    whole = tmp_path / "whole"
+    reference = run_json("run", *args, "--out", whole)
+
+    broken = tmp_path / "broken"
+    proc = subprocess.Popen([sys.executable, "-m", "alseg", "run", *args, "--out", str(broken), "--json"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    killed_mid_round = False
+    while time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+        try:
+            with sqlite3.connect(broken / "run.db", timeout=1) as db:
+                row = db.execute("SELECT COUNT(*) FROM epochs WHERE phase = 'active' AND round = 1").fetchone()
+        except sqlite3.Error:
+            continue
+        if row and row[0] >= 1:  # round 1's labels have moved and its retraining is under way
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            killed_mid_round = True
+    assert killed_mid_round, "the run ended before it could be killed mid-round"
+    mid = json.loads(subprocess.run([sys.executable, "-m", "alseg", "status", str(broken), "--json"],
+                                    capture_output=True, text=True, check=True).stdout)
+    assert [r["round"] for r in mid["rounds"]] == [0]
+
+    resumed = run_json("run", "--resume", broken)
+    assert [r["expert_ids"] for r in resumed["rounds"]] == [r["expert_ids"] for r in reference["rounds"]]
+    assert _labels(broken) == _labels(whole)
+    labelled = [row for row in _labels(broken) if row[1] == "labelled"]
+    assert len(labelled) == reference["rounds"][0]["expert_labelled"] + 70
+    assert not list(broken.rglob(".*.pt.*"))  # no half-written checkpoint left behind
+
+
+def test_budget_and_empty_pool_stop_the_run(tmp_path):
+    cfg = _tiny_config(LGG, rounds=50, budget=0.5, strategy="random")
+    result = run_active(cfg, tmp_path / "budget")
+    last = result["rounds"][-1]
+    assert result["stopped"].startswith("reached the label budget")
+    assert last["expert_labelled"] >= 0.5 * (last["expert_labelled"] + last["pool"]) > result["rounds"][-2]["expert_labelled"]
+    empty = run_active(resume=tmp_path / "budget", budget=1.0)
+    assert empty["stopped"] == "the pool is empty" and empty["rounds"][-1]["pool"] == 0
