@@ -91,7 +91,12 @@ class RunStore:
         db = self.run_dir / DB_NAME
         if not create and not db.is_file():
             raise AlsegError("not a run directory (no run.db)", self.run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if create:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            try:  # exclusive: two processes can never share one new run directory
+                db.open("x").close()
+            except FileExistsError:
+                raise AlsegError("run directory is already in use (it has a run.db)", self.run_dir) from None
         self.conn = sqlite3.connect(db, timeout=30, isolation_level=None)
         self.conn.execute("PRAGMA journal_mode=WAL")
         self.conn.execute("PRAGMA synchronous=NORMAL")
