@@ -10,6 +10,7 @@ from alseg.evaluate import evaluate, score_model
 from alseg.experiment import prepare_data, train_supervised
 from alseg.metrics import dice_per_image, pooled_dice, summarize_dice, volume_dice
 from alseg.model import ModelConfig, UNet, count_parameters, set_mc_dropout
+from alseg.predict import predict_folder
 from alseg.train import Checkpoint, TrainConfig, fit, predict_probs
 
 __version__ = "0.1.0"
@@ -17,7 +18,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AlsegError", "CachedData", "Checkpoint", "Dataset", "ExperimentConfig", "ModelConfig", "PRESETS", "Sample",
     "Split", "TrainConfig", "UNet", "build_config", "count_parameters", "detect_format", "dice_per_image",
-    "evaluate", "fit", "load_cached", "make_split", "open_dataset", "pooled_dice", "predict_probs",
+    "evaluate", "fit", "load_cached", "make_split", "open_dataset", "pooled_dice", "predict_folder", "predict_probs",
     "prepare_data", "score_model", "set_mc_dropout", "summarize", "summarize_dice", "train_supervised",
     "volume_dice",
 ]

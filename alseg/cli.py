@@ -18,7 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from alseg.errors import AlsegError
-from alseg.progress import Reporter
+from alseg.progress import Reporter, TeeReporter
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Cost-effective active learning (CEAL) for biomedical image segmentation.")
@@ -234,6 +234,7 @@ def run(preset: Optional[PresetName] = typer.Option(None, help="Settings preset 
         split_by: Optional[str] = typer.Option(None, help="group (default) or sample."),
         device: Optional[str] = typer.Option(None, help="auto, cpu or cuda."),
         cache_dir: Optional[Path] = typer.Option(None, help="Decoded-pixel cache (default ~/.cache/alseg)."),
+        tensorboard: bool = typer.Option(False, "--tensorboard", help="Also write metrics for TensorBoard to RUN_DIR/tensorboard."),
         as_json: bool = typer.Option(False, "--json", help="Print the rounds as JSON.")):
     """Run the active-learning loop (CEAL by default) with a simulated oracle; resumable.
 
@@ -243,9 +244,23 @@ def run(preset: Optional[PresetName] = typer.Option(None, help="Settings preset 
     from alseg.data import detect_format
     from alseg.loop import run_active
 
-    reporter = RichReporter(quiet=as_json)
+    reporter: Reporter = RichReporter(quiet=as_json)
+
+    def with_tensorboard(run_dir: Path, round_epochs: int) -> Reporter:
+        if not tensorboard:
+            return reporter
+        from alseg.report.tensorboard import TensorboardReporter
+
+        return TeeReporter(reporter, TensorboardReporter(run_dir / "tensorboard", round_epochs))
+
     if resume is not None:
-        result = run_active(resume=resume, rounds=rounds, budget=budget, reporter=reporter)
+        from alseg.config import config_from_dict
+        from alseg.store import RunStore
+
+        with RunStore(resume) as store:
+            saved = config_from_dict(store.get("config"))
+        result = run_active(resume=resume, rounds=rounds, budget=budget,
+                            reporter=with_tensorboard(resume, saved.active.round_epochs))
     else:
         if data is None:
             raise AlsegError("--data PATH is required for a new run (or --resume RUN_DIR)")
@@ -260,7 +275,8 @@ def run(preset: Optional[PresetName] = typer.Option(None, help="Settings preset 
                        "round_epochs": round_epochs, "mc_passes": mc_passes,
                        "warm_start": False if from_scratch else None, "keep_pseudo": True if keep_pseudo else None},
         })
-        result = run_active(cfg, out_dir or _default_out("run"), reporter=reporter)
+        out = out_dir or _default_out("run")
+        result = run_active(cfg, out, reporter=with_tensorboard(out, cfg.active.round_epochs))
     _emit(result, as_json, _render_run)
 
 
@@ -282,6 +298,92 @@ def demo(data: Optional[Path] = typer.Option(None, "--data", help="Real dataset 
     from alseg.demo import run_demo
 
     _emit(run_demo(data, out_dir or _default_out("demo"), reporter=RichReporter(quiet=as_json)), as_json, _render_run)
+
+
+@app.command()
+def predict(checkpoint: Path = typer.Argument(..., help="Checkpoint file or run directory (its latest model)."),
+            images: Path = typer.Option(..., "--images", help="Folder of images, plain or a dataset layout (masks ignored)."),
+            out_dir: Path = typer.Option(..., "--out", help="New or empty folder for masks/, uncertainty/, scores.csv."),
+            mc: int = typer.Option(20, "--mc", help="MC-dropout passes T (0: one deterministic pass, no uncertainty)."),
+            format: Optional[Format] = typer.Option(None, "--format", help="Override layout detection."),
+            device: str = typer.Option("auto", help="auto, cpu or cuda."),
+            as_json: bool = typer.Option(False, "--json", help="Print the result as JSON.")):
+    """Apply a model to new images: a mask at each image's original size, an uncertainty map, scores.
+
+    Unreadable images are listed and skipped; the exit status is 2 only when none could be read.
+    """
+    from alseg.predict import predict_folder
+
+    result = predict_folder(checkpoint, images, out_dir, mc=mc, format=format.value if format else None,
+                            device=device, reporter=RichReporter(quiet=as_json))
+
+    def render(r):
+        how = f"MC dropout x{r['mc']}" if r["mc"] else "deterministic"
+        out.print(f"predicted {r['images']} images ({how}), skipped {len(r['skipped'])}; results in {r['out']}",
+                  markup=False, highlight=False, soft_wrap=True)
+        for s in r["skipped"]:
+            out.print(f"skipped {s['file']}: {s['problem']}", markup=False, highlight=False, soft_wrap=True)
+
+    _emit(result, as_json, render)
+
+
+@app.command()
+def report(run_dir: Path = typer.Argument(..., help="Run directory."),
+           images: int = typer.Option(4, help="Test images in the prediction panels."),
+           device: str = typer.Option("auto", help="auto, cpu or cuda (for the prediction panels)."),
+           as_json: bool = typer.Option(False, "--json", help="Print the page's path as JSON.")):
+    """Write RUN_DIR/report/index.html (opens offline) with the paper's figures as PNG beside it."""
+    from alseg.report import make_report
+
+    page = make_report(run_dir, images=images, device=device, reporter=RichReporter(quiet=as_json))
+    _emit({"html": str(page), "figures": sorted(p.name for p in page.parent.glob("*.png"))}, as_json,
+          lambda r: out.print(f"report: {r['html']} ({len(r['figures'])} figures)"))
+
+
+@app.command()
+def compare(preset: PresetName = typer.Option(..., help="Settings preset shared by every run."),
+            data: Path = typer.Option(..., "--data", help="Dataset folder."),
+            strategies: str = typer.Option("ceal,random,uncertainty,bald", help="Comma-separated strategies."),
+            seeds: int = typer.Option(3, help="Seeds 0..N-1 for each strategy (error bands)."),
+            full: bool = typer.Option(False, "--full", help="Also train the full-supervision reference per seed."),
+            out_dir: Path = typer.Option(..., "--out", help="Comparison folder (reused and resumed if it exists)."),
+            config: Optional[Path] = typer.Option(None, "--config", help="YAML file overriding the preset."),
+            rounds: Optional[int] = typer.Option(None, help="Active-learning rounds."),
+            budget: Optional[float] = typer.Option(None, help="Stop once this fraction is expert-labelled."),
+            size: Optional[int] = typer.Option(None, help="Working size in pixels."),
+            width: Optional[int] = typer.Option(None, help="U-Net base width."),
+            epochs: Optional[int] = typer.Option(None, help="Initial (and full-supervision) epochs."),
+            round_epochs: Optional[int] = typer.Option(None, help="Retraining epochs per round."),
+            mc_passes: Optional[int] = typer.Option(None, help="MC-dropout passes T."),
+            device: Optional[str] = typer.Option(None, help="auto, cpu or cuda."),
+            as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON.")):
+    """Learning curves of several strategies over seeds, with full supervision and the paper's Dice.
+
+    Writes OUT/compare.png, OUT/compare.csv and OUT/compare.json; runs live in OUT/runs/.
+    """
+    from alseg.compare import compare as run_compare
+    from alseg.config import build_config
+
+    cfg = build_config(preset.value, config, {
+        "data": {"path": str(data), "size": size}, "model": {"width": width},
+        "train": {"epochs": epochs, "device": device},
+        "active": {"rounds": rounds, "budget": budget, "round_epochs": round_epochs, "mc_passes": mc_passes}})
+    summary = run_compare(cfg, out_dir, strategies=[s.strip() for s in strategies.split(",") if s.strip()],
+                          seeds=seeds, full=full, reporter=RichReporter(quiet=as_json))
+
+    def render(r):
+        table = Table(title=f"{r['preset']}: {r['seeds']} seed(s); full supervision "
+                            f"{'-' if r['full_dice'] is None else format(r['full_dice'], '.4f')}")
+        for col in ("strategy", "labels to 95% of full", "Dice at 50% labels", "final Dice", "final labels"):
+            table.add_column(col, justify="right")
+        for name, t in r["strategies"].items():
+            fmt = lambda v, f: "-" if v is None else format(v, f)
+            table.add_row(name, fmt(t["labels_to_95pct_full"], ".0f"), fmt(t["dice_at_50pct_labels"], ".4f"),
+                          fmt(t["final_dice"], ".4f"), fmt(t["final_expert_labels"], ".0f"))
+        out.print(table)
+        out.print(f"figure: {r['figure']}")
+
+    _emit(summary, as_json, render)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -95,6 +95,10 @@ PRESETS: dict[str, ExperimentConfig] = {
 }
 
 
+# Test Dice the paper reports (for reference lines), by split preset.
+PAPER_DICE = {"isic": 0.77, "lgg": 0.58}
+
+
 def preset_for_format(fmt: str | None) -> str:
     """The quick preset that suits a detected layout, for commands run without ``--preset``."""
     return {"isic2017": "quick-isic", "lgg": "quick-lgg"}.get(fmt or "", "demo")

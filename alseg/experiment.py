@@ -50,6 +50,22 @@ def prepare_data(config: ExperimentConfig, reporter: Reporter = SILENT) -> Exper
     return ExperimentData(dataset, data, split)
 
 
+def open_run_data(store: RunStore, cache_dir: str | Path | None = None, reporter: Reporter = SILENT) -> CachedData:
+    """The decoded pixels of the dataset a run was made on (from the cache, or decoded again)."""
+    info = store.get("data")
+    dataset = open_dataset(info["path"], info["format"])
+    advance = reporter.stage("decode", len(dataset.samples))
+    data = load_cached(dataset, info["size"], channels=info["channels"], cache_dir=cache_dir,
+                       progress=lambda done, total: advance(done))
+    reporter.end_stage()
+    split = store.get("split")
+    missing = set(split["train"]) | set(split["test"])
+    missing -= set(data.ids)
+    if missing:
+        raise AlsegError(f"the dataset no longer holds {len(missing)} of the run's samples", info["path"])
+    return data
+
+
 def new_run_dir(out: str | Path) -> Path:
     """Check that ``out`` can become a fresh run directory (created later, once inputs are valid)."""
     out = Path(out)

@@ -29,12 +29,10 @@ from pathlib import Path
 import numpy as np
 
 from alseg.config import ExperimentConfig, config_from_dict
-from alseg.data.cache import load_cached
-from alseg.data.sources import open_dataset
 from alseg.data.splits import Split
 from alseg.errors import AlsegError
 from alseg.evaluate import score_model
-from alseg.experiment import fitted_config, new_run_dir, prepare_data, record_split
+from alseg.experiment import fitted_config, new_run_dir, open_run_data, prepare_data, record_split
 from alseg.model import UNet
 from alseg.oracle import Oracle, SimulatedOracle
 from alseg.progress import SILENT, Reporter, batch_progress
@@ -63,16 +61,8 @@ class ActiveRun:
 
     def __init__(self, store: RunStore, config: ExperimentConfig, reporter: Reporter = SILENT):
         self.store, self.config, self.reporter = store, config, reporter
-        info = store.get("data")
-        dataset = open_dataset(info["path"], info["format"])
-        advance = reporter.stage("decode", len(dataset.samples))
-        self.data = load_cached(dataset, info["size"], channels=info["channels"], cache_dir=config.data.cache_dir,
-                                progress=lambda done, total: advance(done))
-        reporter.end_stage()
+        self.data = open_run_data(store, config.data.cache_dir, reporter)
         self.split = Split.from_dict(store.get("split"))
-        missing = set(self.split.train + self.split.test) - set(self.data.ids)
-        if missing:
-            raise AlsegError(f"the dataset no longer holds {len(missing)} of the run's samples", info["path"])
         self.normalizer = Normalizer.from_dict(store.get("normalizer"))
         self.device = resolve_device(config.train.device)
         self.oracle: Oracle = SimulatedOracle(self.data)
@@ -114,8 +104,9 @@ class ActiveRun:
         idx = self.data.indices(pool)
         mc_kw = dict(passes=a.mc_passes, batch_size=a.mc_batch_size, device=self.device, precision=a.mc_precision,
                      weighting=a.weighting)
+        truth = self.data.masks if isinstance(self.oracle, SimulatedOracle) else None
         result = mc_dropout(model, self.data.images, idx, self.normalizer, seed=_seed(self.config.seed, round, 1),
-                            reporter=self.reporter, **mc_kw)
+                            masks=truth, reporter=self.reporter, **mc_kw)
         scored = time.perf_counter()
         rng = np.random.default_rng(_seed(self.config.seed, round, 2))
         sel = self.strategy.select(result.scores(), pool, round, rng)
@@ -128,7 +119,7 @@ class ActiveRun:
             # ids and masks saved side by side, in one file, so a mask can never be paired with another image
             np.savez_compressed(buf, ids=np.array(sel.pseudo_ids), masks=(pseudo.mean > 0.5).astype(np.uint8))
             atomic_write_bytes(_pseudo_path(self.store, round), buf.getvalue())
-        self.store.record_selection(round, pool, result.scores(), sel.expert_ids, sel.pseudo_ids, sel.reasons,
+        self.store.record_selection(round, pool, {**result.scores(), "dice": result.dice}, sel.expert_ids, sel.pseudo_ids, sel.reasons,
                                     sel.shortfalls, a.keep_pseudo)
         self.store.set(f"timings/{round}/select", {"score_s": scored - t0, "select_s": time.perf_counter() - scored})
 
@@ -180,6 +171,9 @@ class ActiveRun:
                                 pool=len(self.pool()), test_dice=evaluation.summary["mean_dice"],
                                 val_dice=result["best_val_dice"], seconds=sum(timings.values()), timings=timings)
         self.store.set("latest_checkpoint", f"checkpoints/round-{round:03d}/best.pt")
+        self.reporter.round({"round": round, "expert_labelled": len(expert), "pseudo_labelled": len(pseudo_ids),
+                             "pool": len(self.pool()), "test": evaluation.summary, "val_dice": result["best_val_dice"],
+                             "seconds": sum(timings.values())})
         self.reporter.note(f"round {round}: {len(expert)} expert-labelled, {len(pseudo_ids)} pseudo-labelled, "
                            f"pool {len(self.pool())}, test Dice {evaluation.summary['mean_dice']:.3f}")
 

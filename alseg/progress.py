@@ -24,6 +24,36 @@ class Reporter:
     def note(self, text: str) -> None:
         pass
 
+    def round(self, row: dict) -> None:
+        """A finished active-learning round (round, expert_labelled, pseudo_labelled, pool, test, seconds)."""
+
+
+class TeeReporter(Reporter):
+    """Passes every event to several reporters (e.g. progress bars and TensorBoard)."""
+
+    def __init__(self, *reporters: Reporter):
+        self.reporters = reporters
+
+    def stage(self, name, total):
+        advances = [r.stage(name, total) for r in self.reporters]
+        return lambda done: [a(done) for a in advances] and None
+
+    def end_stage(self):
+        for r in self.reporters:
+            r.end_stage()
+
+    def epoch(self, phase, round, record):
+        for r in self.reporters:
+            r.epoch(phase, round, record)
+
+    def note(self, text):
+        for r in self.reporters:
+            r.note(text)
+
+    def round(self, row):
+        for r in self.reporters:
+            r.round(row)
+
 
 SILENT = Reporter()
 

@@ -44,7 +44,7 @@ CREATE TABLE IF NOT EXISTS rounds (
     round INTEGER PRIMARY KEY, status TEXT NOT NULL, expert_labelled INTEGER, pseudo_labelled INTEGER,
     pool INTEGER, test_dice REAL, val_dice REAL, seconds REAL, timings TEXT, shortfalls TEXT);
 CREATE TABLE IF NOT EXISTS scores (
-    round INTEGER NOT NULL, id TEXT NOT NULL, variance REAL, entropy REAL, bald REAL,
+    round INTEGER NOT NULL, id TEXT NOT NULL, variance REAL, entropy REAL, bald REAL, dice REAL,
     PRIMARY KEY (round, id));
 CREATE TABLE IF NOT EXISTS selections (
     round INTEGER NOT NULL, id TEXT NOT NULL, kind TEXT NOT NULL, reason TEXT,
@@ -179,9 +179,10 @@ class RunStore:
                          reasons: dict[str, str], shortfalls: list[str], keep_pseudo: bool) -> None:
         """Atomically: the pool's scores, the selection, the label moves and a ``selected`` round row."""
         with self.transaction() as c:
-            c.executemany("INSERT OR REPLACE INTO scores VALUES (?, ?, ?, ?, ?)",
-                          [(round, i, float(scores["variance"][k]), float(scores["entropy"][k]), float(scores["bald"][k]))
-                           for k, i in enumerate(pool_ids)])
+            dice = scores.get("dice")
+            c.executemany("INSERT OR REPLACE INTO scores VALUES (?, ?, ?, ?, ?, ?)",
+                          [(round, i, float(scores["variance"][k]), float(scores["entropy"][k]), float(scores["bald"][k]),
+                            None if dice is None else float(dice[k])) for k, i in enumerate(pool_ids)])
             c.executemany("INSERT OR REPLACE INTO selections VALUES (?, ?, ?, ?)",
                           [(round, i, "expert", reasons.get(i)) for i in expert]
                           + [(round, i, "pseudo", reasons.get(i)) for i in pseudo])
@@ -219,8 +220,10 @@ class RunStore:
             "SELECT id FROM selections WHERE round = ? AND kind = ? ORDER BY rowid", (round, kind))]
 
     def scores(self, round: int) -> dict[str, dict[str, float]]:
-        rows = self.conn.execute("SELECT id, variance, entropy, bald FROM scores WHERE round = ? ORDER BY rowid", (round,))
-        return {r[0]: {"variance": r[1], "entropy": r[2], "bald": r[3]} for r in rows}
+        """Per pool id: variance, entropy, bald and (simulated oracle only) the Dice of the MC-mean mask."""
+        rows = self.conn.execute("SELECT id, variance, entropy, bald, dice FROM scores WHERE round = ? ORDER BY rowid",
+                                 (round,))
+        return {r[0]: {"variance": r[1], "entropy": r[2], "bald": r[3], "dice": r[4]} for r in rows}
 
     def labelled_ids(self, origins: tuple[str, ...] | None = None) -> list[str]:
         """Labelled training ids, optionally only those of the given origins (initial/expert/pseudo)."""

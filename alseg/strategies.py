@@ -113,6 +113,19 @@ class CealStrategy(Strategy):
         which = np.clip(np.searchsorted(edges, values, side="right") - 1, 0, self.p.bins - 1)
         return which, counts, edges
 
+    def regions(self, values: np.ndarray) -> dict[str, tuple[float, float]]:
+        """Score intervals of the CEAL regions for these scores (for figures): missed, low, uncertain, pseudo."""
+        p = self.p
+        values = np.asarray(values, float)
+        _, counts, edges = self.histogram(values)
+        modal = int(np.argmax(counts))
+        lo, hi = modal + p.low_offset, min(p.low_end_bin, p.bins)
+        lowest = np.sort(values)[: max(1, p.n_missed)]
+        return {"missed": (float(edges[0]), float(lowest[-1])),
+                "low": (float(edges[lo]), float(edges[hi])) if lo < hi else (0.0, 0.0),
+                "uncertain": (float(edges[p.bins - p.top_bins]), float(edges[-1])),
+                "pseudo": (float(edges[modal]), float(edges[modal + 1]))}
+
     def select(self, scores, pool, round, rng):
         p = self.p
         values = np.asarray(scores["variance"], float)

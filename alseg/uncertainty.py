@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from alseg.errors import AlsegError
+from alseg.metrics import dice_per_image
 from alseg.model import UNet, set_mc_dropout
 from alseg.progress import SILENT, Reporter
 from alseg.runtime import Normalizer, autocast, resolve_precision
@@ -61,6 +62,7 @@ class McResult:
     bald: np.ndarray
     mean: np.ndarray | None = None       # (N, S, S) float32 MC-mean probability
     variance_map: np.ndarray | None = None
+    dice: np.ndarray | None = None       # Dice of the thresholded MC mean, when masks were given
 
     def scores(self) -> dict[str, np.ndarray]:
         return {name: getattr(self, name) for name in SCORE_NAMES}
@@ -84,8 +86,13 @@ def edt_weight(mask: np.ndarray) -> np.ndarray:
 @torch.no_grad()
 def mc_dropout(model: UNet, images: np.ndarray, indices, normalizer: Normalizer, *, passes: int = 20,
                batch_size: int = 16, device: torch.device | str = "cpu", precision: str = "auto", seed: int = 0,
-               weighting: str = "none", keep_maps: bool = False, reporter: Reporter = SILENT) -> McResult:
-    """Run ``passes`` dropout-on forward passes over ``images[indices]`` and score each image."""
+               weighting: str = "none", keep_maps: bool = False, masks: np.ndarray | None = None,
+               reporter: Reporter = SILENT) -> McResult:
+    """Run ``passes`` dropout-on forward passes over ``images[indices]`` and score each image.
+
+    With ``masks`` (aligned with ``images``) it also returns each image's Dice of the thresholded
+    MC mean, for the uncertainty-vs-Dice figure; the simulated oracle knows them, a human one not.
+    """
     if passes < 2:
         raise AlsegError(f"MC dropout needs at least 2 passes, got {passes}")
     if weighting not in ("none", "edt"):
@@ -98,6 +105,7 @@ def mc_dropout(model: UNet, images: np.ndarray, indices, normalizer: Normalizer,
     out = {k: np.zeros(n, np.float64) for k in SCORE_NAMES}
     mean_maps = np.zeros((n, size, size), np.float32) if keep_maps else None
     var_maps = np.zeros((n, size, size), np.float32) if keep_maps else None
+    dice = np.zeros(n, np.float64) if masks is not None else None
     was_training = model.training
     set_mc_dropout(model, True)
     model.to(device)
@@ -133,6 +141,8 @@ def mc_dropout(model: UNet, images: np.ndarray, indices, normalizer: Normalizer,
             out["variance"][sl] = var_np.reshape(len(idx), -1).sum(1)
             out["entropy"][sl] = h_mean.flatten(1).sum(1).cpu().numpy()
             out["bald"][sl] = bald.flatten(1).sum(1).cpu().numpy()
+            if dice is not None:
+                dice[sl] = dice_per_image(mean_np > 0.5, np.asarray(masks[idx]) > 0)
             if keep_maps:
                 mean_maps[sl] = mean_np
                 var_maps[sl] = var_np
@@ -141,4 +151,4 @@ def mc_dropout(model: UNet, images: np.ndarray, indices, normalizer: Normalizer,
         reporter.end_stage()
         model.to(memory_format=torch.contiguous_format)
         model.train(was_training)
-    return McResult(indices, out["variance"], out["entropy"], out["bald"], mean_maps, var_maps)
+    return McResult(indices, out["variance"], out["entropy"], out["bald"], mean_maps, var_maps, dice)

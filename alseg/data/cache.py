@@ -87,11 +87,25 @@ def infer_channels(dataset: Dataset) -> int:
     return read_image(dataset.samples[0].image).shape[2]
 
 
+def fit_image(img: np.ndarray, size: int, channels: int) -> np.ndarray:
+    """An ``(H, W, C)`` uint8 image at the working size: ``(size, size, channels)`` uint8.
+
+    Grey becomes RGB by repeating the plane, RGB becomes grey by the rounded channel mean;
+    then each plane is resized with Pillow's antialiased bilinear filter (skipped when the
+    image already has the working size). Training, evaluation and prediction all see pixels
+    prepared by this one function.
+    """
+    if img.shape[2] != channels:
+        img = np.repeat(img, 3, axis=2) if img.shape[2] == 1 else img.mean(axis=2, keepdims=True).round().astype(np.uint8)
+    if img.shape[:2] != (size, size):
+        planes = [np.asarray(Image.fromarray(img[:, :, c]).resize((size, size), Image.BILINEAR)) for c in range(channels)]
+        img = np.stack(planes, axis=2)
+    return img
+
+
 def _decode(sample, size: int, channels: int):
     img = read_image(sample.image)
     h, w = img.shape[:2]
-    if img.shape[2] != channels:
-        img = np.repeat(img, 3, axis=2) if img.shape[2] == 1 else img.mean(axis=2, keepdims=True).round().astype(np.uint8)
     mask, positive = None, False
     if sample.mask is not None:
         m = read_mask(sample.mask)
@@ -99,10 +113,7 @@ def _decode(sample, size: int, channels: int):
             raise AlsegError(f"mask is {m.shape[1]}x{m.shape[0]} but its image is {w}x{h}", sample.mask)
         positive = bool(m.any())  # at native size: a tiny lesion may vanish when shrunk
         mask = np.asarray(Image.fromarray(m.astype(np.uint8) * 255).resize((size, size), Image.NEAREST)) >= 128
-    if (h, w) != (size, size):
-        planes = [np.asarray(Image.fromarray(img[:, :, c]).resize((size, size), Image.BILINEAR)) for c in range(channels)]
-        img = np.stack(planes, axis=2)
-    return img, mask, positive, (w, h)
+    return fit_image(img, size, channels), mask, positive, (w, h)
 
 
 def load_cached(dataset: Dataset, size: int, channels: int | None = None, cache_dir: str | Path | None = None,

@@ -1,0 +1,198 @@
+"""Reports: the paper's figures and a self-contained HTML page for a run, and strategy comparisons.
+
+Owns ``RUN_DIR/report/``: ``index.html`` (opens offline; every figure is a PNG beside it), the
+figures, and ``rounds.csv``. Everything is drawn from what the run's store recorded (scores,
+selections, epochs, evaluations), so a report can be redrawn without retraining; only the
+prediction panels apply the recorded checkpoints (round 0 and the last round) to a fixed set of
+test images.
+"""
+from __future__ import annotations
+
+import csv
+import html
+import io
+from pathlib import Path
+
+import numpy as np
+
+from alseg.config import config_from_dict
+from alseg.errors import AlsegError
+from alseg.experiment import open_run_data
+from alseg.metrics import dice_per_image
+from alseg.progress import SILENT, Reporter
+from alseg.report import figures
+from alseg.runtime import resolve_device
+from alseg.store import RunStore, atomic_write_bytes, atomic_write_text
+from alseg.strategies import CealStrategy
+from alseg.train import Checkpoint
+from alseg.uncertainty import mc_dropout
+
+__all__ = ["make_report", "fixed_test_ids"]
+
+
+def fixed_test_ids(test_ids, positive, n: int) -> list[str]:
+    """``n`` test images spread evenly over the sorted test split, lesion-bearing ones first."""
+    ids = sorted(test_ids)
+    ranked = [i for i in ids if positive.get(i, True)] or ids
+    if len(ranked) <= n:
+        return ranked
+    return [ranked[int(k)] for k in np.linspace(0, len(ranked) - 1, n).round()]
+
+
+def _kind(reason: str | None, selection_kind: str) -> str:
+    if selection_kind == "pseudo":
+        return "pseudo"
+    if reason in ("missed", "low", "uncertain", "random"):
+        return reason
+    return "top"
+
+
+def make_report(run_dir: str | Path, *, images: int = 4, device: str = "auto", reporter: Reporter = SILENT) -> Path:
+    """Write ``RUN_DIR/report/index.html`` and its figures; return the HTML path."""
+    run_dir = Path(run_dir)
+    out = run_dir / "report"
+    with RunStore(run_dir) as store:
+        config = config_from_dict(store.get("config"))
+        rounds = [r for r in store.rounds() if r["status"] == "done"]
+        if not rounds and store.get("kind") == "active":
+            raise AlsegError("run has no finished round yet; nothing to report", run_dir)
+        evaluations = {(e["round"], e["split"]): e for e in store.evaluations()}
+        epochs = store.epochs()
+        split = store.get("split")
+        scores = {r["round"]: store.scores(r["round"]) for r in rounds if r["round"] > 0}
+        selections = {r["round"]: {k: store.selection(r["round"], k) for k in ("expert", "pseudo")} for r in rounds}
+        reasons = {r["round"]: dict(store.conn.execute(
+            "SELECT id, reason FROM selections WHERE round = ?", (r["round"],)).fetchall()) for r in rounds}
+        kind = store.get("kind")
+        data = open_run_data(store, config.data.cache_dir, reporter)
+        last = max((r["round"] for r in rounds), default=0)
+        checkpoints = {0: run_dir / ("checkpoints/round-000/best.pt" if kind == "active" else "checkpoints/best.pt")}
+        if kind == "active":
+            checkpoints[last] = run_dir / f"checkpoints/round-{last:03d}/best.pt"
+    out.mkdir(parents=True, exist_ok=True)
+    made: list[tuple[str, str, str]] = []  # (section, file, caption)
+
+    # predictions of the initial and the final model on fixed test images
+    positive = {i: bool(data.positive[k]) for k, i in enumerate(data.ids)}
+    ids = fixed_test_ids(split["test"], positive, images)
+    idx = data.indices(ids)
+    dev = resolve_device(device)
+    passes = max(2, config.active.mc_passes)
+    for round, path in checkpoints.items():
+        ckpt = Checkpoint.load(path, device=dev)
+        res = mc_dropout(ckpt.model, data.images, idx, ckpt.normalizer, passes=passes, device=dev, seed=0,
+                         keep_maps=True, reporter=reporter)
+        dice = dice_per_image(res.mean > 0.5, np.asarray(data.masks[idx]) > 0)
+        name = "initial" if round == 0 else "final"
+        label = "initial model (round 0)" if round == 0 else f"last round ({round})"
+        f = figures.predictions(out / f"predictions-{name}.png", f"Test predictions, {label}, T = {passes} MC passes",
+                                ids, np.asarray(data.images[idx]), np.asarray(data.masks[idx]), res.mean,
+                                res.variance_map, dice)
+        made.append(("Predictions", f.name, f"{label}: image, ground truth, MC-mean prediction (white: > 0.5), "
+                                           "per-pixel MC variance."))
+
+    # per-round uncertainty figures
+    ceal = CealStrategy(config.active.ceal)
+    for round in sorted(scores):
+        rows = scores[round]
+        if not rows:
+            continue
+        pool_ids = list(rows)
+        values = np.array([rows[i]["variance"] for i in pool_ids])
+        chosen = {i: _kind(reasons[round].get(i), "expert") for i in selections[round]["expert"]}
+        chosen.update({i: "pseudo" for i in selections[round]["pseudo"]})
+        kinds = [chosen.get(i) for i in pool_ids]
+        if all(rows[i]["dice"] is not None for i in pool_ids):
+            dice = np.array([rows[i]["dice"] for i in pool_ids])
+            f = figures.uncertainty_vs_dice(out / f"uncertainty-vs-dice-round-{round:02d}.png", round, values, dice, kinds)
+            made.append(("Uncertainty vs Dice", f.name, f"Round {round}: pool images scored by the round-{round - 1} model."))
+        regions = ceal.regions(values) if config.active.strategy == "ceal" else {}
+        f = figures.score_histogram(out / f"histogram-round-{round:02d}.png", round, values, kinds,
+                                    bins=config.active.ceal.bins, regions=regions)
+        made.append(("Score histograms", f.name, f"Round {round}: the pool's uncertainty scores and who was chosen."))
+
+    # training curves
+    initial = [e for e in epochs if e["phase"] == "initial"]
+    active = [e for e in epochs if e["phase"] == "active"]
+    if initial:
+        f = figures.training_curves(out / "training-initial.png", "Initial training: Dice per epoch", initial)
+        made.append(("Training", f.name, "Initial phase on the initial labelled set."))
+    if active:
+        f = figures.training_curves(out / "training-active.png", "Active-learning phase: Dice per epoch", active,
+                                    round_epochs=True)
+        made.append(("Training", f.name, "Retraining in each round (warm start unless configured otherwise)."))
+
+    # learning curve and table
+    table = []
+    for r in rounds or [{"round": 0, "expert_labelled": len(split["labelled"]), "pseudo_labelled": 0,
+                         "pool": len(split["pool"]), "seconds": store_seconds(run_dir)}]:
+        ev = evaluations.get((r["round"], "test"), {})
+        table.append({"round": r["round"], "expert_labelled": r["expert_labelled"], "pseudo_labelled": r["pseudo_labelled"],
+                      "pool": r["pool"], "mean_dice": ev.get("mean_dice"), "median_dice": ev.get("median_dice"),
+                      "pooled_dice": ev.get("pooled_dice"), "volume_dice_mean": ev.get("volume_dice_mean"),
+                      "seconds": r["seconds"]})
+    if len(table) > 1:
+        curve = {config.active.strategy: {"x": [t["expert_labelled"] for t in table],
+                                          "mean": [t["mean_dice"] for t in table], "std": [0.0] * len(table)}}
+        f = figures.learning_curves(out / "learning-curve.png", "Learning curve: test Dice vs expert labels", curve,
+                                    train_size=len(split["train"]))
+        made.append(("Learning curve", f.name, "Test Dice after each round against the expert-labelled images."))
+    _write_csv(out / "rounds.csv", table)
+    page = _html(run_dir, config, split, made, table)
+    atomic_write_text(out / "index.html", page)
+    return out / "index.html"
+
+
+def store_seconds(run_dir: Path) -> float | None:
+    with RunStore(run_dir) as store:
+        return store.get("seconds")
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_bytes(path, buf.getvalue().encode())
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "–"
+    return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def _html(run_dir: Path, config, split: dict, made: list[tuple[str, str, str]], table: list[dict]) -> str:
+    e = html.escape
+    head = ("<tr>" + "".join(f"<th>{e(h)}</th>" for h in ("round", "expert-labelled", "pseudo-labelled", "pool",
+            "test Dice mean", "median", "pooled", "per-volume", "seconds")) + "</tr>")
+    rows = "".join("<tr>" + "".join(f"<td>{_fmt(t[k])}</td>" for k in t) + "</tr>" for t in table)
+    sections = []
+    for section in dict.fromkeys(s for s, _, _ in made):
+        figs = "".join(f'<figure><img src="{e(f)}" alt="{e(c)}"><figcaption>{e(c)}</figcaption></figure>'
+                       for s, f, c in made if s == section)
+        sections.append(f"<h2>{e(section)}</h2>{figs}")
+    a = config.active
+    facts = (f"preset <b>{e(config.preset)}</b>, strategy <b>{e(a.strategy)}</b>, seed {config.seed}; "
+             f"data {e(str(config.data.path))} at {config.data.size} px; U-Net width {config.model.width}, depth "
+             f"{config.model.depth}, dropout {config.model.dropout}; split by {e(split['split_by'])}: train "
+             f"{len(split['train'])} (labelled {len(split['labelled'])}), val {len(split['val'])}, test {len(split['test'])}; "
+             f"T = {a.mc_passes} MC passes; {a.round_epochs} epochs per round.")
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>alseg report: {e(run_dir.name)}</title>
+<style>
+body {{ font-family: sans-serif; max-width: 1100px; margin: 2em auto; color: #222; }}
+table {{ border-collapse: collapse; margin: 1em 0; }} th, td {{ border: 1px solid #ccc; padding: 4px 8px; text-align: right; }}
+th {{ background: #f3f3f3; }} figure {{ margin: 1.5em 0; }} img {{ max-width: 100%; }}
+figcaption {{ color: #555; font-size: 0.9em; }}
+</style></head><body>
+<h1>alseg report: {e(run_dir.name)}</h1>
+<p>{facts}</p>
+<h2>Rounds</h2>
+<p>Test Dice per round (deterministic prediction, dropout off; empty mask and empty prediction score 1).
+Also in <a href="rounds.csv">rounds.csv</a>.</p>
+<table>{head}{rows}</table>
+{''.join(sections)}
+<p><small>Made by alseg from the run's store; figures are PNG files beside this page.</small></p>
+</body></html>
+"""

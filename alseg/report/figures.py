@@ -1,0 +1,154 @@
+"""The report's figures, drawn with matplotlib from plain data (what the store recorded).
+
+Every function takes arrays or records and a path, writes one PNG and returns the path. Figures
+carry titles, axis labels with units, legends and colour bars, at a size that stays legible in
+the HTML page (about 1000 px wide).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display: reports are written headless
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+DPI = 110
+COLOURS = {"ceal": "#1f77b4", "random": "#7f7f7f", "uncertainty": "#d62728", "entropy": "#9467bd",
+           "bald": "#2ca02c", "full": "#000000", "paper": "#ff7f0e"}
+KIND_STYLE = {"missed": ("#9467bd", "expert: missed (lowest)"), "low": ("#2ca02c", "expert: low-uncertainty region"),
+              "uncertain": ("#d62728", "expert: most uncertain"), "pseudo": ("#ff7f0e", "pseudo-label"),
+              "random": ("#7f7f7f", "expert: random"), "top": ("#d62728", "expert: top score")}
+
+
+def _save(fig, path: Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=DPI, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def _display(image: np.ndarray) -> np.ndarray:
+    return image[..., 0] if image.shape[-1] == 1 else image
+
+
+def predictions(path, title: str, ids: Sequence[str], images: np.ndarray, truths: np.ndarray, means: np.ndarray,
+                variances: np.ndarray, dices: Sequence[float]) -> Path:
+    """Rows of image | ground truth | MC-mean prediction | uncertainty map (with colour bars)."""
+    n = len(ids)
+    fig, axes = plt.subplots(n, 4, figsize=(11, 2.6 * n + 0.4), squeeze=False, layout="constrained")
+    vmax = max(float(np.max(variances)), 1e-6)
+    for row in range(n):
+        ax = axes[row]
+        ax[0].imshow(_display(images[row]), cmap="gray")
+        ax[0].set_ylabel(ids[row], fontsize=8)
+        ax[1].imshow(truths[row], cmap="gray", vmin=0, vmax=1)
+        im2 = ax[2].imshow(means[row], cmap="viridis", vmin=0, vmax=1)
+        ax[2].contour(means[row] > 0.5, levels=[0.5], colors="white", linewidths=0.8)
+        im3 = ax[3].imshow(variances[row], cmap="magma", vmin=0, vmax=vmax)
+        fig.colorbar(im2, ax=ax[2], shrink=0.9, label="P(lesion)")
+        fig.colorbar(im3, ax=ax[3], shrink=0.9, label="variance")
+        ax[2].set_xlabel(f"Dice {dices[row]:.3f}", fontsize=9)
+        for a in ax:
+            a.set_xticks([])
+            a.set_yticks([])
+    for a, t in zip(axes[0], ("image", "ground truth", "MC-mean prediction", "uncertainty (MC variance)")):
+        a.set_title(t, fontsize=10)
+    fig.suptitle(title, fontsize=12)
+    return _save(fig, path)
+
+
+def uncertainty_vs_dice(path, round: int, scores: np.ndarray, dice: np.ndarray, kinds: Sequence[str | None]) -> Path:
+    """Scatter of each pool image's uncertainty score against the Dice of its MC-mean mask."""
+    fig, ax = plt.subplots(figsize=(8, 5))
+    kinds_arr = np.array([k or "" for k in kinds])
+    ax.scatter(scores[kinds_arr == ""], dice[kinds_arr == ""], s=10, c="#bbbbbb", label="pool (not chosen)")
+    for kind, (colour, label) in KIND_STYLE.items():
+        sel = kinds_arr == kind
+        if sel.any():
+            ax.scatter(scores[sel], dice[sel], s=22, c=colour, label=label, edgecolors="black", linewidths=0.3)
+    ax.set_xlabel("uncertainty score (sum of per-pixel MC variance, pixels × prob²)")
+    ax.set_ylabel("Dice of the MC-mean mask vs ground truth")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title(f"Round {round}: uncertainty vs Dice over the pool ({len(scores)} images)")
+    ax.legend(fontsize=8, loc="best")
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def score_histogram(path, round: int, scores: np.ndarray, kinds: Sequence[str | None], *, bins: int,
+                    regions: dict[str, tuple[float, float]]) -> Path:
+    """Histogram of the pool's scores with the CEAL regions shaded and the chosen images marked."""
+    fig, ax = plt.subplots(figsize=(9, 5))
+    counts, edges, _ = ax.hist(scores, bins=bins, color="#9ecae1", edgecolor="#4a90c2", linewidth=0.4,
+                               label="pool images")
+    shade = {"missed": "#9467bd", "low": "#2ca02c", "uncertain": "#d62728", "pseudo": "#ff7f0e"}
+    names = {"missed": "missed region", "low": "low-uncertainty region", "uncertain": "most-uncertain bins",
+             "pseudo": "pseudo-label (modal) bin"}
+    for name, (lo, hi) in regions.items():
+        if hi > lo:
+            ax.axvspan(lo, hi, color=shade[name], alpha=0.15, label=names[name])
+    kinds_arr = np.array([k or "" for k in kinds])
+    top = max(float(counts.max()), 1.0)
+    for kind, (colour, label) in KIND_STYLE.items():
+        sel = kinds_arr == kind
+        if sel.any():
+            ax.plot(scores[sel], np.full(sel.sum(), -0.04 * top), "|", color=colour, markersize=12, mew=1.5,
+                    label=f"{label} ({sel.sum()})")
+    ax.set_ylim(-0.08 * top, top * 1.08)
+    ax.set_xlabel("uncertainty score (sum of per-pixel MC variance)")
+    ax.set_ylabel("images per bin")
+    ax.set_title(f"Round {round}: score histogram ({bins} bins) and selection")
+    ax.legend(fontsize=8, loc="upper right")
+    return _save(fig, path)
+
+
+def training_curves(path, title: str, epochs: Sequence[dict], round_epochs: bool = False) -> Path:
+    """Train and validation Dice per epoch; for the active phase, epochs run on across rounds."""
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    x = np.arange(1, len(epochs) + 1)
+    ax.plot(x, [e["train_dice"] for e in epochs], "-o", ms=3, label="train Dice (augmented batches)")
+    ax.plot(x, [np.nan if e["val_dice"] is None else e["val_dice"] for e in epochs], "-s", ms=3, label="validation Dice")
+    if round_epochs:
+        starts = [i for i in range(1, len(epochs)) if epochs[i]["round"] != epochs[i - 1]["round"]]
+        for i, s in enumerate(starts):
+            ax.axvline(s + 0.5, color="gray", lw=0.6, ls=":", label="new round" if i == 0 else None)
+    ax.set_xlabel("epoch" + (" (cumulative over rounds)" if round_epochs else ""))
+    ax.set_ylabel("Dice")
+    ax.set_ylim(0, 1)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=9)
+    return _save(fig, path)
+
+
+def learning_curves(path, title: str, curves: dict[str, dict], *, train_size: int | None = None,
+                    full: tuple[float, float] | None = None, paper: float | None = None) -> Path:
+    """Test Dice against expert-labelled images; ``curves[name] = {"x", "mean", "std"}`` (band = ±1 std)."""
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    for name, c in curves.items():
+        x, m, s = (np.asarray(c[k], float) for k in ("x", "mean", "std"))
+        colour = COLOURS.get(name)
+        n = c.get("n", 1)
+        ax.plot(x, m, "-o", ms=4, color=colour, label=f"{name}" + (f" (mean ± std, {n} seeds)" if n > 1 else ""))
+        if n > 1:
+            ax.fill_between(x, m - s, m + s, color=colour, alpha=0.18)
+    if full is not None:
+        ax.axhline(full[0], color=COLOURS["full"], ls="--", lw=1.2, label=f"full supervision ({full[0]:.3f})")
+        if full[1] > 0:
+            ax.axhspan(full[0] - full[1], full[0] + full[1], color="black", alpha=0.07)
+        ax.axhline(0.95 * full[0], color=COLOURS["full"], ls=":", lw=0.9, label="95 % of full supervision")
+    if paper is not None:
+        ax.axhline(paper, color=COLOURS["paper"], ls="-.", lw=1.2, label=f"paper's reported Dice ({paper:.2f})")
+    ax.set_xlabel("expert-labelled training images")
+    ax.set_ylabel("test Dice (mean over images)")
+    if train_size:
+        sec = ax.secondary_xaxis("top", functions=(lambda v: 100 * v / train_size, lambda p: p * train_size / 100))
+        sec.set_xlabel("% of the training split labelled")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    return _save(fig, path)
