@@ -8,6 +8,9 @@ from alseg.data.splits import Split, make_split
 from alseg.errors import AlsegError
 from alseg.evaluate import evaluate, score_model
 from alseg.experiment import prepare_data, train_supervised
+from alseg.loop import run_active, status
+from alseg.report import make_report
+from alseg.compare import compare
 from alseg.metrics import dice_per_image, pooled_dice, summarize_dice, volume_dice
 from alseg.model import ModelConfig, UNet, count_parameters, set_mc_dropout
 from alseg.predict import predict_folder
@@ -19,6 +22,6 @@ __all__ = [
     "AlsegError", "CachedData", "Checkpoint", "Dataset", "ExperimentConfig", "ModelConfig", "PRESETS", "Sample",
     "Split", "TrainConfig", "UNet", "build_config", "count_parameters", "detect_format", "dice_per_image",
     "evaluate", "fit", "load_cached", "make_split", "open_dataset", "pooled_dice", "predict_folder", "predict_probs",
-    "prepare_data", "score_model", "set_mc_dropout", "summarize", "summarize_dice", "train_supervised",
+    "prepare_data", "run_active", "status", "make_report", "compare", "score_model", "set_mc_dropout", "summarize", "summarize_dice", "train_supervised",
     "volume_dice",
 ]

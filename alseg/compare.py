@@ -28,7 +28,6 @@ from alseg.errors import AlsegError
 from alseg.experiment import train_supervised
 from alseg.loop import run_active, status
 from alseg.progress import SILENT, Reporter
-from alseg.report import figures
 from alseg.store import RunStore, atomic_write_bytes, atomic_write_text
 from alseg.strategies import STRATEGIES
 
@@ -58,6 +57,8 @@ def labels_to_reach(x: Sequence[float], y: Sequence[float], target: float) -> fl
 def compare(config: ExperimentConfig, out: str | Path, *, strategies: Sequence[str], seeds: int = 3,
             full: bool = False, reporter: Reporter = SILENT) -> dict:
     """Run every strategy for seeds 0..seeds-1 (resuming or reusing runs in ``out``) and summarise."""
+    from alseg.report import figures  # matplotlib only when a figure is drawn
+
     bad = [s for s in strategies if s not in STRATEGIES]
     if bad:
         raise AlsegError(f"unknown strategy {bad[0]!r}; choose from {', '.join(STRATEGIES)}")

@@ -1,5 +1,8 @@
 """Active-learning benchmark: strategies side by side against the full-supervision reference.
 
+(`alseg compare` does the same with seeds, bands and a figure; this script is the one-seed,
+print-as-you-go version used on the lent GPU machine, where a cut-off run must still report.)
+
 For each dataset it trains the full-supervision reference (all training labels, same preset,
 size and width) and then runs each strategy; it prints one JSON line per finished job, so a run
 cut short still reports what it finished, and ends with a table of the expert labels each
@@ -16,16 +19,10 @@ import sys
 import time
 from pathlib import Path
 
+from alseg.compare import labels_to_reach
 from alseg.config import build_config
 from alseg.experiment import train_supervised
 from alseg.loop import run_active
-
-
-def labels_to_reach(rounds: list[dict], target: float) -> int | None:
-    for r in rounds:
-        if r["test_dice"] >= target:
-            return r["expert_labelled"]
-    return None
 
 
 def main() -> None:
@@ -39,6 +36,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int)
     ap.add_argument("--budget", type=float)
     ap.add_argument("--full-epochs", type=int, help="epochs of the full-supervision reference (default: the preset's)")
+    ap.add_argument("--full-dice", type=float, help="reuse a measured full-supervision Dice instead of training it")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", type=Path, default=Path("/tmp/alseg-bench-al"))
     ap.add_argument("--results", type=Path, help="also append the JSON lines to this file")
@@ -67,10 +65,13 @@ def main() -> None:
         if time.perf_counter() - t_start > args.time_limit:
             break
         t0 = time.perf_counter()
-        ref = train_supervised(config(seed, epochs=args.full_epochs), args.out / f"{stamp}-full-s{seed}", full=True)
-        full[seed] = ref["test"]["mean_dice"]
-        emit({"job": "full", "preset": args.preset, "seed": seed, "size": args.size, "labelled": ref["labelled"],
-              "test": ref["test"], "best_epoch": ref["best_epoch"], "wall_s": round(time.perf_counter() - t0, 1)})
+        if args.full_dice is not None:
+            full[seed] = args.full_dice
+        else:
+            ref = train_supervised(config(seed, epochs=args.full_epochs), args.out / f"{stamp}-full-s{seed}", full=True)
+            full[seed] = ref["test"]["mean_dice"]
+            emit({"job": "full", "preset": args.preset, "seed": seed, "size": args.size, "labelled": ref["labelled"],
+                  "test": ref["test"], "best_epoch": ref["best_epoch"], "wall_s": round(time.perf_counter() - t0, 1)})
         for strategy in args.strategies.split(","):
             if time.perf_counter() - t_start > args.time_limit:
                 break
@@ -78,10 +79,11 @@ def main() -> None:
             result = run_active(config(seed, strategy), args.out / f"{stamp}-{strategy}-s{seed}")
             rounds = [{k: r[k] for k in ("round", "expert_labelled", "pseudo_labelled", "pool", "test_dice", "seconds")}
                       for r in result["rounds"]]
-            need = labels_to_reach(rounds, 0.95 * full[seed])
+            need = labels_to_reach([r["expert_labelled"] for r in rounds], [r["test_dice"] for r in rounds],
+                                   0.95 * full[seed])
             summary.append((strategy, seed, need, rounds[-1]["test_dice"], rounds[-1]["expert_labelled"]))
             emit({"job": "active", "preset": args.preset, "strategy": strategy, "seed": seed, "size": args.size,
-                  "full_dice": full[seed], "labels_to_95pct_full": need, "train_split": ref["split"]["train"],
+                  "full_dice": full[seed], "labels_to_95pct_full": need,
                   "rounds": rounds, "stopped": result["stopped"], "wall_s": round(time.perf_counter() - t0, 1)})
     print("\nstrategy  seed  labels-to-95%-of-full  final-Dice  final-expert-labels", file=sys.stderr)
     for strategy, seed, need, dice, labels in summary:

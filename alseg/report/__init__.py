@@ -20,7 +20,6 @@ from alseg.errors import AlsegError
 from alseg.experiment import open_run_data
 from alseg.metrics import dice_per_image
 from alseg.progress import SILENT, Reporter
-from alseg.report import figures
 from alseg.runtime import resolve_device
 from alseg.store import RunStore, atomic_write_bytes, atomic_write_text
 from alseg.strategies import CealStrategy
@@ -49,6 +48,8 @@ def _kind(reason: str | None, selection_kind: str) -> str:
 
 def make_report(run_dir: str | Path, *, images: int = 4, device: str = "auto", reporter: Reporter = SILENT) -> Path:
     """Write ``RUN_DIR/report/index.html`` and its figures; return the HTML path."""
+    from alseg.report import figures  # matplotlib only when a report is drawn
+
     run_dir = Path(run_dir)
     out = run_dir / "report"
     with RunStore(run_dir) as store:

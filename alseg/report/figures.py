@@ -70,7 +70,7 @@ def uncertainty_vs_dice(path, round: int, scores: np.ndarray, dice: np.ndarray, 
         sel = kinds_arr == kind
         if sel.any():
             ax.scatter(scores[sel], dice[sel], s=22, c=colour, label=label, edgecolors="black", linewidths=0.3)
-    ax.set_xlabel("uncertainty score (sum of per-pixel MC variance, pixels × prob²)")
+    ax.set_xlabel("uncertainty score (per-pixel MC variance summed over the image)")
     ax.set_ylabel("Dice of the MC-mean mask vs ground truth")
     ax.set_ylim(-0.02, 1.02)
     ax.set_title(f"Round {round}: uncertainty vs Dice over the pool ({len(scores)} images)")
@@ -150,5 +150,5 @@ def learning_curves(path, title: str, curves: dict[str, dict], *, train_size: in
         sec.set_xlabel("% of the training split labelled")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="best", framealpha=0.85)
     return _save(fig, path)
