@@ -38,7 +38,7 @@ from PIL import Image
 
 from alseg.data.cache import fit_image
 from alseg.data.imageio import read_image
-from alseg.data.sources import IMAGE_SUFFIXES, detect_format, open_dataset
+from alseg.data.sources import detect_format, images_by_stem, open_dataset
 from alseg.errors import AlsegError
 from alseg.progress import SILENT, Reporter
 from alseg.runtime import resolve_device
@@ -63,13 +63,7 @@ def list_images(images: str | Path, format: str | None = None) -> list[tuple[str
             format = None
     if format is not None:
         return [(s.id, s.image) for s in open_dataset(root, format).samples]
-    found: dict[str, Path] = {}
-    for f in sorted(p for p in root.absolute().iterdir() if p.is_file() and not p.name.startswith(".")):
-        if f.suffix.lower() not in IMAGE_SUFFIXES:
-            continue
-        if f.stem in found:
-            raise AlsegError(f"two files share the name {f.stem!r} ({found[f.stem].name})", f)
-        found[f.stem] = f
+    found = images_by_stem(root.absolute())
     if not found:
         raise AlsegError("no images found: expected image files (png, jpg, tif) or a dataset layout "
                          "(isic2017, lgg, folder)", root)

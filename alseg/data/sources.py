@@ -172,10 +172,10 @@ def _read_folder(root: Path) -> list[Sample]:
     image_dir, mask_dir = root / "images", root / "masks"
     if not image_dir.is_dir():
         raise AlsegError("no images/ folder", root)
-    images = _by_stem(image_dir)
+    images = images_by_stem(image_dir)
     masks: dict[str, Path] = {}
     if mask_dir.is_dir():
-        for stem, path in _by_stem(mask_dir).items():
+        for stem, path in images_by_stem(mask_dir).items():
             for suffix in _MASK_SUFFIXES:
                 if suffix and stem.endswith(suffix) and stem[: -len(suffix)] in images:
                     stem = stem[: -len(suffix)]
@@ -189,7 +189,8 @@ def _read_folder(root: Path) -> list[Sample]:
     return [Sample(stem, images[stem], masks.get(stem), groups.get(stem), None) for stem in sorted(images)]
 
 
-def _by_stem(folder: Path) -> dict[str, Path]:
+def images_by_stem(folder: Path) -> dict[str, Path]:
+    """The image files directly in ``folder`` by file stem (two files with one stem are an error)."""
     found: dict[str, Path] = {}
     for f in _files(folder):
         if f.suffix.lower() not in IMAGE_SUFFIXES:
