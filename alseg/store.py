@@ -215,6 +215,10 @@ class RunStore:
             r["shortfalls"] = json.loads(r["shortfalls"]) if r["shortfalls"] else []
         return rows
 
+    def selection_reasons(self, round: int) -> dict[str, str | None]:
+        """Why each id was chosen in ``round`` (missed / low / uncertain / pseudo / random / top score)."""
+        return dict(self.conn.execute("SELECT id, reason FROM selections WHERE round = ?", (round,)).fetchall())
+
     def selection(self, round: int, kind: str) -> list[str]:
         return [r[0] for r in self.conn.execute(
             "SELECT id FROM selections WHERE round = ? AND kind = ? ORDER BY rowid", (round, kind))]

@@ -53,3 +53,11 @@ def test_help_explains_commands():
     for command in ("train", "evaluate", "data", "model", "demo"):
         assert command in text
     assert "--positive-only" in run_cli("evaluate", "--help").stdout
+
+
+def test_report_of_a_supervised_run(lgg_run):
+    out, result = lgg_run
+    report = run_json("report", out, "--images", "2")
+    assert report["figures"] == ["predictions-initial.png", "training-initial.png"]
+    rows = (out / "report" / "rounds.csv").read_text().splitlines()
+    assert len(rows) == 2 and rows[1].startswith(f"0,{result['labelled']},0,")

@@ -62,8 +62,8 @@ def make_report(run_dir: str | Path, *, images: int = 4, device: str = "auto", r
         split = store.get("split")
         scores = {r["round"]: store.scores(r["round"]) for r in rounds if r["round"] > 0}
         selections = {r["round"]: {k: store.selection(r["round"], k) for k in ("expert", "pseudo")} for r in rounds}
-        reasons = {r["round"]: dict(store.conn.execute(
-            "SELECT id, reason FROM selections WHERE round = ?", (r["round"],)).fetchall()) for r in rounds}
+        reasons = {r["round"]: store.selection_reasons(r["round"]) for r in rounds}
+        supervised_seconds = store.get("seconds")
         kind = store.get("kind")
         data = open_run_data(store, config.data.cache_dir, reporter)
         last = max((r["round"] for r in rounds), default=0)
@@ -126,7 +126,7 @@ def make_report(run_dir: str | Path, *, images: int = 4, device: str = "auto", r
     # learning curve and table
     table = []
     for r in rounds or [{"round": 0, "expert_labelled": len(split["labelled"]), "pseudo_labelled": 0,
-                         "pool": len(split["pool"]), "seconds": store_seconds(run_dir)}]:
+                         "pool": len(split["pool"]), "seconds": supervised_seconds}]:
         ev = evaluations.get((r["round"], "test"), {})
         table.append({"round": r["round"], "expert_labelled": r["expert_labelled"], "pseudo_labelled": r["pseudo_labelled"],
                       "pool": r["pool"], "mean_dice": ev.get("mean_dice"), "median_dice": ev.get("median_dice"),
@@ -142,11 +142,6 @@ def make_report(run_dir: str | Path, *, images: int = 4, device: str = "auto", r
     page = _html(run_dir, config, split, made, table)
     atomic_write_text(out / "index.html", page)
     return out / "index.html"
-
-
-def store_seconds(run_dir: Path) -> float | None:
-    with RunStore(run_dir) as store:
-        return store.get("seconds")
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:
