@@ -74,8 +74,8 @@ class RichReporter(Reporter):
                       f"train Dice {record['train_dice']:.3f}  val Dice {val}  ({record['seconds']:.1f} s)")
 
     def note(self, text):
-        if not self.quiet:
-            err.print(f"[dim]note:[/dim] {text}")
+        if not self.quiet:  # markup off: file names may hold [brackets]
+            err.print(f"note: {text}", markup=False, highlight=False)
 
 
 def _emit(result, as_json: bool, render) -> None:

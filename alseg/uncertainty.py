@@ -111,44 +111,47 @@ def mc_dropout(model: UNet, images: np.ndarray, indices, normalizer: Normalizer,
     model.to(device)
     if device.type == "cpu":
         model = model.to(memory_format=torch.channels_last)
-    torch.manual_seed(seed)
+    # The dropout masks come from torch's global generator: fork it so callers' random state is untouched.
+    rng_devices = [device] if device.type == "cuda" else []
     advance = reporter.stage(f"MC dropout x{passes}", n)
-    try:
-        for start in range(0, n, batch_size):
-            idx = indices[start:start + batch_size]
-            x = normalizer(torch.from_numpy(np.ascontiguousarray(images[idx])).to(device))
-            if device.type == "cpu":
-                x = x.contiguous(memory_format=torch.channels_last)
-            mean = torch.zeros((len(idx), size, size), device=device)
-            m2 = torch.zeros_like(mean)
-            ent_sum = torch.zeros_like(mean)
-            for t in range(1, passes + 1):
-                with autocast(device, dtype):
-                    logits = model(x)
-                p = torch.sigmoid(logits.float())[:, 0]
-                delta = p - mean
-                mean += delta / t
-                m2 += delta * (p - mean)
-                ent_sum += binary_entropy(p)
-            var = m2 / passes  # population variance of the T probabilities
-            h_mean = binary_entropy(mean)
-            bald = (h_mean - ent_sum / passes).clamp_min(0)
-            var_np = var.cpu().numpy()
-            mean_np = mean.cpu().numpy()
-            if weighting == "edt":
-                var_np = var_np * np.stack([edt_weight(m > 0.5) for m in mean_np])
-            sl = slice(start, start + len(idx))
-            out["variance"][sl] = var_np.reshape(len(idx), -1).sum(1)
-            out["entropy"][sl] = h_mean.flatten(1).sum(1).cpu().numpy()
-            out["bald"][sl] = bald.flatten(1).sum(1).cpu().numpy()
-            if dice is not None:
-                dice[sl] = dice_per_image(mean_np > 0.5, np.asarray(masks[idx]) > 0)
-            if keep_maps:
-                mean_maps[sl] = mean_np
-                var_maps[sl] = var_np
-            advance(start + len(idx))
-    finally:
-        reporter.end_stage()
-        model.to(memory_format=torch.contiguous_format)
-        model.train(was_training)
+    with torch.random.fork_rng(devices=rng_devices):
+        torch.manual_seed(seed)
+        try:
+            for start in range(0, n, batch_size):
+                idx = indices[start:start + batch_size]
+                x = normalizer(torch.from_numpy(np.ascontiguousarray(images[idx])).to(device))
+                if device.type == "cpu":
+                    x = x.contiguous(memory_format=torch.channels_last)
+                mean = torch.zeros((len(idx), size, size), device=device)
+                m2 = torch.zeros_like(mean)
+                ent_sum = torch.zeros_like(mean)
+                for t in range(1, passes + 1):
+                    with autocast(device, dtype):
+                        logits = model(x)
+                    p = torch.sigmoid(logits.float())[:, 0]
+                    delta = p - mean
+                    mean += delta / t
+                    m2 += delta * (p - mean)
+                    ent_sum += binary_entropy(p)
+                var = m2 / passes  # population variance of the T probabilities
+                h_mean = binary_entropy(mean)
+                bald = (h_mean - ent_sum / passes).clamp_min(0)
+                var_np = var.cpu().numpy()
+                mean_np = mean.cpu().numpy()
+                if weighting == "edt":
+                    var_np = var_np * np.stack([edt_weight(m > 0.5) for m in mean_np])
+                sl = slice(start, start + len(idx))
+                out["variance"][sl] = var_np.reshape(len(idx), -1).sum(1)
+                out["entropy"][sl] = h_mean.flatten(1).sum(1).cpu().numpy()
+                out["bald"][sl] = bald.flatten(1).sum(1).cpu().numpy()
+                if dice is not None:
+                    dice[sl] = dice_per_image(mean_np > 0.5, np.asarray(masks[idx]) > 0)
+                if keep_maps:
+                    mean_maps[sl] = mean_np
+                    var_maps[sl] = var_np
+                advance(start + len(idx))
+        finally:
+            reporter.end_stage()
+            model.to(memory_format=torch.contiguous_format)
+            model.train(was_training)
     return McResult(indices, out["variance"], out["entropy"], out["bald"], mean_maps, var_maps, dice)

@@ -64,6 +64,11 @@ def test_deterministic_for_a_seed_and_streams_without_maps(lgg):
     assert np.array_equal(a.variance, b.variance) and not np.array_equal(a.variance, c.variance)
     assert a.mean is None and a.variance_map is None
     assert model.training  # the engine restores the model's mode
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    mc_dropout(model, data.images, idx, norm, passes=2, seed=9)
+    assert torch.equal(torch.rand(3), expected)  # the caller's random state is left alone
 
 
 def test_edt_weighting_uses_the_thresholded_mask(lgg):

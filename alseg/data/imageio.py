@@ -39,18 +39,20 @@ def _read_raw(path: Path) -> np.ndarray:
     except FileNotFoundError:
         raise AlsegError("file not found", path) from None
     except (OSError, SyntaxError, ValueError, UnidentifiedImageError, Image.DecompressionBombError) as exc:
-        raise AlsegError(f"unreadable image ({_short(exc)})", path) from None
+        raise AlsegError(f"unreadable image ({_short(exc, path)})", path) from None
     except Exception as exc:  # tifffile raises its own types for corrupt files
         if type(exc).__module__.startswith("tifffile"):
-            raise AlsegError(f"unreadable image ({_short(exc)})", path) from None
+            raise AlsegError(f"unreadable image ({_short(exc, path)})", path) from None
         raise
     if arr.size == 0:
         raise AlsegError("image has no pixels", path)
     return arr
 
 
-def _short(exc: BaseException) -> str:
+def _short(exc: BaseException, path: Path | None = None) -> str:
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if path is not None:  # the error line names the file already
+        text = text.replace(f" '{path}'", "").replace(f" {path}", "").replace(str(path), "the file")
     return text[:120]
 
 
