@@ -262,6 +262,10 @@ def run(preset: Optional[PresetName] = typer.Option(None, help="Settings preset 
         result = run_active(resume=resume, rounds=rounds, budget=budget,
                             reporter=with_tensorboard(resume, saved.active.round_epochs))
     else:
+        if data is None and preset == PresetName.demo:
+            from alseg.demo import synthetic_data
+
+            data = synthetic_data(reporter)
         if data is None:
             raise AlsegError("--data PATH is required for a new run (or --resume RUN_DIR)")
         fmt = format.value if format else detect_format(data)

@@ -16,7 +16,10 @@ scores are binned in ``bins`` (80) equal-width bins between their minimum and ma
    (the CEAL code's ``80 - 33``); an empty region when ``m + low_offset >= low_end_bin``.
 4. **pseudo** (``pseudo_per_round`` x round = 20 x round, from ``pseudo_start_round`` = 1):
    drawn at random from the modal bin, widening one bin at a time toward lower uncertainty
-   (m - 1, m - 2, ...) when it holds too few, then above it (m + 1, ...).
+   (m - 1, m - 2, ...) when it holds too few, then above it (m + 1, ...). With
+   ``pseudo_skip_empty`` (off by default, as in CEAL) images whose thresholded MC mean is empty
+   are never pseudo-labelled: on data where every image holds a lesion (the LGG preset's tumour
+   slices) such a pseudo-label is certainly wrong, and the modal bin of a weak model is full of them.
 
 Groups are drawn in that order and never overlap. When a region holds too few images the
 shortfall is reported and filled from the neighbouring bins, nearest first (for *uncertain*:
@@ -57,6 +60,7 @@ class CealParams:
     low_end_bin: int = 47
     pseudo_per_round: int = 20
     pseudo_start_round: int = 1
+    pseudo_skip_empty: bool = False  # True: never pseudo-label an image whose predicted mask is empty
 
     @property
     def expert_budget(self) -> int:
@@ -136,8 +140,10 @@ class CealStrategy(Strategy):
         reasons: dict[int, str] = {}
         shortfalls: list[str] = []
 
+        barred = np.zeros(n, bool)  # excluded from the group being drawn, without being taken
+
         def members(bins: Sequence[int]) -> list[np.ndarray]:
-            return [np.flatnonzero((which == b) & ~taken) for b in bins]
+            return [np.flatnonzero((which == b) & ~taken & ~barred) for b in bins]
 
         def draw(reason: str, k: int, primary: Sequence[int], fallback: Sequence[int]) -> None:
             """Take k at random from the primary bins, then bin by bin from the fallback ones."""
@@ -190,6 +196,8 @@ class CealStrategy(Strategy):
         if round >= p.pseudo_start_round and p.pseudo_per_round > 0:
             k = p.pseudo_per_round * (round - p.pseudo_start_round + 1)
             before = set(np.flatnonzero(taken))
+            if p.pseudo_skip_empty and scores.get("foreground") is not None:
+                barred[:] = np.asarray(scores["foreground"]) == 0
             draw("pseudo", k, [modal], list(range(modal - 1, -1, -1)) + list(range(modal + 1, p.bins)))
             pseudo = [pool[i] for i in np.flatnonzero(taken) if i not in before]
         return Selection(expert, pseudo, {pool[i]: r for i, r in reasons.items()}, shortfalls)

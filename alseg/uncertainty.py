@@ -63,9 +63,10 @@ class McResult:
     mean: np.ndarray | None = None       # (N, S, S) float32 MC-mean probability
     variance_map: np.ndarray | None = None
     dice: np.ndarray | None = None       # Dice of the thresholded MC mean, when masks were given
+    foreground: np.ndarray | None = None  # pixels of the thresholded MC mean (0: the model sees nothing)
 
     def scores(self) -> dict[str, np.ndarray]:
-        return {name: getattr(self, name) for name in SCORE_NAMES}
+        return {**{name: getattr(self, name) for name in SCORE_NAMES}, "foreground": self.foreground}
 
 
 def binary_entropy(p: torch.Tensor) -> torch.Tensor:
@@ -102,7 +103,7 @@ def mc_dropout(model: UNet, images: np.ndarray, indices, normalizer: Normalizer,
     indices = np.asarray(indices, dtype=np.int64)
     n = len(indices)
     size = images.shape[1]
-    out = {k: np.zeros(n, np.float64) for k in SCORE_NAMES}
+    out = {k: np.zeros(n, np.float64) for k in (*SCORE_NAMES, "foreground")}
     mean_maps = np.zeros((n, size, size), np.float32) if keep_maps else None
     var_maps = np.zeros((n, size, size), np.float32) if keep_maps else None
     dice = np.zeros(n, np.float64) if masks is not None else None
@@ -144,6 +145,7 @@ def mc_dropout(model: UNet, images: np.ndarray, indices, normalizer: Normalizer,
                 out["variance"][sl] = var_np.reshape(len(idx), -1).sum(1)
                 out["entropy"][sl] = h_mean.flatten(1).sum(1).cpu().numpy()
                 out["bald"][sl] = bald.flatten(1).sum(1).cpu().numpy()
+                out["foreground"][sl] = (mean_np > 0.5).reshape(len(idx), -1).sum(1)
                 if dice is not None:
                     dice[sl] = dice_per_image(mean_np > 0.5, np.asarray(masks[idx]) > 0)
                 if keep_maps:
@@ -154,4 +156,5 @@ def mc_dropout(model: UNet, images: np.ndarray, indices, normalizer: Normalizer,
             reporter.end_stage()
             model.to(memory_format=torch.contiguous_format)
             model.train(was_training)
-    return McResult(indices, out["variance"], out["entropy"], out["bald"], mean_maps, var_maps, dice)
+    return McResult(indices, out["variance"], out["entropy"], out["bald"], mean_maps, var_maps, dice,
+                    out["foreground"])

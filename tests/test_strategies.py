@@ -100,3 +100,15 @@ def test_counts_and_start_round_are_configurable():
     assert len(late.pseudo_ids) == 10  # 5 x (3 - 2 + 1)
     with pytest.raises(AlsegError):
         make_strategy("nope")
+
+
+def test_pseudo_skip_empty_never_pseudo_labels_an_empty_prediction():
+    values = _crowd(500, seed=4)
+    foreground = np.where(np.arange(500) % 2 == 0, 0, 50)  # half the pool: the model sees nothing
+    scores = {**_scores(values), "foreground": foreground}
+    pool = [str(i) for i in range(500)]
+    plain = CealStrategy().select(scores, pool, 2, np.random.default_rng(0))
+    skip = CealStrategy(CealParams(pseudo_skip_empty=True)).select(scores, pool, 2, np.random.default_rng(0))
+    assert any(foreground[int(i)] == 0 for i in plain.pseudo_ids)  # CEAL's default takes them
+    assert len(skip.pseudo_ids) == 40 and all(foreground[int(i)] > 0 for i in skip.pseudo_ids)
+    assert skip.expert_ids == plain.expert_ids  # the expert groups are unchanged
