@@ -12,7 +12,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 
 from alseg.config import ExperimentConfig
 from alseg.data.cache import CachedData, load_cached

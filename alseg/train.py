@@ -177,7 +177,7 @@ def fit(model: UNet, train_images: np.ndarray, train_masks: np.ndarray, val_imag
         t0 = time.perf_counter()
         model.train()
         order = torch.randperm(n, generator=gen)
-        loss_sum, inter, total, dices = 0.0, 0, 0, []
+        loss_sum, dices = 0.0, []
         for step in range(steps):
             idx = order[step * config.batch_size:(step + 1) * config.batch_size].to(device)
             xb = to_unit(x_all[idx])

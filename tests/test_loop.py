@@ -12,7 +12,7 @@ import pytest
 import alseg.loop as loop_module
 from alseg.config import build_config
 from alseg.data import load_cached, open_dataset
-from alseg.loop import ActiveRun, run_active, status
+from alseg.loop import ActiveRun, run_active
 from alseg.store import RunStore
 from conftest import ISIC, LGG, run_json
 
@@ -40,7 +40,9 @@ def test_two_round_ceal_run_on_real_data(tmp_path, dataset, preset):
     assert (r1["pseudo_labelled"], r2["pseudo_labelled"]) == (20, 40)
     all_expert = [i for r in rounds for i in r["expert_ids"]]
     assert len(all_expert) == len(set(all_expert))
-    assert all(0 <= r["test_dice"] <= 1 and r["seconds"] > 0 for r in rounds)
+    assert all(0 <= r["test_dice"] <= 1 for r in rounds)
+    recorded = [r["seconds"] for r in rounds]  # each round's time is recorded; no speed is asserted
+    assert all(t > 0 for t in recorded)
     assert run_json("status", out) == {"rounds": rounds, "stopped": result["stopped"]}
     with RunStore(out) as store:
         scores = store.scores(1)
