@@ -15,7 +15,7 @@ from alseg.data.cache import CachedData, load_cached
 from alseg.data.sources import open_dataset
 from alseg.errors import AlsegError
 from alseg.metrics import dice_counts, summarize_dice
-from alseg.progress import SILENT, Reporter
+from alseg.progress import SILENT, Reporter, staged
 from alseg.runtime import resolve_device
 from alseg.train import Checkpoint, predict_probs
 
@@ -39,16 +39,15 @@ def score_model(checkpoint: Checkpoint, data: CachedData, indices: np.ndarray, *
     if len(indices) == 0:
         raise AlsegError("no images with masks to evaluate")
     inter_all, total_all = [], []
-    advance = reporter.stage("evaluate", len(indices))
-    for start in range(0, len(indices), 256):  # bounded memory on large sets
-        idx = indices[start:start + 256]
-        probs = predict_probs(checkpoint.model, np.asarray(data.images[idx]), checkpoint.normalizer,
-                              device=device, precision=precision, batch_size=batch_size)
-        inter, total = dice_counts(probs > 0.5, np.asarray(data.masks[idx]) > 0)
-        inter_all.append(inter)
-        total_all.append(total)
-        advance(start + len(idx))
-    reporter.end_stage()
+    with staged(reporter, "evaluate", len(indices)) as advance:
+        for start in range(0, len(indices), 256):  # bounded memory on large sets
+            idx = indices[start:start + 256]
+            probs = predict_probs(checkpoint.model, np.asarray(data.images[idx]), checkpoint.normalizer,
+                                  device=device, precision=precision, batch_size=batch_size)
+            inter, total = dice_counts(probs > 0.5, np.asarray(data.masks[idx]) > 0)
+            inter_all.append(inter)
+            total_all.append(total)
+            advance(start + len(idx))
     inter, total = np.concatenate(inter_all), np.concatenate(total_all)
     groups = [data.groups[i] for i in indices]
     grouped = any(g is not None for g in groups)
@@ -88,10 +87,9 @@ def evaluate(target: str | Path, data_path: str | Path, *, format: str | None = 
     dev = resolve_device(device)
     ckpt = Checkpoint.load(ckpt_path, device=dev)
     dataset = open_dataset(data_path, format)
-    advance = reporter.stage("decode", len(dataset.samples))
-    data = load_cached(dataset, ckpt.size, channels=ckpt.model.config.in_channels, cache_dir=cache_dir,
-                       progress=lambda done, total: advance(done))
-    reporter.end_stage()
+    with staged(reporter, "decode", len(dataset.samples)) as advance:
+        data = load_cached(dataset, ckpt.size, channels=ckpt.model.config.in_channels, cache_dir=cache_dir,
+                           progress=advance)
     keep = data.has_mask.copy()
     if split != "all":
         if run_dir is None:

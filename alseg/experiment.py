@@ -12,7 +12,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-
 from alseg.config import ExperimentConfig
 from alseg.data.cache import CachedData, load_cached
 from alseg.data.sources import Dataset, open_dataset
@@ -20,7 +19,7 @@ from alseg.data.splits import Split, make_split
 from alseg.errors import AlsegError
 from alseg.evaluate import score_model
 from alseg.model import UNet
-from alseg.progress import SILENT, Reporter, batch_progress
+from alseg.progress import SILENT, Reporter, batch_progress, staged
 from alseg.runtime import Normalizer, resolve_device, seed_everything
 from alseg.store import RunStore, atomic_write_text
 from alseg.train import Checkpoint, fit
@@ -39,9 +38,8 @@ def prepare_data(config: ExperimentConfig, reporter: Reporter = SILENT) -> Exper
     if not dc.path:
         raise AlsegError("no dataset given (--data PATH)")
     dataset = open_dataset(dc.path, dc.format)
-    advance = reporter.stage("decode", len(dataset.samples))
-    data = load_cached(dataset, dc.size, cache_dir=dc.cache_dir, progress=lambda done, total: advance(done))
-    reporter.end_stage()
+    with staged(reporter, "decode", len(dataset.samples)) as advance:
+        data = load_cached(dataset, dc.size, cache_dir=dc.cache_dir, progress=advance)
     split = make_split(data.ids, has_mask=data.has_mask, positive=data.positive, groups=data.groups,
                        subsets=data.subsets, preset=dc.split_preset, split_by=dc.split_by,
                        seed=config.seed if dc.split_seed is None else dc.split_seed,
@@ -53,13 +51,10 @@ def open_run_data(store: RunStore, cache_dir: str | Path | None = None, reporter
     """The decoded pixels of the dataset a run was made on (from the cache, or decoded again)."""
     info = store.get("data")
     dataset = open_dataset(info["path"], info["format"])
-    advance = reporter.stage("decode", len(dataset.samples))
-    data = load_cached(dataset, info["size"], channels=info["channels"], cache_dir=cache_dir,
-                       progress=lambda done, total: advance(done))
-    reporter.end_stage()
+    with staged(reporter, "decode", len(dataset.samples)) as advance:
+        data = load_cached(dataset, info["size"], channels=info["channels"], cache_dir=cache_dir, progress=advance)
     split = store.get("split")
-    missing = set(split["train"]) | set(split["test"])
-    missing -= set(data.ids)
+    missing = (set(split["train"]) | set(split["test"])) - set(data.ids)
     if missing:
         raise AlsegError(f"the dataset no longer holds {len(missing)} of the run's samples", info["path"])
     return data

@@ -119,8 +119,8 @@ class ActiveRun:
             # ids and masks saved side by side, in one file, so a mask can never be paired with another image
             np.savez_compressed(buf, ids=np.array(sel.pseudo_ids), masks=(pseudo.mean > 0.5).astype(np.uint8))
             atomic_write_bytes(_pseudo_path(self.store, round), buf.getvalue())
-        self.store.record_selection(round, pool, {**result.scores(), "dice": result.dice}, sel.expert_ids, sel.pseudo_ids, sel.reasons,
-                                    sel.shortfalls, a.keep_pseudo)
+        self.store.record_selection(round, pool, {**result.scores(), "dice": result.dice}, sel.expert_ids,
+                                    sel.pseudo_ids, sel.reasons, sel.shortfalls, a.keep_pseudo)
         self.store.set(f"timings/{round}/select", {"score_s": scored - t0, "select_s": time.perf_counter() - scored})
 
     def pseudo_labels(self, round: int) -> tuple[list[str], np.ndarray]:
@@ -128,10 +128,9 @@ class ActiveRun:
         ids: list[str] = []
         masks: list[np.ndarray] = []
         a = self.config.active
-        rounds = sorted({r for r in range(1, round + 1)}) if a.keep_pseudo else [round]
-        for r in rounds:
+        for r in (range(1, round + 1) if a.keep_pseudo else [round]):
             path = _pseudo_path(self.store, r)
-            if r < 1 or not path.is_file():
+            if not path.is_file():  # round 0, or a round that drew no pseudo-labels
                 continue
             with np.load(path) as f:
                 ids.extend(str(i) for i in f["ids"])
@@ -167,15 +166,17 @@ class ActiveRun:
         self.store.add_evaluation(round, "test", evaluation.summary)
         timings = {**self.store.get(f"timings/{round}/select", {}), "train_s": trained - t0,
                    "evaluate_s": time.perf_counter() - trained}
-        self.store.finish_round(round, expert_labelled=len(expert), pseudo_labelled=len(pseudo_ids),
-                                pool=len(self.pool()), test_dice=evaluation.summary["mean_dice"],
-                                val_dice=result["best_val_dice"], seconds=sum(timings.values()), timings=timings)
+        # the pointer first: a crash before the round is marked done leaves it on a finished, evaluated model
         self.store.set("latest_checkpoint", f"checkpoints/round-{round:03d}/best.pt")
-        self.reporter.round({"round": round, "expert_labelled": len(expert), "pseudo_labelled": len(pseudo_ids),
-                             "pool": len(self.pool()), "test": evaluation.summary, "val_dice": result["best_val_dice"],
-                             "seconds": sum(timings.values())})
+        pool_size = len(self.pool())
+        row = {"round": round, "expert_labelled": len(expert), "pseudo_labelled": len(pseudo_ids), "pool": pool_size,
+               "test": evaluation.summary, "val_dice": result["best_val_dice"], "seconds": sum(timings.values())}
+        self.store.finish_round(round, expert_labelled=len(expert), pseudo_labelled=len(pseudo_ids), pool=pool_size,
+                                test_dice=evaluation.summary["mean_dice"], val_dice=result["best_val_dice"],
+                                seconds=row["seconds"], timings=timings)
+        self.reporter.round(row)
         self.reporter.note(f"round {round}: {len(expert)} expert-labelled, {len(pseudo_ids)} pseudo-labelled, "
-                           f"pool {len(self.pool())}, test Dice {evaluation.summary['mean_dice']:.3f}")
+                           f"pool {pool_size}, test Dice {evaluation.summary['mean_dice']:.3f}")
 
     def run(self) -> str:
         """Drive the run to its stopping rule; return why it stopped."""

@@ -5,7 +5,8 @@ passes one that draws rich progress bars and tables.
 """
 from __future__ import annotations
 
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 
 class Reporter:
@@ -56,6 +57,19 @@ class TeeReporter(Reporter):
 
 
 SILENT = Reporter()
+
+
+@contextmanager
+def staged(reporter: Reporter, name: str, total: int) -> Iterator[Callable[..., None]]:
+    """A stage that always ends, also on an error (a live bar must not garble the error line).
+
+    Yields ``advance(done, *ignored)``, which also fits ``load_cached``'s ``progress(done, total)``.
+    """
+    advance = reporter.stage(name, total)
+    try:
+        yield lambda done, *_: advance(done)
+    finally:
+        reporter.end_stage()
 
 
 def batch_progress(reporter: Reporter) -> Callable[[int, int], None]:
