@@ -8,7 +8,7 @@ from alseg.data.splits import Split, make_split
 from alseg.errors import AlsegError
 from alseg.evaluate import evaluate, score_model
 from alseg.experiment import prepare_data, train_supervised
-from alseg.loop import run_active, status
+from alseg.active.loop import run_active, status
 from alseg.report import make_report
 from alseg.compare import compare
 from alseg.metrics import dice_per_image, pooled_dice, summarize_dice, volume_dice

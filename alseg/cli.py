@@ -242,7 +242,7 @@ def run(preset: Optional[PresetName] = typer.Option(None, help="Settings preset 
     """
     from alseg.config import build_config, preset_for_format
     from alseg.data import detect_format
-    from alseg.loop import run_active
+    from alseg.active.loop import run_active
 
     reporter: Reporter = RichReporter(quiet=as_json)
 
@@ -288,7 +288,7 @@ def run(preset: Optional[PresetName] = typer.Option(None, help="Settings preset 
 def status(run_dir: Path = typer.Argument(..., help="Run directory."),
            as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts.")):
     """The finished rounds of a run: labels, pool, test Dice, time, and the ids the expert labelled."""
-    from alseg.loop import status as run_status
+    from alseg.active.loop import status as run_status
 
     result = run_status(run_dir)
     _emit(result, as_json, lambda r: (out.print(_rounds_table(r)), out.print(f"stopped: {r['stopped']}")))

@@ -26,10 +26,10 @@ import numpy as np
 from alseg.config import PAPER_DICE, ExperimentConfig
 from alseg.errors import AlsegError
 from alseg.experiment import train_supervised
-from alseg.loop import run_active
+from alseg.active.loop import run_active
 from alseg.progress import SILENT, Reporter
 from alseg.store import RunStore, atomic_write_bytes, atomic_write_text
-from alseg.strategies import STRATEGIES
+from alseg.active.strategies import STRATEGIES
 
 
 def _finished_full(run_dir: Path) -> float | None:

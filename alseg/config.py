@@ -28,7 +28,7 @@ import yaml
 
 from alseg.errors import AlsegError
 from alseg.model import ModelConfig
-from alseg.strategies import CealParams
+from alseg.active.strategies import CealParams
 from alseg.train import TrainConfig
 
 

@@ -14,7 +14,7 @@ from alseg.config import build_config, preset_for_format
 from alseg.data.cache import default_cache_dir
 from alseg.data.sources import detect_format
 from alseg.data.synthetic import make_synthetic
-from alseg.loop import run_active
+from alseg.active.loop import run_active
 from alseg.progress import SILENT, Reporter
 
 SYNTHETIC_IMAGES = 400

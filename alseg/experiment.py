@@ -1,6 +1,6 @@
 """Supervised experiments: data -> cache -> split -> fit -> test Dice, recorded in a run directory.
 
-Owns the glue that :mod:`alseg.loop` also starts from: :func:`prepare_data` turns a
+Owns the glue that :mod:`alseg.active.loop` also starts from: :func:`prepare_data` turns a
 :class:`~alseg.config.DataConfig` into decoded pixels and a split; :func:`train_supervised`
 is ``alseg train``. Data is validated completely before the run directory is created, so bad
 input leaves nothing behind.

@@ -7,7 +7,7 @@ are used, its masks ignored) or a plain folder of image files (id = file stem).
 Each image is decoded, brought to the checkpoint's working size and channel count with
 :func:`alseg.data.cache.fit_image` (exactly as training saw its pixels), and predicted in batches:
 
-* ``mc >= 2``: T dropout-on passes (:func:`alseg.uncertainty.mc_dropout`); the mask is the MC mean
+* ``mc >= 2``: T dropout-on passes (:func:`alseg.active.uncertainty.mc_dropout`); the mask is the MC mean
   and the uncertainty map the per-pixel variance of the T probabilities;
 * ``mc == 0``: one deterministic pass (dropout off); no uncertainty map, no scores.
 
@@ -119,7 +119,7 @@ def predict_folder(checkpoint: str | Path, images: str | Path, out: str | Path, 
     """
     from alseg.evaluate import resolve_checkpoint
     from alseg.train import Checkpoint, predict_probs
-    from alseg.uncertainty import mc_dropout
+    from alseg.active.uncertainty import mc_dropout
 
     if mc == 1 or mc < 0:
         raise AlsegError(f"--mc must be 0 (deterministic) or at least 2 MC-dropout passes, got {mc}")

@@ -22,7 +22,7 @@ from pathlib import Path
 from alseg.compare import labels_to_reach
 from alseg.config import build_config
 from alseg.experiment import train_supervised
-from alseg.loop import run_active
+from alseg.active.loop import run_active
 
 
 def main() -> None:

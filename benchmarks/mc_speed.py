@@ -28,7 +28,7 @@ from alseg.data import load_cached, open_dataset
 from alseg.model import ModelConfig, UNet, set_mc_dropout
 from alseg.runtime import Normalizer
 from alseg.train import TrainConfig, fit
-from alseg.uncertainty import cpu_has_fast_bf16, mc_dropout
+from alseg.active.uncertainty import cpu_has_fast_bf16, mc_dropout
 
 
 def ceal_style(model, images, norm, passes):

@@ -9,10 +9,10 @@ import time
 import numpy as np
 import pytest
 
-import alseg.loop as loop_module
+import alseg.active.loop as loop_module
 from alseg.config import build_config
 from alseg.data import load_cached, open_dataset
-from alseg.loop import ActiveRun, run_active
+from alseg.active.loop import ActiveRun, run_active
 from alseg.store import RunStore
 from conftest import ISIC, LGG, run_json
 
@@ -87,7 +87,7 @@ def test_pseudo_labels_belong_to_their_images(tmp_path, monkeypatch):
     # recompute the MC mean of each pseudo image on its own, with other dropout masks: each pseudo
     # mask must agree with its own image's prediction better than with any other image's
     from alseg.train import Checkpoint
-    from alseg.uncertainty import mc_dropout
+    from alseg.active.uncertainty import mc_dropout
 
     ckpt = Checkpoint.load(tmp_path / "run" / "checkpoints" / "round-000" / "best.pt")
     own = np.stack([mc_dropout(ckpt.model, data.images, data.indices([sid]), ckpt.normalizer, passes=30, seed=row,

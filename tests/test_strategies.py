@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from alseg.errors import AlsegError
-from alseg.strategies import CealParams, CealStrategy, make_strategy
+from alseg.active.strategies import CealParams, CealStrategy, make_strategy
 
 
 def _scores(values):

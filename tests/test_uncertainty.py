@@ -7,7 +7,7 @@ from alseg.data import load_cached, open_dataset
 from alseg.errors import AlsegError
 from alseg.model import ModelConfig, UNet, set_mc_dropout
 from alseg.runtime import Normalizer
-from alseg.uncertainty import edt_weight, mc_dropout
+from alseg.active.uncertainty import edt_weight, mc_dropout
 from conftest import LGG
 
 

@@ -22,9 +22,9 @@ from alseg.metrics import dice_per_image
 from alseg.progress import SILENT, Reporter
 from alseg.runtime import resolve_device
 from alseg.store import RunStore, atomic_write_bytes, atomic_write_text
-from alseg.strategies import CealStrategy
+from alseg.active.strategies import CealStrategy
 from alseg.train import Checkpoint
-from alseg.uncertainty import mc_dropout
+from alseg.active.uncertainty import mc_dropout
 
 __all__ = ["make_report", "fixed_test_ids"]
 

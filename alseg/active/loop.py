@@ -34,13 +34,13 @@ from alseg.errors import AlsegError
 from alseg.evaluate import score_model
 from alseg.experiment import fitted_config, new_run_dir, open_run_data, prepare_data, record_split
 from alseg.model import UNet
-from alseg.oracle import Oracle, SimulatedOracle
+from alseg.active.annotators import Oracle, SimulatedOracle
 from alseg.progress import SILENT, Reporter, batch_progress
 from alseg.runtime import Normalizer, resolve_device, seed_everything
 from alseg.store import RunStore, atomic_write_bytes, atomic_write_text
-from alseg.strategies import make_strategy
+from alseg.active.strategies import make_strategy
 from alseg.train import Checkpoint, fit
-from alseg.uncertainty import mc_dropout
+from alseg.active.uncertainty import mc_dropout
 
 
 def _seed(seed: int, round: int, step: int) -> int:
