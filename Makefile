@@ -4,9 +4,16 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 
-.PHONY: setup demo test bench clean
+.PHONY: setup browser demo test bench clean
 
-setup: $(STAMP)
+setup: $(STAMP) browser
+
+# The review page's end-to-end tests drive Debian's chromium through its chromedriver; a missing
+# browser fails those tests, so set-up installs it (root on CI and dev machines; sudo elsewhere).
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium chromium-driver >/dev/null; }
 
 # torch==2.13.0 first: it is the CPU wheel on these machines; a bare `torch`
 # requirement resolved later would otherwise download a CUDA build.

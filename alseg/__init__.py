@@ -14,6 +14,9 @@ from alseg.compare import compare
 from alseg.metrics import dice_per_image, pooled_dice, summarize_dice, volume_dice
 from alseg.model import ModelConfig, UNet, count_parameters, set_mc_dropout
 from alseg.predict import predict_folder
+from alseg.project import Project, ingest, init_project, query
+from alseg.rundir import RunDir
+from alseg.store import RunStore
 from alseg.train import Checkpoint, TrainConfig, fit, predict_probs
 
 __version__ = "0.1.0"
@@ -23,5 +26,5 @@ __all__ = [
     "Split", "TrainConfig", "UNet", "build_config", "count_parameters", "detect_format", "dice_per_image",
     "evaluate", "fit", "load_cached", "make_split", "open_dataset", "pooled_dice", "predict_folder", "predict_probs",
     "prepare_data", "run_active", "status", "make_report", "compare", "score_model", "set_mc_dropout", "summarize", "summarize_dice", "train_supervised",
-    "volume_dice",
+    "volume_dice", "Project", "RunDir", "RunStore", "ingest", "init_project", "query",
 ]

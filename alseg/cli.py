@@ -198,14 +198,27 @@ class StrategyName(str, Enum):
     bald = "bald"
 
 
+def _num(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
 def _rounds_table(status: dict) -> Table:
     table = Table(title="rounds")
-    for col in ("round", "expert-labelled", "pseudo-labelled", "pool", "test Dice", "seconds"):
+    for col in ("round", "expert-labelled", "pseudo-labelled", "pool", "val Dice", "test Dice", "seconds",
+                "expert min"):
         table.add_column(col, justify="right")
     for r in status["rounds"]:
         table.add_row(str(r["round"]), str(r["expert_labelled"]), str(r["pseudo_labelled"]), str(r["pool"]),
-                      f"{r['test_dice']:.4f}", f"{r['seconds']:.1f}")
+                      _num(r["val_dice"], ".4f"), _num(r["test_dice"], ".4f"), _num(r["seconds"], ".1f"),
+                      _num(r["expert_seconds"] / 60, ".1f"))
     return table
+
+
+def _render_status(r: dict) -> None:
+    out.print(_rounds_table(r))
+    out.print(f"expert-labelled {r['expert_labelled']}, pseudo-labelled {r['pseudo_labelled']}, queued {r['queued']}, "
+              f"pool {r['pool']}; expert time {r['expert_seconds'] / 60:.1f} min; stopped: {r['stopped'] or '-'}",
+              markup=False, highlight=False)
 
 
 def _render_run(r: dict) -> None:
@@ -254,13 +267,20 @@ def run(preset: Optional[PresetName] = typer.Option(None, help="Settings preset 
         return TeeReporter(reporter, TensorboardReporter(run_dir / "tensorboard", round_epochs))
 
     if resume is not None:
-        from alseg.config import config_from_dict
-        from alseg.store import RunStore
+        changing = {"--preset": preset, "--data": data, "--format": format, "--config": config, "--out": out_dir,
+                    "--strategy": strategy, "--seed": seed, "--size": size, "--width": width, "--epochs": epochs,
+                    "--round-epochs": round_epochs, "--mc-passes": mc_passes, "--from-scratch": from_scratch or None,
+                    "--keep-pseudo": keep_pseudo or None, "--split-by": split_by, "--device": device,
+                    "--cache-dir": cache_dir}
+        refused = [flag for flag, value in changing.items() if value is not None]
+        if refused:
+            raise AlsegError(f"--resume continues the run as it was made; {', '.join(refused)} would change it "
+                             "(only --rounds, --budget and --tensorboard extend a run)", resume)
+        from alseg.project import project_config
 
-        with RunStore(resume) as store:
-            saved = config_from_dict(store.get("config"))
+        _resume_hint(f"alseg run --resume {resume}")
         result = run_active(resume=resume, rounds=rounds, budget=budget,
-                            reporter=with_tensorboard(resume, saved.active.round_epochs))
+                            reporter=with_tensorboard(resume, project_config(resume).active.round_epochs))
     else:
         if data is None and preset == PresetName.demo:
             from alseg.demo import synthetic_data
@@ -280,18 +300,22 @@ def run(preset: Optional[PresetName] = typer.Option(None, help="Settings preset 
                        "warm_start": False if from_scratch else None, "keep_pseudo": True if keep_pseudo else None},
         })
         out = out_dir or _default_out("run")
+        _resume_hint(f"alseg run --resume {out}")
         result = run_active(cfg, out, reporter=with_tensorboard(out, cfg.active.round_epochs))
     _emit(result, as_json, _render_run)
 
 
 @app.command()
-def status(run_dir: Path = typer.Argument(..., help="Run directory."),
+def status(run_dir: Path = typer.Argument(..., help="Run or project directory."),
            as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts.")):
-    """The finished rounds of a run: labels, pool, test Dice, time, and the ids the expert labelled."""
+    """Labels (expert, pseudo, queued, pool) and the finished rounds of a run or project; never writes.
+
+    JSON: top-level expert_labelled, pseudo_labelled, queued, pool, expert_seconds, open_round, stopped, and
+    rounds (each with val and test Dice, seconds, expert seconds and the ids the expert labelled).
+    """
     from alseg.active.loop import status as run_status
 
-    result = run_status(run_dir)
-    _emit(result, as_json, lambda r: (out.print(_rounds_table(r)), out.print(f"stopped: {r['stopped']}")))
+    _emit(run_status(run_dir), as_json, _render_status)
 
 
 @app.command()
@@ -335,11 +359,16 @@ def predict(checkpoint: Path = typer.Argument(..., help="Checkpoint file or run 
 def report(run_dir: Path = typer.Argument(..., help="Run directory."),
            images: int = typer.Option(4, help="Test images in the prediction panels."),
            device: str = typer.Option("auto", help="auto, cpu or cuda (for the prediction panels)."),
+           out_dir: Optional[Path] = typer.Option(None, "--out", help="Report folder (default RUN_DIR/report; "
+                                                  "give one elsewhere for a read-only run)."),
            as_json: bool = typer.Option(False, "--json", help="Print the page's path as JSON.")):
-    """Write RUN_DIR/report/index.html (opens offline) with the paper's figures as PNG beside it."""
+    """Write RUN_DIR/report/index.html (opens offline) with the paper's figures as PNG beside it.
+
+    The run directory itself is only read; the report replaces the previous one when complete.
+    """
     from alseg.report import make_report
 
-    page = make_report(run_dir, images=images, device=device, reporter=RichReporter(quiet=as_json))
+    page = make_report(run_dir, images=images, device=device, out=out_dir, reporter=RichReporter(quiet=as_json))
     _emit({"html": str(page), "figures": sorted(p.name for p in page.parent.glob("*.png"))}, as_json,
           lambda r: out.print(f"report: {r['html']} ({len(r['figures'])} figures)"))
 
@@ -390,15 +419,151 @@ def compare(preset: PresetName = typer.Option(..., help="Settings preset shared 
     _emit(summary, as_json, render)
 
 
+# --- a lab's project: init -> query -> label (files or the page) -> ingest -> query ... ---------------
+
+@app.command()
+def init(project: Path = typer.Argument(..., help="Project folder to create (new or empty)."),
+         images: Path = typer.Option(..., "--images", help="Your images: a plain folder, or a layout alseg reads "
+                                     "(isic2017, lgg, folder)."),
+         masks: Optional[Path] = typer.Option(None, "--masks", help="Masks you already have, paired with a plain "
+                                              "images folder by file name (a.png, a_mask.png, a_segmentation.png)."),
+         preset: Optional[PresetName] = typer.Option(None, help="Settings preset (default: quick-* for the layout)."),
+         format: Optional[Format] = typer.Option(None, "--format", help="Override layout detection."),
+         config: Optional[Path] = typer.Option(None, "--config", help="YAML file overriding the preset."),
+         size: Optional[int] = typer.Option(None, help="Working size in pixels."),
+         width: Optional[int] = typer.Option(None, help="U-Net base width."),
+         epochs: Optional[int] = typer.Option(None, help="Initial training epochs."),
+         round_epochs: Optional[int] = typer.Option(None, help="Retraining epochs per round."),
+         mc_passes: Optional[int] = typer.Option(None, help="MC-dropout passes T."),
+         seed: Optional[int] = typer.Option(None, help="Random seed."),
+         pool: str = typer.Option("unmasked", help="unmasked: images without a mask are the pool; split: split like "
+                                  "`alseg run` and hide the pool's masks (a rehearsal on a labelled dataset)."),
+         cache_dir: Optional[Path] = typer.Option(None, help="Decoded-pixel cache (default ~/.cache/alseg)."),
+         as_json: bool = typer.Option(False, "--json", help="Print the project's status as JSON.")):
+    """Create a project over your images, with the masks you already have (zero is fine).
+
+    Images with a mask start labelled (a fifth of them validate each round's model); the others are
+    the pool the expert is asked about. Next: `alseg query PROJECT`.
+    """
+    from alseg.project import init_project
+
+    result = init_project(project, images, masks, preset=preset.value if preset else None,
+                          format=format.value if format else None, config_file=config, pool=pool,
+                          overrides={"seed": seed, "data": {"size": size, "cache_dir": str(cache_dir) if cache_dir else None},
+                                     "model": {"width": width}, "train": {"epochs": epochs},
+                                     "active": {"round_epochs": round_epochs, "mc_passes": mc_passes}},
+                          reporter=RichReporter(quiet=as_json))
+    _emit(result, as_json, lambda r: out.print(
+        f"project {project}: {r['expert_labelled']} labelled, {r['pool']} in the pool. Next: alseg query {project}",
+        markup=False, highlight=False, soft_wrap=True))
+
+
+@app.command()
+def query(project: Path = typer.Argument(..., help="Project folder."),
+          n: Optional[int] = typer.Option(None, "-n", help="Images per batch from now on (default 35)."),
+          strategy: Optional[StrategyName] = typer.Option(None, help="Selection strategy from now on (default ceal)."),
+          as_json: bool = typer.Option(False, "--json", help="Print the batch and status as JSON.")):
+    """Train as needed, score the pool, choose the next batch and export it to PROJECT/rounds/RRR/.
+
+    Each image comes with the model's predicted mask (a head start) and an uncertainty overlay;
+    manifest.csv says why each was chosen. Asking again before the batch is labelled shows the
+    same batch. Label it in `alseg serve PROJECT`, or put masks in rounds/RRR/masks/ and run
+    `alseg ingest PROJECT`.
+    """
+    from alseg.project import query as run_query
+
+    _resume_hint(f"alseg query {project}")
+    result = run_query(project, n, strategy.value if strategy else None, reporter=RichReporter(quiet=as_json))
+
+    def render(r):
+        out.print(_rounds_table(r))
+        b = r.get("batch")
+        if b:
+            out.print(f"round {b['round']}: {b['images']} images to label, {b['queued']} still queued, in {b['folder']}\n"
+                      f"label them with `alseg serve {project}` or put masks in {b['masks']} and run "
+                      f"`alseg ingest {project}`", markup=False, highlight=False, soft_wrap=True)
+        else:
+            out.print(f"stopped: {r['stopped']}", markup=False, highlight=False)
+
+    _emit(result, as_json, render)
+
+
+@app.command()
+def ingest(project: Path = typer.Argument(..., help="Project folder."),
+           folder: Optional[Path] = typer.Argument(None, help="Folder of masks (default PROJECT/rounds/RRR/masks)."),
+           allow_empty: bool = typer.Option(False, "--allow-empty", help="Accept empty masks (images without a lesion)."),
+           as_json: bool = typer.Option(False, "--json", help="Print what was stored and refused as JSON.")):
+    """Validate the expert's masks for the open batch and store the valid ones.
+
+    A mask is named after its image (see manifest.csv; a _mask suffix is fine), binary (0/255 or 0/1),
+    at the image's original size or the working size, and not empty unless --allow-empty. Every
+    refused file is listed with its problem and its image stays queued; exit status 2 when any was
+    refused. Ingesting the same mask twice changes nothing; a new mask for a labelled image replaces it.
+    """
+    from alseg.project import ingest as run_ingest
+
+    result = run_ingest(project, folder, allow_empty=allow_empty)
+
+    def render(r):
+        out.print(f"round {r['round']}: stored {len(r['stored'])}, replaced {len(r['replaced'])}, unchanged "
+                  f"{len(r['unchanged'])}, refused {len(r['invalid'])}; {r['labelled']} of {r['total']} labelled",
+                  markup=False, highlight=False)
+        for bad in r["invalid"]:
+            err.print(f"alseg: refused: {bad['file']}: {bad['problem']}", markup=False, highlight=False, soft_wrap=True)
+        if r["complete"]:
+            out.print(f"the batch is complete: `alseg query {project}` trains and chooses the next one",
+                      markup=False, highlight=False, soft_wrap=True)
+
+    _emit(result, as_json, render)
+    if result["invalid"]:
+        raise typer.Exit(2)
+
+
+@app.command()
+def serve(project: Path = typer.Argument(..., help="Project folder."),
+          port: int = typer.Option(8765, help="Port."),
+          host: str = typer.Option("127.0.0.1", help="Address to bind (127.0.0.1: this machine only)."),
+          open_browser: bool = typer.Option(False, "--open", help="Open the page in a browser.")):
+    """The review page: correct the predicted masks of the open batch in a browser.
+
+    Each submitted mask is validated and stored at once; the page records the seconds spent on each
+    image. Holds the project's writer lock while it runs.
+    """
+    from alseg.annotate.server import serve as run_server
+
+    run_server(project, host=host, port=port, open_browser=open_browser, log=lambda text: err.print(
+        text, markup=False, highlight=False, soft_wrap=True))
+
+
+_RESUME_HINT: list[str] = []
+
+
+def _resume_hint(command: str) -> None:
+    """What to run after Ctrl-C or a full disk (the command in progress sets it)."""
+    _RESUME_HINT[:] = [command]
+
+
 def main(argv: list[str] | None = None) -> int:
+    _RESUME_HINT.clear()
     try:
         app(args=argv, prog_name="alseg", standalone_mode=True)
     except AlsegError as exc:
         err.print(f"alseg: error: {exc}", markup=False, highlight=False, soft_wrap=True)
         return 2
     except KeyboardInterrupt:
-        err.print("alseg: interrupted", markup=False)
+        hint = f"; resume with {_RESUME_HINT[0]}" if _RESUME_HINT else ""
+        err.print(f"alseg: interrupted{hint}", markup=False, highlight=False, soft_wrap=True)
         return 130
+    except OSError as exc:
+        import errno
+
+        if exc.errno != errno.ENOSPC:
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""
+        hint = f"; free space and resume with {_RESUME_HINT[0]}" if _RESUME_HINT else ""
+        err.print(f"alseg: error: {where}disk full; every finished step is saved and consistent{hint}",
+                  markup=False, highlight=False, soft_wrap=True)
+        return 2
     except SystemExit as exc:
         return int(exc.code or 0) if not isinstance(exc.code, str) else 1
     return 0

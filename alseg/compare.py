@@ -35,7 +35,7 @@ from alseg.active.strategies import STRATEGIES
 def _finished_full(run_dir: Path) -> float | None:
     if not (run_dir / "run.db").is_file():
         return None
-    with RunStore(run_dir) as store:
+    with RunStore.open_readonly(run_dir) as store:
         ev = [e for e in store.evaluations() if e["split"] == "test"]
     return ev[0]["mean_dice"] if ev else None
 
@@ -90,8 +90,8 @@ def compare(config: ExperimentConfig, out: str | Path, *, strategies: Sequence[s
                 result = run_active(resume=run_dir, reporter=reporter)
             else:
                 result = run_active(s_cfg, run_dir, reporter=reporter)
-            with RunStore(run_dir) as store:
-                train_size = len(store.get("split")["train"])
+            with RunStore.open_readonly(run_dir) as store:
+                train_size = len(store.split()["train"])
             results[strategy].append({"seed": seed, "rounds": result["rounds"]})
     summary = _summarise(results, full_dice, train_size)
     paper = PAPER_DICE.get(config.data.split_preset)

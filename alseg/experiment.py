@@ -15,12 +15,13 @@ from pathlib import Path
 from alseg.config import ExperimentConfig
 from alseg.data.cache import CachedData, load_cached
 from alseg.data.sources import Dataset, open_dataset
-from alseg.data.splits import Split, make_split
+from alseg.data.splits import Split, make_project_split, make_split
 from alseg.errors import AlsegError
 from alseg.evaluate import score_model
 from alseg.model import UNet
 from alseg.progress import SILENT, Reporter, batch_progress, staged
 from alseg.runtime import Normalizer, resolve_device, seed_everything
+from alseg.rundir import RunDir
 from alseg.store import RunStore, atomic_write_text
 from alseg.train import Checkpoint, fit
 
@@ -32,40 +33,50 @@ class ExperimentData:
     split: Split
 
 
-def prepare_data(config: ExperimentConfig, reporter: Reporter = SILENT) -> ExperimentData:
-    """Open, decode (cached) and split the configured dataset."""
+def prepare_data(config: ExperimentConfig, reporter: Reporter = SILENT, *, pool: str = "split") -> ExperimentData:
+    """Open, decode (cached) and split the configured dataset; check every split before anything is written.
+
+    ``pool="split"`` (experiments): images with masks are split and 37.5 % of train starts labelled,
+    the rest is the pool whose masks the simulated annotator reveals. ``pool="unmasked"`` (a lab's
+    project): the images the user has masks for are the labelled set (and validation), every
+    image without a mask is the pool.
+    """
     dc = config.data
     if not dc.path:
         raise AlsegError("no dataset given (--data PATH)")
     dataset = open_dataset(dc.path, dc.format)
     with staged(reporter, "decode", len(dataset.samples)) as advance:
         data = load_cached(dataset, dc.size, cache_dir=dc.cache_dir, progress=advance)
+    seed = config.seed if dc.split_seed is None else dc.split_seed
+    if pool == "unmasked":
+        split = make_project_split(data.ids, has_mask=data.has_mask, groups=data.groups, seed=seed,
+                                   split_by=dc.split_by)
+        return ExperimentData(dataset, data, split)
     split = make_split(data.ids, has_mask=data.has_mask, positive=data.positive, groups=data.groups,
-                       subsets=data.subsets, preset=dc.split_preset, split_by=dc.split_by,
-                       seed=config.seed if dc.split_seed is None else dc.split_seed,
+                       subsets=data.subsets, preset=dc.split_preset, split_by=dc.split_by, seed=seed,
                        labelled_fraction=dc.labelled_fraction, test_source=dc.test_source)
+    for name in ("train", "val", "test"):
+        if not getattr(split, name):
+            groups = {g for g in data.groups if g is not None}
+            where = dataset.root / "groups.csv" if (dataset.root / "groups.csv").is_file() else dataset.root
+            why = (f"{len(groups)} group(s) cannot fill train, validation and test; give at least 3 groups "
+                   "or use --split-by sample") if split.split_by == "group" else "too few images with masks"
+            raise AlsegError(f"the {name} split would be empty: {why}", where)
     return ExperimentData(dataset, data, split)
 
 
-def open_run_data(store: RunStore, cache_dir: str | Path | None = None, reporter: Reporter = SILENT) -> CachedData:
-    """The decoded pixels of the dataset a run was made on (from the cache, or decoded again)."""
-    info = store.get("data")
+def open_run_data(store: RunStore, cache_dir: str | Path | None = None, reporter: Reporter = SILENT) -> ExperimentData:
+    """The dataset a run was made on and its decoded pixels (from the cache, or decoded again)."""
+    info = store.data_info()
     dataset = open_dataset(info["path"], info["format"])
     with staged(reporter, "decode", len(dataset.samples)) as advance:
         data = load_cached(dataset, info["size"], channels=info["channels"], cache_dir=cache_dir, progress=advance)
-    split = store.get("split")
-    missing = (set(split["train"]) | set(split["test"])) - set(data.ids)
+    missing = set(store.sample_ids()) - set(data.ids)  # every split: train, validation and test
     if missing:
-        raise AlsegError(f"the dataset no longer holds {len(missing)} of the run's samples", info["path"])
-    return data
-
-
-def new_run_dir(out: str | Path) -> Path:
-    """Check that ``out`` can become a fresh run directory (created later, once inputs are valid)."""
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise AlsegError("output folder exists and is not empty; choose another --out", out)
-    return out
+        first = sorted(missing)[0]
+        raise AlsegError(f"the dataset no longer holds {len(missing)} of the run's samples (e.g. {first!r}); "
+                         "restore them to resume", info["path"])
+    return ExperimentData(dataset, data, Split.from_dict(store.split()))
 
 
 def fitted_config(config: ExperimentConfig, data: CachedData) -> ExperimentConfig:
@@ -73,20 +84,26 @@ def fitted_config(config: ExperimentConfig, data: CachedData) -> ExperimentConfi
     return dataclasses.replace(config, model=dataclasses.replace(config.model, in_channels=data.channels))
 
 
-def record_split(store: RunStore, split: Split, labelled_ids) -> None:
+def data_record(prepared: ExperimentData) -> dict:
+    data = prepared.data
+    return {"path": str(prepared.dataset.root), "format": prepared.dataset.format, "size": data.size,
+            "channels": data.channels, "cache": str(data.path)}
+
+
+def sample_rows(split: Split, labelled_ids) -> list[tuple[str, str, str, str, int | None]]:
+    """The store's sample rows (id, split, state, origin, round) for a fresh run."""
     labelled = set(labelled_ids)
-    rows = [(i, "train", "labelled" if i in labelled else "pool", "initial" if i in labelled else "none", 0 if i in labelled else None)
-            for i in split.train]
+    rows = [(i, "train", "labelled" if i in labelled else "pool", "initial" if i in labelled else "none",
+             0 if i in labelled else None) for i in split.train]
     rows += [(i, "val", "labelled", "initial", 0) for i in split.val]
     rows += [(i, "test", "labelled", "initial", 0) for i in split.test]
-    store.add_samples(rows)
-    store.set("split", split.to_dict())
+    return rows
 
 
 def train_supervised(config: ExperimentConfig, out: str | Path, *, full: bool = False,
                      reporter: Reporter = SILENT) -> dict:
     """Fit on the split's labelled part (all of train with ``full``); record history and test Dice."""
-    out = new_run_dir(out)
+    run_dir = RunDir.check_new(out)
     prepared = prepare_data(config, reporter)
     config = fitted_config(config, prepared.data)
     data, split = prepared.data, prepared.split
@@ -100,28 +117,25 @@ def train_supervised(config: ExperimentConfig, out: str | Path, *, full: bool = 
     normalizer = Normalizer.fit(data.images[train_idx])
     model = UNet(config.model)
 
-    with RunStore(out, create=True) as store:
-        atomic_write_text(out / "config.yaml", config.to_yaml())
-        store.set("config", config.to_dict())
-        store.set("kind", "supervised")
-        store.set("data", {"path": str(prepared.dataset.root), "format": prepared.dataset.format,
-                           "size": data.size, "channels": data.channels, "cache": str(data.path)})
-        record_split(store, split, labelled)
+    with RunStore(run_dir, create=True) as store, run_dir.lock("train"):
+        atomic_write_text(run_dir.config_file, config.to_yaml())
+        store.start(kind="supervised", annotator="simulated", config=config.to_dict(), data=data_record(prepared),
+                    normalizer=normalizer.to_dict(), split=split.to_dict(), samples=sample_rows(split, labelled))
         started = time.perf_counter()
         val_idx = data.indices(split.val)
         result = fit(model, data.images[train_idx], data.masks[train_idx], data.images[val_idx], data.masks[val_idx],
                      config.train, normalizer,
-                     size=data.size, checkpoint_dir=store.checkpoint_dir, seed=config.seed,
+                     size=data.size, checkpoint_dir=run_dir.checkpoint_dir(), seed=config.seed,
                      on_epoch=lambda r: (store.add_epoch("initial", 0, r), reporter.epoch("initial", 0, r)),
                      on_batch=batch_progress(reporter),
                      checkpoint_meta={"config": config.to_dict()})
-        store.set("latest_checkpoint", "checkpoints/best.pt")
-        best = Checkpoint.load(store.checkpoint_dir / "best.pt", device=device)
+        store.set_latest_checkpoint(run_dir.relative(run_dir.checkpoint()))
+        best = Checkpoint.load(run_dir.checkpoint(), device=device)
         evaluation = score_model(best, data, data.indices(split.test), device=device,
                                  precision=config.train.precision, reporter=reporter)
         store.add_evaluation(0, "test", evaluation.summary)
         seconds = time.perf_counter() - started
-        store.set("seconds", seconds)
-    return {"run_dir": str(out), "labelled": len(labelled), "split": split.counts(), "split_by": split.split_by,
+        store.set_supervised_seconds(seconds)
+    return {"run_dir": str(run_dir.root), "labelled": len(labelled), "split": split.counts(), "split_by": split.split_by,
             "best_epoch": result["best_epoch"], "best_val_dice": result["best_val_dice"],
             "test": evaluation.summary, "seconds": seconds}

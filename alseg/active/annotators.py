@@ -1,34 +1,62 @@
-"""Oracles: whoever supplies the expert's masks for the ids a strategy chose.
+"""Annotators: whoever supplies the masks for the ids a strategy queued.
 
-:class:`SimulatedOracle` reveals the ground truth the dataset already holds (how the paper's
-experiments are run). A human oracle (export a batch to a folder, import the corrected masks)
-implements the same one-method interface.
+Two kinds walk the same durable steps (select -> *awaiting labels* -> labelled -> train):
+
+* :class:`SimulatedAnnotator` answers at once with the masks the dataset already holds (how the
+  paper's experiments are run); its answers are stored like an expert's, so training reads every
+  expert label from the store;
+* :class:`ExpertAnnotator` is a person: the loop exports the batch and stops; masks arrive later,
+  from files (``alseg ingest``) or the review page, through :mod:`alseg.annotate.ingest`.
 """
 from __future__ import annotations
 
-from typing import Protocol, Sequence
+from typing import Sequence
 
 import numpy as np
+from PIL import Image
 
 from alseg.data.cache import CachedData
 from alseg.errors import AlsegError
 
-
-class Oracle(Protocol):
-    def label(self, ids: Sequence[str]) -> np.ndarray:
-        """Binary masks ``(len(ids), S, S)`` uint8 in {0, 1} for the given sample ids."""
-        ...
+ANNOTATORS = ("simulated", "expert")
 
 
-class SimulatedOracle:
+def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
+    """A binary mask at the working size (nearest neighbour on 0/255, as the cache resizes masks)."""
+    mask = np.asarray(mask)
+    if mask.shape == (size, size):
+        return (mask > 0).astype(np.uint8)
+    img = Image.fromarray((mask > 0).astype(np.uint8) * 255).resize((size, size), Image.NEAREST)
+    return (np.asarray(img) >= 128).astype(np.uint8)
+
+
+class SimulatedAnnotator:
     """Answers with the dataset's own masks (at the working size)."""
+
+    name = "simulated"
+    answers_at_once = True
 
     def __init__(self, data: CachedData):
         self.data = data
 
-    def label(self, ids: Sequence[str]) -> np.ndarray:
+    def masks(self, ids: Sequence[str]) -> dict[str, np.ndarray]:
         idx = self.data.indices(ids)
         missing = [i for i, k in zip(ids, idx) if not self.data.has_mask[k]]
         if missing:
-            raise AlsegError(f"the simulated oracle has no mask for {missing[0]!r} ({len(missing)} such ids)")
-        return np.asarray(self.data.masks[idx])
+            raise AlsegError(f"the simulated annotator has no mask for {missing[0]!r} ({len(missing)} such ids)")
+        return {i: np.asarray(self.data.masks[k]) for i, k in zip(ids, idx)}
+
+
+class ExpertAnnotator:
+    """A person: answers later, through files or the review page."""
+
+    name = "expert"
+    answers_at_once = False
+
+
+def make_annotator(kind: str, data: CachedData):
+    if kind == "simulated":
+        return SimulatedAnnotator(data)
+    if kind == "expert":
+        return ExpertAnnotator()
+    raise AlsegError(f"unknown annotator {kind!r}; choose one of {', '.join(ANNOTATORS)}")

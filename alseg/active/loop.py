@@ -1,20 +1,25 @@
-"""The active-learning loop: initial training, then rounds of score -> select -> label -> retrain.
+"""The active-learning loop: a run or project directory driven through its durable steps.
 
-Owns the order of a run and its resumption. Every step's outcome is in the run's store before
-the next starts, and each step is seeded from (seed, round, step), so a run resumed after a crash
-or Ctrl-C redoes at most the interrupted step and chooses exactly the ids an uninterrupted run
-with the same seed chooses:
+A round is: score the pool with the previous round's model -> select -> queue the expert ids
+(**awaiting labels**) -> the annotator's masks arrive (**labelled**) -> train -> evaluate
+(**done**). Each step commits before the next starts and each is seeded from (seed, round, step),
+so a run resumed after a crash or Ctrl-C redoes at most the interrupted step and chooses exactly
+the ids an uninterrupted run with the same seed chooses. The simulated annotator answers at
+once, so ``alseg run`` walks through every state without stopping; with a person (a project) the
+loop exports the batch and stops at *awaiting labels* until ``alseg ingest`` or the review page
+has stored every mask. Both are the same code.
 
-* round 0: fit ``train.epochs`` epochs on the initial labelled set, evaluate on the test split;
-* round r >= 1: load round r-1's model (its best checkpoint by validation Dice); score the pool
-  with T MC-dropout passes; let the strategy choose expert and pseudo-label ids; compute the
-  pseudo-labels (thresholded MC mean, saved to ``pseudo/round-RRR.npz``); commit scores,
-  selection and label moves in one transaction; retrain for ``round_epochs`` (warm start unless
-  disabled); evaluate on the test split; mark the round done.
+* round 0: train ``train.epochs`` epochs on the initial labelled set (a project without masks
+  first queues a random initial batch, spread over groups), evaluate;
+* round r >= 1: score the pool with T MC-dropout passes; the strategy chooses expert and
+  pseudo-label ids; the pseudo-labels (thresholded MC mean) are saved; scores, selection and the
+  queue are one transaction; masks arrive; retrain for ``round_epochs`` (warm start unless
+  disabled); evaluate on the test split (when there is one); mark the round done.
 
-Pseudo-labels are transient by default: recomputed each round from the current model, used for
-that round's training only, never counted as expert labels, their images left in the pool (as
-the CEAL code does). ``keep_pseudo`` moves them to the labelled set for good.
+Pseudo-labels are transient by default: recomputed each round, used for that round's training
+only, never counted as expert labels, their images left in the pool (as the CEAL code does).
+``keep_pseudo`` moves them to the labelled set for good. An expert label exists once its mask
+is in the store; training reads expert masks from the store and initial ones from the dataset.
 
 The loop stops at ``rounds``, when the expert-labelled share of the train split reaches
 ``budget``, or when the pool is empty.
@@ -23,50 +28,55 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 
+from alseg.active.annotators import make_annotator, resize_mask
+from alseg.active.strategies import make_strategy
+from alseg.active.uncertainty import mc_dropout
 from alseg.config import ExperimentConfig, config_from_dict
-from alseg.data.splits import Split
+from alseg.data.splits import Split, carve_validation
 from alseg.errors import AlsegError
+from alseg.faults import point
 from alseg.evaluate import score_model
-from alseg.experiment import fitted_config, new_run_dir, open_run_data, prepare_data, record_split
+from alseg.experiment import data_record, fitted_config, open_run_data, prepare_data, sample_rows
 from alseg.model import UNet
-from alseg.active.annotators import Oracle, SimulatedOracle
 from alseg.progress import SILENT, Reporter, batch_progress
+from alseg.rundir import RunDir
 from alseg.runtime import Normalizer, resolve_device, seed_everything
 from alseg.store import RunStore, atomic_write_bytes, atomic_write_text
-from alseg.active.strategies import make_strategy
 from alseg.train import Checkpoint, fit
-from alseg.active.uncertainty import mc_dropout
+
+AWAITING = "awaiting labels"
 
 
-def _seed(seed: int, round: int, step: int) -> int:
+def step_seed(seed: int, round: int, step: int) -> int:
     """An independent, reproducible seed for one step of one round."""
     return int(np.random.SeedSequence([seed, round, step]).generate_state(1)[0])
 
 
-def _round_dir(store: RunStore, round: int) -> Path:
-    return store.checkpoint_dir / f"round-{round:03d}"
-
-
-def _pseudo_path(store: RunStore, round: int) -> Path:
-    return store.run_dir / "pseudo" / f"round-{round:03d}.npz"
-
-
 class ActiveRun:
-    """One run directory being driven through its rounds."""
+    """One run or project directory being driven through its rounds (the caller holds its lock)."""
 
     def __init__(self, store: RunStore, config: ExperimentConfig, reporter: Reporter = SILENT):
         self.store, self.config, self.reporter = store, config, reporter
-        self.data = open_run_data(store, config.data.cache_dir, reporter)
-        self.split = Split.from_dict(store.get("split"))
-        self.normalizer = Normalizer.from_dict(store.get("normalizer"))
+        self.dir = store.dir
+        prepared = open_run_data(store, config.data.cache_dir, reporter)
+        self.dataset, self.data = prepared.dataset, prepared.data
         self.device = resolve_device(config.train.device)
-        self.oracle: Oracle = SimulatedOracle(self.data)
+        self.annotator = make_annotator(store.annotator(), self.data)
         self.strategy = make_strategy(config.active.strategy, config.active.ceal)
+
+    @property
+    def split(self) -> Split:
+        return Split.from_dict(self.store.split())
+
+    @property
+    def normalizer(self) -> Normalizer:
+        return Normalizer.from_dict(self.store.normalizer())
 
     # --- state ----------------------------------------------------------------------------------
     def pool(self) -> list[str]:
@@ -81,22 +91,48 @@ class ActiveRun:
 
     def stop_reason(self, round: int) -> str | None:
         a = self.config.active
+        if self.store.round_status(round) is not None:
+            return None  # selected already: finish it
         if round > a.rounds:
             return f"reached {a.rounds} rounds"
-        if self.store.round_status(round) == "selected":
-            return None  # its labels have moved already: finish it
+        if round == 0:
+            return None
         if not self.pool():
             return "the pool is empty"
-        if a.budget is not None and len(self.expert_labelled()) >= a.budget * len(self.split.train):
-            return f"reached the label budget ({a.budget:.0%} of {len(self.split.train)} training images)"
+        train_size = len(self.split.train)
+        if a.budget is not None and len(self.expert_labelled()) >= a.budget * train_size:
+            return f"reached the label budget ({a.budget:.0%} of {train_size} training images)"
         return None
 
     # --- steps ----------------------------------------------------------------------------------
     def _load_model(self, round: int) -> Checkpoint:
-        return Checkpoint.load(_round_dir(self.store, round) / "best.pt", device=self.device)
+        return Checkpoint.load(self.dir.checkpoint(round), device=self.device)
+
+    def select_initial(self) -> None:
+        """Round 0 of a project that starts without masks: a random batch, spread over groups."""
+        pool = self.pool()
+        n = min(self.config.active.ceal.expert_budget, len(pool))
+        if n < 2:
+            raise AlsegError("a project needs at least 2 images in its pool to start without masks", self.dir.root)
+        rng = np.random.default_rng(step_seed(self.config.seed, 0, 2))
+        group_of = dict(zip(self.data.ids, self.data.groups))
+        by_group: dict[object, list[str]] = {}
+        for i in pool:
+            by_group.setdefault(group_of.get(i) or i, []).append(i)
+        # round-robin over shuffled groups, a random member each time: the batch covers many groups
+        queues = [list(rng.permutation(members)) for _, members in sorted(by_group.items(), key=lambda kv: str(kv[0]))]
+        queues = [queues[k] for k in rng.permutation(len(queues))]
+        chosen: list[str] = []
+        while len(chosen) < n:
+            for q in queues:
+                if q and len(chosen) < n:
+                    chosen.append(str(q.pop()))
+        order = {i: k for k, i in enumerate(pool)}
+        chosen.sort(key=order.__getitem__)
+        self.store.open_initial_round(chosen, {i: "initial" for i in chosen})
 
     def select(self, round: int) -> None:
-        """Score the pool with round-1's model, choose, compute pseudo-labels, commit atomically."""
+        """Score the pool with round-1's model, choose, save pseudo-labels, queue: one transaction."""
         a = self.config.active
         t0 = time.perf_counter()
         model = self._load_model(round - 1).model
@@ -104,24 +140,37 @@ class ActiveRun:
         idx = self.data.indices(pool)
         mc_kw = dict(passes=a.mc_passes, batch_size=a.mc_batch_size, device=self.device, precision=a.mc_precision,
                      weighting=a.weighting)
-        truth = self.data.masks if isinstance(self.oracle, SimulatedOracle) else None
-        result = mc_dropout(model, self.data.images, idx, self.normalizer, seed=_seed(self.config.seed, round, 1),
+        truth = self.data.masks if self.annotator.name == "simulated" else None
+        result = mc_dropout(model, self.data.images, idx, self.normalizer, seed=step_seed(self.config.seed, round, 1),
                             masks=truth, reporter=self.reporter, **mc_kw)
         scored = time.perf_counter()
-        rng = np.random.default_rng(_seed(self.config.seed, round, 2))
+        rng = np.random.default_rng(step_seed(self.config.seed, round, 2))
         sel = self.strategy.select(result.scores(), pool, round, rng)
         for text in sel.shortfalls:
             self.reporter.note(f"round {round}: {text}")
         if sel.pseudo_ids:
             pseudo = mc_dropout(model, self.data.images, self.data.indices(sel.pseudo_ids), self.normalizer,
-                                seed=_seed(self.config.seed, round, 3), keep_maps=True, **mc_kw)
+                                seed=step_seed(self.config.seed, round, 3), keep_maps=True, **mc_kw)
             buf = io.BytesIO()
             # ids and masks saved side by side, in one file, so a mask can never be paired with another image
             np.savez_compressed(buf, ids=np.array(sel.pseudo_ids), masks=(pseudo.mean > 0.5).astype(np.uint8))
-            atomic_write_bytes(_pseudo_path(self.store, round), buf.getvalue())
-        self.store.record_selection(round, pool, {**result.scores(), "dice": result.dice}, sel.expert_ids,
-                                    sel.pseudo_ids, sel.reasons, sel.shortfalls, a.keep_pseudo)
-        self.store.set(f"timings/{round}/select", {"score_s": scored - t0, "select_s": time.perf_counter() - scored})
+            atomic_write_bytes(self.dir.pseudo(round), buf.getvalue())
+            point("pseudo-saved")
+        scores = {name: result.scores()[name] for name in ("variance", "entropy", "bald")}
+        scores["dice"] = result.dice
+        self.store.record_selection(round, pool, scores, sel.expert_ids, sel.pseudo_ids, sel.reasons, sel.shortfalls,
+                                    a.keep_pseudo, timings={"score_s": scored - t0,
+                                                            "select_s": time.perf_counter() - scored})
+
+    def answer(self, round: int) -> bool:
+        """Let the annotator answer the queued batch; False when a person has still to label it."""
+        if self.annotator.answers_at_once:
+            self.store.store_masks(self.annotator.masks(self.store.queued(round)), source="simulated")
+            return True
+        from alseg.annotate.export import export_batch
+
+        export_batch(self, round)
+        return False
 
     def pseudo_labels(self, round: int) -> tuple[list[str], np.ndarray]:
         """Pseudo-labelled ids and masks that train round ``round``."""
@@ -129,7 +178,7 @@ class ActiveRun:
         masks: list[np.ndarray] = []
         a = self.config.active
         for r in (range(1, round + 1) if a.keep_pseudo else [round]):
-            path = _pseudo_path(self.store, r)
+            path = self.dir.pseudo(r)
             if not path.is_file():  # round 0, or a round that drew no pseudo-labels
                 continue
             with np.load(path) as f:
@@ -138,79 +187,171 @@ class ActiveRun:
         size = self.data.size
         return ids, (np.concatenate(masks) if masks else np.zeros((0, size, size), np.uint8))
 
-    def train(self, round: int) -> None:
+    def training_masks(self, ids: list[str]) -> np.ndarray:
+        """Working-size masks: the expert's from the store, the initial ones from the dataset."""
+        origins = self.store.origins(ids)
+        out = np.zeros((len(ids), self.data.size, self.data.size), np.uint8)
+        from_data = [k for k, i in enumerate(ids) if origins[i] == "initial"]
+        if from_data:
+            out[from_data] = self.data.masks[self.data.indices([ids[k] for k in from_data])]
+        for k, i in enumerate(ids):
+            if origins[i] != "initial":
+                mask = self.store.mask(i)
+                if mask is None:
+                    raise AlsegError(f"labelled id {i!r} has no stored mask", self.dir.db)
+                out[k] = resize_mask(mask, self.data.size)
+        return out
+
+    def _ensure_validation(self) -> None:
+        """A project that started without masks takes its validation set from the first batch."""
+        split = self.split
+        if split.val:
+            return
+        labelled = self.expert_labelled()
+        group_of = dict(zip(self.data.ids, self.data.groups))
+        val = carve_validation(labelled, [group_of.get(i) for i in labelled], step_seed(self.config.seed, 0, 7))
+        chosen = set(val)
+        new = dataclasses.replace(split, train=tuple(i for i in split.train if i not in chosen), val=tuple(val))
+        self.store.move_to_validation(val, new.to_dict())
+        self.reporter.note(f"validation set: {len(val)} of the {len(labelled)} labelled images")
+
+    def train(self, round: int) -> dict:
         a, cfg = self.config.active, self.config
         t0 = time.perf_counter()
+        self._ensure_validation()
+        split = self.split
         expert = self.expert_labelled()
         pseudo_ids, pseudo_masks = self.pseudo_labels(round)
         images = np.concatenate([self.data.images[self.data.indices(expert)],
                                  self.data.images[self.data.indices(pseudo_ids)]])
-        masks = np.concatenate([self.oracle.label(expert), pseudo_masks]).astype(np.uint8)
-        seed_everything(_seed(cfg.seed, round, 4))
+        masks = np.concatenate([self.training_masks(expert), pseudo_masks]).astype(np.uint8)
+        seed_everything(step_seed(cfg.seed, round, 4))
         if round > 0 and a.warm_start:
             model = self._load_model(round - 1).model
         else:
             model = UNet(cfg.model)
-        val_idx = self.data.indices(self.split.val)
+        val_ids = list(split.val)
+        val_images = self.data.images[self.data.indices(val_ids)]
+        val_masks = self.training_masks(val_ids) if val_ids else None
         phase = "initial" if round == 0 else "active"
         train_cfg = cfg.train if round == 0 else dataclasses.replace(cfg.train, epochs=a.round_epochs)
-        result = fit(model, images, masks, self.data.images[val_idx], self.data.masks[val_idx], train_cfg,
-                     self.normalizer, size=self.data.size, checkpoint_dir=_round_dir(self.store, round),
-                     seed=_seed(cfg.seed, round, 5),
-                     on_epoch=lambda r: (self.store.add_epoch(phase, round, r), self.reporter.epoch(phase, round, r)),
+        result = fit(model, images, masks, val_images, val_masks, train_cfg,
+                     self.normalizer, size=self.data.size, checkpoint_dir=self.dir.checkpoint_dir(round),
+                     seed=step_seed(cfg.seed, round, 5),
+                     on_epoch=lambda r: (self.store.add_epoch(phase, round, r), self.reporter.epoch(phase, round, r),
+                                         point("epoch")),
                      on_batch=batch_progress(self.reporter), checkpoint_meta={"round": round})
         trained = time.perf_counter()
-        best = self._load_model(round)
-        evaluation = score_model(best, self.data, self.data.indices(self.split.test), device=self.device,
-                                 precision=cfg.train.precision)
-        self.store.add_evaluation(round, "test", evaluation.summary)
-        timings = {**self.store.get(f"timings/{round}/select", {}), "train_s": trained - t0,
+        point("trained")
+        test_dice = None
+        if split.test:
+            best = self._load_model(round)
+            evaluation = score_model(best, self.data, self.data.indices(split.test), device=self.device,
+                                     precision=cfg.train.precision)
+            self.store.add_evaluation(round, "test", evaluation.summary)
+            test_dice = evaluation.summary["mean_dice"]
+        timings = {**self.store.round_timings(round), "train_s": trained - t0,
                    "evaluate_s": time.perf_counter() - trained}
-        # the pointer first: a crash before the round is marked done leaves it on a finished, evaluated model
-        self.store.set("latest_checkpoint", f"checkpoints/round-{round:03d}/best.pt")
         pool_size = len(self.pool())
         row = {"round": round, "expert_labelled": len(expert), "pseudo_labelled": len(pseudo_ids), "pool": pool_size,
-               "test": evaluation.summary, "val_dice": result["best_val_dice"], "seconds": sum(timings.values())}
+               "test_dice": test_dice, "val_dice": result["best_val_dice"], "seconds": sum(timings.values())}
         self.store.finish_round(round, expert_labelled=len(expert), pseudo_labelled=len(pseudo_ids), pool=pool_size,
-                                test_dice=evaluation.summary["mean_dice"], val_dice=result["best_val_dice"],
-                                seconds=row["seconds"], timings=timings)
+                                test_dice=test_dice, val_dice=result["best_val_dice"], seconds=row["seconds"],
+                                timings=timings, latest_checkpoint=self.dir.relative(self.dir.checkpoint(round)))
         self.reporter.round(row)
+        dice = "-" if test_dice is None else f"{test_dice:.3f}"
+        val = "-" if result["best_val_dice"] is None else f"{result['best_val_dice']:.3f}"
         self.reporter.note(f"round {round}: {len(expert)} expert-labelled, {len(pseudo_ids)} pseudo-labelled, "
-                           f"pool {pool_size}, test Dice {evaluation.summary['mean_dice']:.3f}")
+                           f"pool {pool_size}, validation Dice {val}, test Dice {dice}")
+        return row
 
     def run(self) -> str:
-        """Drive the run to its stopping rule; return why it stopped."""
+        """Drive the run to its stopping rule, or to a batch awaiting a person; return why it stopped."""
         while True:
             round = self.next_round()
-            reason = self.stop_reason(round)
-            if reason:
-                self.store.set("stopped", reason)
-                return reason
-            if round > 0 and self.store.round_status(round) is None:
-                self.select(round)
+            if self.store.round_status(round) is None:
+                reason = self.stop_reason(round)
+                if reason:
+                    self.store.set_stopped(reason)
+                    return reason
+                if round == 0 and not self.expert_labelled():
+                    self.select_initial()
+                elif round > 0:
+                    self.select(round)
+                point("selected")
+            if self.store.round_status(round) == "awaiting" and not self.answer(round):
+                return AWAITING
+            point("labelled")
             self.train(round)
+            point("round-done")
 
 
-def start_run(config: ExperimentConfig, out: str | Path, reporter: Reporter = SILENT) -> Path:
-    """Validate the data, create the run directory and record config, split and normalisation."""
-    out = new_run_dir(out)
+def start_run(config: ExperimentConfig, out: str | Path | RunDir, reporter: Reporter = SILENT, *,
+              annotator: str = "simulated", pool: str = "split") -> RunDir:
+    """Validate the data, create the run directory and record config, split and normalisation at once.
+
+    ``out`` given as a :class:`RunDir` was checked by the caller (who may have put files in it).
+    """
+    run_dir = out if isinstance(out, RunDir) else _new_or_unstarted(out)
     make_strategy(config.active.strategy, config.active.ceal)  # fail early on a bad name
-    prepared = prepare_data(config, reporter)
-    config = fitted_config(config, prepared.data)
-    for note in prepared.split.notes:
+    make_annotator(annotator, None)
+    prepared = prepare_data(config, reporter, pool=pool)
+    config = fitted_config(config, prepared.data)  # channels decided from the data, recorded once
+    split = prepared.split
+    for note in split.notes:
         reporter.note(note)
     reporter.note(f"effective config ({config.preset}):\n{config.to_yaml()}")
-    labelled_idx = prepared.data.indices(prepared.split.labelled)
-    with RunStore(out, create=True) as store:
-        atomic_write_text(out / "config.yaml", config.to_yaml())
-        store.set("config", config.to_dict())
-        store.set("kind", "active")
-        store.set("data", {"path": str(prepared.dataset.root), "format": prepared.dataset.format,
-                           "size": prepared.data.size, "channels": prepared.data.channels,
-                           "cache": str(prepared.data.path)})
-        store.set("normalizer", Normalizer.fit(prepared.data.images[labelled_idx]).to_dict())
-        record_split(store, prepared.split, prepared.split.labelled)
-    return out
+    data = prepared.data
+    fit_on = split.labelled or split.train  # a project without masks: its pool's pixels
+    normalizer = Normalizer.fit(data.images[data.indices(fit_on)])
+    with RunStore(run_dir, create=True) as store, run_dir.lock("run"):
+        atomic_write_text(run_dir.config_file, config.to_yaml())
+        store.start(kind="active", annotator=annotator, config=config.to_dict(), data=data_record(prepared),
+                    normalizer=normalizer.to_dict(), split=split.to_dict(), samples=sample_rows(split, split.labelled))
+    return run_dir
+
+
+def _new_or_unstarted(out: str | Path) -> RunDir:
+    """A fresh run directory, or one left by a run killed while it was being created (emptied again)."""
+    try:
+        return RunDir.check_new(out)
+    except AlsegError:
+        run_dir = RunDir(out)
+        try:
+            with RunStore.open_readonly(run_dir) as store:
+                unstarted = not store.started()
+        except AlsegError:  # an empty run.db: killed before its schema was written
+            unstarted = run_dir.db.is_file() and run_dir.db.stat().st_size == 0
+        if not unstarted:
+            raise
+        with run_dir.lock("run"):
+            for child in run_dir.root.iterdir():
+                if child.name != "lock":
+                    shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+        return run_dir
+
+
+def open_active(store: RunStore) -> ExperimentConfig:
+    """The recorded config of an active run or project, after checking that it finished starting."""
+    if store.kind() != "active":
+        raise AlsegError("not an active-learning run (made by `alseg train`?)", store.run_dir)
+    if not store.started():
+        raise AlsegError("the run was interrupted while it was being created; delete it and start again",
+                         store.run_dir)
+    return config_from_dict(store.config())
+
+
+def extend(store: RunStore, config: ExperimentConfig, *, rounds: int | None = None,
+           budget: float | None = None) -> ExperimentConfig:
+    """The config with a new round limit or budget, recorded (the only changes a resume may make)."""
+    if rounds is None and budget is None:
+        return config
+    config = dataclasses.replace(config, active=dataclasses.replace(
+        config.active, rounds=config.active.rounds if rounds is None else rounds,
+        budget=config.active.budget if budget is None else budget))
+    store.set_config(config.to_dict())
+    atomic_write_text(store.dir.config_file, config.to_yaml())
+    return config
 
 
 def run_active(config: ExperimentConfig | None = None, out: str | Path | None = None, *,
@@ -218,36 +359,36 @@ def run_active(config: ExperimentConfig | None = None, out: str | Path | None = 
                reporter: Reporter = SILENT) -> dict:
     """Start a run in ``out`` (or continue the one in ``resume``) and drive it to its stopping rule."""
     if resume is not None:
-        run_dir = Path(resume)
-        with RunStore(run_dir) as store:
-            if store.get("kind") != "active":
-                raise AlsegError("not an active-learning run (made by `alseg train`?)", run_dir)
-            config = config_from_dict(store.get("config"))
+        run_dir = RunDir(resume).require()
     else:
         if config is None or out is None:
             raise AlsegError("a new run needs a config and an output folder")
         run_dir = start_run(config, out, reporter)
-    if rounds is not None or budget is not None:
-        config = dataclasses.replace(config, active=dataclasses.replace(
-            config.active, rounds=config.active.rounds if rounds is None else rounds,
-            budget=config.active.budget if budget is None else budget))
-    with RunStore(run_dir) as store:
-        store.set("config", config.to_dict())
-        atomic_write_text(run_dir / "config.yaml", config.to_yaml())
+    with run_dir.lock("run"), RunStore(run_dir) as store:
+        config = extend(store, open_active(store), rounds=rounds, budget=budget)
+        if store.annotator() != "simulated":
+            raise AlsegError("this is a project labelled by a person: use `alseg query` and `alseg ingest`",
+                             run_dir.root)
         reason = ActiveRun(store, config, reporter).run()
-    return {"run_dir": str(run_dir), "stopped": reason, **status(run_dir)}
+    return {"run_dir": str(run_dir.root), **status(run_dir.root), "stopped": reason}
 
 
 def status(run_dir: str | Path) -> dict:
-    """The finished rounds of a run, as ``alseg status --json`` prints them."""
-    with RunStore(run_dir) as store:
+    """Label counts and the finished rounds of a run or project (read-only), as ``alseg status --json``."""
+    with RunStore.open_readonly(run_dir) as store:
+        seconds = store.expert_seconds()
         rows = []
         for r in store.rounds():
             if r["status"] != "done":
                 continue
             expert_ids = (store.labelled_ids(origins=("initial",)) if r["round"] == 0
                           else store.selection(r["round"], "expert"))
+            if r["round"] == 0 and store.selection(0, "expert"):
+                expert_ids = store.selection(0, "expert")
             rows.append({"round": r["round"], "expert_labelled": r["expert_labelled"],
                          "pseudo_labelled": r["pseudo_labelled"], "pool": r["pool"], "test_dice": r["test_dice"],
-                         "seconds": r["seconds"], "expert_ids": expert_ids})
-        return {"rounds": rows, "stopped": store.get("stopped")}
+                         "val_dice": r["val_dice"], "seconds": r["seconds"],
+                         "expert_seconds": seconds.get(r["round"], 0.0), "expert_ids": expert_ids})
+        open_round = next((r["round"] for r in store.rounds() if r["status"] == "awaiting"), None)
+        return {**store.counts(), "annotator": store.annotator(), "open_round": open_round,
+                "expert_seconds": sum(seconds.values()), "rounds": rows, "stopped": store.stopped()}

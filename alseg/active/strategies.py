@@ -31,7 +31,7 @@ n_uncertain + n_low`` = 35 by default) and no pseudo-labels.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -65,6 +65,15 @@ class CealParams:
     @property
     def expert_budget(self) -> int:
         return self.n_missed + self.n_uncertain + self.n_low
+
+    def with_expert_budget(self, n: int) -> "CealParams":
+        """The same proportions (10 : 10 : 15 by default) scaled to ``n`` expert images a round."""
+        if n < 1:
+            raise AlsegError(f"a batch needs at least 1 image, got {n}")
+        total = self.expert_budget
+        missed = round(n * self.n_missed / total)
+        uncertain = round(n * self.n_uncertain / total)
+        return replace(self, n_missed=missed, n_uncertain=uncertain, n_low=n - missed - uncertain)
 
 
 class Strategy:

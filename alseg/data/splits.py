@@ -139,3 +139,49 @@ def make_split(ids: Sequence[str], *, has_mask: Sequence[bool], positive: Sequen
     pool = tuple(i for i in train if i not in lab_set)
     return Split(tuple(train), tuple(val), tuple(test), labelled, pool,
                  "group" if by_group else "sample", preset, seed, notes)
+
+
+def make_project_split(ids: Sequence[str], *, has_mask: Sequence[bool], groups: Sequence[str | None] | None = None,
+                       seed: int = 0, split_by: str = "group", val_fraction: float = 0.2) -> Split:
+    """A lab's project: the images with masks are the labelled set, every other image is the pool.
+
+    ``val_fraction`` of the masked images (whole groups, at least one image when there are two or
+    more) become the validation set that picks each round's best model and reports its Dice; the
+    rest start labelled. There is no test split: a lab measures on validation. With fewer than two
+    masks the validation set is carved later from the first ingested batch
+    (:func:`carve_validation`).
+    """
+    if split_by not in ("group", "sample"):
+        raise AlsegError(f"split_by must be 'group' or 'sample', not {split_by!r}")
+    groups = list(groups) if groups is not None else [None] * len(ids)
+    rng = np.random.default_rng(seed)
+    masked = [i for i, m in zip(ids, has_mask) if m]
+    by_group = split_by == "group" and any(groups[k] is not None for k, m in enumerate(has_mask) if m)
+    val: list[str] = []
+    labelled = masked
+    if len(masked) >= 2:
+        group_of = dict(zip(ids, groups))
+        val, labelled = _pick(masked, [group_of[i] for i in masked], max(1, round(val_fraction * len(masked))),
+                              rng, by_group)
+        if not labelled:  # one group holds every mask: keep them for training, carve validation later
+            val, labelled = [], masked
+    val_set = set(val)
+    train = [i for i in ids if i not in val_set]
+    pool = tuple(i for i, m in zip(ids, has_mask) if not m)
+    notes = [f"project: {len(labelled)} labelled, {len(val)} for validation, {len(pool)} in the pool"]
+    return Split(tuple(train), tuple(val), (), tuple(labelled), pool, "group" if by_group else "sample",
+                 "project", seed, notes)
+
+
+def carve_validation(labelled: Sequence[str], groups: Sequence[str | None], seed: int,
+                     val_fraction: float = 0.2) -> list[str]:
+    """Validation ids taken from the first labelled batch of a project that started without masks."""
+    if len(labelled) < 2:
+        raise AlsegError("a project needs at least 2 labelled images to validate a model")
+    by_group = any(g is not None for g in groups)
+    val, rest = _pick(list(labelled), list(groups), max(1, round(val_fraction * len(labelled))),
+                      np.random.default_rng(seed), by_group)
+    if not rest or not val:
+        val, rest = _pick(list(labelled), list(groups), max(1, round(val_fraction * len(labelled))),
+                          np.random.default_rng(seed), False)
+    return val

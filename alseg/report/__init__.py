@@ -11,6 +11,9 @@ from __future__ import annotations
 import csv
 import html
 import io
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +24,8 @@ from alseg.experiment import open_run_data
 from alseg.metrics import dice_per_image
 from alseg.progress import SILENT, Reporter
 from alseg.runtime import resolve_device
-from alseg.store import RunStore, atomic_write_bytes, atomic_write_text
+from alseg.rundir import RunDir
+from alseg.store import RunStore, atomic_write_bytes, atomic_write_text, current_umask, disk_full_error
 from alseg.active.strategies import CealStrategy
 from alseg.train import Checkpoint
 from alseg.active.uncertainty import mc_dropout
@@ -46,36 +50,76 @@ def _kind(reason: str | None, selection_kind: str) -> str:
     return "top"
 
 
-def make_report(run_dir: str | Path, *, images: int = 4, device: str = "auto", reporter: Reporter = SILENT) -> Path:
-    """Write ``RUN_DIR/report/index.html`` and its figures; return the HTML path."""
-    from alseg.report import figures  # matplotlib only when a report is drawn
+def make_report(run_dir: str | Path, *, images: int = 4, device: str = "auto", out: str | Path | None = None,
+                reporter: Reporter = SILENT) -> Path:
+    """Write ``RUN_DIR/report/index.html`` (or ``OUT/index.html``) and its figures; return the HTML path.
 
-    run_dir = Path(run_dir)
-    out = run_dir / "report"
-    with RunStore(run_dir) as store:
-        config = config_from_dict(store.get("config"))
+    The run directory is only read. The report is drawn in a temporary folder beside its target and
+    renamed into place when complete, so a failure (a damaged checkpoint, a full disk) leaves the
+    previous report, or none, never half of one.
+    """
+
+    rundir = RunDir(run_dir).require()
+    run_dir = rundir.root
+    with RunStore.open_readonly(rundir) as store:
+        config = config_from_dict(store.config())
+        kind = store.kind()
         rounds = [r for r in store.rounds() if r["status"] == "done"]
-        if not rounds and store.get("kind") == "active":
+        if not rounds and kind == "active":
             raise AlsegError("run has no finished round yet; nothing to report", run_dir)
         evaluations = {(e["round"], e["split"]): e for e in store.evaluations()}
         epochs = store.epochs()
-        split = store.get("split")
+        split = store.split()
         scores = {r["round"]: store.scores(r["round"]) for r in rounds if r["round"] > 0}
         selections = {r["round"]: {k: store.selection(r["round"], k) for k in ("expert", "pseudo")} for r in rounds}
         reasons = {r["round"]: store.selection_reasons(r["round"]) for r in rounds}
-        supervised_seconds = store.get("seconds")
-        kind = store.get("kind")
-        data = open_run_data(store, config.data.cache_dir, reporter)
+        supervised_seconds = store.supervised_seconds()
+        expert_seconds = store.expert_seconds()
+        data = open_run_data(store, config.data.cache_dir, reporter).data
         last = max((r["round"] for r in rounds), default=0)
-        checkpoints = {0: run_dir / ("checkpoints/round-000/best.pt" if kind == "active" else "checkpoints/best.pt")}
+        checkpoints = {0: rundir.checkpoint(0 if kind == "active" else None)}
         if kind == "active":
-            checkpoints[last] = run_dir / f"checkpoints/round-{last:03d}/best.pt"
-    out.mkdir(parents=True, exist_ok=True)
+            checkpoints[last] = rundir.checkpoint(last)
+    target = Path(out) if out is not None else rundir.report
+    out = _building_folder(target)
+    try:
+        page = _draw(out, run_dir, config, rounds, evaluations, epochs, split, scores, selections, reasons,
+                     supervised_seconds, expert_seconds, data, checkpoints, images, device, reporter)
+        _swap_into_place(out, target)
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+    return target / page.name
+
+
+def _building_folder(target: Path) -> Path:
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{target.name}.building-", dir=target.parent))
+    except OSError as exc:
+        raise disk_full_error(exc, target.parent, "no report was written; give --out FOLDER elsewhere") or exc from None
+
+
+def _swap_into_place(built: Path, target: Path) -> None:
+    os.chmod(built, 0o777 & ~current_umask())
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, old)
+    os.replace(built, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _draw(out: Path, run_dir: Path, config, rounds, evaluations, epochs, split, scores, selections, reasons,
+          supervised_seconds, expert_seconds, data, checkpoints, images, device, reporter) -> Path:
+    from alseg.report import figures
+
     made: list[tuple[str, str, str]] = []  # (section, file, caption)
 
     # predictions of the initial and the final model on fixed test images
     positive = {i: bool(data.positive[k]) for k, i in enumerate(data.ids)}
-    ids = fixed_test_ids(split["test"], positive, images)
+    ids = fixed_test_ids(split["test"] or split["val"], positive, images)  # a project has no test split
     idx = data.indices(ids)
     dev = resolve_device(device)
     passes = max(2, config.active.mc_passes)
@@ -131,7 +175,8 @@ def make_report(run_dir: str | Path, *, images: int = 4, device: str = "auto", r
         table.append({"round": r["round"], "expert_labelled": r["expert_labelled"], "pseudo_labelled": r["pseudo_labelled"],
                       "pool": r["pool"], "mean_dice": ev.get("mean_dice"), "median_dice": ev.get("median_dice"),
                       "pooled_dice": ev.get("pooled_dice"), "volume_dice_mean": ev.get("volume_dice_mean"),
-                      "seconds": r["seconds"]})
+                      "val_dice": r.get("val_dice"), "seconds": r["seconds"],
+                      "expert_minutes": round(expert_seconds.get(r["round"], 0.0) / 60, 2)})
     if len(table) > 1:
         curve = {config.active.strategy: {"x": [t["expert_labelled"] for t in table],
                                           "mean": [t["mean_dice"] for t in table], "std": [0.0] * len(table)}}
@@ -161,7 +206,7 @@ def _fmt(v) -> str:
 def _html(run_dir: Path, config, split: dict, made: list[tuple[str, str, str]], table: list[dict]) -> str:
     e = html.escape
     head = ("<tr>" + "".join(f"<th>{e(h)}</th>" for h in ("round", "expert-labelled", "pseudo-labelled", "pool",
-            "test Dice mean", "median", "pooled", "per-volume", "seconds")) + "</tr>")
+            "test Dice mean", "median", "pooled", "per-volume", "val Dice", "seconds", "expert minutes")) + "</tr>")
     rows = "".join("<tr>" + "".join(f"<td>{_fmt(t[k])}</td>" for k in t) + "</tr>" for t in table)
     sections = []
     for section in dict.fromkeys(s for s, _, _ in made):
@@ -185,7 +230,8 @@ figcaption {{ color: #555; font-size: 0.9em; }}
 <h1>alseg report: {e(run_dir.name)}</h1>
 <p>{facts}</p>
 <h2>Rounds</h2>
-<p>Test Dice per round (deterministic prediction, dropout off; empty mask and empty prediction score 1).
+<p>Test Dice per round (deterministic prediction, dropout off; empty mask and empty prediction score 1),
+the best validation Dice of the round's training, and the minutes the expert spent labelling on the review page.
 Also in <a href="rounds.csv">rounds.csv</a>.</p>
 <table>{head}{rows}</table>
 {''.join(sections)}

@@ -1,0 +1,160 @@
+"""Export of a batch for the expert: ``RUN_DIR/rounds/RRR/``.
+
+For each queued image: the image at its original size (PNG, so any browser shows it), the
+model's predicted mask as a head start (0/255 PNG at the original size, the thresholded MC mean
+of the model that chose the batch), an uncertainty overlay a person can read (the image under a
+magma colour map of the per-pixel MC variance, each image scaled to its own 99.5th percentile so
+its structure shows; the scale is in the manifest) and ``manifest.csv`` (id, file names, score,
+why it was chosen). ``masks/`` is where the expert's masks are expected.
+
+The folder is written under a temporary name and renamed when complete, so a crash never leaves
+a half-exported batch; exporting again returns the batch already there (the same batch until it
+is labelled).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from alseg.data.imageio import read_image
+from alseg.errors import AlsegError
+
+MANIFEST = "manifest.csv"
+COLUMNS = ("id", "image", "predicted", "uncertainty", "mask", "score", "reason", "width", "height",
+           "uncertainty_scale")
+REASONS = {"missed": "missed", "uncertain": "uncertain", "low": "low-uncertainty random", "initial": "initial",
+           "random": "random"}
+
+
+@dataclass(frozen=True)
+class BatchItem:
+    """One image of an exported batch; file names are relative to the batch folder."""
+
+    id: str
+    image: str
+    predicted: str | None
+    uncertainty: str | None
+    mask: str
+    score: float | None
+    reason: str
+    width: int
+    height: int
+    uncertainty_scale: float | None
+
+
+def reason_label(reason: str | None) -> str:
+    if reason and reason.startswith("top "):
+        return f"most uncertain ({reason})"
+    return REASONS.get(reason or "", reason or "")
+
+
+def file_stem(id: str, taken: set[str]) -> str:
+    """A file name for ``id`` that is safe on every file system and unique in the batch."""
+    stem = re.sub(r"[^A-Za-z0-9._-]", "_", id).lstrip(".") or "image"
+    base, k = stem, 1
+    while stem.lower() in taken:
+        k += 1
+        stem = f"{base}-{k}"
+    taken.add(stem.lower())
+    return stem
+
+
+def _png(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _to_size(plane: np.ndarray, width: int, height: int) -> np.ndarray:
+    return np.asarray(Image.fromarray(plane.astype(np.float32), mode="F").resize((width, height), Image.BILINEAR))
+
+
+def uncertainty_overlay(image: np.ndarray, variance: np.ndarray) -> tuple[np.ndarray, float]:
+    """The image under a magma colour map of ``variance`` (same H x W); returns (RGB uint8, scale)."""
+    from matplotlib import colormaps
+
+    rgb = image if image.shape[2] == 3 else np.repeat(image, 3, axis=2)
+    scale = float(np.percentile(variance, 99.5))
+    if scale <= 0:
+        scale = float(variance.max()) or 1.0
+    level = np.clip(variance / scale, 0, 1)
+    colour = colormaps["magma"](level)[:, :, :3] * 255
+    alpha = (0.25 + 0.65 * level)[:, :, None]  # the image shows through where the model is sure
+    return (rgb * (1 - alpha) + colour * alpha).round().astype(np.uint8), scale
+
+
+def read_manifest(folder: Path) -> list[BatchItem]:
+    path = folder / MANIFEST
+    if not path.is_file():
+        raise AlsegError("the batch has no manifest.csv (not exported yet?)", folder)
+    with path.open(newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    num = lambda v: float(v) if v not in (None, "") else None
+    return [BatchItem(r["id"], r["image"], r["predicted"] or None, r["uncertainty"] or None, r["mask"],
+                      num(r["score"]), r["reason"], int(r["width"]), int(r["height"]), num(r["uncertainty_scale"]))
+            for r in rows]
+
+
+def export_batch(run, round: int) -> Path:
+    """Write the queued batch of ``round`` of an :class:`~alseg.active.loop.ActiveRun`; return its folder."""
+    from alseg.active.loop import step_seed
+    from alseg.active.uncertainty import mc_dropout
+
+    folder = run.dir.batch(round)
+    if (folder / MANIFEST).is_file():
+        return folder
+    store, data, a = run.store, run.data, run.config.active
+    ids = store.selection(round, "expert")
+    reasons = store.selection_reasons(round)
+    scores = store.scores(round)
+    samples = {s.id: s for s in run.dataset.samples}
+    mc = None
+    if round > 0:
+        model = run._load_model(round - 1).model
+        mc = mc_dropout(model, data.images, data.indices(ids), run.normalizer, passes=a.mc_passes,
+                        batch_size=a.mc_batch_size, device=run.device, precision=a.mc_precision,
+                        seed=step_seed(run.config.seed, round, 6), keep_maps=True)
+    tmp = folder.parent / f".{folder.name}.exporting-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    for sub in ("images", "predicted", "uncertainty", "masks"):
+        (tmp / sub).mkdir(parents=True)
+    taken: set[str] = set()
+    rows = []
+    try:
+        for k, id in enumerate(ids):
+            image = read_image(samples[id].image)
+            height, width = image.shape[:2]
+            stem = file_stem(id, taken)
+            row = {"id": id, "image": f"images/{stem}.png", "predicted": "", "uncertainty": "",
+                   "mask": f"masks/{stem}.png", "score": "", "reason": reason_label(reasons.get(id)),
+                   "width": width, "height": height, "uncertainty_scale": ""}
+            (tmp / row["image"]).write_bytes(_png(image if image.shape[2] == 3 else image[:, :, 0]))
+            if mc is not None:
+                mean = _to_size(mc.mean[k], width, height)
+                row["predicted"] = f"predicted/{stem}.png"
+                (tmp / row["predicted"]).write_bytes(_png(((mean > 0.5) * 255).astype(np.uint8)))
+                overlay, scale = uncertainty_overlay(image, np.clip(_to_size(mc.variance_map[k], width, height), 0, None))
+                row["uncertainty"] = f"uncertainty/{stem}.png"
+                row["uncertainty_scale"] = f"{scale:.6g}"
+                (tmp / row["uncertainty"]).write_bytes(_png(overlay))
+            if scores.get(id, {}).get("variance") is not None:
+                row["score"] = f"{scores[id]['variance']:.6g}"
+            rows.append(row)
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        (tmp / MANIFEST).write_text(buf.getvalue(), encoding="utf-8")
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder

@@ -1,0 +1,198 @@
+"""A lab's project: the expert in the loop, over the user's own images.
+
+The workflow, each step a function here and a command of the CLI:
+
+``init_project`` (``alseg init``) -> ``query`` (trains as needed, scores the pool, selects and
+exports ``rounds/RRR/``) -> the expert labels (files or the review page) -> ``ingest`` (or the
+page's submit) -> ``query`` ...
+
+A project is a run directory whose annotator is a person: it walks the same durable steps as
+``alseg run`` (:mod:`alseg.active.loop`) and stops at *awaiting labels*. Every function that
+writes holds the directory's writer lock; :class:`Project` holds it for as long as it is open
+(the review server). ``status`` never writes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import threading
+from pathlib import Path
+
+from alseg.active.loop import AWAITING, ActiveRun, open_active, start_run, status
+from alseg.annotate.ingest import Batch, ingest_folder, latest_batch, submit_mask
+from alseg.config import ExperimentConfig, build_config, config_from_dict
+from alseg.data.sources import detect_format
+from alseg.errors import AlsegError
+from alseg.progress import SILENT, Reporter
+from alseg.rundir import RunDir
+from alseg.store import RunStore, atomic_write_text
+
+PROJECT_ROUNDS = 10_000  # a project has no round limit: the lab stops when it likes
+
+
+def init_project(project: str | Path, images: str | Path, masks: str | Path | None = None, *,
+                 preset: str | None = None, format: str | None = None, config_file: str | Path | None = None,
+                 overrides: dict | None = None, pool: str = "unmasked", reporter: Reporter = SILENT) -> dict:
+    """Create a project over ``images`` (any layout the readers know, or a plain folder of images).
+
+    ``masks``: a folder of the masks the lab already has, paired with ``images`` by file name.
+    ``pool="unmasked"``: images without a mask are the pool; ``pool="split"`` splits as ``alseg run``
+    does and hides the pool's masks (a rehearsal on a labelled dataset).
+    """
+    if pool not in ("unmasked", "split"):
+        raise AlsegError(f"pool must be 'unmasked' or 'split', not {pool!r}")
+    images = Path(images)
+    run_dir = RunDir.check_new(project)
+    if not images.is_dir():
+        raise AlsegError("no such folder", images)
+    data_path, fmt = images.absolute(), format
+    linked = masks is not None or (format in (None, "folder") and not _has_layout(images))
+    if masks is not None and not Path(masks).is_dir():
+        raise AlsegError("no such folder", masks)
+    if masks is not None and _has_layout(images):
+        raise AlsegError("--masks goes with a plain folder of images; this folder has a dataset layout", images)
+    created = not run_dir.root.exists()
+    try:
+        if linked:  # a plain folder: the project sees it in the folder layout, through links
+            data_path, fmt = run_dir.root / "data", "folder"
+            data_path.mkdir(parents=True)
+            (data_path / "images").symlink_to(images.absolute(), target_is_directory=True)
+            if masks is not None:
+                (data_path / "masks").symlink_to(Path(masks).absolute(), target_is_directory=True)
+        from alseg.config import preset_for_format
+
+        fmt = fmt or detect_format(data_path)
+        cfg = build_config(preset or preset_for_format(fmt), config_file, overrides)
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=str(data_path), format=fmt),
+                                  active=dataclasses.replace(cfg.active, rounds=PROJECT_ROUNDS, budget=None))
+        start_run(cfg, run_dir, reporter, annotator="expert", pool=pool)  # checked above, before the links
+    except BaseException:
+        if created:
+            shutil.rmtree(run_dir.root, ignore_errors=True)
+        else:  # the folder was there, empty: leave it empty
+            for child in run_dir.root.iterdir():
+                shutil.rmtree(child, ignore_errors=True) if child.is_dir() and not child.is_symlink() else child.unlink()
+        raise
+    return status(run_dir.root)
+
+
+def _has_layout(folder: Path) -> bool:
+    try:
+        detect_format(folder)
+        return True
+    except AlsegError:
+        return False
+
+
+def _open_project(store: RunStore) -> ExperimentConfig:
+    config = open_active(store)
+    if store.annotator() != "expert":
+        raise AlsegError("not a project (made by `alseg run`, whose annotator is simulated)", store.run_dir)
+    return config
+
+
+def query(project: str | Path, n: int | None = None, strategy: str | None = None, *,
+          reporter: Reporter = SILENT) -> dict:
+    """Train as needed, score the pool, select and export the next batch; the open batch if there is one."""
+    run_dir = RunDir(project).require()
+    with run_dir.lock("query"), RunStore(run_dir) as store:
+        config = _open_project(store)
+        if n is not None or strategy is not None:
+            config = _with_batch(config, n, strategy)
+            store.set_config(config.to_dict())
+            atomic_write_text(run_dir.config_file, config.to_yaml())
+        stopped = ActiveRun(store, config, reporter).run()
+        batch = latest_batch(store)
+        result = {**status(run_dir.root), "stopped": stopped}
+        if stopped == AWAITING and batch is not None:
+            result["batch"] = {"round": batch.round, "folder": str(batch.folder), "images": len(batch.items),
+                               "manifest": str(batch.folder / "manifest.csv"), "masks": str(batch.folder / "masks"),
+                               "queued": len(store.queued(batch.round))}
+        return result
+
+
+def _with_batch(config: ExperimentConfig, n: int | None, strategy: str | None) -> ExperimentConfig:
+    from alseg.active.strategies import make_strategy
+
+    active = config.active
+    if strategy is not None:
+        make_strategy(strategy)
+        active = dataclasses.replace(active, strategy=strategy)
+    if n is not None:
+        active = dataclasses.replace(active, ceal=active.ceal.with_expert_budget(n))
+    return dataclasses.replace(config, active=active)
+
+
+def ingest(project: str | Path, folder: str | Path | None = None, *, allow_empty: bool = False) -> dict:
+    """Validate and store the expert's masks for the batch (default folder: the batch's ``masks/``)."""
+    run_dir = RunDir(project).require()
+    with run_dir.lock("ingest"), RunStore(run_dir) as store:
+        config = _open_project(store)
+        return ingest_folder(store, store.data_info()["size"], folder, allow_empty=allow_empty) | {
+            "working_size": config.data.size}
+
+
+class Project:
+    """An open project holding the writer lock until :meth:`close` (the review server's handle).
+
+    Thread-safe: calls are serialised, so two uploads of the same image at once leave one complete
+    mask, the last one.
+    """
+
+    def __init__(self, project: str | Path, command: str = "serve"):
+        self.dir = RunDir(project).require()
+        self._fd = self.dir.acquire(command)
+        try:
+            self.store = RunStore(self.dir)
+            self.config = _open_project(self.store)
+        except BaseException:
+            import os
+
+            os.close(self._fd)
+            raise
+        self.size = self.store.data_info()["size"]
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        import os
+
+        with self._lock:
+            self.store.close()
+            os.close(self._fd)
+
+    def __enter__(self) -> "Project":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def batch(self) -> Batch | None:
+        with self._lock:
+            return latest_batch(self.store)
+
+    def labelled(self, round: int) -> set[str]:
+        with self._lock:
+            queued = set(self.store.queued(round))
+            return {i for i in self.store.selection(round, "expert") if i not in queued}
+
+    def submit(self, id: str, data: bytes, *, seconds: float | None = None, allow_empty: bool = False) -> dict:
+        with self._lock:
+            return submit_mask(self.store, self.size, id, data, seconds=seconds, allow_empty=allow_empty)
+
+    def record_time(self, id: str, seconds: float, action: str = "skip") -> None:
+        with self._lock:
+            latest_batch(self.store).item(id)
+            self.store.record_expert_time(id, seconds, action)
+
+    def stored_mask(self, id: str):
+        with self._lock:
+            return self.store.mask(id)
+
+    def status(self) -> dict:
+        with self._lock:
+            return status(self.dir.root)
+
+
+def project_config(project: str | Path) -> ExperimentConfig:
+    with RunStore.open_readonly(project) as store:
+        return config_from_dict(store.config())
