@@ -1,0 +1,448 @@
+"""The review server's JSON API: listing, file serving, upload validation, safety, concurrency, lock."""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from annotate_fixtures import BATCH, ThreadServer, build_project, copy_project, decode, png, predicted
+from alseg.annotate.server import LOOPBACK_HOSTS, create_app, serve
+from alseg.errors import AlsegError
+from alseg.project import Project
+from alseg.store import RunStore, mask_png
+
+
+
+@pytest.fixture(scope="session")
+def template(tmp_path_factory):
+    return build_project(tmp_path_factory)
+
+
+@pytest.fixture
+def project_dir(template, tmp_path) -> Path:
+    return copy_project(template[0], tmp_path / "project")
+
+
+@pytest.fixture
+def opened(project_dir):
+    p = Project(project_dir, command="serve")
+    yield p
+    p.close()
+
+
+@pytest.fixture
+def client(opened):
+    with TestClient(create_app(opened)) as c:
+        yield c
+
+
+def _items(p: Project):
+    return p.batch().items
+
+
+def _blob(item, seed=0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    mask = np.zeros((item.height, item.width), bool)
+    y, x = rng.integers(5, item.height - 20), rng.integers(5, item.width - 20)
+    mask[y:y + 12, x:x + 14] = True
+    mask[y + 3, x + 20] = True
+    return mask
+
+
+def _snapshot(root: Path) -> dict:
+    """Every file under the project (but the database) with its content hash; the store's masks."""
+    files = {}
+    for path in sorted(root.rglob("*")):
+        if path.is_file() and not path.is_symlink() and not path.name.startswith("run.db"):
+            files[str(path.relative_to(root))] = hashlib.sha256(path.read_bytes()).hexdigest()
+    with RunStore.open_readonly(root) as store:
+        return {"files": files, "masks": store.mask_ids(), "annotations": len(store.annotations()),
+                "queued": store.queued()}
+
+
+# ------------------------------------------------------------------ reading
+def test_batch_lists_the_open_batch(client, opened):
+    data = client.get("/api/batch").json()
+    batch = opened.batch()
+    assert data["round"] == batch.round == 1
+    assert (data["labelled"], data["total"], data["complete"]) == (0, BATCH, False)
+    assert data["working_size"] == 32
+    assert [it["id"] for it in data["items"]] == [it.id for it in batch.items]
+    for got, it in zip(data["items"], batch.items):
+        assert (got["width"], got["height"], got["reason"], got["labelled"]) == (it.width, it.height, it.reason, False)
+        assert got["urls"]["image"].startswith(f"/api/image/{it.id}")
+        assert got["urls"]["predicted"].startswith(f"/api/predicted/{it.id}")
+    sizes = {(it.width, it.height) for it in batch.items}
+    assert (80, 56) in sizes  # a non-square image is in the batch
+
+
+def test_files_are_pngs_of_the_image_size(client, opened):
+    batch = opened.batch()
+    for it in batch.items:
+        for kind in ("image", "predicted", "uncertainty"):
+            res = client.get(f"/api/{kind}/{it.id}")
+            assert res.status_code == 200 and res.headers["content-type"] == "image/png", (kind, res.text[:100])
+            with Image.open(io.BytesIO(res.content)) as im:
+                im.load()
+                assert im.format == "PNG" and im.size == (it.width, it.height), (kind, it.id)
+            assert res.content == (batch.folder / getattr(it, kind)).read_bytes()
+        assert client.get(f"/api/mask/{it.id}").status_code == 404  # nothing stored yet
+    page = client.get("/")
+    assert page.status_code == 200 and 'src="app.js"' in page.text
+    assert "default-src 'self'" in page.headers["content-security-policy"]
+    for name in ("app.js", "style.css"):
+        assert client.get(f"/{name}").status_code == 200
+    assert client.get("/api/status").json()["queued"] == BATCH
+
+
+BAD_IDS = ["..%2F..%2Frun.db", "%2e%2e%2f%2e%2e%2frun.db", "..%2f..%2f..%2fevil.png", "/etc/passwd",
+           "%2Fetc%2Fpasswd", "..%2F", "images%2Flesion_0014.png", "lesion_0014%00", "%2e%2e%2f"]
+
+
+def test_path_tricks_in_ids_are_404_and_write_nothing(client, project_dir, opened, tmp_path):
+    before = _snapshot(project_dir)
+    absolute = str(project_dir / "run.db")
+    ids = BAD_IDS + [absolute.replace("/", "%2F"), absolute]
+    for bad in ids:
+        for kind in ("image", "predicted", "uncertainty", "mask"):
+            res = client.get(f"/api/{kind}/{bad}")
+            assert res.status_code == 404 and "error" in res.json(), (kind, bad, res.status_code)
+        res = client.put(f"/api/mask/{bad}?allow_empty=1", content=png(np.ones((56, 80), bool)))
+        assert res.status_code == 404 and "error" in res.json(), (bad, res.text)
+        assert client.post(f"/api/skip/{bad}?seconds=1").status_code == 404
+    # the raw request line, as a browser or curl might send it without normalising
+    with ThreadServer(create_app(opened)) as server:
+        for path in ("/api/image/../../run.db", "/api/mask/../../../evil.png", "/api/image/%2e%2e/%2e%2e/run.db",
+                     "/api/mask/..", "/api/image/%2e%2e", "/api/image/" + absolute):
+            for method in ("GET", "PUT"):
+                status, body = _raw(server.port, f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                                                 "Content-Length: 4\r\nConnection: close\r\n\r\nabcd")
+                assert status == 404 and b"SQLite" not in body, (method, path, status)
+    assert _snapshot(project_dir) == before
+    assert not (tmp_path / "evil.png").exists() and not (project_dir.parent / "evil.png").exists()
+
+
+def test_only_the_batch_s_own_files_are_served(project_dir, opened, client):
+    """A manifest or a link that points out of the batch folder serves nothing."""
+    batch = opened.batch()
+    first, second = batch.items[0], batch.items[1]
+    manifest = batch.folder / "manifest.csv"
+    text = manifest.read_text()
+    manifest.write_text(text.replace(first.image, "../../run.db").replace(second.image, str(project_dir / "config.yaml")))
+    outside = project_dir.parent / "secret.png"
+    outside.write_bytes(png(np.ones((4, 4), bool)))
+    link = batch.folder / batch.items[2].image
+    link.unlink()
+    link.symlink_to(outside)
+    for it in batch.items[:3]:
+        res = client.get(f"/api/image/{it.id}")
+        assert res.status_code == 404 and "error" in res.json(), it.id
+    assert client.get(f"/api/image/{batch.items[3].id}").status_code == 200
+
+
+# ------------------------------------------------------------------ uploads refused
+def test_oversized_upload_is_413(opened, project_dir):
+    before = _snapshot(project_dir)
+    item = _items(opened)[0]
+    limit = 4000
+    with TestClient(create_app(opened, max_upload_bytes=limit)) as c:
+        assert c.put(f"/api/mask/{item.id}", content=b"\0" * (limit + 1)).status_code == 413
+
+        def chunks():  # no Content-Length: capped while reading
+            for _ in range(10):
+                yield b"\0" * 1000
+
+        res = c.put(f"/api/mask/{item.id}", content=chunks())
+        assert res.status_code == 413 and "limit" in res.json()["error"]
+    # the declared length alone is refused, before the body is read
+    with ThreadServer(create_app(opened)) as server:
+        start = time.monotonic()
+        status, body = _raw(server.port, f"PUT /api/mask/{item.id} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                                         f"Content-Length: {50 * 1024 * 1024}\r\n\r\n" + "x" * 100, timeout=10)
+        assert status == 413 and b"over the limit" in body
+        assert time.monotonic() - start < 5
+    assert _snapshot(project_dir) == before
+
+
+@pytest.mark.parametrize("case", ["truncated", "not-png", "gradient", "wrong-size", "empty", "colour", "no-body"])
+def test_invalid_masks_are_refused_with_the_reason(client, opened, project_dir, case):
+    item = _items(opened)[0]  # 80 x 56
+    good = _blob(item)
+    body, expect = {
+        "truncated": (png(good)[: len(png(good)) // 2], "unreadable image"),
+        "not-png": (b"<html>hello</html>", "unreadable image"),
+        "gradient": (png(np.tile(np.arange(item.width, dtype=np.uint8) * 3, (item.height, 1))), "not binary"),
+        "wrong-size": (png(np.ones((40, 30), bool)), f"mask is 30x40 but its image is {item.width}x{item.height}"),
+        "empty": (png(np.zeros((item.height, item.width), bool)), "mask is empty"),
+        "colour": (png(np.dstack([good * 255, good * 0, good * 0]).astype(np.uint8)), "colour channels"),
+        "no-body": (b"", "empty upload"),
+    }[case]
+    assert (item.width, item.height) == (80, 56)
+    before = _snapshot(project_dir)
+    res = client.put(f"/api/mask/{item.id}?seconds=3", content=body)
+    assert 400 <= res.status_code < 500
+    assert expect in res.json()["error"], res.json()
+    assert opened.stored_mask(item.id) is None
+    assert _snapshot(project_dir) == before  # nothing written, the image still queued
+
+
+def test_empty_mask_needs_allow_empty(client, opened):
+    item = _items(opened)[1]
+    empty = png(np.zeros((item.height, item.width), bool))
+    assert client.put(f"/api/mask/{item.id}", content=empty).status_code == 422
+    res = client.put(f"/api/mask/{item.id}?allow_empty=true", content=empty)
+    assert res.status_code == 200 and res.json()["outcome"] == "stored"
+    stored = opened.stored_mask(item.id)
+    assert stored.shape == (item.height, item.width) and not stored.any()
+
+
+def test_bad_seconds_are_refused(client, opened):
+    item = _items(opened)[0]
+    for bad in ("-1", "nan", "inf", "1e9", "soon"):
+        res = client.put(f"/api/mask/{item.id}?seconds={bad}", content=png(_blob(item)))
+        assert res.status_code == 422 and "seconds" in res.json()["error"], bad
+        assert client.post(f"/api/skip/{item.id}?seconds={bad}").status_code == 422
+    assert opened.stored_mask(item.id) is None
+
+
+# ------------------------------------------------------------------ uploads stored
+def test_valid_upload_is_stored_exactly(client, opened, project_dir):
+    items = _items(opened)
+    item = items[0]
+    sent = _blob(item, seed=1)
+    res = client.put(f"/api/mask/{item.id}?seconds=2.5", content=png(sent))
+    assert res.status_code == 200, res.text
+    body = res.json()
+    assert (body["id"], body["outcome"], body["labelled"], body["total"], body["complete"]) == (
+        item.id, "stored", 1, BATCH, False)
+    assert item.id not in body["queued"] and len(body["queued"]) == BATCH - 1
+    assert np.array_equal(opened.stored_mask(item.id), sent)
+    assert np.array_equal(decode(client.get(f"/api/mask/{item.id}").content) > 127, sent)
+    listed = client.get("/api/batch").json()
+    assert listed["labelled"] == 1 and [it["labelled"] for it in listed["items"]][0] is True
+    # the same again changes nothing; POST works as PUT; a different mask replaces it
+    assert client.post(f"/api/mask/{item.id}", content=png(sent)).json()["outcome"] == "unchanged"
+    other = _blob(item, seed=2)
+    assert client.put(f"/api/mask/{item.id}", content=png(other)).json()["outcome"] == "replaced"
+    # a mask at the working size is accepted too (0/1 values)
+    second = items[1]
+    small = np.zeros((32, 32), np.uint8)
+    small[8:20, 10:22] = 1
+    assert client.put(f"/api/mask/{second.id}", content=png(small)).json()["outcome"] == "stored"
+    with RunStore.open_readonly(project_dir) as store:
+        assert np.array_equal(store.mask(item.id), other)
+        assert np.array_equal(store.mask(second.id), small > 0)
+        assert sorted(store.queued(1)) == sorted(it.id for it in items[2:])
+
+
+def test_expert_seconds_sent_are_recorded(client, opened):
+    items = _items(opened)
+    assert opened.status()["expert_seconds"] == 0
+    assert client.put(f"/api/mask/{items[0].id}?seconds=2.5", content=png(_blob(items[0]))).status_code == 200
+    res = client.post(f"/api/skip/{items[1].id}?seconds=4")
+    assert res.status_code == 200 and res.json()["action"] == "skip"
+    assert client.post(f"/api/time/{items[2].id}?seconds=1.25&action=view").status_code == 200
+    assert client.post(f"/api/time/{items[2].id}?seconds=1&action=delete").status_code == 422
+    assert opened.status()["expert_seconds"] == pytest.approx(7.75)
+    assert client.get("/api/status").json()["expert_seconds"] == pytest.approx(7.75)
+    assert items[1].id in client.get("/api/batch").json()["items"][1]["id"]
+    assert client.get("/api/batch").json()["items"][1]["labelled"] is False  # skipped stays queued
+
+
+def test_concurrent_uploads_of_one_image_leave_the_last_complete_mask(opened):
+    item = _items(opened)[2]
+    masks = [_blob(item, seed=10), _blob(item, seed=11)]
+    assert not np.array_equal(*masks)
+    bodies = [png(m) for m in masks]
+    import httpx
+
+    with ThreadServer(create_app(opened)) as server:
+        for attempt in range(4):
+            barrier = threading.Barrier(2)
+            results = [None, None]
+
+            def send(k):
+                with httpx.Client(base_url=server.url, timeout=30) as c:
+                    barrier.wait()
+                    results[k] = c.put(f"/api/mask/{item.id}", content=bodies[k]).status_code
+
+            threads = [threading.Thread(target=send, args=(k,)) for k in (0, 1)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(30)
+            assert results == [200, 200], results
+            stored = opened.stored_mask(item.id)
+            assert any(np.array_equal(stored, m) for m in masks)
+            last = [a for a in opened.store.annotations(item.id) if a["sha256"]][-1]
+            assert last["sha256"] == hashlib.sha256(mask_png(stored)).hexdigest()  # the last one stored wins
+    assert opened.store.mask_ids().count(item.id) == 1
+
+
+# ------------------------------------------------------------------ cross-site and host checks
+def test_cross_site_writes_and_foreign_hosts_are_refused(opened):
+    item = _items(opened)[0]
+    app = create_app(opened, allowed_hosts=LOOPBACK_HOSTS)
+    with TestClient(app, base_url="http://127.0.0.1:8765") as c:
+        assert c.get("/api/batch").status_code == 200
+        assert c.get("/api/batch", headers={"host": "localhost:8765"}).status_code == 200
+        assert c.get("/api/batch", headers={"host": "evil.example:8765"}).status_code == 403  # DNS rebinding
+        res = c.put(f"/api/mask/{item.id}", content=png(_blob(item)), headers={"origin": "http://evil.example"})
+        assert res.status_code == 403 and "another site" in res.json()["error"]
+        assert c.post(f"/api/skip/{item.id}?seconds=9", headers={"origin": "null"}).status_code == 403
+        assert opened.stored_mask(item.id) is None and opened.status()["expert_seconds"] == 0
+        same = c.put(f"/api/mask/{item.id}", content=png(_blob(item)), headers={"origin": "http://127.0.0.1:8765"})
+        assert same.status_code == 200
+
+
+# ------------------------------------------------------------------ the real server process
+def _raw(port: int, request: str, timeout: float = 10) -> tuple[int, bytes]:
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(request.encode("latin-1"))
+        data = b""
+        try:
+            while b"\r\n\r\n" not in data or len(data) < _expected_length(data):
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+        except (ConnectionResetError, socket.timeout):
+            pass
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body
+
+
+def _expected_length(data: bytes) -> int:
+    head, _, _ = data.partition(b"\r\n\r\n")
+    m = re.search(rb"(?i)content-length:\s*(\d+)", head)
+    return len(head) + 4 + int(m.group(1)) if m else 1 << 30
+
+
+def _start_server(project: Path) -> tuple[subprocess.Popen, int]:
+    proc = subprocess.Popen([sys.executable, "-m", "alseg", "serve", str(project), "--port", "0"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "COLUMNS": "400"})
+    lines: list[str] = []
+    found = threading.Event()
+    port = []
+
+    def read():
+        for line in proc.stderr:
+            lines.append(line)
+            m = re.search(r"http://127\.0\.0\.1:(\d+)/", line)
+            if m and not port:
+                port.append(int(m.group(1)))
+                found.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    proc.lines = lines  # type: ignore[attr-defined]
+    if not found.wait(90):
+        proc.kill()
+        raise AssertionError(f"alseg serve did not start: {''.join(lines)}")
+    deadline = time.monotonic() + 30
+    while True:  # the URL is logged just before uvicorn listens
+        try:
+            if _raw(port[0], "GET /api/batch HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")[0] == 200:
+                return proc, port[0]
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise AssertionError(f"alseg serve does not answer: {''.join(lines)}")
+        time.sleep(0.1)
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "alseg", *args], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "COLUMNS": "400"})
+
+
+def test_server_holds_the_lock_and_a_kill_mid_upload_leaves_nothing(project_dir):
+    with RunStore.open_readonly(project_dir) as store:
+        item_id = store.queued(1)[0]
+    proc, port = _start_server(project_dir)
+    try:
+        busy = _cli("ingest", str(project_dir))
+        assert busy.returncode == 2, busy.stderr
+        lines = busy.stderr.strip().splitlines()
+        assert len(lines) == 1 and f"in use by process {proc.pid}" in lines[0] and "serve" in lines[0], busy.stderr
+        with pytest.raises(AlsegError, match=f"in use by process {proc.pid}"):
+            Project(project_dir)
+        # an upload cut off half way, then the server killed
+        body = png(np.ones((56, 80), bool)) + b"\0" * 200_000
+        s = socket.create_connection(("127.0.0.1", port), timeout=10)
+        s.sendall((f"PUT /api/mask/{item_id}?seconds=5 HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                   f"Content-Type: image/png\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body[: len(body) // 2])
+        time.sleep(0.5)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+        s.close()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+    with RunStore.open_readonly(project_dir) as store:
+        assert store.mask(item_id) is None and item_id in store.queued(1) and len(store.queued(1)) == BATCH
+        assert store.expert_seconds() == {}
+    incoming = project_dir / ".incoming"
+    assert not incoming.exists() or not list(incoming.iterdir())
+    assert not list((project_dir / "rounds" / "001" / "masks").iterdir())
+    done = _cli("ingest", str(project_dir), "--json")  # the lock died with the server
+    assert done.returncode == 0, done.stderr
+    with Project(project_dir) as p:
+        assert len(p.store.queued(1)) == BATCH
+
+
+def test_server_stops_cleanly_on_ctrl_c(project_dir):
+    proc, port = _start_server(project_dir)
+    try:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    time.sleep(0.2)
+    assert any("stopped" in line for line in proc.lines), proc.lines
+    with Project(project_dir):  # the lock is free again
+        pass
+
+
+def test_serve_refuses_a_held_lock_and_a_taken_port(project_dir):
+    with Project(project_dir, command="ingest"):
+        with pytest.raises(AlsegError, match=f"in use by process {os.getpid()}"):
+            serve(project_dir, port=0, log=lambda text: None)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        with pytest.raises(AlsegError, match=f"cannot listen on 127.0.0.1:{port}"):
+            serve(project_dir, port=port, log=lambda text: None)
+    with Project(project_dir):  # serve closed the project it opened
+        pass
+
+
+def test_no_open_batch_is_reported(tmp_path, template):
+    """A project whose batch is labelled still serves the page; the batch shows as complete."""
+    project = copy_project(template[0], tmp_path / "p2")
+    with Project(project) as p:
+        truth = template[1]
+        for it in p.batch().items:
+            assert p.submit(it.id, png(truth[it.id]), allow_empty=True)["outcome"] == "stored"
+        with TestClient(create_app(p)) as c:
+            data = c.get("/api/batch").json()
+            assert data["complete"] is True and data["labelled"] == data["total"] == BATCH
+            it = p.batch().items[0]
+            assert np.array_equal(decode(c.get(f"/api/mask/{it.id}").content) > 127, truth[it.id])
+            assert predicted(p.batch(), it).shape == truth[it.id].shape
