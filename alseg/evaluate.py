@@ -6,8 +6,11 @@ working size, on the deterministic prediction (dropout off) thresholded at 0.5.
 """
 from __future__ import annotations
 
+import csv
+import io
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -56,14 +59,26 @@ def score_model(checkpoint: Checkpoint, data: CachedData, indices: np.ndarray, *
     return Evaluation(summary, [data.ids[i] for i in indices], dice)
 
 
+def write_per_image_csv(path: str | Path, ids: Sequence[str], dice: Iterable[float]) -> None:
+    """Write ``id,dice`` rows (Dice to 6 decimals) to ``path`` atomically, quoting ids as CSV needs
+    (an id holding a comma, quote or newline stays one field)."""
+    from alseg.store import atomic_write_text
+
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(("id", "dice"))
+    writer.writerows((sid, f"{float(d):.6f}") for sid, d in zip(ids, dice, strict=True))
+    atomic_write_text(path, buf.getvalue())
+
+
 def resolve_checkpoint(target: str | Path) -> tuple[Path, Path | None]:
     """(checkpoint file, run dir or None) for a checkpoint path or a run directory (its latest model)."""
     from alseg.store import RunStore
 
     target = Path(target)
     if target.is_dir():
-        with RunStore(target) as store:
-            latest = store.get("latest_checkpoint")
+        with RunStore.open_readonly(target) as store:
+            latest = store.latest_checkpoint()
         if not latest:
             raise AlsegError("run has no trained model yet", target)
         return target / latest, target
@@ -89,12 +104,12 @@ def evaluate(target: str | Path, data_path: str | Path, *, format: str | None = 
     dataset = open_dataset(data_path, format)
     with staged(reporter, "decode", len(dataset.samples)) as advance:
         data = load_cached(dataset, ckpt.size, channels=ckpt.model.config.in_channels, cache_dir=cache_dir,
-                           progress=advance)
+                           progress=advance, note=reporter.note)
     keep = data.has_mask.copy()
     if split != "all":
         if run_dir is None:
             raise AlsegError(f"--split {split} needs a run directory, not a checkpoint file", target)
-        with RunStore(run_dir) as store:
+        with RunStore.open_readonly(run_dir) as store:
             wanted = set(store.sample_ids(split=split))
         keep &= np.array([i in wanted for i in data.ids])
     if positive_only:

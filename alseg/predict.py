@@ -1,8 +1,9 @@
 """Applying a trained model to new, unlabelled images: masks, uncertainty maps and scores on disk.
 
 Owns ``alseg predict``: the step from "a checkpoint and a folder of images" to files a person can
-open. The folder is either a layout :func:`alseg.data.sources.detect_format` recognises (its images
-are used, its masks ignored) or a plain folder of image files (id = file stem).
+open. The folder is either a layout :func:`alseg.data.sources.detect_format` recognises, read by the
+same readers as training (its images are used, its masks skipped: a kaggle_3m patient folder gives
+one output per slice, none for its ``*_mask.tif``), or a plain folder of image files (id = file stem).
 
 Each image is decoded, brought to the checkpoint's working size and channel count with
 :func:`alseg.data.cache.fit_image` (exactly as training saw its pixels), and predicted in batches:
@@ -11,7 +12,9 @@ Each image is decoded, brought to the checkpoint's working size and channel coun
   and the uncertainty map the per-pixel variance of the T probabilities;
 * ``mc == 0``: one deterministic pass (dropout off); no uncertainty map, no scores.
 
-Written under ``OUT/`` (every file atomically):
+Everything is written into a hidden sibling folder ``.OUT.partial-*`` that is renamed to ``OUT`` only
+when complete, so a failure (an unreadable folder, a full disk) leaves no half-written ``OUT``.
+Written under ``OUT/``:
 
 * ``masks/<id>.png``: mode L, 0/255; the probability map resized back to the image's original
   width x height (bilinear), then thresholded at 0.5;
@@ -29,7 +32,11 @@ Results are deterministic for a seed, batch size and device.
 from __future__ import annotations
 
 import csv
+import errno
 import io
+import os
+import shutil
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -118,8 +125,7 @@ def predict_folder(checkpoint: str | Path, images: str | Path, out: str | Path, 
     Returns ``{"images": n_predicted, "skipped": [{"file", "problem"}], "out", "mc"}``.
     """
     from alseg.evaluate import resolve_checkpoint
-    from alseg.train import Checkpoint, predict_probs
-    from alseg.active.uncertainty import mc_dropout
+    from alseg.train import Checkpoint
 
     if mc == 1 or mc < 0:
         raise AlsegError(f"--mc must be 0 (deterministic) or at least 2 MC-dropout passes, got {mc}")
@@ -132,6 +138,59 @@ def predict_folder(checkpoint: str | Path, images: str | Path, out: str | Path, 
     size, channels = ckpt.size, ckpt.model.config.in_channels
     if channels not in (1, 3):
         raise AlsegError(f"model takes {channels} input channels; predict handles 1 (grey) or 3 (RGB)", ckpt_path)
+
+    created = [d for d in out.absolute().parents if not d.exists()]  # nearest first; removed again on failure
+    staging: Path | None = None
+    published = False
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+        rows, skipped = _predict_into(staging, items, ckpt, dev, size, channels, mc, seed, reporter)
+        n_ok = len(items) - len(skipped)
+        if n_ok == 0:
+            raise AlsegError(f"none of the {len(items)} images could be read (first: "
+                             f"{Path(skipped[0]['file']).name}: {skipped[0]['problem']})", images)
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write_text(staging / "scores.csv", buf.getvalue())
+        _publish(staging, out)
+        published = True
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise AlsegError("disk full while writing predictions; nothing was written", out) from None
+        if isinstance(exc, PermissionError):
+            raise AlsegError(f"cannot write the output ({exc.strerror}); nothing was written", out) from None
+        raise
+    finally:
+        if not published:
+            if staging is not None:
+                shutil.rmtree(staging, ignore_errors=True)
+            for d in created:
+                try:
+                    d.rmdir()
+                except OSError:
+                    break
+    return {"images": n_ok, "skipped": skipped, "out": str(out), "mc": mc}
+
+
+def _publish(staging: Path, out: Path) -> None:
+    """Rename the finished ``staging`` folder to ``out`` (absent, or the empty folder checked before)."""
+    try:
+        os.replace(staging, out)
+    except OSError as exc:
+        if exc.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+            raise AlsegError("output folder was filled by something else while predicting; nothing was written",
+                             out) from None
+        raise
+
+
+def _predict_into(out: Path, items, ckpt, dev, size: int, channels: int, mc: int, seed: int,
+                  reporter: Reporter) -> tuple[list[dict], list[dict]]:
+    """Predict ``items`` into the folder ``out``: ``(scores.csv rows, skipped files)``."""
+    from alseg.active.uncertainty import mc_dropout
+    from alseg.train import predict_probs
 
     rows: list[dict] = []
     skipped: list[dict] = []
@@ -169,17 +228,7 @@ def predict_folder(checkpoint: str | Path, images: str | Path, out: str | Path, 
                 advance(done)
     finally:
         reporter.end_stage()
-
-    n_ok = len(items) - len(skipped)
-    if n_ok == 0:
-        raise AlsegError(f"none of the {len(items)} images could be read (first: {Path(skipped[0]['file']).name}: "
-                         f"{skipped[0]['problem']})", images)
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(out / "scores.csv", buf.getvalue())
-    return {"images": n_ok, "skipped": skipped, "out": str(out), "mc": mc}
+    return rows, skipped
 
 
 def _skipped_row(item: tuple[str, Path], problem: str) -> dict:

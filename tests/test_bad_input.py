@@ -170,6 +170,35 @@ def lgg_missing_mask(tmp: Path) -> Case:
     return Case(root, f"{patient}_2.tif", ("mask",))
 
 
+def groups_csv_latin1(tmp: Path) -> Case:
+    root = folder_dataset(tmp / "ds", n=2)
+    (root / "groups.csv").write_bytes("image,group\ngood_0.png,Zürich\ngood_1.png,Genève\n".encode("latin-1"))
+    return Case(root, "groups.csv", ("not utf-8",))
+
+
+def groups_csv_missing_row(tmp: Path) -> Case:
+    root = folder_dataset(tmp / "ds", n=2)
+    (root / "groups.csv").write_text("image,group\ngood_0.png,p1\n")
+    return Case(root, "groups.csv", ("good_1.png", "no row"))
+
+
+def broken_mask_link(tmp: Path) -> Case:
+    root = folder_dataset(tmp / "ds")
+    link = root / "masks" / "good_1.png"
+    link.unlink()
+    link.symlink_to(tmp / "moved_away.png")
+    return Case(root, "good_1.png", ("broken symbolic link",))
+
+
+def isic_two_spellings(tmp: Path) -> Case:
+    root = tmp / "isic"
+    data = root / "ISIC-2017_Training_Data"
+    data.mkdir(parents=True)
+    Image.fromarray(rgb(1)).save(data / "ISIC_0000001.jpg", format="JPEG")
+    Image.fromarray(rgb(2)).save(data / "ISIC_0000001.JPG", format="JPEG")
+    return Case(root, "ISIC_0000001.JPG", ("ISIC_0000001.jpg", "two"))
+
+
 def empty_folder(tmp: Path) -> Case:
     root = tmp / "empty_ds"
     root.mkdir()
@@ -206,6 +235,10 @@ PIXEL_CASES = [  # bad pixels: checked by both `train` and `data summary`
 LAYOUT_CASES = [
     pytest.param(isic_missing_mask, id="isic-missing-mask"),
     pytest.param(lgg_missing_mask, id="lgg-missing-mask"),
+    pytest.param(groups_csv_latin1, id="groups-csv-latin1"),
+    pytest.param(groups_csv_missing_row, id="groups-csv-missing-row"),
+    pytest.param(broken_mask_link, id="broken-mask-link"),
+    pytest.param(isic_two_spellings, id="isic-two-spellings"),
     pytest.param(empty_folder, id="empty-folder"),
     pytest.param(empty_images_folder, id="folder-empty-images"),
     pytest.param(unknown_layout, id="unknown-layout"),

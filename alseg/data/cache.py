@@ -7,15 +7,26 @@ sizes, mtimes), the working size and the channel count, so it is reused across r
 rebuilt when any input changes. It is built in a temporary folder and renamed into place
 only when every file decoded, so a failed read leaves nothing behind.
 
+A cache folder is checked when opened (``meta.json`` parses and carries this version and the
+full fingerprint; the ``.npy`` files have the shapes and byte sizes ``meta.json`` implies). A
+damaged one (truncated by a full disk, edited by hand) is removed and rebuilt, which is
+reported through the ``note`` callable. Temporary ``.building-<pid>@<host>-*`` folders left by
+a killed build on this host (their process is gone) are removed before the next build.
+
 Default location: ``$ALSEG_CACHE_DIR``, else ``$XDG_CACHE_HOME/alseg``, else ``~/.cache/alseg``.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
+import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,12 +35,15 @@ from typing import Callable, Sequence
 import numpy as np
 from PIL import Image
 
-from alseg.data.imageio import read_image, read_mask
+from alseg.data.imageio import read_header, read_image, read_mask
 from alseg.data.sources import Dataset
 from alseg.errors import AlsegError
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3  # 3: meta.json carries the full fingerprint, checked on open
 ProgressFn = Callable[[int, int], None]
+NoteFn = Callable[[str], None]
+_BUILDING = re.compile(r"^\.building-(?P<pid>\d+)@(?P<host>[^-]*)-")
+LEGACY_BUILD_AGE_S = 3600  # .building-* folders without an owner (older alseg) are stale after this
 
 
 def default_cache_dir() -> Path:
@@ -83,8 +97,15 @@ def fingerprint(dataset: Dataset, size: int, channels: int) -> str:
 
 
 def infer_channels(dataset: Dataset) -> int:
-    """3 when the first image is colour (ISIC RGB, LGG's three MRI channels), 1 for grey."""
-    return read_image(dataset.samples[0].image).shape[2]
+    """3 when any image is colour (ISIC RGB, LGG's three MRI channels), 1 only when all are grey.
+
+    Reads image headers only (no pixels), stopping at the first colour image; grey images in a
+    colour dataset are widened to 3 channels by :func:`fit_image`.
+    """
+    for sample in dataset.samples:
+        if read_header(sample.image)[2] == 3:
+            return 3
+    return 1
 
 
 def fit_image(img: np.ndarray, size: int, channels: int) -> np.ndarray:
@@ -117,22 +138,105 @@ def _decode(sample, size: int, channels: int):
 
 
 def load_cached(dataset: Dataset, size: int, channels: int | None = None, cache_dir: str | Path | None = None,
-                progress: ProgressFn | None = None, workers: int = 4) -> CachedData:
-    """Return the dataset's pixels at ``size`` x ``size``, decoding only when no valid cache exists."""
+                progress: ProgressFn | None = None, workers: int = 4, note: NoteFn | None = None) -> CachedData:
+    """Return the dataset's pixels at ``size`` x ``size``, decoding only when no valid cache exists.
+
+    A damaged cache folder is rebuilt, and stale partial builds are removed; both are told to
+    ``note`` (one line each) when given.
+    """
     if size < 8:
         raise AlsegError(f"working size must be at least 8 pixels, got {size}")
     channels = channels or infer_channels(dataset)
     fp = fingerprint(dataset, size, channels)
     root = Path(cache_dir) if cache_dir else default_cache_dir()
     final = root / f"{dataset.format}-{size}px-{channels}ch-{fp[:20]}"
-    if not (final / "meta.json").is_file():
-        _build(dataset, size, channels, final, progress, workers)
-    return _open(final)
+    if final.exists() or final.is_symlink():
+        try:
+            return _open(final, fp, len(dataset.samples))
+        except _Damaged as exc:
+            if note:
+                note(f"cache {final} is damaged ({exc}); rebuilding it")
+            _discard(final)
+    _build(dataset, size, channels, fp, final, progress, workers, note)
+    try:
+        return _open(final, fp, len(dataset.samples))
+    except _Damaged as exc:  # just built and already unusable: the disk, or another process, at fault
+        raise AlsegError(f"the pixel cache just built is unusable ({exc}); check the disk and try again",
+                         final) from None
 
 
-def _build(dataset: Dataset, size: int, channels: int, final: Path, progress, workers: int) -> None:
+class _Damaged(Exception):
+    """A cache folder that cannot be used as it is (the message says why)."""
+
+
+def _discard(folder: Path) -> None:
+    """Remove a damaged cache folder: first renamed aside (atomic), so no reader meets it half-deleted."""
+    aside = folder.parent / f".damaged-{uuid.uuid4().hex[:12]}"
+    try:
+        os.rename(folder, aside)
+    except FileNotFoundError:  # another process removed it already
+        return
+    except OSError:
+        aside = folder
+    if aside.is_dir() and not aside.is_symlink():
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        aside.unlink(missing_ok=True)
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname())[:64]
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    except OSError:
+        return True
+    return True
+
+
+def remove_stale_builds(root: Path, note: NoteFn | None = None) -> list[Path]:
+    """Remove ``.building-*`` folders of builds that died: started on this host by a process
+    that no longer runs, or (no owner in the name: older alseg) untouched for an hour.
+    Builds of other hosts sharing the folder are left alone, since their processes cannot be
+    seen from here. Leftover ``.damaged-*`` folders go too. Returns the builds removed."""
+    removed: list[Path] = []
+    if not root.is_dir():
+        return removed
+    host, now = _host(), time.time()
+    for d in root.iterdir():
+        if d.name.startswith(".damaged-") and d.is_dir() and not d.is_symlink():
+            shutil.rmtree(d, ignore_errors=True)  # set aside by _discard; its removal was cut short
+            continue
+        if not d.name.startswith(".building-") or not d.is_dir() or d.is_symlink():
+            continue
+        m = _BUILDING.match(d.name)
+        try:
+            if m:
+                stale = m.group("host") == host and int(m.group("pid")) != os.getpid() and not _pid_alive(int(m.group("pid")))
+            else:
+                stale = now - d.stat().st_mtime > LEGACY_BUILD_AGE_S
+        except OSError:
+            continue
+        if stale:
+            shutil.rmtree(d, ignore_errors=True)
+            if not d.exists():
+                removed.append(d)
+                if note:
+                    note(f"removed {d}, left by an interrupted cache build")
+    return removed
+
+
+def _build(dataset: Dataset, size: int, channels: int, fp: str, final: Path, progress, workers: int,
+           note: NoteFn | None = None) -> None:
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=final.parent))
+    remove_stale_builds(final.parent, note)
+    tmp = Path(tempfile.mkdtemp(prefix=f".building-{os.getpid()}@{_host()}-", dir=final.parent))
     try:
         n = len(dataset.samples)
         images = np.lib.format.open_memmap(tmp / "images.npy", "w+", np.uint8, (n, size, size, channels))
@@ -153,7 +257,7 @@ def _build(dataset: Dataset, size: int, channels: int, final: Path, progress, wo
         masks.flush()
         del images, masks
         meta = {
-            "version": CACHE_VERSION, "format": dataset.format, "size": size, "channels": channels,
+            "version": CACHE_VERSION, "fingerprint": fp, "format": dataset.format, "size": size, "channels": channels,
             "ids": [s.id for s in dataset.samples],
             "has_mask": [s.mask is not None for s in dataset.samples],
             "positive": positive.tolist(),
@@ -168,23 +272,67 @@ def _build(dataset: Dataset, size: int, channels: int, final: Path, progress, wo
             if not (final / "meta.json").is_file():  # another process did not win the race: a real error
                 raise
             shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise AlsegError("disk full while building the pixel cache; nothing was kept (free space or "
+                             "set ALSEG_CACHE_DIR / --cache-dir elsewhere)", final.parent) from None
         raise
 
 
-def _open(folder: Path) -> CachedData:
-    meta = json.loads((folder / "meta.json").read_text())
+def _npy(path: Path, shape: tuple[int, ...]) -> np.ndarray:
+    """Memory-map ``path``, raising :class:`_Damaged` unless it is a whole uint8 array of ``shape``."""
+    try:
+        with path.open("rb") as fh:
+            version = np.lib.format.read_magic(fh)
+            if version not in ((1, 0), (2, 0)):
+                raise _Damaged(f"{path.name} has .npy format version {version}, not one alseg writes")
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            stored, fortran, dtype = read_header(fh)
+            offset = fh.tell()
+        if tuple(stored) != shape or dtype != np.uint8 or fortran:
+            raise _Damaged(f"{path.name} holds {dtype} {tuple(stored)}, expected uint8 {shape}")
+        expected = offset + int(np.prod(shape, dtype=np.int64))
+        actual = path.stat().st_size
+        if actual != expected:
+            raise _Damaged(f"{path.name} is {actual} bytes, expected {expected}")
+        return np.load(path, mmap_mode="r")
+    except _Damaged:
+        raise
+    except FileNotFoundError:
+        raise _Damaged(f"{path.name} is missing") from None
+    except (OSError, ValueError, SyntaxError, TypeError) as exc:
+        raise _Damaged(f"{path.name} is unreadable: {str(exc)[:80]}") from None
+
+
+def _open(folder: Path, fp: str, n: int) -> CachedData:
+    """The cache in ``folder``, checked against the fingerprint ``fp`` and ``n`` samples (else :class:`_Damaged`)."""
+    try:
+        meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise _Damaged("meta.json is missing") from None
+    except (OSError, ValueError) as exc:
+        raise _Damaged(f"meta.json is unreadable: {str(exc)[:80]}") from None
+    if not isinstance(meta, dict) or meta.get("version") != CACHE_VERSION or meta.get("fingerprint") != fp:
+        raise _Damaged("meta.json does not match this dataset and alseg version")
+    try:
+        size, channels = int(meta["size"]), int(meta["channels"])
+        lists = {k: meta[k] for k in ("ids", "has_mask", "positive", "groups", "subsets", "orig_sizes")}
+        if any(not isinstance(v, list) or len(v) != n for v in lists.values()):
+            raise _Damaged(f"meta.json does not list {n} samples")
+        orig_sizes = [(int(w), int(h)) for w, h in meta["orig_sizes"]]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise _Damaged(f"meta.json lacks or mangles {exc}") from None
     return CachedData(
         ids=meta["ids"],
-        images=np.load(folder / "images.npy", mmap_mode="r"),
-        masks=np.load(folder / "masks.npy", mmap_mode="r"),
+        images=_npy(folder / "images.npy", (n, size, size, channels)),
+        masks=_npy(folder / "masks.npy", (n, size, size)),
         has_mask=np.array(meta["has_mask"], bool),
         positive=np.array(meta["positive"], bool),
         groups=meta["groups"],
         subsets=meta["subsets"],
-        orig_sizes=[tuple(x) for x in meta["orig_sizes"]],
-        size=meta["size"],
-        channels=meta["channels"],
+        orig_sizes=orig_sizes,
+        size=size,
+        channels=channels,
         path=folder,
     )

@@ -8,10 +8,19 @@ A 0..255 mask may also carry up to 1 % of pixels strictly between 0 and 255 (ant
 edges from resampling or JPEG); those are binarised at >= 128. Anything else (label maps
 such as {0, 1, 2}, soft probability maps) is rejected. Colour masks are accepted only when
 their channels are equal.
+
+Size limit: any image over ``PIL.Image.MAX_IMAGE_PIXELS`` pixels is refused before its pixels
+are decoded, TIFF included (a small compressed file can expand to gigabytes), with one
+``AlsegError`` rather than Pillow's ``DecompressionBombWarning``.
 """
 from __future__ import annotations
 
+import re
+import threading
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -20,23 +29,23 @@ from alseg.errors import AlsegError
 
 NONBINARY_TOLERANCE = 0.01
 _TIFF = {".tif", ".tiff"}
+# Pillow modes that read_image returns as one plane; every other mode (RGB, RGBA, P, CMYK, ...) becomes RGB.
+_GREY_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"}
+# Image.open warns through the process-wide warnings filters; the lock keeps this module's
+# temporary filter (see _open_pil) from interleaving between decoding threads.
+_PIL_OPEN_LOCK = threading.Lock()
 
 
-def _read_raw(path: Path) -> np.ndarray:
+@contextmanager
+def _reading(path: Path) -> Iterator[None]:
+    """Turn what Pillow and tifffile raise for a bad file into a one-line :class:`AlsegError`."""
     try:
-        if path.suffix.lower() in _TIFF:
-            import tifffile
-
-            arr = np.asarray(tifffile.imread(path))
-        else:
-            with Image.open(path) as im:
-                im.load()
-                if im.mode in ("P", "PA", "CMYK", "YCbCr", "LAB", "HSV", "RGBA", "LA", "1"):
-                    im = im.convert("RGB" if im.mode not in ("LA", "1") else "L")
-                arr = np.asarray(im)
+        yield
     except AlsegError:
         raise
     except FileNotFoundError:
+        if path.is_symlink():
+            raise AlsegError("broken symbolic link (its target does not exist)", path) from None
         raise AlsegError("file not found", path) from None
     except (OSError, SyntaxError, ValueError, UnidentifiedImageError, Image.DecompressionBombError) as exc:
         raise AlsegError(f"unreadable image ({_short(exc, path)})", path) from None
@@ -44,6 +53,109 @@ def _read_raw(path: Path) -> np.ndarray:
         if type(exc).__module__.startswith("tifffile"):
             raise AlsegError(f"unreadable image ({_short(exc, path)})", path) from None
         raise
+
+
+def _check_pixels(width: int, height: int, path: Path, planes: int = 1) -> None:
+    """Refuse an image over ``PIL.Image.MAX_IMAGE_PIXELS`` (None disables), for every format alike."""
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and width * height * planes > limit:
+        dims = f"{width} x {height}" + (f" x {planes} pages" if planes > 1 else "")
+        raise AlsegError(f"image is {dims} pixels, over the limit of {limit} (decompression-bomb guard)", path)
+
+
+def _open_pil(path: Path) -> Image.Image:
+    """``Image.open`` (header only) with the pixel limit enforced here, and no warning escaping.
+
+    Pillow warns between 1x and 2x ``MAX_IMAGE_PIXELS`` and raises above 2x; alseg refuses
+    anything over 1x with one message instead.
+    """
+    with _PIL_OPEN_LOCK, warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            im = Image.open(path)
+        except Image.DecompressionBombError as exc:  # over 2x the limit: Pillow refused it itself
+            size = _bomb_size(exc)
+            if size is not None:
+                _check_pixels(*size, path)
+            found = re.search(r"\((\d+) pixels\)", str(exc))
+            count = found.group(1) if found else "too many"
+            raise AlsegError(f"image is {count} pixels, over the limit of {Image.MAX_IMAGE_PIXELS} "
+                             "(decompression-bomb guard)", path) from None
+    try:
+        _check_pixels(*im.size, path)
+    except AlsegError:
+        im.close()
+        raise
+    return im
+
+
+def _bomb_size(exc: BaseException) -> tuple[int, int] | None:
+    """The ``(width, height)`` Pillow's size check refused (its message gives only the product)."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    size = tb.tb_frame.f_locals.get("size") if tb is not None else None
+    if isinstance(size, tuple) and len(size) == 2 and all(isinstance(v, int) for v in size):
+        return size
+    return None
+
+
+def _tiff_geometry(tif, path: Path) -> tuple[int, int, tuple[int, ...]]:
+    """``(width, height, shape)`` of the array ``tifffile.imread`` would return, pixel limit checked."""
+    page = tif.pages[0]
+    shape = tuple(int(n) for n in tif.series[0].shape)
+    width, height = int(page.imagewidth), int(page.imagelength)
+    planes = max(1, int(np.prod(shape, dtype=np.int64)) // max(1, width * height * int(page.samplesperpixel)))
+    _check_pixels(width, height, path, planes)
+    return width, height, shape
+
+
+def _shape_channels(shape: tuple[int, ...]) -> int | None:
+    """Channels :func:`read_image` gives an array of ``shape`` (see :func:`_to_hwc`), None if unsupported."""
+    if len(shape) == 2:
+        return 1
+    if len(shape) == 3:
+        c = shape[0] if shape[0] <= 4 and shape[2] > 4 else shape[2]
+        return 3 if c == 4 else c if c in (1, 3) else None
+    return None
+
+
+def read_header(path: str | Path) -> tuple[int, int, int]:
+    """``(width, height, channels)`` of an image from its header, without decoding the pixels.
+
+    ``channels`` is what :func:`read_image` would return (1 grey, 3 colour). Oversized images
+    are refused here as in :func:`read_image`.
+    """
+    path = Path(path)
+    with _reading(path):
+        if path.suffix.lower() in _TIFF:
+            import tifffile
+
+            with tifffile.TiffFile(path) as tif:
+                width, height, shape = _tiff_geometry(tif, path)
+            channels = _shape_channels(shape)
+            if channels is None:
+                raise AlsegError(f"unsupported image shape {shape}", path)
+        else:
+            with _open_pil(path) as im:
+                (width, height), channels = im.size, 1 if im.mode in _GREY_MODES else 3
+    return width, height, channels
+
+
+def _read_raw(path: Path) -> np.ndarray:
+    with _reading(path):
+        if path.suffix.lower() in _TIFF:
+            import tifffile
+
+            with tifffile.TiffFile(path) as tif:
+                _tiff_geometry(tif, path)  # before decoding: a small file can hold a huge image
+                arr = np.asarray(tif.asarray())
+        else:
+            with _open_pil(path) as im:
+                im.load()
+                if im.mode in ("P", "PA", "CMYK", "YCbCr", "LAB", "HSV", "RGBA", "LA", "1"):
+                    im = im.convert("RGB" if im.mode not in ("LA", "1") else "L")
+                arr = np.asarray(im)
     if arr.size == 0:
         raise AlsegError("image has no pixels", path)
     return arr

@@ -6,16 +6,21 @@ Owns the readers for the three layouts alseg understands and their detection:
   ``ISIC-2017_{Training,Validation,Test_v2}_Data/ISIC_NNNNNNN.jpg`` with masks in
   ``ISIC-2017_*_Part1_GroundTruth/ISIC_NNNNNNN_segmentation.png``;
 * ``lgg``: the Kaggle ``kaggle_3m`` brain MRI layout, ``<patient>/<patient>_<n>.tif`` with
-  ``<patient>_<n>_mask.tif`` (group = patient, slices in numeric order);
+  ``<patient>_<n>_mask.tif`` (group = patient, slices in numeric order); a single patient
+  folder is read as a one-patient dataset;
 * ``folder``: ``images/`` and optional ``masks/`` paired by file stem, for users' own data,
-  with an optional ``groups.csv`` (``image,group``) for grouped splits.
+  with an optional ``groups.csv`` (``image,group``, UTF-8) for grouped splits, which then
+  must give every image exactly one non-empty group.
 
+Nothing is dropped silently: a broken symbolic link to an image or mask, or two files that
+would be the same sample (``X.jpg`` beside ``X.JPG``), is an error naming the files.
 A split folder whose ground-truth folder exists must have a mask for every image; a split
 without a ground-truth folder is an unlabelled pool (mask ``None``).
 """
 from __future__ import annotations
 
 import csv
+import io
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,7 +76,7 @@ def detect_format(path: str | Path) -> str:
         return "isic2017"
     if (root / "images").is_dir():
         return "folder"
-    if _lgg_root(root) is not None:
+    if _lgg_root(root) is not None or _is_lgg_patient(root):
         return "lgg"
     raise AlsegError(
         "unknown layout: expected ISIC-2017_*_Data folders (isic2017), kaggle_3m patient folders "
@@ -98,7 +103,27 @@ def open_dataset(path: str | Path, format: str | None = None) -> Dataset:
 
 
 def _files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    """The visible files directly in ``folder``, sorted; a dangling link to an image is an error.
+
+    ``is_file()`` is False for a link whose target is gone, so without the check such an image
+    (or mask) would vanish from the dataset, leaving its partner unlabelled or unpaired.
+    """
+    found = []
+    for p in folder.iterdir():
+        if p.name.startswith("."):
+            continue
+        if p.is_file():
+            found.append(p)
+        elif p.is_symlink() and not p.exists() and p.suffix.lower() in IMAGE_SUFFIXES:
+            raise AlsegError("broken symbolic link (its target does not exist)", p)
+    return sorted(found)
+
+
+def _add_unique(found: dict[str, Path], key: str, path: Path, what: str) -> None:
+    """``found[key] = path``, refusing a second file for the same sample (``X.jpg`` and ``X.JPG``)."""
+    if key in found:
+        raise AlsegError(f"two {what} files for {key!r}: {found[key].name} and {path.name}; keep one", path)
+    found[key] = path
 
 
 def _read_isic2017(root: Path) -> list[Sample]:
@@ -113,12 +138,12 @@ def _read_isic2017(root: Path) -> list[Sample]:
             for f in _files(truth_dir):
                 m = _ISIC_MASK.match(f.name)
                 if m:  # superpixels, CSVs and other extras of the download are ignored
-                    masks[m.group(1)] = f
+                    _add_unique(masks, m.group(1), f, "mask")
         images: dict[str, Path] = {}
         for f in _files(image_dir):
             m = _ISIC_IMAGE.match(f.name)
             if m:
-                images[m.group(1)] = f
+                _add_unique(images, m.group(1), f, "image")
         if truth_dir.is_dir():
             for sid, img in images.items():
                 if sid not in masks:
@@ -141,21 +166,35 @@ def _lgg_root(root: Path) -> Path | None:
     return None
 
 
+def _is_lgg_patient(folder: Path) -> bool:
+    """Whether ``folder`` is itself one kaggle_3m patient folder (slices beside their ``*_mask.tif``)."""
+    return folder.is_dir() and any(folder.glob("*_mask.tif*"))
+
+
 def _read_lgg(root: Path) -> list[Sample]:
     base = _lgg_root(root)
-    if base is None:
+    if base is not None:
+        patient_dirs = sorted(d for d in base.iterdir() if d.is_dir())
+    elif _is_lgg_patient(root):
+        patient_dirs = [root]
+    else:
         raise AlsegError("no patient folders with *_mask.tif files (kaggle_3m layout)", root)
     samples: list[Sample] = []
-    for patient_dir in sorted(d for d in base.iterdir() if d.is_dir()):
+    for patient_dir in patient_dirs:
         patient = patient_dir.name
         slices: list[tuple[int, Sample]] = []
+        stems: dict[str, Path] = {}
         files = {f.name: f for f in _files(patient_dir)}
         for fname, f in files.items():
             m = _LGG_IMAGE.match(fname)
             if not m or m.group("patient").endswith("_mask") or fname.lower().rsplit(".", 1)[0].endswith("_mask"):
                 continue
             stem = f.name.rsplit(".", 1)[0]
-            mask = next((files[n] for n in (f"{stem}_mask.tif", f"{stem}_mask.tiff") if n in files), None)
+            _add_unique(stems, stem, f, "image")
+            found = [files[n] for n in (f"{stem}_mask.tif", f"{stem}_mask.tiff") if n in files]
+            if len(found) > 1:
+                raise AlsegError(f"two mask files for {stem!r}: {found[0].name} and {found[1].name}; keep one", found[1])
+            mask = found[0] if found else None
             if mask is None:
                 raise AlsegError("slice has no mask (expected <patient>_<n>_mask.tif)", f)
             slices.append((int(m.group("n")), Sample(stem, f, mask, patient, None)))
@@ -185,7 +224,10 @@ def _read_folder(root: Path) -> list[Sample]:
             if stem in masks:
                 raise AlsegError(f"two masks for image {stem!r}", path)
             masks[stem] = path
-    groups = _read_groups(root / "groups.csv", images) if (root / "groups.csv").is_file() else {}
+    groups_csv = root / "groups.csv"
+    if groups_csv.is_symlink() and not groups_csv.exists():
+        raise AlsegError("broken symbolic link (its target does not exist)", groups_csv)
+    groups = _read_groups(groups_csv, images) if groups_csv.is_file() else {}
     return [Sample(stem, images[stem], masks.get(stem), groups.get(stem), None) for stem in sorted(images)]
 
 
@@ -202,14 +244,45 @@ def images_by_stem(folder: Path) -> dict[str, Path]:
 
 
 def _read_groups(path: Path, images: dict[str, Path]) -> dict[str, str]:
+    """``groups.csv``: UTF-8 (a BOM is fine), columns image,group, one non-empty group per image."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = exc.object[:exc.start].count(b"\n") + 1
+        raise AlsegError(f"groups.csv is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} on line {line}); "
+                         "save it as UTF-8", path) from None
+    if "\x00" in text:
+        raise AlsegError("groups.csv is not UTF-8 text (it holds NUL bytes: a binary file?)", path)
     groups: dict[str, str] = {}
-    with path.open(newline="") as fh:
-        reader = csv.DictReader(fh)
-        if not reader.fieldnames or not {"image", "group"} <= set(reader.fieldnames):
+    seen: dict[str, str] = {}
+    try:
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        if not reader.fieldnames or not {"image", "group"} <= {f.strip() for f in reader.fieldnames if f}:
             raise AlsegError("groups.csv needs the columns image,group", path)
+        reader.fieldnames = [f.strip() if f else f for f in reader.fieldnames]
         for row in reader:
-            stem = Path(row["image"]).stem
+            name = (row.get("image") or "").strip()
+            group = (row.get("group") or "").strip()
+            if not name and not group and not any((v or "").strip() for v in row.values() if isinstance(v, str)):
+                continue  # a blank line
+            line = reader.line_num
+            if not name:
+                raise AlsegError(f"groups.csv line {line} has no image name", path)
+            stem = Path(name).stem
             if stem not in images:
-                raise AlsegError(f"groups.csv names an unknown image {row['image']!r}", path)
-            groups[stem] = row["group"]
+                raise AlsegError(f"groups.csv names an unknown image {name!r} (line {line})", path)
+            if stem in seen:
+                raise AlsegError(f"groups.csv lists image {name!r} twice (lines {seen[stem]} and {line})", path)
+            seen[stem] = str(line)
+            if not group:
+                raise AlsegError(f"groups.csv gives image {name!r} an empty group (line {line})", path)
+            groups[stem] = group
+    except csv.Error as exc:
+        raise AlsegError(f"groups.csv is not valid CSV ({exc})", path) from None
+    missing = [stem for stem in sorted(images) if stem not in groups]
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise AlsegError(f"groups.csv has no row for image {images[missing[0]].name!r}{more}; "
+                         "every image needs a group", path)
     return groups
