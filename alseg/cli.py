@@ -180,13 +180,12 @@ def evaluate(target: Path = typer.Argument(..., help="Checkpoint file or run dir
 
     Empty-mask convention: an image whose mask and prediction are both empty scores 1.0.
     """
-    from alseg.evaluate import evaluate as run_eval
-    from alseg.store import atomic_write_text
+    from alseg.evaluate import evaluate as run_eval, write_per_image_csv
 
     result = run_eval(target, data, format=format.value if format else None, positive_only=positive_only,
                       split=split, device=device, cache_dir=cache_dir, reporter=RichReporter(quiet=as_json))
     if per_image:
-        atomic_write_text(per_image, "id,dice\n" + "".join(f"{i},{d:.6f}\n" for i, d in zip(result.ids, result.dice)))
+        write_per_image_csv(per_image, result.ids, result.dice)
     _emit(result.summary, as_json, lambda r: out.print(_kv_table(f"Dice on {data}", r)))
 
 
@@ -529,8 +528,11 @@ def serve(project: Path = typer.Argument(..., help="Project folder."),
     Each submitted mask is validated and stored at once; the page records the seconds spent on each
     image. Holds the project's writer lock while it runs.
     """
+    import signal
+
     from alseg.annotate.server import serve as run_server
 
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C is how the page is stopped: no resume hint
     run_server(project, host=host, port=port, open_browser=open_browser, log=lambda text: err.print(
         text, markup=False, highlight=False, soft_wrap=True))
 
@@ -543,14 +545,30 @@ def _resume_hint(command: str) -> None:
     _RESUME_HINT[:] = [command]
 
 
+class _Interrupted(BaseException):
+    """Ctrl-C, raised instead of KeyboardInterrupt: typer turns KeyboardInterrupt into a bare exit
+    130 (newer releases) or "Aborted!" exit 1 (older ones) before ``main`` could say how to resume."""
+
+
+def _raise_interrupted(signum, frame):
+    raise _Interrupted()
+
+
 def main(argv: list[str] | None = None) -> int:
+    import signal
+    import threading
+
     _RESUME_HINT.clear()
+    previous = None
+    # Only where Ctrl-C would interrupt anyway (a background job started by a shell ignores SIGINT).
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        previous = signal.signal(signal.SIGINT, _raise_interrupted)
     try:
         app(args=argv, prog_name="alseg", standalone_mode=True)
     except AlsegError as exc:
         err.print(f"alseg: error: {exc}", markup=False, highlight=False, soft_wrap=True)
         return 2
-    except KeyboardInterrupt:
+    except (_Interrupted, KeyboardInterrupt):
         hint = f"; resume with {_RESUME_HINT[0]}" if _RESUME_HINT else ""
         err.print(f"alseg: interrupted{hint}", markup=False, highlight=False, soft_wrap=True)
         return 130
@@ -566,6 +584,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except SystemExit as exc:
         return int(exc.code or 0) if not isinstance(exc.code, str) else 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
     return 0
 
 

@@ -19,6 +19,8 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import re
+import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -26,6 +28,9 @@ from alseg.errors import AlsegError
 
 DB_NAME = "run.db"
 LOCK_NAME = "lock"
+# Temporaries a writer killed mid-write leaves: `.NAME.tmp-XXXX` of an atomic write (alseg.store),
+# `.RRR.exporting-PID` of a batch export (alseg.annotate.export).
+_TEMPORARY = re.compile(r"^\..+\.(tmp-[^/]+|exporting-\d+)$")
 
 
 class RunDir:
@@ -138,4 +143,25 @@ class RunDir:
             raise AlsegError(f"run directory is in use by {who}; one writer at a time", self.root) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()} alseg {command}\n".encode(), 0)
+        self._remove_temporaries()
         return fd
+
+    def _remove_temporaries(self) -> None:
+        """Delete what a writer killed in mid-write left (the lock is ours: no writer is alive).
+
+        Only the writers' own temporaries, in the folders writers write (never in a project's
+        ``data/``, the user's images, nor in a report that a reader may be building)."""
+        def walk(folder: Path, deep: bool) -> None:
+            for child in folder.iterdir():
+                if _TEMPORARY.match(child.name):
+                    shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+                elif deep and child.is_dir() and not child.is_symlink():
+                    walk(child, deep)
+
+        walk(self.root, deep=False)
+        for folder in (self.root / "checkpoints", self.root / "pseudo", self.root / "rounds"):
+            if folder.is_dir() and not folder.is_symlink():
+                walk(folder, deep=True)
+        if self.incoming.is_dir():  # uploads that were being validated when the server died
+            for child in self.incoming.iterdir():
+                child.unlink() if not child.is_dir() else shutil.rmtree(child)

@@ -42,7 +42,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from alseg.errors import AlsegError
-from alseg.rundir import RunDir
+from alseg.rundir import DB_NAME, LOCK_NAME, RunDir
 
 SCHEMA_VERSION = 2
 
@@ -96,7 +96,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so readers see the old file or the new one, never a part."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)  # the name RunDir cleans up
     try:
         os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600; files here are ordinary outputs
         with os.fdopen(fd, "wb") as fh:
@@ -197,6 +197,41 @@ class RunStore:
                 raise AlsegError(f"run.db has schema {version}, made by an older alseg; start a new run",
                                  self.dir.db)
             raise AlsegError("run.db is not a run database (tables missing); nothing was changed", self.dir.db)
+
+    @staticmethod
+    def never_started(run_dir: RunDir) -> bool:
+        """Is ``run_dir`` what a run killed while it was being created leaves, safe to empty and reuse?
+
+        Yes for: only the lock file (killed before run.db was made), an empty run.db, a database
+        without tables (killed before the schema committed) or one whose start never committed.
+        A database that cannot be read is damaged, not unstarted: it is never emptied."""
+        root = run_dir.root
+        if not root.is_dir():
+            return False
+        names = {p.name for p in root.iterdir()}
+        if DB_NAME not in names:
+            return names == {LOCK_NAME}
+        db = run_dir.db
+        if not db.is_file() or db.is_symlink():
+            return False
+        if db.stat().st_size == 0:
+            return True
+        try:
+            conn = RunStore._connect_readonly(db)
+            try:
+                if conn.execute("PRAGMA quick_check").fetchone()[0] != "ok":
+                    return False
+                tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+                if not tables:
+                    return True
+                if "meta" not in tables:
+                    return False
+                row = conn.execute("SELECT value FROM meta WHERE key = 'started'").fetchone()
+                return not (row and json.loads(row[0]))
+            finally:
+                conn.close()
+        except (sqlite3.Error, ValueError):
+            return False
 
     @classmethod
     def open_readonly(cls, run_dir: str | Path | RunDir) -> "RunStore":

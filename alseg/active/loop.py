@@ -243,18 +243,19 @@ class ActiveRun:
                      on_batch=batch_progress(self.reporter), checkpoint_meta={"round": round})
         trained = time.perf_counter()
         point("trained")
-        test_dice = None
+        test_dice, test_summary = None, {}
         if split.test:
             best = self._load_model(round)
             evaluation = score_model(best, self.data, self.data.indices(split.test), device=self.device,
                                      precision=cfg.train.precision)
             self.store.add_evaluation(round, "test", evaluation.summary)
-            test_dice = evaluation.summary["mean_dice"]
+            test_summary, test_dice = evaluation.summary, evaluation.summary["mean_dice"]
         timings = {**self.store.round_timings(round), "train_s": trained - t0,
                    "evaluate_s": time.perf_counter() - trained}
         pool_size = len(self.pool())
         row = {"round": round, "expert_labelled": len(expert), "pseudo_labelled": len(pseudo_ids), "pool": pool_size,
-               "test_dice": test_dice, "val_dice": result["best_val_dice"], "seconds": sum(timings.values())}
+               "test": test_summary, "test_dice": test_dice, "val_dice": result["best_val_dice"],
+               "seconds": sum(timings.values())}
         self.store.finish_round(round, expert_labelled=len(expert), pseudo_labelled=len(pseudo_ids), pool=pool_size,
                                 test_dice=test_dice, val_dice=result["best_val_dice"], seconds=row["seconds"],
                                 timings=timings, latest_checkpoint=self.dir.relative(self.dir.checkpoint(round)))
@@ -306,6 +307,7 @@ def start_run(config: ExperimentConfig, out: str | Path | RunDir, reporter: Repo
     normalizer = Normalizer.fit(data.images[data.indices(fit_on)])
     with RunStore(run_dir, create=True) as store, run_dir.lock("run"):
         atomic_write_text(run_dir.config_file, config.to_yaml())
+        point("created")  # killed here, the folder is reused by the same command (`_new_or_unstarted`)
         store.start(kind="active", annotator=annotator, config=config.to_dict(), data=data_record(prepared),
                     normalizer=normalizer.to_dict(), split=split.to_dict(), samples=sample_rows(split, split.labelled))
     return run_dir
@@ -317,12 +319,7 @@ def _new_or_unstarted(out: str | Path) -> RunDir:
         return RunDir.check_new(out)
     except AlsegError:
         run_dir = RunDir(out)
-        try:
-            with RunStore.open_readonly(run_dir) as store:
-                unstarted = not store.started()
-        except AlsegError:  # an empty run.db: killed before its schema was written
-            unstarted = run_dir.db.is_file() and run_dir.db.stat().st_size == 0
-        if not unstarted:
+        if not RunStore.never_started(run_dir):
             raise
         with run_dir.lock("run"):
             for child in run_dir.root.iterdir():
