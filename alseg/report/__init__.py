@@ -176,7 +176,7 @@ def _draw(out: Path, run_dir: Path, config, rounds, evaluations, epochs, split, 
                       "pool": r["pool"], "mean_dice": ev.get("mean_dice"), "median_dice": ev.get("median_dice"),
                       "pooled_dice": ev.get("pooled_dice"), "volume_dice_mean": ev.get("volume_dice_mean"),
                       "val_dice": r.get("val_dice"), "seconds": r["seconds"],
-                      "expert_minutes": round(expert_seconds.get(r["round"], 0.0) / 60, 2)})
+                      "expert_minutes": expert_seconds.get(r["round"], 0.0) / 60})
     if len(table) > 1:
         curve = {config.active.strategy: {"x": [t["expert_labelled"] for t in table],
                                           "mean": [t["mean_dice"] for t in table], "std": [0.0] * len(table)}}

@@ -39,10 +39,14 @@ class TensorboardReporter(Reporter):
 
     def round(self, row):
         r = row["round"]
+        test = row.get("test") or {}  # a project has no test split
         for key in ("mean_dice", "median_dice", "pooled_dice", "volume_dice_mean"):
-            if row["test"].get(key) is not None:
-                self.writer.add_scalar(f"round/test_{key}", row["test"][key], r)
-        self.writer.add_scalar("round/test_dice_vs_labels", row["test"]["mean_dice"], row["expert_labelled"])
+            if test.get(key) is not None:
+                self.writer.add_scalar(f"round/test_{key}", test[key], r)
+        if test.get("mean_dice") is not None:
+            self.writer.add_scalar("round/test_dice_vs_labels", test["mean_dice"], row["expert_labelled"])
+        if row.get("val_dice") is not None:
+            self.writer.add_scalar("round/val_dice", row["val_dice"], r)
         for key in ("expert_labelled", "pseudo_labelled", "pool", "seconds"):
             self.writer.add_scalar(f"round/{key}", row[key], r)
         self.writer.flush()
