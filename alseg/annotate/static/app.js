@@ -409,7 +409,10 @@ function setBrush(size, byUser = true) {
 
 function fit() {
   if (!state.w) return;
-  const vp = $("viewport");
+  const vp = $("viewport"), stage = $("stage");
+  // measure without the zoomed stage's scrollbars, or fitting after a zoom-in comes out smaller
+  stage.style.width = "0px";
+  stage.style.height = "0px";
   const z = Math.min((vp.clientWidth - 16) / state.w, (vp.clientHeight - 16) / state.h);
   state.zoom = Math.max(0.05, Math.min(32, z));
   state.fitted = true;
