@@ -49,7 +49,8 @@ class DataConfig:
 class ActiveConfig:
     """Settings of the active-learning phase (``alseg run``); the initial phase uses ``train.epochs``."""
 
-    strategy: str = "ceal"
+    strategy: str = "ceal"           # a registered name (alseg.active.strategies)
+    batch_size: int | None = None    # expert images per round; None: CEAL's 10 + 10 + 15 = 35
     rounds: int = 10
     budget: float | None = None      # stop once this fraction of the train split is expert-labelled
     round_epochs: int = 5
@@ -60,6 +61,11 @@ class ActiveConfig:
     mc_precision: str = "auto"       # bf16 on CUDA and on CPUs with bf16 instructions, else fp32
     weighting: str = "none"          # "edt": weight variance maps by the distance transform (CEAL code option)
     ceal: CealParams = field(default_factory=CealParams)
+
+    @property
+    def expert_batch(self) -> int:
+        """Expert images per round."""
+        return self.batch_size or self.ceal.expert_budget
 
 
 @dataclass

@@ -116,10 +116,10 @@ def _with_batch(config: ExperimentConfig, n: int | None, strategy: str | None) -
 
     active = config.active
     if strategy is not None:
-        make_strategy(strategy)
         active = dataclasses.replace(active, strategy=strategy)
     if n is not None:
-        active = dataclasses.replace(active, ceal=active.ceal.with_expert_budget(n))
+        active = dataclasses.replace(active, batch_size=n)
+    make_strategy(active.strategy, active.ceal, active.batch_size)  # one line for a bad name or size
     return dataclasses.replace(config, active=active)
 
 

@@ -97,7 +97,19 @@ def test_pseudo_labels_belong_to_their_images(tmp_path, monkeypatch):
     own_mean = np.mean(np.diag(agreement))
     others_mean = (agreement.sum() - np.trace(agreement)) / (20 * 19)
     assert own_mean > 0.97 and own_mean > others_mean + 0.03  # measured: 0.977 against 0.917
-    assert np.mean(np.argmax(agreement, axis=1) == np.arange(20)) >= 0.75  # measured: 0.9
+    # ... and exactly the thresholded MC means of the pass that scored and selected them, whose
+    # Dice the store records (a second pass, with other dropout masks, gave other masks)
+    with RunStore.open_readonly(tmp_path / "run") as store:
+        scored = store.scores(1)
+    pool = list(scored)  # recorded in pool order
+    a = cfg.active
+    scoring = mc_dropout(ckpt.model, data.images, data.indices(pool), ckpt.normalizer, passes=a.mc_passes,
+                         batch_size=a.mc_batch_size, precision=a.mc_precision, masks=data.masks, keep_masks=True,
+                         seed=loop_module.step_seed(cfg.seed, 1, 1))
+    assert np.allclose(scoring.variance, [scored[i]["variance"] for i in pool])  # the same pass, recomputed
+    at = [pool.index(i) for i in pseudo_ids]
+    assert np.array_equal(scoring.masks(at), saved_masks)
+    assert np.allclose(scoring.dice[at], [scored[i]["dice"] for i in pseudo_ids])
 
 
 def _labels(run_dir):

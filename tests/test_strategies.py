@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 
 from alseg.errors import AlsegError
-from alseg.active.strategies import CealParams, CealStrategy, make_strategy
+from alseg.active.strategies import (CealParams, CealStrategy, DiverseStrategy, make_strategy, reason_label,
+                                     register, strategy_names, strategy_spec)
 
 
 def _scores(values):
@@ -112,3 +113,113 @@ def test_pseudo_skip_empty_never_pseudo_labels_an_empty_prediction():
     assert any(foreground[int(i)] == 0 for i in plain.pseudo_ids)  # CEAL's default takes them
     assert len(skip.pseudo_ids) == 40 and all(foreground[int(i)] > 0 for i in skip.pseudo_ids)
     assert skip.expert_ids == plain.expert_ids  # the expert groups are unchanged
+
+
+# --- defects of the method audit ------------------------------------------------------------------
+def _in_bins(counts_by_bin: dict[int, int], bins: int = 80) -> np.ndarray:
+    """Scores whose equal-width histogram over [0, 80] has exactly these counts (bin b: [b, b+1))."""
+    parts = [np.full(c, b + 0.5) for b, c in sorted(counts_by_bin.items())]
+    return np.concatenate(parts + [np.array([0.0, float(bins)])])  # pin the edges to 0..80
+
+
+def test_low_fallback_takes_the_nearest_bins_when_the_region_is_empty():
+    # modal bin 44: the region [44 + 6, 47) is empty; bins 47-49 hold 15 images, bins 50-53 more
+    values = _in_bins({10: 5, 44: 300, 45: 20, 47: 5, 48: 5, 49: 5, 50: 10, 51: 10, 52: 10, 53: 10, 79: 12})
+    strat = CealStrategy()
+    which, counts, _ = strat.histogram(values)
+    assert int(np.argmax(counts)) == 44
+    sel = strat.select(_scores(values), [str(i) for i in range(len(values))], 1, np.random.default_rng(0))
+    low = [int(i) for i, r in sel.reasons.items() if r == "low"]
+    assert len(low) == 15 and sorted(set(which[low])) == [47, 48, 49]
+    assert any(s.startswith("low: region holds 0 of 15") for s in sel.shortfalls)
+
+
+def test_kept_pseudo_labels_count_toward_the_round_so_the_number_held_grows_linearly():
+    values = _crowd(2000, seed=2)
+    pool = [str(i) for i in range(len(values))]
+    fresh = CealStrategy().select(_scores(values), pool, 3, np.random.default_rng(0))
+    assert len(fresh.pseudo_ids) == 60  # transient: all 20 x 3 drawn anew
+    kept = CealStrategy().select(_scores(values), pool, 3, np.random.default_rng(0), pseudo_held=40)
+    assert len(kept.pseudo_ids) == 20  # 40 kept from rounds 1-2: 60 held in round 3
+
+
+# --- the registry and the batch size --------------------------------------------------------------
+@pytest.mark.parametrize("name", strategy_names())
+def test_every_registered_strategy_takes_the_batch_size(name):
+    values = _crowd(400, seed=3)
+    rng = np.random.default_rng(5)
+    scores = {**_scores(values), "foreground": np.full(400, 10), "group": np.array([None] * 400, dtype=object),
+              "features": rng.normal(size=(400, 8)).astype(np.float32),
+              "labelled_features": rng.normal(size=(30, 8)).astype(np.float32)}
+    pool = [f"p{i}" for i in range(400)]
+    sel = make_strategy(name, CealParams(), batch_size=12).select(scores, pool, 1, np.random.default_rng(0))
+    assert len(sel.expert_ids) == 12 and len(set(sel.expert_ids)) == 12
+    assert set(sel.expert_ids) <= set(pool) and not set(sel.expert_ids) & set(sel.pseudo_ids)
+    assert set(sel.reasons) == set(sel.expert_ids) | set(sel.pseudo_ids)
+    assert all(reason_label(r) for r in sel.reasons.values())
+    assert strategy_spec(name).colour.startswith("#") and strategy_spec(name).help
+
+
+def test_a_registered_plug_in_is_known_everywhere_names_are_read():
+    from alseg.active import strategies
+
+    @register("first-k", help="the first k of the pool", colour="#000000")
+    def _first(params, batch_size):
+        class FirstK(strategies.Strategy):
+            name = "first-k"
+
+            def select(self, scores, pool, round, rng, *, pseudo_held=0):
+                return strategies.Selection(list(pool[:batch_size]), [], {i: "first" for i in pool[:batch_size]})
+        return FirstK()
+
+    try:
+        assert "first-k" in strategy_names()
+        assert make_strategy("first-k", batch_size=3).select({}, ["a", "b", "c", "d"], 1, None).expert_ids == ["a", "b", "c"]
+    finally:
+        strategies._REGISTRY.pop("first-k")
+    with pytest.raises(AlsegError, match="unknown strategy"):
+        make_strategy("first-k")
+    with pytest.raises(AlsegError, match="at least 1"):
+        make_strategy("random", batch_size=0)
+
+
+# --- diverse: uncertainty thinned by k-center greedy ---------------------------------------------
+def _clustered(n_clusters=12, per=10, seed=0):
+    """Pool of near-duplicates: clusters of `per` images sharing features (plus noise); the most
+    uncertain cluster holds the highest scores, so top-k takes it whole."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(scale=10, size=(n_clusters, 16))
+    cluster = np.repeat(np.arange(n_clusters), per)
+    features = centres[cluster] + rng.normal(scale=0.05, size=(len(cluster), 16))
+    values = 50 + cluster * 1.0 + rng.uniform(0, 0.5, len(cluster))  # cluster 11 most uncertain
+    return values, features.astype(np.float32), cluster
+
+
+def test_diverse_asks_each_cluster_once_where_top_k_asks_one_cluster_ten_times():
+    values, features, cluster = _clustered()
+    pool = [f"i{k}" for k in range(len(values))]
+    scores = {**_scores(values), "foreground": np.full(len(values), 5), "features": features,
+              "labelled_features": features[:0], "group": np.array([None] * len(values), dtype=object)}
+    top = make_strategy("uncertainty", batch_size=10).select(scores, pool, 1, np.random.default_rng(0))
+    diverse = make_strategy("diverse", batch_size=10).select(scores, pool, 1, np.random.default_rng(0))
+    clusters_of = lambda ids: [cluster[pool.index(i)] for i in ids]
+    assert len(set(clusters_of(top.expert_ids))) == 1
+    # candidates: the 40 most uncertain images, 4 clusters; k-center greedy spreads over all 4
+    assert len(set(clusters_of(diverse.expert_ids))) == 4
+    again = make_strategy("diverse", batch_size=10).select(scores, pool, 1, np.random.default_rng(0))
+    assert again.expert_ids == diverse.expert_ids  # deterministic
+
+
+def test_diverse_avoids_what_is_already_labelled_and_caps_groups():
+    values, features, cluster = _clustered(n_clusters=6, per=20, seed=1)
+    pool = [f"i{k}" for k in range(len(values))]
+    labelled = features[cluster == 5][:3]  # the most uncertain cluster is already well labelled
+    groups = np.array([f"g{c}" for c in cluster], dtype=object)
+    scores = {**_scores(values), "foreground": np.full(len(values), 5), "features": features,
+              "labelled_features": labelled, "group": groups}
+    sel = DiverseStrategy(CealParams(), budget=8, candidates=15, group_cap=0.25).select(
+        scores, pool, 2, np.random.default_rng(0))
+    picked = [cluster[pool.index(i)] for i in sel.expert_ids]
+    assert len(picked) == 8 and max(np.bincount(picked)) <= 2  # at most a quarter of 8 per group
+    assert picked.count(5) <= 1  # far from nothing new: the labelled cluster is asked last, if at all
+    assert len(sel.pseudo_ids) == 40 and not set(sel.pseudo_ids) & set(sel.expert_ids)  # CEAL's pseudo-labels

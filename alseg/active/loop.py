@@ -36,7 +36,7 @@ import numpy as np
 
 from alseg.active.annotators import make_annotator, resize_mask
 from alseg.active.strategies import make_strategy
-from alseg.active.uncertainty import mc_dropout
+from alseg.active.uncertainty import bottleneck_features, mc_dropout
 from alseg.config import ExperimentConfig, config_from_dict
 from alseg.data.splits import Split, carve_validation
 from alseg.errors import AlsegError
@@ -68,7 +68,8 @@ class ActiveRun:
         self.dataset, self.data = prepared.dataset, prepared.data
         self.device = resolve_device(config.train.device)
         self.annotator = make_annotator(store.annotator(), self.data)
-        self.strategy = make_strategy(config.active.strategy, config.active.ceal)
+        self.strategy = make_strategy(config.active.strategy, config.active.ceal, config.active.batch_size)
+        self.group_of = dict(zip(self.data.ids, self.data.groups))
 
     @property
     def split(self) -> Split:
@@ -111,11 +112,11 @@ class ActiveRun:
     def select_initial(self) -> None:
         """Round 0 of a project that starts without masks: a random batch, spread over groups."""
         pool = self.pool()
-        n = min(self.config.active.ceal.expert_budget, len(pool))
+        n = min(self.config.active.expert_batch, len(pool))
         if n < 2:
             raise AlsegError("a project needs at least 2 images in its pool to start without masks", self.dir.root)
         rng = np.random.default_rng(step_seed(self.config.seed, 0, 2))
-        group_of = dict(zip(self.data.ids, self.data.groups))
+        group_of = self.group_of
         by_group: dict[object, list[str]] = {}
         for i in pool:
             by_group.setdefault(group_of.get(i) or i, []).append(i)
@@ -141,19 +142,30 @@ class ActiveRun:
         mc_kw = dict(passes=a.mc_passes, batch_size=a.mc_batch_size, device=self.device, precision=a.mc_precision,
                      weighting=a.weighting)
         truth = self.data.masks if self.annotator.name == "simulated" else None
+        # keep_masks: the pseudo-labels are the thresholded MC means of this very pass, the one
+        # that scored and selected them (a second pass would draw other dropout masks)
         result = mc_dropout(model, self.data.images, idx, self.normalizer, seed=step_seed(self.config.seed, round, 1),
-                            masks=truth, reporter=self.reporter, **mc_kw)
+                            masks=truth, reporter=self.reporter, keep_masks=True, **mc_kw)
+        inputs = {**result.scores(), "group": np.array([self.group_of.get(i) for i in pool], dtype=object)}
+        if self.strategy.needs_features:
+            labelled = self.expert_labelled()
+            inputs["features"] = bottleneck_features(model, self.data.images, idx, self.normalizer,
+                                                     batch_size=a.mc_batch_size, device=self.device)
+            inputs["labelled_features"] = bottleneck_features(model, self.data.images, self.data.indices(labelled),
+                                                              self.normalizer, batch_size=a.mc_batch_size,
+                                                              device=self.device)
         scored = time.perf_counter()
         rng = np.random.default_rng(step_seed(self.config.seed, round, 2))
-        sel = self.strategy.select(result.scores(), pool, round, rng)
+        held = self.store.counts()["pseudo_labelled"] if a.keep_pseudo else 0
+        sel = self.strategy.select(inputs, pool, round, rng, pseudo_held=held)
         for text in sel.shortfalls:
             self.reporter.note(f"round {round}: {text}")
         if sel.pseudo_ids:
-            pseudo = mc_dropout(model, self.data.images, self.data.indices(sel.pseudo_ids), self.normalizer,
-                                seed=step_seed(self.config.seed, round, 3), keep_maps=True, **mc_kw)
+            position = {i: k for k, i in enumerate(pool)}
             buf = io.BytesIO()
             # ids and masks saved side by side, in one file, so a mask can never be paired with another image
-            np.savez_compressed(buf, ids=np.array(sel.pseudo_ids), masks=(pseudo.mean > 0.5).astype(np.uint8))
+            np.savez_compressed(buf, ids=np.array(sel.pseudo_ids),
+                                masks=result.masks([position[i] for i in sel.pseudo_ids]))
             atomic_write_bytes(self.dir.pseudo(round), buf.getvalue())
             point("pseudo-saved")
         scores = {name: result.scores()[name] for name in ("variance", "entropy", "bald")}
@@ -208,8 +220,7 @@ class ActiveRun:
         if split.val:
             return
         labelled = self.expert_labelled()
-        group_of = dict(zip(self.data.ids, self.data.groups))
-        val = carve_validation(labelled, [group_of.get(i) for i in labelled], step_seed(self.config.seed, 0, 7))
+        val = carve_validation(labelled, [self.group_of.get(i) for i in labelled], step_seed(self.config.seed, 0, 7))
         chosen = set(val)
         new = dataclasses.replace(split, train=tuple(i for i in split.train if i not in chosen), val=tuple(val))
         self.store.move_to_validation(val, new.to_dict())
@@ -294,7 +305,7 @@ def start_run(config: ExperimentConfig, out: str | Path | RunDir, reporter: Repo
     ``out`` given as a :class:`RunDir` was checked by the caller (who may have put files in it).
     """
     run_dir = out if isinstance(out, RunDir) else _new_or_unstarted(out)
-    make_strategy(config.active.strategy, config.active.ceal)  # fail early on a bad name
+    make_strategy(config.active.strategy, config.active.ceal, config.active.batch_size)  # fail early on a bad name
     make_annotator(annotator, None)
     prepared = prepare_data(config, reporter, pool=pool)
     config = fitted_config(config, prepared.data)  # channels decided from the data, recorded once

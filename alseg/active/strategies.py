@@ -26,19 +26,41 @@ shortfall is reported and filled from the neighbouring bins, nearest first (for 
 the bins below the top ones, going down; for *low*: the bins above the region, then below).
 
 ``random``, ``uncertainty`` (top-k variance), ``entropy`` (top-k entropy of the mean) and
-``bald`` (top-k mutual information) take the same expert budget per round (``n_missed +
-n_uncertain + n_low`` = 35 by default) and no pseudo-labels.
+``bald`` (top-k mutual information) take the same expert batch per round (``active.batch_size``;
+by default CEAL's ``n_missed + n_uncertain + n_low`` = 35) and no pseudo-labels.
+
+``diverse`` (beyond the paper): the ``candidates`` x batch most uncertain pool images (variance),
+then k-center greedy (core-set) on the U-Net's bottleneck features: each pick is the candidate
+farthest from everything labelled and picked so far, so near-duplicates (neighbouring slices of one
+patient, look-alike lesions) are not asked twice; with groups, at most ``group_cap`` of the batch
+from one group. Its pseudo-labels are CEAL's (the modal bin). It costs one deterministic feature
+pass over the labelled set and the pool on top of the MC passes.
+
+The ``select`` contract. ``select(scores, pool, round, rng, *, pseudo_held=0) -> Selection``:
+
+* ``pool``: the n pool ids, in store order; ``round`` >= 1; ``rng``: a seeded generator, the only
+  source of randomness (same inputs and seed, same ids);
+* ``scores``: arrays aligned with ``pool``: ``variance``, ``entropy``, ``bald`` (n,) float, the
+  per-image sums of the MC maps; ``foreground`` (n,) pixels of the thresholded MC mean; ``group``
+  (n,) object, the sample's group or None. A strategy registered with ``needs_features`` also gets
+  ``features`` (n, d) float32 and ``labelled_features`` (m, d) (bottleneck, global-average pooled);
+* ``pseudo_held``: pseudo-labels kept from earlier rounds (``keep_pseudo``), which count toward
+  this round's number;
+* returns ``Selection``: expert ids and pseudo ids (disjoint, subsets of ``pool``, no repeats),
+  a reason per id (the manifest shows it), and shortfalls (notes when a region held too few).
+
+Strategies are plug-ins: ``@register(name, help=..., colour=...)`` on a factory
+``(params: CealParams, batch_size: int) -> Strategy`` makes a name known to the config, the CLI,
+``compare`` and the report.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
 from alseg.errors import AlsegError
-
-STRATEGIES = ("ceal", "random", "uncertainty", "entropy", "bald")
 
 
 @dataclass
@@ -77,10 +99,13 @@ class CealParams:
 
 
 class Strategy:
+    """See the module docstring for the ``select`` contract."""
+
     name = "base"
+    needs_features = False
 
     def select(self, scores: Mapping[str, np.ndarray], pool: Sequence[str], round: int,
-               rng: np.random.Generator) -> Selection:
+               rng: np.random.Generator, *, pseudo_held: int = 0) -> Selection:
         raise NotImplementedError
 
 
@@ -90,7 +115,7 @@ class RandomStrategy(Strategy):
     def __init__(self, budget: int = 35):
         self.budget = budget
 
-    def select(self, scores, pool, round, rng):
+    def select(self, scores, pool, round, rng, *, pseudo_held=0):
         k = min(self.budget, len(pool))
         picked = [pool[i] for i in sorted(rng.choice(len(pool), size=k, replace=False))]
         short = [f"random: pool holds {len(pool)}, wanted {self.budget}"] if k < self.budget else []
@@ -104,7 +129,7 @@ class TopKStrategy(Strategy):
         self.name = {"variance": "uncertainty"}.get(score, score)
         self.score, self.budget = score, budget
 
-    def select(self, scores, pool, round, rng):
+    def select(self, scores, pool, round, rng, *, pseudo_held=0):
         values = np.asarray(scores[self.score], float)
         order = np.argsort(-values, kind="stable")[: self.budget]
         picked = [pool[i] for i in order]
@@ -139,84 +164,239 @@ class CealStrategy(Strategy):
                 "uncertain": (float(edges[p.bins - p.top_bins]), float(edges[-1])),
                 "pseudo": (float(edges[modal]), float(edges[modal + 1]))}
 
-    def select(self, scores, pool, round, rng):
+    def select(self, scores, pool, round, rng, *, pseudo_held=0):
         p = self.p
         values = np.asarray(scores["variance"], float)
-        n = len(values)
-        which, counts, _ = self.histogram(values)
-        modal = int(np.argmax(counts))
-        taken = np.zeros(n, bool)
-        reasons: dict[int, str] = {}
-        shortfalls: list[str] = []
-
-        barred = np.zeros(n, bool)  # excluded from the group being drawn, without being taken
-
-        def members(bins: Sequence[int]) -> list[np.ndarray]:
-            return [np.flatnonzero((which == b) & ~taken & ~barred) for b in bins]
-
-        def draw(reason: str, k: int, primary: Sequence[int], fallback: Sequence[int]) -> None:
-            """Take k at random from the primary bins, then bin by bin from the fallback ones."""
-            if k <= 0:
-                return
-            pool_idx = np.concatenate(members(primary)) if len(primary) else np.array([], int)
-            chosen = list(rng.permutation(pool_idx)[:k]) if len(pool_idx) else []
-            if len(chosen) < k:
-                shortfalls.append(f"{reason}: region holds {len(chosen)} of {k}; the rest from neighbouring bins")
-                for b in fallback:
-                    if len(chosen) >= k:
-                        break
-                    cand = [i for i in members([b])[0] if i not in chosen]
-                    chosen.extend(rng.permutation(np.array(cand, int))[: k - len(chosen)])
-                if len(chosen) < k:
-                    shortfalls.append(f"{reason}: pool exhausted, {len(chosen)} of {k} chosen")
-            for i in chosen:
-                taken[int(i)] = True
-                reasons[int(i)] = reason
-
+        bins = _Bins(self, values, rng)
         # 1. missed: the lowest scores
-        order = [i for i in np.argsort(values, kind="stable") if not taken[i]][: p.n_missed]
-        for i in order:
-            taken[i] = True
-            reasons[int(i)] = "missed"
+        order = [int(i) for i in np.argsort(values, kind="stable")][: p.n_missed]
+        bins.take(order, "missed")
         if len(order) < p.n_missed:
-            shortfalls.append(f"missed: pool holds {len(order)} of {p.n_missed}")
+            bins.shortfalls.append(f"missed: pool holds {len(order)} of {p.n_missed}")
         # 2. uncertain: sparsest of the top bins, adding bins from the sparsest up
         top = list(range(p.bins - p.top_bins, p.bins))
-        top_sorted = sorted(top, key=lambda b: (np.count_nonzero((which == b) & ~taken), -b))
+        top_sorted = sorted(top, key=lambda b: (bins.free_in(b), -b))
         primary, count = [], 0
         for b in top_sorted:
-            c = np.count_nonzero((which == b) & ~taken)
+            c = bins.free_in(b)
             if c == 0:
                 continue
             primary.append(b)
             count += c
             if count >= p.n_uncertain:
                 break
-        draw("uncertain", p.n_uncertain, primary, list(range(p.bins - p.top_bins - 1, -1, -1)))
-        # 3. low: the low-uncertainty region above the crowd
-        lo, hi = modal + p.low_offset, min(p.low_end_bin, p.bins)
+        bins.draw("uncertain", p.n_uncertain, primary, list(range(p.bins - p.top_bins - 1, -1, -1)))
+        # 3. low: the low-uncertainty region above the crowd; when it is short, the nearest bins
+        #    first: upward from its upper edge (from bin `hi` when the region is empty, so bins
+        #    between the modal crowd and `lo` are not skipped), then downward from below it.
+        lo, hi = bins.modal + p.low_offset, min(p.low_end_bin, p.bins)
         region = list(range(lo, hi)) if lo < hi else []
-        above = list(range(max(hi, lo), p.bins))
-        below = list(range(min(lo, hi) - 1, -1, -1))
-        draw("low", p.n_low, region, above + below)
-        expert = [pool[i] for i in np.flatnonzero(taken)]
-        # 4. pseudo-labels: modal bin, widening toward lower uncertainty, then higher
-        pseudo: list[str] = []
-        if round >= p.pseudo_start_round and p.pseudo_per_round > 0:
-            k = p.pseudo_per_round * (round - p.pseudo_start_round + 1)
-            before = set(np.flatnonzero(taken))
-            if p.pseudo_skip_empty and scores.get("foreground") is not None:
-                barred[:] = np.asarray(scores["foreground"]) == 0
-            draw("pseudo", k, [modal], list(range(modal - 1, -1, -1)) + list(range(modal + 1, p.bins)))
-            pseudo = [pool[i] for i in np.flatnonzero(taken) if i not in before]
-        return Selection(expert, pseudo, {pool[i]: r for i, r in reasons.items()}, shortfalls)
+        above = list(range(hi, p.bins))
+        below = list(range((lo if region else hi) - 1, -1, -1))
+        bins.draw("low", p.n_low, region, above + below)
+        expert = [pool[i] for i in np.flatnonzero(bins.taken)]
+        pseudo = ceal_pseudo(p, bins, scores, round, pseudo_held)
+        return Selection(expert, [pool[i] for i in pseudo], {pool[i]: r for i, r in bins.reasons.items()},
+                         bins.shortfalls)
 
 
-def make_strategy(name: str, params: CealParams = CealParams()) -> Strategy:
-    if name == "ceal":
-        return CealStrategy(params)
-    if name == "random":
-        return RandomStrategy(params.expert_budget)
-    if name in ("uncertainty", "entropy", "bald"):
-        return TopKStrategy({"uncertainty": "variance"}.get(name, name), params.expert_budget)
-    raise AlsegError(f"unknown strategy {name!r}; choose one of {', '.join(STRATEGIES)}")
+class _Bins:
+    """CEAL's histogram of one pool's scores, and drawing from its bins without repeats."""
+
+    def __init__(self, ceal: CealStrategy, values: np.ndarray, rng: np.random.Generator):
+        self.which, counts, _ = ceal.histogram(values)
+        self.modal = int(np.argmax(counts))
+        self.rng = rng
+        self.taken = np.zeros(len(values), bool)
+        self.barred = np.zeros(len(values), bool)  # excluded from the group being drawn, not taken
+        self.reasons: dict[int, str] = {}
+        self.shortfalls: list[str] = []
+
+    def free_in(self, b: int) -> int:
+        return int(np.count_nonzero((self.which == b) & ~self.taken))
+
+    def members(self, bins: Sequence[int]) -> list[np.ndarray]:
+        return [np.flatnonzero((self.which == b) & ~self.taken & ~self.barred) for b in bins]
+
+    def take(self, indices: Sequence[int], reason: str) -> None:
+        for i in indices:
+            self.taken[int(i)] = True
+            self.reasons[int(i)] = reason
+
+    def draw(self, reason: str, k: int, primary: Sequence[int], fallback: Sequence[int]) -> list[int]:
+        """Take k at random from the primary bins, then bin by bin from the fallback ones."""
+        if k <= 0:
+            return []
+        pool_idx = np.concatenate(self.members(primary)) if len(primary) else np.array([], int)
+        chosen = [int(i) for i in self.rng.permutation(pool_idx)[:k]] if len(pool_idx) else []
+        if len(chosen) < k:
+            self.shortfalls.append(f"{reason}: region holds {len(chosen)} of {k}; the rest from neighbouring bins")
+            for b in fallback:
+                if len(chosen) >= k:
+                    break
+                cand = [i for i in self.members([b])[0] if i not in chosen]
+                chosen.extend(int(i) for i in self.rng.permutation(np.array(cand, int))[: k - len(chosen)])
+            if len(chosen) < k:
+                self.shortfalls.append(f"{reason}: pool exhausted, {len(chosen)} of {k} chosen")
+        self.take(chosen, reason)
+        return chosen
+
+
+def ceal_pseudo(p: CealParams, bins: _Bins, scores: Mapping[str, np.ndarray], round: int,
+                pseudo_held: int) -> list[int]:
+    """CEAL's pseudo-labels: from the modal bin, widening toward lower uncertainty, then higher.
+
+    ``pseudo_per_round`` x (rounds since ``pseudo_start_round`` + 1) are held in this round; the
+    ``pseudo_held`` kept from earlier rounds count toward it (so with ``keep_pseudo`` each round adds
+    ``pseudo_per_round``, not a triangular number)."""
+    if round < p.pseudo_start_round or p.pseudo_per_round <= 0:
+        return []
+    k = p.pseudo_per_round * (round - p.pseudo_start_round + 1) - pseudo_held
+    if p.pseudo_skip_empty and scores.get("foreground") is not None:
+        bins.barred[:] = np.asarray(scores["foreground"]) == 0
+    modal = bins.modal
+    chosen = bins.draw("pseudo", k, [modal], list(range(modal - 1, -1, -1)) + list(range(modal + 1, p.bins)))
+    bins.barred[:] = False
+    return sorted(chosen)
+
+
+class DiverseStrategy(Strategy):
+    """Uncertain candidates thinned by k-center greedy on bottleneck features, CEAL's pseudo-labels."""
+
+    name = "diverse"
+    needs_features = True
+
+    def __init__(self, params: CealParams = CealParams(), budget: int = 35, candidates: float = 4.0,
+                 group_cap: float = 0.25):
+        self.p, self.budget, self.candidates, self.group_cap = params, budget, candidates, group_cap
+        self._ceal = CealStrategy(params)
+
+    def select(self, scores, pool, round, rng, *, pseudo_held=0):
+        values = np.asarray(scores["variance"], float)
+        n = len(values)
+        k = min(self.budget, n)
+        features = np.asarray(scores["features"], np.float64)
+        labelled = np.asarray(scores.get("labelled_features", np.zeros((0, features.shape[1]))), np.float64)
+        shortfalls: list[str] = [f"diverse: pool holds {n}, wanted {self.budget}"] if k < self.budget else []
+        m = min(n, max(k, int(np.ceil(self.candidates * self.budget))))
+        cand = np.argsort(-values, kind="stable")[:m]
+        # features are compared after scaling each dimension by its spread in pool and labelled set
+        both = np.concatenate([features, labelled]) if len(labelled) else features
+        scale = both.std(0) + 1e-8
+        fc, fl = features[cand] / scale, labelled / scale
+        nearest = (np.min(((fc[:, None, :] - fl[None, :, :]) ** 2).sum(-1), axis=1) if len(fl)
+                   else np.full(len(cand), np.inf))
+        groups = scores.get("group")
+        cap = None
+        if groups is not None and any(g is not None for g in groups):
+            cap = max(1, int(np.ceil(self.group_cap * self.budget)))
+        per_group: dict[object, int] = {}
+        chosen: list[int] = []
+        free = np.ones(len(cand), bool)
+        while len(chosen) < k and free.any():
+            if np.isinf(nearest[free]).all():  # nothing labelled yet: start from the most uncertain
+                j = int(np.flatnonzero(free)[0])
+            else:
+                j = int(np.flatnonzero(free)[np.argmax(nearest[free])])
+            free[j] = False
+            i = int(cand[j])
+            g = groups[i] if cap is not None else None
+            if g is not None and per_group.get(g, 0) >= cap:
+                continue
+            per_group[g] = per_group.get(g, 0) + 1
+            chosen.append(i)
+            nearest = np.minimum(nearest, ((fc - fc[j]) ** 2).sum(-1))
+        if len(chosen) < k:  # the group cap or too few candidates: fill by uncertainty
+            shortfalls.append(f"diverse: {len(chosen)} of {k} from the candidates; the rest by uncertainty")
+            rest = [int(i) for i in np.argsort(-values, kind="stable") if int(i) not in set(chosen)]
+            chosen.extend(rest[: k - len(chosen)])
+        bins = _Bins(self._ceal, values, rng)
+        bins.take(chosen, "diverse")
+        pseudo = ceal_pseudo(self.p, bins, scores, round, pseudo_held)
+        shortfalls += bins.shortfalls
+        expert = [pool[i] for i in sorted(chosen)]
+        return Selection(expert, [pool[i] for i in pseudo], {pool[i]: r for i, r in bins.reasons.items()}, shortfalls)
+
+
+# --- the registry -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class StrategySpec:
+    name: str
+    factory: Callable[[CealParams, int], Strategy]
+    help: str
+    colour: str
+    needs_features: bool = False
+
+
+_REGISTRY: dict[str, StrategySpec] = {}
+
+# What the manifest and the page show for each reason a strategy records.
+REASON_LABELS = {"missed": "missed", "uncertain": "uncertain", "low": "low-uncertainty random",
+                 "initial": "initial", "random": "random", "diverse": "uncertain and unlike the labelled",
+                 "pseudo": "pseudo-label"}
+
+
+def register(name: str, *, help: str, colour: str, needs_features: bool = False):
+    """Decorator: make ``factory(params, batch_size) -> Strategy`` known as ``name``."""
+    def add(factory: Callable[[CealParams, int], Strategy]):
+        _REGISTRY[name] = StrategySpec(name, factory, help, colour, needs_features)
+        return factory
+    return add
+
+
+def strategy_names() -> tuple[str, ...]:
+    return tuple(_REGISTRY)
+
+
+def strategy_spec(name: str) -> StrategySpec:
+    if name not in _REGISTRY:
+        raise AlsegError(f"unknown strategy {name!r}; choose one of {', '.join(_REGISTRY)}")
+    return _REGISTRY[name]
+
+
+def reason_label(reason: str | None) -> str:
+    if reason and reason.startswith("top "):
+        return f"most uncertain ({reason})"
+    return REASON_LABELS.get(reason or "", reason or "")
+
+
+def make_strategy(name: str, params: CealParams = CealParams(), batch_size: int | None = None) -> Strategy:
+    """The strategy ``name`` taking ``batch_size`` expert images a round (default: CEAL's 35)."""
+    spec = strategy_spec(name)
+    if batch_size is not None and batch_size < 1:
+        raise AlsegError(f"a batch needs at least 1 image, got {batch_size}")
+    return spec.factory(params, batch_size or params.expert_budget)
+
+
+@register("ceal", help="the paper: missed, most uncertain, low-uncertainty random; pseudo-labels", colour="#1f77b4")
+def _ceal(params: CealParams, batch_size: int) -> Strategy:
+    return CealStrategy(params if batch_size == params.expert_budget else params.with_expert_budget(batch_size))
+
+
+@register("random", help="uniform at random (the baseline)", colour="#7f7f7f")
+def _random(params: CealParams, batch_size: int) -> Strategy:
+    return RandomStrategy(batch_size)
+
+
+@register("uncertainty", help="top-k MC variance", colour="#d62728")
+def _uncertainty(params: CealParams, batch_size: int) -> Strategy:
+    return TopKStrategy("variance", batch_size)
+
+
+@register("entropy", help="top-k entropy of the MC mean", colour="#9467bd")
+def _entropy(params: CealParams, batch_size: int) -> Strategy:
+    return TopKStrategy("entropy", batch_size)
+
+
+@register("bald", help="top-k BALD (mutual information)", colour="#2ca02c")
+def _bald(params: CealParams, batch_size: int) -> Strategy:
+    return TopKStrategy("bald", batch_size)
+
+
+@register("diverse", help="uncertain candidates thinned by k-center greedy on bottleneck features; CEAL's "
+          "pseudo-labels", colour="#8c564b", needs_features=True)
+def _diverse(params: CealParams, batch_size: int) -> Strategy:
+    return DiverseStrategy(params, batch_size)
+
+
+STRATEGIES = strategy_names()  # the built-in names (plug-ins registered later: strategy_names())

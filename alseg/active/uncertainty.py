@@ -64,9 +64,18 @@ class McResult:
     variance_map: np.ndarray | None = None
     dice: np.ndarray | None = None       # Dice of the thresholded MC mean, when masks were given
     foreground: np.ndarray | None = None  # pixels of the thresholded MC mean (0: the model sees nothing)
+    packed_masks: np.ndarray | None = None  # (N, ceil(S*S/8)) the thresholded MC mean, bit-packed
 
     def scores(self) -> dict[str, np.ndarray]:
         return {**{name: getattr(self, name) for name in SCORE_NAMES}, "foreground": self.foreground}
+
+    def masks(self, positions) -> np.ndarray:
+        """(k, S, S) uint8 thresholded MC means of the images at ``positions`` (of ``indices``)."""
+        if self.packed_masks is None:
+            raise ValueError("scored without keep_masks")
+        size = int(round(np.sqrt(self.packed_masks.shape[1] * 8)))
+        rows = self.packed_masks[np.asarray(positions, np.int64)]
+        return np.unpackbits(rows, axis=1, count=None)[:, : size * size].reshape(-1, size, size)
 
 
 def binary_entropy(p: torch.Tensor) -> torch.Tensor:
@@ -87,12 +96,14 @@ def edt_weight(mask: np.ndarray) -> np.ndarray:
 @torch.no_grad()
 def mc_dropout(model: UNet, images: np.ndarray, indices, normalizer: Normalizer, *, passes: int = 20,
                batch_size: int = 16, device: torch.device | str = "cpu", precision: str = "auto", seed: int = 0,
-               weighting: str = "none", keep_maps: bool = False, masks: np.ndarray | None = None,
-               reporter: Reporter = SILENT) -> McResult:
+               weighting: str = "none", keep_maps: bool = False, keep_masks: bool = False,
+               masks: np.ndarray | None = None, reporter: Reporter = SILENT) -> McResult:
     """Run ``passes`` dropout-on forward passes over ``images[indices]`` and score each image.
 
     With ``masks`` (aligned with ``images``) it also returns each image's Dice of the thresholded
     MC mean, for the uncertainty-vs-Dice figure; the simulated oracle knows them, a human one not.
+    ``keep_masks`` keeps every image's thresholded MC mean, bit-packed (S*S/8 bytes an image): the
+    pseudo-labels are taken from the very pass that scored and selected them.
     """
     if passes < 2:
         raise AlsegError(f"MC dropout needs at least 2 passes, got {passes}")
@@ -107,6 +118,7 @@ def mc_dropout(model: UNet, images: np.ndarray, indices, normalizer: Normalizer,
     mean_maps = np.zeros((n, size, size), np.float32) if keep_maps else None
     var_maps = np.zeros((n, size, size), np.float32) if keep_maps else None
     dice = np.zeros(n, np.float64) if masks is not None else None
+    packed = np.zeros((n, (size * size + 7) // 8), np.uint8) if keep_masks else None
     was_training = model.training
     set_mc_dropout(model, True)
     model.to(device)
@@ -148,6 +160,8 @@ def mc_dropout(model: UNet, images: np.ndarray, indices, normalizer: Normalizer,
                 out["foreground"][sl] = (mean_np > 0.5).reshape(len(idx), -1).sum(1)
                 if dice is not None:
                     dice[sl] = dice_per_image(mean_np > 0.5, np.asarray(masks[idx]) > 0)
+                if keep_masks:
+                    packed[sl] = np.packbits((mean_np > 0.5).reshape(len(idx), -1), axis=1)
                 if keep_maps:
                     mean_maps[sl] = mean_np
                     var_maps[sl] = var_np
@@ -157,4 +171,29 @@ def mc_dropout(model: UNet, images: np.ndarray, indices, normalizer: Normalizer,
             model.to(memory_format=torch.contiguous_format)
             model.train(was_training)
     return McResult(indices, out["variance"], out["entropy"], out["bald"], mean_maps, var_maps, dice,
-                    out["foreground"])
+                    out["foreground"], packed)
+
+
+@torch.no_grad()
+def bottleneck_features(model: UNet, images: np.ndarray, indices, normalizer: Normalizer, *,
+                        batch_size: int = 16, device: torch.device | str = "cpu") -> np.ndarray:
+    """(N, 16w) the deepest encoder level's activations, averaged over space: one deterministic
+    pass (dropout off), for strategies that compare images (``diverse``)."""
+    device = torch.device(device) if isinstance(device, str) else device
+    indices = np.asarray(indices, dtype=np.int64)
+    was_training = model.training
+    set_mc_dropout(model, False)
+    model.to(device)
+    captured: list[torch.Tensor] = []
+    hook = model.down[-1].register_forward_hook(lambda _m, _i, out: captured.append(out.float().mean((2, 3))))
+    try:
+        chunks = []
+        for start in range(0, len(indices), batch_size):
+            idx = indices[start:start + batch_size]
+            model(normalizer(torch.from_numpy(np.ascontiguousarray(images[idx])).to(device)))
+            chunks.append(captured.pop().cpu().numpy())
+    finally:
+        hook.remove()
+        model.train(was_training)
+    width = model.config.width * 2 ** (model.config.depth - 1)
+    return np.concatenate(chunks) if chunks else np.zeros((0, width), np.float32)

@@ -24,16 +24,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from alseg.active.strategies import reason_label
 from alseg.data.imageio import read_image
 from alseg.errors import AlsegError
 
 MANIFEST = "manifest.csv"
 COLUMNS = ("id", "image", "predicted", "uncertainty", "mask", "score", "reason", "width", "height",
            "uncertainty_scale")
-REASONS = {"missed": "missed", "uncertain": "uncertain", "low": "low-uncertainty random", "initial": "initial",
-           "random": "random"}
-
-
 @dataclass(frozen=True)
 class BatchItem:
     """One image of an exported batch; file names are relative to the batch folder."""
@@ -48,12 +45,6 @@ class BatchItem:
     width: int
     height: int
     uncertainty_scale: float | None
-
-
-def reason_label(reason: str | None) -> str:
-    if reason and reason.startswith("top "):
-        return f"most uncertain ({reason})"
-    return REASONS.get(reason or "", reason or "")
 
 
 def file_stem(id: str, taken: set[str]) -> str:
