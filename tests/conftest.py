@@ -28,6 +28,20 @@ def _use_cache(cache_dir):
     yield
 
 
+@pytest.fixture(scope="session")
+def ckpt(tmp_path_factory) -> Path:
+    """An untrained, tiny MC-dropout U-Net at 32 px: enough to exercise predict's files, not its quality."""
+    import torch
+
+    from alseg import Checkpoint, ModelConfig, UNet
+    from alseg.runtime import Normalizer
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("model") / "model.pt"
+    Checkpoint(UNet(ModelConfig(width=4, depth=3, dropout=0.3)), Normalizer((0.5,) * 3, (0.25,) * 3), 32).save(path)
+    return path
+
+
 def run_cli(*args: str, check: bool = True, env_extra: dict | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, **(env_extra or {})}
     proc = subprocess.run([sys.executable, "-m", "alseg", *map(str, args)], capture_output=True, text=True,

@@ -13,17 +13,15 @@ import warnings
 import numpy as np
 import pytest
 import tifffile
-import torch
 from PIL import Image
 
-from alseg import Checkpoint, ModelConfig, UNet, predict_folder
+from alseg import predict_folder
 from alseg.data import detect_format, load_cached, open_dataset
 from alseg.data import cache as cache_mod
 from alseg.data.cache import infer_channels
 from alseg.data.imageio import read_header, read_image
 from alseg.errors import AlsegError
 from alseg.evaluate import write_per_image_csv
-from alseg.runtime import Normalizer
 from conftest import LGG
 
 PATIENT = "TCGA_CS_4942_19970222"  # 20 slices, each beside its _mask.tif
@@ -245,15 +243,6 @@ def test_pillow_images_over_the_limit_are_refused_without_a_warning(tmp_path, mo
 
 
 # ----------------------------------------------------------------------------- 6, 7. predict
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    """An untrained, tiny U-Net at 32 px (as in test_predict): predict's files, not its quality."""
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("model") / "model.pt"
-    Checkpoint(UNet(ModelConfig(width=4, depth=3, dropout=0.3)), Normalizer((0.5,) * 3, (0.25,) * 3), 32).save(path)
-    return path
 
 
 def test_predict_on_an_lgg_patient_folder_predicts_slices_not_masks(ckpt, tmp_path):

@@ -108,7 +108,7 @@ def test_groups_that_cannot_fill_the_splits_are_refused_before_anything_is_writt
         rows.append(f"s{k}.png,{'a' if k < 6 else 'b'}")
     (data / "groups.csv").write_text("\n".join(rows) + "\n")
     out = tmp_path / "run"
-    line = _one_line_error(run_cli("run", "--data", data, "--out", out, *TINY, check=False), "groups.csv",
+    _one_line_error(run_cli("run", "--data", data, "--out", out, *TINY, check=False), "groups.csv",
                            "split would be empty", "2 group(s)")
     assert not out.exists()
     assert "split would be empty" in _one_line_error(run_cli("train", "--data", data, "--out", out, check=False))

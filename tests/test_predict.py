@@ -5,26 +5,15 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from alseg import AlsegError, Checkpoint, ModelConfig, UNet, predict_folder
+from alseg import AlsegError, predict_folder
 from alseg.data.cache import fit_image
 from alseg.predict import _to_original, uncertainty_rgb
-from alseg.runtime import Normalizer
 from conftest import ISIC, run_cli
 
 ISIC_IMAGES = ISIC / "ISIC-2017_Training_Data"
 IDS = ("ISIC_0000000", "ISIC_0000001", "ISIC_0000002")
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    """An untrained, tiny MC-dropout U-Net at 32 px: enough to exercise every output file."""
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("model") / "model.pt"
-    Checkpoint(UNet(ModelConfig(width=4, depth=3, dropout=0.3)), Normalizer((0.5,) * 3, (0.25,) * 3), 32).save(path)
-    return path
 
 
 @pytest.fixture

@@ -77,6 +77,9 @@ def test_compare_two_strategies_two_seeds(tmp_path):
         assert s["curve"]["n"] == 2 and len(s["curve"]["x"]) == 2
         assert s["curve"]["x"][1] == s["curve"]["x"][0] + 35
         assert len(s["labels_to_95pct_full_per_seed"]) == 2
+        assert len(s["curve"]["lo"]) == len(s["curve"]["hi"]) == 2
+        assert s["aulc_interval"][0] <= s["aulc"] <= s["aulc_interval"][1]
+    assert set(summary["strategies"]["ceal"]["vs_random"]) >= {"aulc", "final_dice", "labels_to_95pct_full"}
     _assert_figure(out / "compare.png")
     table = (out / "compare.csv").read_text().splitlines()
     assert table[0].startswith("strategy,labels_to_95pct_full_mean") and len(table) == 3
@@ -84,8 +87,8 @@ def test_compare_two_strategies_two_seeds(tmp_path):
                                                            "random-s1"}
     checkpoints = sorted((out / "runs").rglob("*.pt"))
     stamps = [p.stat().st_mtime_ns for p in checkpoints]
-    again = run_json(*args)  # finished runs are reused, not redone
-    assert again["strategies"] == summary["strategies"]
+    text = run_cli(*args).stdout  # finished runs are reused, not redone; the human tables
+    assert "AULC" in text and "paired per-seed differences vs random" in text and "2 seeds" in text
     assert json.loads((out / "compare.json").read_text())["strategies"] == summary["strategies"]
     assert [p.stat().st_mtime_ns for p in sorted((out / "runs").rglob("*.pt"))] == stamps  # nothing retrained
 

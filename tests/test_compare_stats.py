@@ -1,0 +1,196 @@
+"""The comparison's statistics on hand-made numbers, and one tiny comparison on real LGG data."""
+import importlib
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from alseg.compare import (aulc, bootstrap_interval, compare, labels_to_reach, paired_differences, seed_summary,
+                           summarise)
+from conftest import LGG
+
+
+# --- bootstrap_interval -------------------------------------------------------------------------------
+
+def test_one_seed_interval_is_the_value():
+    assert bootstrap_interval([0.731]) == (0.731, 0.731)
+    assert bootstrap_interval([0.5, 0.5, 0.5]) == (0.5, 0.5)
+    assert bootstrap_interval([]) is None
+
+
+def test_interval_contains_the_mean_and_stays_within_the_values():
+    values = [0.61, 0.70, 0.64, 0.58, 0.73]
+    lo, hi = bootstrap_interval(values)
+    assert min(values) <= lo < np.mean(values) < hi <= max(values)
+
+
+def test_two_seeds_give_their_range():
+    # resampled means of two values are a, (a+b)/2 or b with probabilities 1/4, 1/2, 1/4:
+    # the 2.5 % and 97.5 % quantiles are the two values themselves
+    assert bootstrap_interval([0.4, 0.6]) == pytest.approx((0.4, 0.6))
+
+
+def test_interval_shrinks_with_more_agreeing_seeds():
+    few = bootstrap_interval([0.5, 0.7, 0.6, 0.6])
+    many = bootstrap_interval([0.5, 0.7] + [0.6] * 18)
+    assert few[0] < many[0] < 0.6 < many[1] < few[1]
+
+
+def test_interval_is_reproducible_and_follows_the_level_and_seed():
+    values = [0.2, 0.9, 0.4, 0.55, 0.7, 0.35]
+    assert bootstrap_interval(values) == bootstrap_interval(values)
+    wide, narrow = bootstrap_interval(values, level=0.95), bootstrap_interval(values, level=0.5)
+    assert wide[0] < narrow[0] < narrow[1] < wide[1]
+    other = bootstrap_interval(values, seed=1)
+    assert other != bootstrap_interval(values) and other == pytest.approx(bootstrap_interval(values), abs=0.05)
+    with pytest.raises(ValueError):
+        bootstrap_interval([0.1, float("nan")])
+
+
+# --- aulc and labels_to_reach ------------------------------------------------------------------------
+
+def test_aulc_of_a_constant_curve_is_the_constant():
+    assert aulc([86, 121, 156, 191], [0.6] * 4) == pytest.approx(0.6)
+    assert aulc([10], [0.42]) == 0.42
+
+
+def test_aulc_is_the_mean_dice_over_the_label_range():
+    # a straight line from 0.2 to 0.6 averages 0.4; uneven spacing weighs each segment by its width
+    assert aulc([0, 100], [0.2, 0.6]) == pytest.approx(0.4)
+    # segments: 10 labels at mean 0.5, 30 labels at mean 0.8 -> (5 + 24) / 40
+    assert aulc([0, 10, 40], [0.4, 0.6, 1.0]) == pytest.approx(29 / 40)
+    with pytest.raises(ValueError):
+        aulc([0, 20, 10], [0.1, 0.2, 0.3])
+
+
+def test_labels_to_reach_first_round_and_interpolated():
+    x, y = [86, 121, 156, 191], [0.50, 0.60, 0.70, 0.65]
+    assert labels_to_reach(x, y, 0.68) == 156  # first round at or above
+    # between (121, 0.60) and (156, 0.70): 0.68 is 80 % of the way
+    assert labels_to_reach(x, y, 0.68, interpolate=True) == pytest.approx(121 + 0.8 * 35)
+    assert labels_to_reach(x, y, 0.70, interpolate=True) == pytest.approx(156)
+    assert labels_to_reach(x, y, 0.45, interpolate=True) == 86  # the initial model already reaches it
+    assert labels_to_reach(x, y, 0.71, interpolate=True) is None
+    # only the first crossing counts
+    assert labels_to_reach([0, 10, 20, 30], [0.5, 0.8, 0.4, 0.9], 0.7, interpolate=True) == pytest.approx(10 * 2 / 3)
+
+
+def test_seed_summary_is_null_when_a_seed_misses():
+    s = seed_summary([100.0, None, 120.0])
+    assert s["mean"] is None and s["lo"] is None and s["missing"] == 1 and s["per_seed"] == [100.0, None, 120.0]
+    s = seed_summary([100.0, 140.0])
+    assert s["mean"] == 120.0 and s["lo"] <= 120.0 <= s["hi"]
+
+
+# --- paired differences ------------------------------------------------------------------------------
+
+def test_paired_differences_sign_and_zero_exclusion():
+    base = [0.60, 0.55, 0.70, 0.65, 0.58]
+    better = [b + d for b, d in zip(base, [0.05, 0.03, 0.04, 0.06, 0.02])]
+    d = paired_differences(better, base)
+    assert d["per_seed"] == pytest.approx([0.05, 0.03, 0.04, 0.06, 0.02])
+    assert d["mean"] == pytest.approx(0.04) and 0 < d["lo"] <= 0.04 <= d["hi"] and d["excludes_zero"] is True
+    worse = paired_differences(base, better)
+    assert worse["mean"] == pytest.approx(-0.04) and worse["hi"] < 0 and worse["excludes_zero"] is True
+    mixed = paired_differences([b + d for b, d in zip(base, [0.05, -0.04, 0.02, -0.03, 0.01])], base)
+    assert mixed["lo"] < 0 < mixed["hi"] and mixed["excludes_zero"] is False
+
+
+def test_paired_differences_pair_by_seed_not_by_pooling():
+    # the seeds differ far more than the strategies, but within each seed the strategy is always better
+    base = [0.2, 0.5, 0.8]
+    d = paired_differences([0.21, 0.51, 0.81], base)
+    assert d["excludes_zero"] is True
+    assert bootstrap_interval([0.21, 0.51, 0.81])[0] < np.mean(base)  # unpaired intervals would overlap
+
+
+def test_paired_differences_without_an_interval():
+    one = paired_differences([0.7], [0.6])
+    assert one["mean"] == pytest.approx(0.1) and one["lo"] == one["hi"] == one["mean"]
+    assert one["excludes_zero"] is None  # one seed: nothing to judge
+    missing = paired_differences([120.0, None], [150.0, 160.0])
+    assert missing["per_seed"] == [-30.0, None] and missing["mean"] is None and missing["excludes_zero"] is None
+    with pytest.raises(ValueError):
+        paired_differences([0.1, 0.2], [0.1])
+
+
+def test_summarise_pairs_seeds_and_uses_each_seeds_full_dice():
+    def runs(curves):
+        return [{"seed": s, "rounds": [{"expert_labelled": x, "test_dice": y} for x, y in zip([10, 20, 30], c)]}
+                for s, c in enumerate(curves)]
+
+    results = {"random": runs([[0.5, 0.6, 0.7], [0.3, 0.4, 0.5]]),
+               "ceal": runs([[0.5, 0.7, 0.8], [0.3, 0.5, 0.6]])}
+    full = {0: {"test_dice": 0.8}, 1: {"test_dice": 0.6}}  # targets 0.76 and 0.57
+    out = summarise(results, full, train_size=40)
+    ceal, rand = out["strategies"]["ceal"], out["strategies"]["random"]
+    assert ceal["aulc_per_seed"] == pytest.approx([0.675, 0.475]) and rand["aulc_per_seed"] == pytest.approx([0.6, 0.4])
+    assert ceal["labels_to_95pct_full_per_seed"] == pytest.approx([26.0, 27.0])
+    assert rand["labels_to_95pct_full_per_seed"] == [None, None] and rand["labels_to_95pct_full"] is None
+    assert rand["labels_to_95pct_full_not_reached"] == [0, 1]
+    assert ceal["curve"]["lo"] == pytest.approx([0.3, 0.5, 0.6]) and ceal["curve"]["hi"] == pytest.approx([0.5, 0.7, 0.8])
+    vs = ceal["vs_random"]
+    assert vs["aulc"]["per_seed"] == pytest.approx([0.075, 0.075]) and vs["aulc"]["excludes_zero"] is True
+    assert vs["final_dice"]["mean"] == pytest.approx(0.1)
+    assert vs["labels_to_95pct_full"]["mean"] is None and vs["labels_to_95pct_full"]["missing"] == 2
+    assert "vs_random" not in rand and out["full_dice"] == pytest.approx(0.7)
+    assert set(out["runs"]) == {"random-s0", "random-s1", "ceal-s0", "ceal-s1", "full-s0", "full-s1"}
+
+
+# --- one tiny comparison on real data -----------------------------------------------------------------
+
+def test_compare_reports_intervals_aulc_paired_differences_and_external_dice(tmp_path, monkeypatch):
+    from alseg.config import build_config
+
+    cfg = build_config("quick-lgg", None, {
+        "data": {"path": str(LGG), "size": 32}, "model": {"width": 4}, "train": {"epochs": 2},
+        "active": {"rounds": 1, "round_epochs": 1, "mc_passes": 3}})
+    out = tmp_path / "cmp"
+    summary = compare(cfg, out, strategies=["random", "ceal"], seeds=2, full=True, external=LGG)
+    assert json.loads((out / "compare.json").read_text()) == json.loads(json.dumps(summary))
+    assert summary["seeds"] == 2 and summary["external"] == {"data": str(LGG)}
+    assert summary["intervals"]["level"] == 0.95 and summary["intervals"]["resamples"] == 2000
+    for name, s in summary["strategies"].items():
+        c = s["curve"]
+        assert c["n"] == 2 and len(c["x"]) == len(c["lo"]) == len(c["hi"]) == 2
+        assert all(lo <= m <= hi for lo, m, hi in zip(c["lo"], c["mean"], c["hi"]))
+        runs = [summary["runs"][f"{name}-s{seed}"] for seed in (0, 1)]
+        assert s["final_dice"] == pytest.approx(np.mean([r["final_dice"] for r in runs]))
+        assert s["final_dice_interval"][0] <= s["final_dice"] <= s["final_dice_interval"][1]
+        assert s["aulc"] == pytest.approx(np.mean(s["aulc_per_seed"]))
+        assert min(s["aulc_per_seed"]) <= s["aulc"] <= max(s["aulc_per_seed"])
+        assert s["aulc_interval"][0] <= s["aulc"] <= s["aulc_interval"][1]
+        assert len(s["labels_to_95pct_full_per_seed"]) == 2
+        reached = [v is not None for v in s["labels_to_95pct_full_per_seed"]]
+        assert (s["labels_to_95pct_full"] is None) == (not all(reached))
+        assert s["labels_to_95pct_full_not_reached"] == [seed for seed, ok in zip((0, 1), reached) if not ok]
+        assert s["external_dice_per_seed"] == [r["external_dice"] for r in runs]
+        assert all(0 <= v <= 1 for v in s["external_dice_per_seed"])
+        lo, hi = s["external_dice_interval"]
+        assert lo <= s["external_dice"] <= hi
+    assert "vs_random" not in summary["strategies"]["random"]
+    vs = summary["strategies"]["ceal"]["vs_random"]
+    assert vs["seeds"] == [0, 1]
+    for key in ("aulc", "final_dice"):
+        d = vs[key]
+        ceal_v = summary["strategies"]["ceal"][f"{key}_per_seed"]
+        rand_v = summary["strategies"]["random"][f"{key}_per_seed"]
+        assert d["per_seed"] == pytest.approx([a - b for a, b in zip(ceal_v, rand_v)])
+        assert d["lo"] <= d["mean"] <= d["hi"] and d["excludes_zero"] == (d["lo"] > 0 or d["hi"] < 0)
+    assert set(vs["labels_to_95pct_full"]) >= {"mean", "lo", "hi", "excludes_zero", "per_seed"}
+    assert {"full-s0", "full-s1"} <= set(summary["runs"]) and len(summary["full"]["external_dice"]["per_seed"]) == 2
+    with Image.open(out / "compare.png") as im:
+        assert im.size[0] >= 600 and np.asarray(im.convert("L"), float).std() > 10
+    table = (out / "compare.csv").read_text().splitlines()
+    head = table[0].split(",")
+    assert len(table) == 3 and {"aulc_mean", "external_dice_mean", "diff_vs_random_aulc_excludes_zero"} <= set(head)
+    # the external scores are remembered: a second pass reuses every run and scores nothing again
+    cached = json.loads((out / "external.json").read_text())
+    assert set(cached["runs"]) == set(summary["runs"])
+
+    def no_scoring(*args, **kwargs):
+        raise AssertionError("scored again")
+
+    monkeypatch.setattr(importlib.import_module("alseg.evaluate"), "evaluate", no_scoring)
+    assert compare(cfg, out, strategies=["random", "ceal"], seeds=2, full=True, external=LGG) == summary
