@@ -1,16 +1,28 @@
-"""Comparing strategies: run (or reuse) one run per strategy and seed, plus full supervision.
+"""Comparing strategies: run (or reuse) one run per strategy and seed, plus full supervision, and
+say with intervals over seeds whether a strategy saves expert labels.
 
 Owns the layout of a comparison folder and its summary:
 
 * ``OUT/runs/<strategy>-s<seed>/``: ordinary run directories (resumed when unfinished, reused
-  when finished, so ``alseg compare`` resumes like ``alseg run``);
+  when finished, so ``alseg compare`` resumes like ``alseg run``). Runs of one seed share the
+  split, the initial labelled set and the initial model across strategies, so per-seed
+  differences between strategies are paired;
 * ``OUT/runs/full-s<seed>/``: with ``full``, supervised training on the whole train split with the
   same preset (the full-supervision reference);
-* ``OUT/compare.png``: test Dice against expert labels, a band of ±1 standard deviation over seeds,
-  the full-supervision line and the paper's reported Dice;
-* ``OUT/compare.json`` and ``OUT/compare.csv``: per strategy, the expert labels needed to reach
-  95 % of the full-supervision Dice (first round at or above it; per seed and mean) and the test
-  Dice at 50 % labels (linear interpolation between rounds; null when the runs stop earlier).
+* ``OUT/compare.png``: test Dice against expert labels, each strategy's mean over seeds with a
+  band of its 95 % bootstrap interval, the full-supervision line and the paper's reported Dice;
+* ``OUT/compare.json`` and ``OUT/compare.csv``: per strategy, over seeds (mean, 95 % interval and
+  the per-seed values): the curve, the final test Dice, the area under the learning curve
+  (:func:`aulc`), the expert labels needed to reach 95 % of the seed's full-supervision Dice
+  (:func:`labels_to_reach`, interpolated between rounds), the test Dice at 50 % labels, and the
+  paired per-seed differences against ``random`` (:func:`paired_differences`); with
+  ``external``, the Dice of every run's final model on a second labelled dataset;
+* ``OUT/external.json``: with ``external``, the external scores already computed, keyed by the
+  dataset's path and each checkpoint's file, size and time, so a rerun does not score again.
+
+The statistics are the pure functions below (:func:`bootstrap_interval`, :func:`aulc`,
+:func:`labels_to_reach`, :func:`seed_summary`, :func:`paired_differences`); :func:`compare` only
+runs, collects and writes.
 """
 from __future__ import annotations
 
@@ -29,15 +41,82 @@ from alseg.experiment import train_supervised
 from alseg.active.loop import run_active
 from alseg.progress import SILENT, Reporter
 from alseg.store import RunStore, atomic_write_bytes, atomic_write_text
-from alseg.active.strategies import STRATEGIES
+from alseg.active.strategies import strategy_names
+
+BASELINE = "random"
+RESAMPLES = 2000
+LEVEL = 0.95
+BOOTSTRAP_SEED = 0
 
 
-def _finished_full(run_dir: Path) -> float | None:
-    if not (run_dir / "run.db").is_file():
+# --- statistics (pure) ------------------------------------------------------------------------------
+
+def bootstrap_interval(values: Sequence[float], *, seed: int = BOOTSTRAP_SEED, resamples: int = RESAMPLES,
+                       level: float = LEVEL) -> tuple[float, float] | None:
+    """Percentile bootstrap interval of the mean of ``values`` (one value per seed).
+
+    Draws ``resamples`` samples of ``len(values)`` values with replacement (a generator seeded with
+    ``seed``, so the same values always give the same interval), takes each sample's mean, and
+    returns the ``(1 - level) / 2`` and ``(1 + level) / 2`` quantiles of those means. One value (or
+    all values equal) gives ``(value, value)``: there is no spread to estimate. No values gives
+    None.
+
+    With very few seeds the interval is optimistic: for 2 or 3 values it is exactly their range
+    (each extreme is drawn alone more often than 2.5 % of the time), so it says how far the seeds
+    spread, not how far the mean could be.
+    """
+    v = np.asarray(values, dtype=float)
+    if v.ndim != 1:
+        raise ValueError("bootstrap_interval takes a flat list of values")
+    if not np.all(np.isfinite(v)):
+        raise ValueError("bootstrap_interval needs finite values")
+    if not 0 < level < 1 or resamples < 1:
+        raise ValueError("level must be in (0, 1) and resamples at least 1")
+    if len(v) == 0:
         return None
-    with RunStore.open_readonly(run_dir) as store:
-        ev = [e for e in store.evaluations() if e["split"] == "test"]
-    return ev[0]["mean_dice"] if ev else None
+    if len(v) == 1 or np.all(v == v[0]):
+        return float(v[0]), float(v[0])
+    rng = np.random.default_rng(seed)
+    means = v[rng.integers(0, len(v), size=(resamples, len(v)))].mean(axis=1)
+    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
+
+
+def aulc(x: Sequence[float], y: Sequence[float]) -> float:
+    """Area under the learning curve ``y`` (test Dice) over ``x`` (expert labels), by the trapezoid
+    rule, divided by the label range ``x[-1] - x[0]``: the curve's mean Dice over the labels it
+    spans, on the same 0..1 scale as Dice. A single point (or no label range) gives its Dice.
+    """
+    xa, ya = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if xa.ndim != 1 or xa.shape != ya.shape or len(xa) == 0:
+        raise ValueError("aulc needs two flat sequences of the same, non-zero length")
+    if np.any(np.diff(xa) < 0):
+        raise ValueError("aulc needs label counts in increasing order")
+    width = xa[-1] - xa[0]
+    if width == 0:
+        return float(ya[0])
+    return float(np.sum(np.diff(xa) * (ya[1:] + ya[:-1]) / 2) / width)
+
+
+def labels_to_reach(x: Sequence[float], y: Sequence[float], target: float, *,
+                    interpolate: bool = False) -> float | None:
+    """Expert labels at which the curve first reaches ``target`` (``y >= target``); None if never.
+
+    Without ``interpolate``, the label count of the first round at or above the target. With it,
+    the label count where the straight line between that round and the round before crosses the
+    target (the first round itself when the curve starts at or above it): an estimate between
+    rounds, not a count anybody labelled. Only the first crossing counts, even if the curve falls
+    back below the target later.
+    """
+    if len(x) != len(y):
+        raise ValueError("labels_to_reach needs as many label counts as Dice values")
+    for i, (xi, yi) in enumerate(zip(x, y)):
+        if yi >= target:
+            if not interpolate or i == 0:
+                return float(xi)
+            x0, y0 = float(x[i - 1]), float(y[i - 1])  # y0 < target <= yi
+            return float(x0 + (target - y0) / (float(yi) - y0) * (float(xi) - x0))
+    return None
 
 
 def dice_at(x: Sequence[float], y: Sequence[float], target: float) -> float | None:
@@ -47,27 +126,103 @@ def dice_at(x: Sequence[float], y: Sequence[float], target: float) -> float | No
     return float(np.interp(target, x, y))
 
 
-def labels_to_reach(x: Sequence[float], y: Sequence[float], target: float) -> float | None:
-    for xi, yi in zip(x, y):
-        if yi >= target:
-            return float(xi)
-    return None
+def seed_summary(values: Sequence[float | None], *, seed: int = BOOTSTRAP_SEED, resamples: int = RESAMPLES,
+                 level: float = LEVEL) -> dict:
+    """``{"mean", "lo", "hi", "per_seed", "missing"}`` for one value per seed, None for a seed
+    without a value (e.g. it never reached a target). Mean and interval (:func:`bootstrap_interval`)
+    are None when any seed is missing: a mean over the seeds that happened to succeed would flatter.
+    """
+    per_seed = [None if v is None else float(v) for v in values]
+    missing = sum(v is None for v in per_seed)
+    if missing or not per_seed:
+        return {"mean": None, "lo": None, "hi": None, "per_seed": per_seed, "missing": missing}
+    lo, hi = bootstrap_interval(per_seed, seed=seed, resamples=resamples, level=level)
+    return {"mean": float(np.mean(per_seed)), "lo": lo, "hi": hi, "per_seed": per_seed, "missing": 0}
+
+
+def paired_differences(values: Sequence[float | None], baseline: Sequence[float | None], *,
+                       seed: int = BOOTSTRAP_SEED, resamples: int = RESAMPLES, level: float = LEVEL) -> dict:
+    """Per-seed differences ``values[i] - baseline[i]`` (the same seeds in the same order, so each
+    pair shares split, initial set and initial model), their mean and bootstrap interval over seeds.
+
+    Returns :func:`seed_summary` of the differences plus ``n`` (seeds) and ``excludes_zero``: True
+    when the interval lies wholly above or below 0, False when it contains 0, None when there is
+    no interval to judge (fewer than 2 seeds, or a seed without a value on either side). With 2 or
+    3 seeds the interval is the range of the differences, so it excludes 0 whenever all seeds
+    agree in sign, which happens by chance half (2 seeds) or a quarter (3 seeds) of the time.
+    """
+    if len(values) != len(baseline):
+        raise ValueError("paired_differences needs one baseline value per seed")
+    diffs = [None if a is None or b is None else float(a) - float(b) for a, b in zip(values, baseline)]
+    out = seed_summary(diffs, seed=seed, resamples=resamples, level=level)
+    out["n"] = len(diffs)
+    if out["mean"] is None or len(diffs) < 2:
+        out["excludes_zero"] = None
+    else:
+        out["excludes_zero"] = bool(out["lo"] > 0 or out["hi"] < 0)
+    return out
+
+
+# --- the driver ---------------------------------------------------------------------------------------
+
+def _finished_full(run_dir: Path) -> float | None:
+    if not (run_dir / "run.db").is_file():
+        return None
+    with RunStore.open_readonly(run_dir) as store:
+        ev = [e for e in store.evaluations() if e["split"] == "test"]
+    return ev[0]["mean_dice"] if ev else None
+
+
+class _ExternalScores:
+    """Final-model Dice on the external dataset, remembered in ``OUT/external.json``."""
+
+    def __init__(self, out: Path, data: Path, device: str, reporter: Reporter):
+        self.file, self.data, self.device, self.reporter = out / "external.json", data, device, reporter
+        self.key = str(data.resolve())
+        try:
+            saved = json.loads(self.file.read_text())
+        except (OSError, ValueError):
+            saved = {}
+        self.runs = saved.get("runs", {}) if isinstance(saved, dict) and saved.get("data") == self.key else {}
+
+    def dice(self, name: str, run_dir: Path) -> float:
+        from alseg.evaluate import evaluate, resolve_checkpoint
+
+        ckpt, _ = resolve_checkpoint(run_dir)
+        st = ckpt.stat()
+        stamp = [ckpt.relative_to(run_dir).as_posix(), st.st_size, st.st_mtime_ns]
+        hit = self.runs.get(name)
+        if hit and hit.get("checkpoint") == stamp:
+            return hit["summary"]["mean_dice"]
+        self.reporter.note(f"{name}: scoring the final model on {self.data}")
+        summary = evaluate(run_dir, self.data, device=self.device, reporter=self.reporter).summary
+        self.runs[name] = {"checkpoint": stamp, "summary": summary}
+        atomic_write_text(self.file, json.dumps({"data": self.key, "runs": self.runs}, indent=2))
+        return summary["mean_dice"]
 
 
 def compare(config: ExperimentConfig, out: str | Path, *, strategies: Sequence[str], seeds: int = 3,
-            full: bool = False, reporter: Reporter = SILENT) -> dict:
-    """Run every strategy for seeds 0..seeds-1 (resuming or reusing runs in ``out``) and summarise."""
+            full: bool = False, external: str | Path | None = None, reporter: Reporter = SILENT) -> dict:
+    """Run every strategy for seeds 0..seeds-1 (resuming or reusing runs in ``out``) and summarise.
+
+    With ``external`` (a labelled dataset in any layout alseg reads), the final model of every run
+    and full-supervision reference is also scored on it (:func:`alseg.evaluate.evaluate`).
+    """
     from alseg.report import figures  # matplotlib only when a figure is drawn
 
-    bad = [s for s in strategies if s not in STRATEGIES]
+    known = strategy_names()
+    bad = [s for s in strategies if s not in known]
     if bad:
-        raise AlsegError(f"unknown strategy {bad[0]!r}; choose from {', '.join(STRATEGIES)}")
+        raise AlsegError(f"unknown strategy {bad[0]!r}; choose from {', '.join(known)}")
     if seeds < 1:
         raise AlsegError("--seeds must be at least 1")
+    if external is not None and not Path(external).exists():
+        raise AlsegError("no such external dataset", external)
     out = Path(out)
     runs = out / "runs"
+    scorer = _ExternalScores(out, Path(external), config.train.device, reporter) if external is not None else None
     results: dict[str, list[dict]] = {s: [] for s in strategies}
-    full_dice: dict[int, float] = {}
+    full_runs: dict[int, dict] = {}
     train_size = None
     for seed in range(seeds):
         cfg = dataclasses.replace(config, seed=seed)
@@ -81,7 +236,9 @@ def compare(config: ExperimentConfig, out: str | Path, *, strategies: Sequence[s
                     shutil.rmtree(run_dir)
                 reporter.note(f"full supervision, seed {seed}")
                 dice = train_supervised(cfg, run_dir, full=True, reporter=reporter)["test"]["mean_dice"]
-            full_dice[seed] = dice
+            full_runs[seed] = {"test_dice": dice}
+            if scorer:
+                full_runs[seed]["external_dice"] = scorer.dice(run_dir.name, run_dir)
         for strategy in strategies:
             run_dir = runs / f"{strategy}-s{seed}"
             reporter.note(f"{strategy}, seed {seed}")
@@ -92,46 +249,159 @@ def compare(config: ExperimentConfig, out: str | Path, *, strategies: Sequence[s
                 result = run_active(s_cfg, run_dir, reporter=reporter)
             with RunStore.open_readonly(run_dir) as store:
                 train_size = len(store.split()["train"])
-            results[strategy].append({"seed": seed, "rounds": result["rounds"]})
-    summary = _summarise(results, full_dice, train_size)
+            record = {"seed": seed, "rounds": result["rounds"]}
+            if scorer:
+                record["external_dice"] = scorer.dice(run_dir.name, run_dir)
+            results[strategy].append(record)
+    summary = summarise(results, full_runs, train_size)
     paper = PAPER_DICE.get(config.data.split_preset)
-    curves = {s: summary["strategies"][s]["curve"] for s in strategies}
-    full_line = None
-    if full_dice:
-        values = list(full_dice.values())
-        full_line = (float(np.mean(values)), float(np.std(values)))
-    figures.learning_curves(out / "compare.png", f"{config.preset}: test Dice vs expert labels ({seeds} seed"
-                            f"{'s' if seeds > 1 else ''})", curves, train_size=train_size, full=full_line, paper=paper)
     summary.update({"preset": config.preset, "seeds": seeds, "paper_dice": paper, "figure": str(out / "compare.png"),
-                    "full_dice": full_line[0] if full_line else None})
+                    "external": {"data": str(external)} if external is not None else None})
+    _figure(figures, out / "compare.png", config.preset, seeds, summary, paper)
     atomic_write_text(out / "compare.json", json.dumps(summary, indent=2))
-    buf = io.StringIO()
-    writer = csv.writer(buf)
-    writer.writerow(["strategy", "labels_to_95pct_full_mean", "labels_to_95pct_full_per_seed", "dice_at_50pct_labels",
-                     "final_dice_mean", "final_expert_labels"])
-    for s in strategies:
-        t = summary["strategies"][s]
-        writer.writerow([s, t["labels_to_95pct_full"], " ".join(map(str, t["labels_to_95pct_full_per_seed"])),
-                         t["dice_at_50pct_labels"], t["final_dice"], t["final_expert_labels"]])
-    atomic_write_bytes(out / "compare.csv", buf.getvalue().encode())
+    atomic_write_bytes(out / "compare.csv", _csv(summary, external is not None).encode())
     return summary
 
 
-def _summarise(results: dict[str, list[dict]], full_dice: dict[int, float], train_size: int | None) -> dict:
-    out = {"train_size": train_size, "strategies": {}}
+def summarise(results: dict[str, list[dict]], full_runs: dict[int, dict], train_size: int | None) -> dict:
+    """The comparison summary from the runs' rounds (pure: no files).
+
+    ``results[strategy]`` lists per seed ``{"seed", "rounds": [{"expert_labelled", "test_dice"}, ...],
+    "external_dice"?}``; ``full_runs[seed] = {"test_dice", "external_dice"?}``. A strategy's curve
+    keeps the rounds every seed finished; paired differences use the rounds both strategies finished.
+    """
+    full_dice = {seed: f["test_dice"] for seed, f in full_runs.items()}
+    with_external = any("external_dice" in r for per_seed in results.values() for r in per_seed)
+    out: dict = {"train_size": train_size, "strategies": {}, "runs": {},
+                 "intervals": {"method": "percentile bootstrap of the mean over seeds (seeds resampled with "
+                                         "replacement)", "level": LEVEL, "resamples": RESAMPLES,
+                               "rng_seed": BOOTSTRAP_SEED,
+                               "note": "one seed: the interval is the value itself (no spread to estimate); "
+                                       "2 or 3 seeds: the interval is the range of the per-seed values"},
+                 "labels_to_95pct_full_rule": "per seed, expert labels where test Dice first reaches 0.95 x that "
+                                              "seed's full-supervision Dice, interpolated linearly between rounds; "
+                                              "mean and interval null when any seed never reaches it",
+                 "baseline": BASELINE if BASELINE in results else None}
+    if full_runs:
+        values = [full_dice[s] for s in sorted(full_dice)]
+        fs = seed_summary(values)
+        out["full_dice"] = fs["mean"]
+        out["full"] = {"test_dice": fs}
+        if with_external:
+            out["full"]["external_dice"] = seed_summary([full_runs[s].get("external_dice") for s in sorted(full_runs)])
+        for seed in sorted(full_runs):
+            out["runs"][f"full-s{seed}"] = {"strategy": "full", "seed": seed, **full_runs[seed]}
+    else:
+        out["full_dice"], out["full"] = None, None
+
+    def per_seed_metrics(per_seed: list[dict], n_rounds: int) -> dict:
+        xs = [[float(r["rounds"][k]["expert_labelled"]) for k in range(n_rounds)] for r in per_seed]
+        ys = [[float(r["rounds"][k]["test_dice"]) for k in range(n_rounds)] for r in per_seed]
+        need = [labels_to_reach(x, y, 0.95 * full_dice[r["seed"]], interpolate=True) if r["seed"] in full_dice
+                else None for x, y, r in zip(xs, ys, per_seed)]
+        return {"x": xs, "y": ys, "final_dice": [y[-1] for y in ys], "aulc": [aulc(x, y) for x, y in zip(xs, ys)],
+                "labels_to_95pct_full": need}
+
+    rounds_done = {s: min(len(r["rounds"]) for r in per_seed) for s, per_seed in results.items()}
     for strategy, per_seed in results.items():
-        n_rounds = min(len(r["rounds"]) for r in per_seed)
-        xs = np.array([[r["rounds"][k]["expert_labelled"] for k in range(n_rounds)] for r in per_seed], float)
-        ys = np.array([[r["rounds"][k]["test_dice"] for k in range(n_rounds)] for r in per_seed], float)
+        if rounds_done[strategy] == 0:
+            raise AlsegError(f"{strategy}: a run has no finished round to compare")
+        m = per_seed_metrics(per_seed, rounds_done[strategy])
+        xs, ys = np.array(m["x"]), np.array(m["y"])
         x, mean, std = xs.mean(0), ys.mean(0), ys.std(0)
-        need = [labels_to_reach(xs[i], ys[i], 0.95 * full_dice[r["seed"]]) if r["seed"] in full_dice else None
-                for i, r in enumerate(per_seed)]
-        reached = [n for n in need if n is not None]
-        out["strategies"][strategy] = {
-            "curve": {"x": x.tolist(), "mean": mean.tolist(), "std": std.tolist(), "n": len(per_seed)},
-            "labels_to_95pct_full_per_seed": need,
-            "labels_to_95pct_full": float(np.mean(reached)) if reached and len(reached) == len(need) else None,
+        band = [bootstrap_interval(ys[:, k]) for k in range(ys.shape[1])]
+        final, area = seed_summary(m["final_dice"]), seed_summary(m["aulc"])
+        need = seed_summary(m["labels_to_95pct_full"]) if full_dice else None
+        t = {
+            "curve": {"x": x.tolist(), "mean": mean.tolist(), "std": std.tolist(), "lo": [b[0] for b in band],
+                      "hi": [b[1] for b in band], "n": len(per_seed)},
+            "seeds": [r["seed"] for r in per_seed],
+            "final_dice": final["mean"], "final_dice_interval": [final["lo"], final["hi"]],
+            "final_dice_per_seed": final["per_seed"], "final_expert_labels": float(x[-1]),
+            "aulc": area["mean"], "aulc_interval": [area["lo"], area["hi"]], "aulc_per_seed": area["per_seed"],
+            "labels_to_95pct_full_per_seed": m["labels_to_95pct_full"],
+            "labels_to_95pct_full": need["mean"] if need else None,
+            "labels_to_95pct_full_interval": [need["lo"], need["hi"]] if need and need["mean"] is not None else None,
+            "labels_to_95pct_full_not_reached": ([r["seed"] for r, v in zip(per_seed, m["labels_to_95pct_full"])
+                                                  if v is None] if full_dice else None),
             "dice_at_50pct_labels": dice_at(x, mean, 0.5 * train_size) if train_size else None,
-            "final_dice": float(mean[-1]), "final_expert_labels": float(x[-1]),
         }
+        if with_external:
+            ext = seed_summary([r.get("external_dice") for r in per_seed])
+            t.update({"external_dice": ext["mean"], "external_dice_interval": [ext["lo"], ext["hi"]],
+                      "external_dice_per_seed": ext["per_seed"]})
+        out["strategies"][strategy] = t
+        for r, fd, a, nd in zip(per_seed, m["final_dice"], m["aulc"], m["labels_to_95pct_full"]):
+            run = {"strategy": strategy, "seed": r["seed"], "rounds": len(r["rounds"]),
+                   "final_expert_labels": float(r["rounds"][rounds_done[strategy] - 1]["expert_labelled"]),
+                   "final_dice": fd, "aulc": a, "labels_to_95pct_full": nd}
+            if "external_dice" in r:
+                run["external_dice"] = r["external_dice"]
+            out["runs"][f"{strategy}-s{r['seed']}"] = run
+    if BASELINE in results:
+        base_by_seed = {r["seed"]: r for r in results[BASELINE]}
+        for strategy, per_seed in results.items():
+            if strategy == BASELINE:
+                continue
+            paired = [r for r in per_seed if r["seed"] in base_by_seed]
+            n = min(rounds_done[strategy], rounds_done[BASELINE])
+            mine = per_seed_metrics(paired, n)
+            base = per_seed_metrics([base_by_seed[r["seed"]] for r in paired], n)
+            out["strategies"][strategy]["vs_random"] = {
+                "rounds": n, "seeds": [r["seed"] for r in paired],
+                **{k: paired_differences(mine[k], base[k]) for k in ("aulc", "final_dice", "labels_to_95pct_full")}}
+            if not full_dice:
+                out["strategies"][strategy]["vs_random"]["labels_to_95pct_full"] = None
     return out
+
+
+def _figure(figures, path: Path, preset: str, seeds: int, summary: dict, paper: float | None) -> None:
+    curves = {s: t["curve"] for s, t in summary["strategies"].items()}
+    full_line = None
+    if summary["full"]:
+        f = summary["full"]["test_dice"]
+        full_line = (f["mean"], f["lo"], f["hi"])
+    if seeds > 1:
+        what = f"{seeds} seeds; bands: 95 % bootstrap intervals over seeds"
+    else:
+        what = "1 seed: no interval"
+    figures.learning_curves(path, f"{preset}: test Dice vs expert labels ({what})", curves,
+                            train_size=summary["train_size"], full=full_line, paper=paper,
+                            ylabel="test Dice (mean over seeds)")
+
+
+def _csv(summary: dict, with_external: bool) -> str:
+    def cell(v):
+        if v is None:
+            return ""
+        if isinstance(v, bool):
+            return str(v).lower()
+        return v
+
+    def seeds_cell(values):
+        return " ".join("None" if v is None else str(v) for v in values)
+
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    head = ["strategy", "labels_to_95pct_full_mean", "labels_to_95pct_full_per_seed", "dice_at_50pct_labels",
+            "final_dice_mean", "final_expert_labels", "final_dice_lo", "final_dice_hi", "aulc_mean", "aulc_lo",
+            "aulc_hi", "labels_to_95pct_full_lo", "labels_to_95pct_full_hi", "labels_to_95pct_full_seeds_not_reached"]
+    if with_external:
+        head += ["external_dice_mean", "external_dice_lo", "external_dice_hi"]
+    metrics = ("aulc", "final_dice", "labels_to_95pct_full")
+    for k in metrics:
+        head += [f"diff_vs_random_{k}_{p}" for p in ("mean", "lo", "hi", "excludes_zero")]
+    writer.writerow(head)
+    for s, t in summary["strategies"].items():
+        need_iv = t["labels_to_95pct_full_interval"] or [None, None]
+        not_reached = t["labels_to_95pct_full_not_reached"]
+        row = [s, t["labels_to_95pct_full"], seeds_cell(t["labels_to_95pct_full_per_seed"]), t["dice_at_50pct_labels"],
+               t["final_dice"], t["final_expert_labels"], *t["final_dice_interval"], t["aulc"], *t["aulc_interval"],
+               *need_iv, None if not_reached is None else " ".join(map(str, not_reached))]
+        if with_external:
+            row += [t["external_dice"], *t["external_dice_interval"]]
+        for k in metrics:
+            d = (t.get("vs_random") or {}).get(k) or {}
+            row += [d.get("mean"), d.get("lo"), d.get("hi"), d.get("excludes_zero")]
+        writer.writerow([cell(v) for v in row])
+    return buf.getvalue()

@@ -129,7 +129,8 @@ def test_summarise_pairs_seeds_and_uses_each_seeds_full_dice():
     assert ceal["labels_to_95pct_full_per_seed"] == pytest.approx([26.0, 27.0])
     assert rand["labels_to_95pct_full_per_seed"] == [None, None] and rand["labels_to_95pct_full"] is None
     assert rand["labels_to_95pct_full_not_reached"] == [0, 1]
-    assert ceal["curve"]["lo"] == pytest.approx([0.3, 0.5, 0.6]) and ceal["curve"]["hi"] == pytest.approx([0.5, 0.7, 0.8])
+    assert ceal["curve"]["lo"] == pytest.approx([0.3, 0.5, 0.6])
+    assert ceal["curve"]["hi"] == pytest.approx([0.5, 0.7, 0.8])
     vs = ceal["vs_random"]
     assert vs["aulc"]["per_seed"] == pytest.approx([0.075, 0.075]) and vs["aulc"]["excludes_zero"] is True
     assert vs["final_dice"]["mean"] == pytest.approx(0.1)

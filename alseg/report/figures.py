@@ -16,8 +16,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 DPI = 110
-COLOURS = {"ceal": "#1f77b4", "random": "#7f7f7f", "uncertainty": "#d62728", "entropy": "#9467bd",
-           "bald": "#2ca02c", "full": "#000000", "paper": "#ff7f0e"}
+COLOURS = {"full": "#000000", "paper": "#ff7f0e"}  # strategies' colours: their registry entries
+
+
+def strategy_colour(name: str) -> str | None:
+    from alseg.active.strategies import strategy_names, strategy_spec
+
+    return strategy_spec(name).colour if name in strategy_names() else COLOURS.get(name)
 KIND_STYLE = {"missed": ("#9467bd", "expert: missed (lowest)"), "low": ("#2ca02c", "expert: low-uncertainty region"),
               "uncertain": ("#d62728", "expert: most uncertain"), "pseudo": ("#ff7f0e", "pseudo-label"),
               "random": ("#7f7f7f", "expert: random"), "top": ("#d62728", "expert: top score")}
@@ -126,25 +131,42 @@ def training_curves(path, title: str, epochs: Sequence[dict], round_epochs: bool
 
 
 def learning_curves(path, title: str, curves: dict[str, dict], *, train_size: int | None = None,
-                    full: tuple[float, float] | None = None, paper: float | None = None) -> Path:
-    """Test Dice against expert-labelled images; ``curves[name] = {"x", "mean", "std"}`` (band = ±1 std)."""
+                    full: tuple[float, ...] | None = None, paper: float | None = None,
+                    ylabel: str = "test Dice (mean over images)") -> Path:
+    """Test Dice against expert-labelled images, one line per ``curves[name] = {"x", "mean", "std"}``.
+
+    The band around a curve of several seeds (``"n"`` > 1) is its interval ``"lo"``..``"hi"`` when
+    the curve has one (the comparison's 95 % bootstrap interval over seeds), else ±1 ``"std"``.
+    ``full`` is the full-supervision Dice as ``(mean, std)`` or ``(mean, lo, hi)``; a dotted line
+    marks 95 % of it.
+    """
     fig, ax = plt.subplots(figsize=(9, 5.5))
     for name, c in curves.items():
         x, m, s = (np.asarray(c[k], float) for k in ("x", "mean", "std"))
-        colour = COLOURS.get(name)
+        colour = strategy_colour(name)
         n = c.get("n", 1)
-        ax.plot(x, m, "-o", ms=4, color=colour, label=f"{name}" + (f" (mean ± std, {n} seeds)" if n > 1 else ""))
+        has_interval = "lo" in c and "hi" in c
         if n > 1:
-            ax.fill_between(x, m - s, m + s, color=colour, alpha=0.18)
+            what = "mean, 95 % interval" if has_interval else "mean ± std"
+            label = f"{name} ({what}, {n} seeds)"
+        else:
+            label = name
+        ax.plot(x, m, "-o", ms=4, color=colour, label=label)
+        if n > 1:
+            lo, hi = ((np.asarray(c["lo"], float), np.asarray(c["hi"], float)) if has_interval else (m - s, m + s))
+            ax.fill_between(x, lo, hi, color=colour, alpha=0.18, linewidth=0)
     if full is not None:
-        ax.axhline(full[0], color=COLOURS["full"], ls="--", lw=1.2, label=f"full supervision ({full[0]:.3f})")
-        if full[1] > 0:
-            ax.axhspan(full[0] - full[1], full[0] + full[1], color="black", alpha=0.07)
+        lo, hi = (full[1], full[2]) if len(full) == 3 else (full[0] - full[1], full[0] + full[1])
+        band = lo is not None and hi is not None and hi > lo
+        what = (", band: 95 % interval" if len(full) == 3 else ", band: ± std") if band else ""
+        ax.axhline(full[0], color=COLOURS["full"], ls="--", lw=1.2, label=f"full supervision ({full[0]:.3f}{what})")
+        if band:
+            ax.axhspan(lo, hi, color="black", alpha=0.07)
         ax.axhline(0.95 * full[0], color=COLOURS["full"], ls=":", lw=0.9, label="95 % of full supervision")
     if paper is not None:
         ax.axhline(paper, color=COLOURS["paper"], ls="-.", lw=1.2, label=f"paper's reported Dice ({paper:.2f})")
     ax.set_xlabel("expert-labelled training images")
-    ax.set_ylabel("test Dice (mean over images)")
+    ax.set_ylabel(ylabel)
     if train_size:
         sec = ax.secondary_xaxis("top", functions=(lambda v: 100 * v / train_size, lambda p: p * train_size / 100))
         sec.set_xlabel("% of the training split labelled")
