@@ -189,12 +189,20 @@ def evaluate(target: Path = typer.Argument(..., help="Checkpoint file or run dir
     _emit(result.summary, as_json, lambda r: out.print(_kv_table(f"Dice on {data}", r)))
 
 
-class StrategyName(str, Enum):
-    ceal = "ceal"
-    random = "random"
-    uncertainty = "uncertainty"
-    entropy = "entropy"
-    bald = "bald"
+def _strategy_enum() -> type[Enum]:
+    """The registered strategies as a choice (plug-ins registered before the CLI is built appear too)."""
+    from alseg.active.strategies import strategy_names
+
+    return Enum("StrategyName", {name: name for name in strategy_names()}, type=str)
+
+
+StrategyName = _strategy_enum()
+
+
+def _strategies_help(prefix: str) -> str:
+    from alseg.active.strategies import strategy_names, strategy_spec
+
+    return prefix + " " + "; ".join(f"{n}: {strategy_spec(n).help}" for n in strategy_names()) + "."
 
 
 def _num(value, spec: str) -> str:
@@ -232,7 +240,8 @@ def run(preset: Optional[PresetName] = typer.Option(None, help="Settings preset 
         config: Optional[Path] = typer.Option(None, "--config", help="YAML file overriding the preset."),
         out_dir: Optional[Path] = typer.Option(None, "--out", help="Run directory to create (default runs/run-TIME)."),
         resume: Optional[Path] = typer.Option(None, "--resume", help="Continue this run directory after a crash or Ctrl-C."),
-        strategy: Optional[StrategyName] = typer.Option(None, help="Selection strategy (default ceal)."),
+        strategy: Optional[StrategyName] = typer.Option(None, help=_strategies_help("Selection strategy (default ceal).")),
+        batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Expert images per round (default 35)."),
         rounds: Optional[int] = typer.Option(None, help="Active-learning rounds after the initial training."),
         budget: Optional[float] = typer.Option(None, help="Stop once this fraction of the train split is expert-labelled."),
         seed: Optional[int] = typer.Option(None, help="Random seed (split, model, selection)."),
@@ -267,7 +276,7 @@ def run(preset: Optional[PresetName] = typer.Option(None, help="Settings preset 
 
     if resume is not None:
         changing = {"--preset": preset, "--data": data, "--format": format, "--config": config, "--out": out_dir,
-                    "--strategy": strategy, "--seed": seed, "--size": size, "--width": width, "--epochs": epochs,
+                    "--strategy": strategy, "--batch-size": batch_size, "--seed": seed, "--size": size, "--width": width, "--epochs": epochs,
                     "--round-epochs": round_epochs, "--mc-passes": mc_passes, "--from-scratch": from_scratch or None,
                     "--keep-pseudo": keep_pseudo or None, "--split-by": split_by, "--device": device,
                     "--cache-dir": cache_dir}
@@ -294,7 +303,8 @@ def run(preset: Optional[PresetName] = typer.Option(None, help="Settings preset 
                      "cache_dir": str(cache_dir) if cache_dir else None},
             "model": {"width": width},
             "train": {"epochs": epochs, "device": device},
-            "active": {"strategy": strategy.value if strategy else None, "rounds": rounds, "budget": budget,
+            "active": {"strategy": strategy.value if strategy else None, "batch_size": batch_size,
+                       "rounds": rounds, "budget": budget,
                        "round_epochs": round_epochs, "mc_passes": mc_passes,
                        "warm_start": False if from_scratch else None, "keep_pseudo": True if keep_pseudo else None},
         })
@@ -375,10 +385,13 @@ def report(run_dir: Path = typer.Argument(..., help="Run directory."),
 @app.command()
 def compare(preset: PresetName = typer.Option(..., help="Settings preset shared by every run."),
             data: Path = typer.Option(..., "--data", help="Dataset folder."),
-            strategies: str = typer.Option("ceal,random,uncertainty,bald", help="Comma-separated strategies."),
+            strategies: str = typer.Option("ceal,random,uncertainty,bald", help=_strategies_help(
+                "Comma-separated strategies, of:")),
             seeds: int = typer.Option(3, help="Seeds 0..N-1 for each strategy (error bands)."),
             full: bool = typer.Option(False, "--full", help="Also train the full-supervision reference per seed."),
             out_dir: Path = typer.Option(..., "--out", help="Comparison folder (reused and resumed if it exists)."),
+            external: Optional[Path] = typer.Option(None, "--external", help="A second labelled dataset (any layout "
+                                                    "alseg reads): every run's final model is also scored on it."),
             config: Optional[Path] = typer.Option(None, "--config", help="YAML file overriding the preset."),
             rounds: Optional[int] = typer.Option(None, help="Active-learning rounds."),
             budget: Optional[float] = typer.Option(None, help="Stop once this fraction is expert-labelled."),
@@ -391,8 +404,14 @@ def compare(preset: PresetName = typer.Option(..., help="Settings preset shared 
             as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON.")):
     """Learning curves of several strategies over seeds, with full supervision and the paper's Dice.
 
+    Per strategy: final test Dice, AULC and expert labels to reach 95 % of full supervision (with --full).
+
+    Each is a mean over seeds with a 95 % bootstrap interval; differences against random are paired by seed.
+
     Writes OUT/compare.png, OUT/compare.csv and OUT/compare.json; runs live in OUT/runs/.
     """
+    from rich.text import Text
+
     from alseg.compare import compare as run_compare
     from alseg.config import build_config
 
@@ -401,19 +420,73 @@ def compare(preset: PresetName = typer.Option(..., help="Settings preset shared 
         "train": {"epochs": epochs, "device": device},
         "active": {"rounds": rounds, "budget": budget, "round_epochs": round_epochs, "mc_passes": mc_passes}})
     summary = run_compare(cfg, out_dir, strategies=[s.strip() for s in strategies.split(",") if s.strip()],
-                          seeds=seeds, full=full, reporter=RichReporter(quiet=as_json))
+                          seeds=seeds, full=full, external=external, reporter=RichReporter(quiet=as_json))
+
+    def fmt(v, f):
+        return "-" if v is None else format(v, f)
+
+    def with_interval(mean, interval, f):
+        if mean is None:
+            return "-"
+        if interval is None or interval[0] is None or summary["seeds"] == 1:  # one seed: no interval to show
+            return fmt(mean, f)
+        return f"{format(mean, f)} [{format(interval[0], f)}, {format(interval[1], f)}]"
+
+    def labels_cell(t, n):
+        missing = t["labels_to_95pct_full_not_reached"]
+        if missing is None:
+            return "- (no --full)"
+        if missing:
+            return f"not reached by {len(missing)} of {n} seeds"
+        return with_interval(t["labels_to_95pct_full"], t["labels_to_95pct_full_interval"], ".1f")
+
+    def diff_cell(d, f):
+        if d is None:
+            return "-"
+        if d["mean"] is None:
+            return f"- ({d['missing']} of {d['n']} seeds without a value)" if d["missing"] else "-"
+        text = with_interval(d["mean"], [d["lo"], d["hi"]], f)
+        return text + (" *" if d["excludes_zero"] else "")
 
     def render(r):
-        table = Table(title=f"{r['preset']}: {r['seeds']} seed(s); full supervision "
-                            f"{'-' if r['full_dice'] is None else format(r['full_dice'], '.4f')}")
-        for col in ("strategy", "labels to 95% of full", "Dice at 50% labels", "final Dice", "final labels"):
+        n = r["seeds"]
+        full_text = "-" if r["full_dice"] is None else with_interval(
+            r["full_dice"], [r["full"]["test_dice"]["lo"], r["full"]["test_dice"]["hi"]], ".4f")
+        how = "mean [95 % interval over seeds]" if n > 1 else "one seed, no intervals"
+        table = Table(title=Text(f"{r['preset']}: {n} seed(s), {how}; full supervision {full_text}"))
+        cols = ["strategy", "final labels", "final Dice", "AULC (mean Dice)", "labels to 95% of full",
+                "Dice at 50% labels"]
+        if r["external"]:
+            cols.append("external Dice")
+        for col in cols:
             table.add_column(col, justify="right")
         for name, t in r["strategies"].items():
-            fmt = lambda v, f: "-" if v is None else format(v, f)
-            table.add_row(name, fmt(t["labels_to_95pct_full"], ".0f"), fmt(t["dice_at_50pct_labels"], ".4f"),
-                          fmt(t["final_dice"], ".4f"), fmt(t["final_expert_labels"], ".0f"))
+            row = [name, fmt(t["final_expert_labels"], ".0f"),
+                   with_interval(t["final_dice"], t["final_dice_interval"], ".4f"),
+                   with_interval(t["aulc"], t["aulc_interval"], ".4f"), labels_cell(t, t["curve"]["n"]),
+                   fmt(t["dice_at_50pct_labels"], ".4f")]
+            if r["external"]:
+                row.append(with_interval(t["external_dice"], t["external_dice_interval"], ".4f"))
+            table.add_row(*(Text(c) for c in row))
         out.print(table)
-        out.print(f"figure: {r['figure']}")
+        paired = {name: t["vs_random"] for name, t in r["strategies"].items() if "vs_random" in t}
+        if paired:
+            diff = Table(title=Text("paired per-seed differences vs random (strategy - random): mean [95 % interval]; "
+                                    "* the interval excludes 0"))
+            for col in ("strategy", "seeds", "AULC diff", "final Dice diff", "labels-to-95% diff"):
+                diff.add_column(col, justify="right")
+            for name, d in paired.items():
+                diff.add_row(*(Text(c) for c in (name, str(len(d["seeds"])), diff_cell(d["aulc"], "+.4f"),
+                                                  diff_cell(d["final_dice"], "+.4f"),
+                                                  diff_cell(d["labels_to_95pct_full"], "+.1f"))))
+            out.print(diff)
+        elif r["baseline"] is None:
+            out.print("no paired differences: random is not among the strategies")
+        if n == 1:
+            out.print("one seed: each interval is the value itself, and nothing can be said about differences")
+        elif n <= 3:
+            out.print(f"{n} seeds: each interval is the range of the per-seed values, so it is optimistic")
+        out.print(Text(f"figure: {r['figure']}"))
 
     _emit(summary, as_json, render)
 
@@ -460,7 +533,8 @@ def init(project: Path = typer.Argument(..., help="Project folder to create (new
 @app.command()
 def query(project: Path = typer.Argument(..., help="Project folder."),
           n: Optional[int] = typer.Option(None, "-n", help="Images per batch from now on (default 35)."),
-          strategy: Optional[StrategyName] = typer.Option(None, help="Selection strategy from now on (default ceal)."),
+          strategy: Optional[StrategyName] = typer.Option(None, help=_strategies_help(
+              "Selection strategy from now on (default ceal).")),
           as_json: bool = typer.Option(False, "--json", help="Print the batch and status as JSON.")):
     """Train as needed, score the pool, choose the next batch and export it to PROJECT/rounds/RRR/.
 

@@ -399,4 +399,3 @@ def _diverse(params: CealParams, batch_size: int) -> Strategy:
     return DiverseStrategy(params, batch_size)
 
 
-STRATEGIES = strategy_names()  # the built-in names (plug-ins registered later: strategy_names())
