@@ -160,3 +160,19 @@ def test_budget_and_empty_pool_stop_the_run(tmp_path):
     assert last["expert_labelled"] >= 0.5 * (last["expert_labelled"] + last["pool"]) > result["rounds"][-2]["expert_labelled"]
     empty = run_active(resume=tmp_path / "budget", budget=1.0)
     assert empty["stopped"] == "the pool is empty" and empty["rounds"][-1]["pool"] == 0
+
+
+def test_diverse_strategy_runs_with_a_feature_pass_and_caps_patients(tmp_path):
+    """`diverse` through the loop on LGG (grouped by patient): one extra feature pass, no patient
+    over a quarter of the batch, CEAL's pseudo-labels, and `--batch-size` honoured."""
+    out = tmp_path / "run"
+    result = run_json("run", "--preset", "quick-lgg", "--data", LGG, "--rounds", "1", "--strategy", "diverse",
+                      "--batch-size", "12", "--out", out, *TINY)
+    r1 = result["rounds"][1]
+    assert len(r1["expert_ids"]) == 12 and r1["pseudo_labelled"] == 20
+    data = load_cached(open_dataset(LGG), 32)
+    group = dict(zip(data.ids, data.groups))
+    per_patient = np.unique([group[i] for i in r1["expert_ids"]], return_counts=True)[1]
+    assert per_patient.max() <= 3  # ceil(0.25 x 12)
+    with RunStore.open_readonly(out) as store:
+        assert set(store.selection_reasons(1).values()) == {"diverse", "pseudo"}
