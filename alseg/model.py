@@ -108,9 +108,31 @@ class UNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] % self.multiple or x.shape[-2] % self.multiple:
             raise AlsegError(f"input size {tuple(x.shape[-2:])} must be a multiple of {self.multiple} for depth {self.config.depth}")
+        return self.finish([], x)
+
+    def deterministic_levels(self) -> int:
+        """Encoder levels, from the input, without active dropout: the same in every MC pass."""
+        levels = 0
+        for block in self.down[:-1]:  # the bottleneck (last level) always keeps its dropout
+            if any(isinstance(m, nn.Dropout) and m.p > 0 for m in block):
+                break
+            levels += 1
+        return levels
+
+    def encode(self, x: torch.Tensor, levels: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """The first ``levels`` encoder levels: their skip outputs and the next level's input."""
         skips = []
-        for i, block in enumerate(self.down):
+        for block in self.down[:levels]:
             x = block(x)
+            skips.append(x)
+            x = self.pool(x)
+        return skips, x
+
+    def finish(self, skips: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """The rest of the network after :meth:`encode` (``forward`` is ``finish([], x)``)."""
+        skips = list(skips)
+        for i in range(len(skips), len(self.down)):
+            x = self.down[i](x)
             if i < len(self.down) - 1:
                 skips.append(x)
                 x = self.pool(x)

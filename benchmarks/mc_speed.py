@@ -6,7 +6,9 @@ Scoring the pool is the active learner's inner loop. Compared on the same model 
   stacked in memory, then ``np.var`` over them;
 * ``alseg fp32``: alseg's streaming engine (batches, Welford running statistics);
 * ``alseg bf16``: the same with bf16 autocast and channels_last (alseg's default on CPUs with
-  bf16 instructions).
+  bf16 instructions);
+* ``dropout_scope`` ``all`` against ``decoder`` (same weights, same FLOPs per whole pass): with
+  dropout only in the decoder and bottleneck, alseg runs the encoder once per batch.
 
 Also training image-steps per second of :func:`alseg.train.fit` (fp32 and bf16 autocast).
 Prints one JSON object; ratios are what to compare, absolute times on shared CPUs are noisy.
@@ -89,6 +91,17 @@ def main() -> None:
                                                                         np.argsort(np.argsort(r_bf16.variance)))[0, 1]), 3)
     res["score_rank_agreement_ceal_vs_fp32"] = round(float(np.corrcoef(np.argsort(np.argsort(s_ceal)),
                                                                         np.argsort(np.argsort(r_fp32.variance)))[0, 1]), 3)
+
+    # dropout_scope "decoder": the encoder levels without dropout run once per batch, not T times
+    fp = "bf16" if cpu_has_fast_bf16() else "fp32"
+    decoder = UNet(ModelConfig(in_channels=data.channels, width=args.width, depth=5, dropout=0.1, dropout_scope="decoder"))
+    decoder.load_state_dict(model.state_dict())
+    t_all, _ = timed(lambda: mc_dropout(model, data.images, idx, norm, passes=args.passes, precision=fp))
+    t_dec, _ = timed(lambda: mc_dropout(decoder, data.images, idx, norm, passes=args.passes, precision=fp))
+    res["mc_dropout_scope"] = {"precision": fp, "all_images_per_s": round(n / t_all, 2),
+                               "decoder_encoder_once_images_per_s": round(n / t_dec, 2),
+                               "speedup": round(t_all / t_dec, 2),
+                               "deterministic_levels": decoder.deterministic_levels()}
 
     tidx = np.flatnonzero(data.has_mask)[: args.train_images]
     for precision in ("fp32", "bf16"):

@@ -86,3 +86,33 @@ def test_edt_weighting_uses_the_thresholded_mask(lgg):
         assert np.all(res.variance_map[k][res.mean[k] <= 0.5] == 0)
     with pytest.raises(AlsegError):
         mc_dropout(_model(0.3), data.images, idx, norm, passes=1)
+
+
+@pytest.mark.parametrize("scope, fixed", [("all", 0), ("decoder", 3), ("bottleneck", 3)])
+def test_encoder_without_dropout_runs_once_with_the_result_of_whole_passes(lgg, scope, fixed):
+    """With dropout only in the decoder (or bottleneck), the deterministic encoder levels run once per
+    batch: same scores and maps as T whole passes with the same seed, and T times fewer encoder calls."""
+    data, idx, norm = lgg
+    torch.manual_seed(0)
+    model = UNet(ModelConfig(width=4, depth=4, dropout=0.3, dropout_scope=scope, norm="batch"))
+    assert model.deterministic_levels() == fixed
+    calls = []
+    hook = model.down[0].register_forward_hook(lambda *_: calls.append(1))
+    try:
+        fast = mc_dropout(model, data.images, idx, norm, passes=6, batch_size=3, precision="fp32", seed=4, keep_maps=True)
+    finally:
+        hook.remove()
+    assert len(calls) == (2 if fixed else 12)  # 2 batches: once each, or once per pass
+    # the reference: whole passes through forward(), the same dropout stream
+    set_mc_dropout(model)
+    torch.manual_seed(4)
+    probs = []
+    for start in range(0, len(idx), 3):
+        x = norm(torch.from_numpy(np.ascontiguousarray(data.images[idx[start:start + 3]])))
+        x = x.contiguous(memory_format=torch.channels_last)
+        with torch.no_grad():
+            probs.append(torch.stack([torch.sigmoid(model(x))[:, 0] for _ in range(6)]).numpy())
+    probs = np.concatenate(probs, axis=1)
+    assert np.allclose(fast.mean, probs.mean(0), atol=1e-5)
+    assert np.allclose(fast.variance_map, probs.var(0), atol=1e-6)
+    assert np.all(fast.variance > 0)

@@ -14,6 +14,10 @@ uncertainty score. ``weighting="edt"`` multiplies the variance map by the distan
 of the *thresholded* MC-mean mask, scaled to [0, 1] (the published CEAL code's option, which
 wrongly used a soft output there); with no predicted foreground the weight is zero.
 
+Encoder levels without dropout (``dropout_scope`` ``decoder`` or ``bottleneck``) give the same
+output in every pass: they run once per batch and only the stochastic rest runs T times, with
+the same result as T whole passes.
+
 Results are deterministic for a seed (and batch size and device).
 """
 from __future__ import annotations
@@ -124,6 +128,7 @@ def mc_dropout(model: UNet, images: np.ndarray, indices, normalizer: Normalizer,
     model.to(device)
     if device.type == "cpu":
         model = model.to(memory_format=torch.channels_last)
+    fixed_levels = model.deterministic_levels()  # > 0 with dropout_scope "decoder" or "bottleneck"
     # The dropout masks come from torch's global generator: fork it so callers' random state is untouched.
     rng_devices = [device] if device.type == "cuda" else []
     advance = reporter.stage(f"MC dropout x{passes}", n)
@@ -138,9 +143,11 @@ def mc_dropout(model: UNet, images: np.ndarray, indices, normalizer: Normalizer,
                 mean = torch.zeros((len(idx), size, size), device=device)
                 m2 = torch.zeros_like(mean)
                 ent_sum = torch.zeros_like(mean)
+                with autocast(device, dtype):
+                    skips, h = model.encode(x, fixed_levels)  # no dropout there: once, not T times
                 for t in range(1, passes + 1):
                     with autocast(device, dtype):
-                        logits = model(x)
+                        logits = model.finish(skips, h)
                     p = torch.sigmoid(logits.float())[:, 0]
                     delta = p - mean
                     mean += delta / t
