@@ -45,7 +45,7 @@ def fixed_test_ids(test_ids, positive, n: int) -> list[str]:
 def _kind(reason: str | None, selection_kind: str) -> str:
     if selection_kind == "pseudo":
         return "pseudo"
-    if reason in ("missed", "low", "uncertain", "random"):
+    if reason in ("missed", "low", "uncertain", "random", "diverse"):  # figures.KIND_STYLE's kinds
         return reason
     return "top"
 

@@ -25,7 +25,8 @@ def strategy_colour(name: str) -> str | None:
     return strategy_spec(name).colour if name in strategy_names() else COLOURS.get(name)
 KIND_STYLE = {"missed": ("#9467bd", "expert: missed (lowest)"), "low": ("#2ca02c", "expert: low-uncertainty region"),
               "uncertain": ("#d62728", "expert: most uncertain"), "pseudo": ("#ff7f0e", "pseudo-label"),
-              "random": ("#7f7f7f", "expert: random"), "top": ("#d62728", "expert: top score")}
+              "random": ("#7f7f7f", "expert: random"), "top": ("#d62728", "expert: top score"),
+              "diverse": ("#8c564b", "expert: uncertain and unlike the labelled")}
 
 
 def _save(fig, path: Path) -> Path:
