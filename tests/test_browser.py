@@ -52,6 +52,10 @@ class Page:
     def __init__(self, driver, project: Project, url: str, shots: Path):
         self.d, self.p, self.url, self.shots = driver, project, url, shots
         self.batch = project.batch()
+        self.opened = time.monotonic()  # set before the page loads: no timer of it can have run longer
+
+    def since_opened(self) -> float:
+        return time.monotonic() - self.opened
 
     def wait(self, condition, what: str, timeout: float = WAIT):
         from selenium.webdriver.support.ui import WebDriverWait
@@ -142,8 +146,8 @@ def page(driver, template, tmp_path):
     p = Project(project_dir, command="serve")
     try:
         with ThreadServer(create_app(p)) as server:
-            driver.get(server.url + "/")
             pg = Page(driver, p, server.url, artifacts_dir(tmp_path))
+            driver.get(server.url + "/")
             pg.wait_loaded(pg.batch.items[0].id)
             yield pg
             logs = [e for e in driver.get_log("browser") if e.get("level") == "SEVERE"
@@ -224,7 +228,8 @@ def test_painted_stroke_is_submitted_with_the_time_spent(page):
     assert abs(changed[:, 0] - y).max() <= 2  # only along the stroke
     assert "stored" in page.text("message")
     seconds = [a["seconds"] for a in page.p.store.annotations(item.id) if a["seconds"] is not None]
-    assert seconds and 1.3 <= seconds[-1] < 30, seconds
+    # the recorded time covers the wait on the image and no more than the page has been open
+    assert seconds and 1.3 <= seconds[-1] <= page.since_opened(), seconds
     assert page.p.status()["expert_seconds"] == pytest.approx(sum(seconds))
     page.wait_loaded(page.batch.items[1].id)  # moved on to the next image
 
@@ -328,7 +333,7 @@ def test_skip_records_time_and_keeps_the_image_queued(page):
     page.key("s")
     page.wait_loaded(page.batch.items[1].id)
     page.wait(lambda: page.p.status()["expert_seconds"] > 0, "skip time recorded")
-    assert 1.0 <= page.p.status()["expert_seconds"] < 30
+    assert 1.0 <= page.p.status()["expert_seconds"] <= page.since_opened()
     assert item.id in page.p.store.queued(1) and page.p.stored_mask(item.id) is None
     page.key("p")  # back; n and arrows move too
     page.wait_loaded(item.id)
