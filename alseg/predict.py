@@ -41,10 +41,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
-from alseg.data.cache import fit_image
-from alseg.data.imageio import read_image
+from alseg.data.cache import fit_image, map_to_size as _to_original
+from alseg.data.imageio import png_bytes, read_image
 from alseg.data.sources import detect_format, images_by_stem, open_dataset
 from alseg.errors import AlsegError
 from alseg.progress import SILENT, Reporter
@@ -83,19 +82,6 @@ def _check_out(out: Path) -> None:
             raise AlsegError("output path exists and is not a folder", out)
         if any(out.iterdir()):
             raise AlsegError("output folder exists and is not empty", out)
-
-
-def _png(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def _to_original(plane: np.ndarray, width: int, height: int) -> np.ndarray:
-    """A float working-size map resized to ``width`` x ``height`` (bilinear)."""
-    if plane.shape == (height, width):
-        return plane.astype(np.float32)
-    return np.asarray(Image.fromarray(plane.astype(np.float32)).resize((width, height), Image.BILINEAR))
 
 
 def uncertainty_rgb(variance: np.ndarray) -> np.ndarray:
@@ -241,9 +227,9 @@ def _write_one(out: Path, item: tuple[str, Path], wh: tuple[int, int], prob: np.
     sid, path = item
     w, h = wh
     mask = _to_original(prob, w, h) > 0.5
-    atomic_write_bytes(out / "masks" / f"{sid}.png", _png(mask.astype(np.uint8) * 255))
+    atomic_write_bytes(out / "masks" / f"{sid}.png", png_bytes(mask.astype(np.uint8) * 255))
     if variance is not None:
-        atomic_write_bytes(out / "uncertainty" / f"{sid}.png", _png(uncertainty_rgb(_to_original(variance, w, h))))
+        atomic_write_bytes(out / "uncertainty" / f"{sid}.png", png_bytes(uncertainty_rgb(_to_original(variance, w, h))))
     row = {"id": sid, "file": str(path), "width": w, "height": h,
            "foreground_fraction": f"{float(mask.mean()):.6f}", "variance": "", "entropy": "", "bald": "",
            "status": "ok"}

@@ -13,21 +13,11 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
-from PIL import Image
 
 from alseg.data.cache import CachedData
 from alseg.errors import AlsegError
 
 ANNOTATORS = ("simulated", "expert")
-
-
-def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
-    """A binary mask at the working size (nearest neighbour on 0/255, as the cache resizes masks)."""
-    mask = np.asarray(mask)
-    if mask.shape == (size, size):
-        return (mask > 0).astype(np.uint8)
-    img = Image.fromarray((mask > 0).astype(np.uint8) * 255).resize((size, size), Image.NEAREST)
-    return (np.asarray(img) >= 128).astype(np.uint8)
 
 
 class SimulatedAnnotator:

@@ -34,10 +34,11 @@ from pathlib import Path
 
 import numpy as np
 
-from alseg.active.annotators import make_annotator, resize_mask
+from alseg.active.annotators import make_annotator
 from alseg.active.strategies import make_strategy
 from alseg.active.uncertainty import bottleneck_features, mc_dropout
 from alseg.config import ExperimentConfig, config_from_dict
+from alseg.data.cache import mask_to_size
 from alseg.data.splits import Split, carve_validation
 from alseg.errors import AlsegError
 from alseg.faults import point
@@ -211,7 +212,7 @@ class ActiveRun:
                 mask = self.store.mask(i)
                 if mask is None:
                     raise AlsegError(f"labelled id {i!r} has no stored mask", self.dir.db)
-                out[k] = resize_mask(mask, self.data.size)
+                out[k] = mask_to_size(mask, self.data.size)
         return out
 
     def _ensure_validation(self) -> None:

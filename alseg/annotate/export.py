@@ -22,10 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from alseg.active.strategies import reason_label
-from alseg.data.imageio import read_image
+from alseg.data.cache import map_to_size
+from alseg.data.imageio import png_bytes, read_image
 from alseg.errors import AlsegError
 
 MANIFEST = "manifest.csv"
@@ -56,16 +56,6 @@ def file_stem(id: str, taken: set[str]) -> str:
         stem = f"{base}-{k}"
     taken.add(stem.lower())
     return stem
-
-
-def _png(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def _to_size(plane: np.ndarray, width: int, height: int) -> np.ndarray:
-    return np.asarray(Image.fromarray(plane.astype(np.float32), mode="F").resize((width, height), Image.BILINEAR))
 
 
 def uncertainty_overlay(image: np.ndarray, variance: np.ndarray) -> tuple[np.ndarray, float]:
@@ -127,15 +117,15 @@ def export_batch(run, round: int) -> Path:
             row = {"id": id, "image": f"images/{stem}.png", "predicted": "", "uncertainty": "",
                    "mask": f"masks/{stem}.png", "score": "", "reason": reason_label(reasons.get(id)),
                    "width": width, "height": height, "uncertainty_scale": ""}
-            (tmp / row["image"]).write_bytes(_png(image if image.shape[2] == 3 else image[:, :, 0]))
+            (tmp / row["image"]).write_bytes(png_bytes(image if image.shape[2] == 3 else image[:, :, 0]))
             if mc is not None:
-                mean = _to_size(mc.mean[k], width, height)
+                mean = map_to_size(mc.mean[k], width, height)
                 row["predicted"] = f"predicted/{stem}.png"
-                (tmp / row["predicted"]).write_bytes(_png(((mean > 0.5) * 255).astype(np.uint8)))
-                overlay, scale = uncertainty_overlay(image, np.clip(_to_size(mc.variance_map[k], width, height), 0, None))
+                (tmp / row["predicted"]).write_bytes(png_bytes(((mean > 0.5) * 255).astype(np.uint8)))
+                overlay, scale = uncertainty_overlay(image, np.clip(map_to_size(mc.variance_map[k], width, height), 0, None))
                 row["uncertainty"] = f"uncertainty/{stem}.png"
                 row["uncertainty_scale"] = f"{scale:.6g}"
-                (tmp / row["uncertainty"]).write_bytes(_png(overlay))
+                (tmp / row["uncertainty"]).write_bytes(png_bytes(overlay))
             if scores.get(id, {}).get("variance") is not None:
                 row["score"] = f"{scores[id]['variance']:.6g}"
             rows.append(row)

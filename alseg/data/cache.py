@@ -108,6 +108,22 @@ def infer_channels(dataset: Dataset) -> int:
     return 1
 
 
+def mask_to_size(mask: np.ndarray, size: int) -> np.ndarray:
+    """A binary mask at ``size`` x ``size`` as uint8 0/1 (nearest neighbour on 0/255)."""
+    mask = np.asarray(mask)
+    if mask.shape == (size, size):
+        return (mask > 0).astype(np.uint8)
+    img = Image.fromarray((mask > 0).astype(np.uint8) * 255).resize((size, size), Image.NEAREST)
+    return (np.asarray(img) >= 128).astype(np.uint8)
+
+
+def map_to_size(plane: np.ndarray, width: int, height: int) -> np.ndarray:
+    """A float working-size map (probability, variance) at ``width`` x ``height``, bilinear."""
+    if plane.shape == (height, width):
+        return plane.astype(np.float32)
+    return np.asarray(Image.fromarray(plane.astype(np.float32), mode="F").resize((width, height), Image.BILINEAR))
+
+
 def fit_image(img: np.ndarray, size: int, channels: int) -> np.ndarray:
     """An ``(H, W, C)`` uint8 image at the working size: ``(size, size, channels)`` uint8.
 
@@ -133,7 +149,7 @@ def _decode(sample, size: int, channels: int):
         if m.shape != (h, w):
             raise AlsegError(f"mask is {m.shape[1]}x{m.shape[0]} but its image is {w}x{h}", sample.mask)
         positive = bool(m.any())  # at native size: a tiny lesion may vanish when shrunk
-        mask = np.asarray(Image.fromarray(m.astype(np.uint8) * 255).resize((size, size), Image.NEAREST)) >= 128
+        mask = mask_to_size(m, size).astype(bool)
     return fit_image(img, size, channels), mask, positive, (w, h)
 
 

@@ -220,3 +220,12 @@ def read_mask(path: str | Path) -> np.ndarray:
             return arr >= 128
     shown = ", ".join(str(v) for v in values[:6]) + (", ..." if len(values) > 6 else "")
     raise AlsegError(f"mask is not binary (values {shown}); expected 0/255 or 0/1", path)
+
+
+def png_bytes(arr: np.ndarray) -> bytes:
+    """``arr`` (H x W or H x W x 3 uint8) encoded as PNG."""
+    import io
+
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
