@@ -665,4 +665,19 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def entry() -> None:
-    sys.exit(main())
+    """The ``alseg`` command. Under torchrun (``WORLD_SIZE`` > 1) rank 0 runs the command and the
+    other ranks serve its collective steps (:mod:`alseg.distributed`)."""
+    from alseg import distributed
+
+    if distributed.init_from_env() > 0:
+        try:
+            distributed.serve()
+        finally:
+            distributed.shutdown()
+        sys.exit(0)
+    try:
+        with distributed.leading():
+            code = main()
+    finally:
+        distributed.shutdown()
+    sys.exit(code)

@@ -12,10 +12,17 @@ that is 31,031,745 parameters, the paper's "around 31 million".
 ``batch``/``instance``/``group`` normalisation after each convolution (``none`` is the paper).
 
 :func:`set_mc_dropout` switches a model to MC inference: dropout active, normalisation in eval.
+
+Inside :func:`seeded_dropout` the dropout masks of batch row ``i`` come from ``generators[i]``
+instead of torch's global stream: the MC engine seeds one generator per (image, pass), so an
+image's masks, and so its score, do not depend on which batch, batch size or process scored it.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from dataclasses import asdict, dataclass
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -61,13 +68,47 @@ def _norm(kind: str, channels: int) -> nn.Module:
     return nn.Identity()
 
 
+# Per-row generators of the batch being run, set by `seeded_dropout`; None: torch's global stream.
+_ROW_GENERATORS: contextvars.ContextVar[Sequence[torch.Generator] | None] = contextvars.ContextVar(
+    "alseg_row_generators", default=None)
+
+
+@contextlib.contextmanager
+def seeded_dropout(generators: Sequence[torch.Generator]):
+    """Within the block, active dropout draws batch row ``i``'s mask from ``generators[i]``.
+
+    Each layer draws, in the network's fixed order, from the row's generator: the same generator
+    state gives the same masks in any batch. Generators must be on the tensors' device.
+    """
+    token = _ROW_GENERATORS.set(generators)
+    try:
+        yield
+    finally:
+        _ROW_GENERATORS.reset(token)
+
+
+class RowSeededDropout(nn.Dropout):
+    """``nn.Dropout`` that, inside :func:`seeded_dropout`, draws each batch row's mask from its own generator."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        generators = _ROW_GENERATORS.get()
+        if generators is None or not self.training or self.p == 0:
+            return super().forward(x)
+        if len(generators) != x.shape[0]:
+            raise ValueError(f"seeded_dropout got {len(generators)} generators for a batch of {x.shape[0]}")
+        keep = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        for row, gen in zip(keep, generators):
+            row.bernoulli_(1 - self.p, generator=gen)
+        return x * keep * (1.0 / (1 - self.p))
+
+
 class DoubleConv(nn.Sequential):
     """conv3x3 -> [norm] -> ReLU -> dropout -> conv3x3 -> [norm] -> ReLU."""
 
     def __init__(self, cin: int, cout: int, dropout: float, norm: str):
         super().__init__(
             nn.Conv2d(cin, cout, 3, padding=1), _norm(norm, cout), nn.ReLU(inplace=True),
-            nn.Dropout(dropout),
+            RowSeededDropout(dropout),
             nn.Conv2d(cout, cout, 3, padding=1), _norm(norm, cout), nn.ReLU(inplace=True),
         )
 

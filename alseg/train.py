@@ -9,6 +9,10 @@ reflected borders), and brightness/contrast jitter of +-10 %.
 Validation each epoch predicts the validation images deterministically (dropout off) and keeps
 the checkpoint with the best mean Dice (``best.pt``) beside the latest (``last.pt``), both
 written atomically.
+
+In a process group (:mod:`alseg.distributed`) :func:`fit` is a collective step: rank 0 announces
+it, every rank trains a DistributedDataParallel copy on every world-th image of each batch, and
+only rank 0 writes checkpoints and calls back.
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from alseg import distributed
 from alseg.errors import AlsegError
 from alseg.metrics import dice_per_image
 from alseg.model import ModelConfig, UNet
@@ -155,9 +160,20 @@ def fit(model: UNet, train_images: np.ndarray, train_masks: np.ndarray, val_imag
     """
     if len(train_images) == 0:
         raise AlsegError("no labelled training images to fit on")
+    distributed.announce("fit", lambda: {
+        "model_config": model.config, "train_images": np.asarray(train_images), "train_masks": np.asarray(train_masks),
+        "val_images": None if val_images is None else np.asarray(val_images),
+        "val_masks": None if val_masks is None else np.asarray(val_masks),
+        "config": config, "normalizer": normalizer, "size": size, "seed": seed})
+    rank, world = distributed.rank_and_world()
+    writer = rank == 0
     device = resolve_device(config.device)
     dtype = resolve_precision(config.precision, device)
     model.to(device)
+    net = model
+    if world > 1:  # rank 0's weights are broadcast here; gradients are averaged over ranks in backward
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[torch.cuda.current_device()] if device.type == "cuda" else None)
     opt = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     # fp16 needs loss scaling; bf16 and fp32 do not.
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
@@ -172,7 +188,7 @@ def fit(model: UNet, train_images: np.ndarray, train_masks: np.ndarray, val_imag
     steps = math.ceil(n / config.batch_size)
     history: list[dict] = []
     best_epoch = None
-    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir else None
+    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir and writer else None
     for epoch in range(1, config.epochs + 1):
         t0 = time.perf_counter()
         model.train()
@@ -182,23 +198,28 @@ def fit(model: UNet, train_images: np.ndarray, train_masks: np.ndarray, val_imag
             idx = order[step * config.batch_size:(step + 1) * config.batch_size].to(device)
             xb = to_unit(x_all[idx])
             yb = y_all[idx].unsqueeze(1).float()
-            if config.augment:
+            if config.augment:  # the whole batch on every rank: the generator stays in step everywhere
                 xb, yb = augment(xb, yb, gen)
+            xb, yb, weight = _rank_share(xb, yb, rank, world)
             with autocast(device, dtype):
-                logits = model(normalizer.standardize(xb))
+                logits = net(normalizer.standardize(xb))
             loss = dice_bce_loss(logits, yb)
             opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
+            scaler.scale(loss * weight).backward()
             scaler.step(opt)
             scaler.update()
-            loss_sum += float(loss.detach()) * len(idx)
-            pred = (logits.detach().float() > 0).cpu().numpy()[:, 0]
-            dices.extend(dice_per_image(pred, yb.cpu().numpy()[:, 0] > 0.5))
+            if weight:
+                loss_sum += float(loss.detach()) * len(xb)
+                pred = (logits.detach().float() > 0).cpu().numpy()[:, 0]
+                dices.extend(dice_per_image(pred, yb.cpu().numpy()[:, 0] > 0.5))
             if on_batch:
                 on_batch(step + 1, steps)
+        if world > 1:
+            shares = distributed.all_gather((loss_sum, dices))
+            loss_sum, dices = sum(s[0] for s in shares), [d for s in shares for d in s[1]]
         record = {"epoch": epoch, "train_loss": loss_sum / n, "train_dice": float(np.mean(dices)),
                   "val_dice": None, "lr": config.lr}
-        if val_images is not None:
+        if val_images is not None:  # every rank holds the same weights: each validates, none waits
             probs = predict_probs(model, np.asarray(val_images), normalizer, device=device, precision=config.precision)
             record["val_dice"] = float(dice_per_image(probs > 0.5, np.asarray(val_masks) > 0).mean())
         record["seconds"] = time.perf_counter() - t0
@@ -211,6 +232,25 @@ def fit(model: UNet, train_images: np.ndarray, train_masks: np.ndarray, val_imag
                 ckpt.save(ckpt_dir / "best.pt", epoch=epoch, val_dice=record["val_dice"], train_config=config.to_dict())
         if ckpt_dir:
             ckpt.save(ckpt_dir / "last.pt", epoch=epoch, val_dice=record["val_dice"], train_config=config.to_dict())
-        if on_epoch:
+        if on_epoch and writer:
             on_epoch(record)
     return {"history": history, "best_val_dice": best_val_dice, "best_epoch": best_epoch}
+
+
+def _rank_share(xb: torch.Tensor, yb: torch.Tensor, rank: int, world: int):
+    """This rank's rows of a batch (every world-th) and its loss weight: DDP averages gradients over
+    ranks, so weighting each rank's mean loss by rows * world / batch gives the whole batch's mean.
+    A rank left without rows runs one with weight 0, so that it still joins the gradient all-reduce."""
+    if world == 1:
+        return xb, yb, 1.0
+    rows = slice(rank, None, world)
+    x_share, y_share = xb[rows], yb[rows]
+    if len(x_share) == 0:
+        return xb[:1], yb[:1], 0.0
+    return x_share, y_share, len(x_share) * world / len(xb)
+
+
+@distributed.handler("fit")
+def _serve_fit(payload: dict) -> None:
+    fit(UNet(payload["model_config"]), payload["train_images"], payload["train_masks"], payload["val_images"],
+        payload["val_masks"], payload["config"], payload["normalizer"], size=payload["size"], seed=payload["seed"])

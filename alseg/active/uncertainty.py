@@ -18,7 +18,8 @@ Encoder levels without dropout (``dropout_scope`` ``decoder`` or ``bottleneck``)
 output in every pass: they run once per batch and only the stochastic rest runs T times, with
 the same result as T whole passes.
 
-Results are deterministic for a seed (and batch size and device).
+Each image's dropout masks are seeded by (seed, image, pass), so results are deterministic for a
+seed and the same, up to float rounding, whatever the batch size or number of processes.
 """
 from __future__ import annotations
 
@@ -28,9 +29,10 @@ from functools import lru_cache
 import numpy as np
 import torch
 
+from alseg import distributed
 from alseg.errors import AlsegError
 from alseg.metrics import dice_per_image
-from alseg.model import UNet, set_mc_dropout
+from alseg.model import UNet, seeded_dropout, set_mc_dropout
 from alseg.progress import SILENT, Reporter
 from alseg.runtime import Normalizer, autocast, resolve_precision
 
@@ -97,12 +99,39 @@ def edt_weight(mask: np.ndarray) -> np.ndarray:
     return d / d.max()
 
 
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def pass_seed(seed: int, key: int, t: int) -> int:
+    """The dropout seed of image ``key``'s pass ``t`` in a scoring pass seeded with ``seed``."""
+    return _splitmix64(_splitmix64(_splitmix64(seed & _MASK64) ^ (key & _MASK64)) ^ t) >> 1  # torch wants < 2^63
+
+
+def _generators(seed: int, keys: np.ndarray, t: int, device: torch.device) -> list[torch.Generator]:
+    return [torch.Generator(device=device).manual_seed(pass_seed(seed, int(k), t)) for k in keys]
+
+
+_FIELDS = (*SCORE_NAMES, "foreground")
+
+
 @torch.no_grad()
 def mc_dropout(model: UNet, images: np.ndarray, indices, normalizer: Normalizer, *, passes: int = 20,
                batch_size: int = 16, device: torch.device | str = "cpu", precision: str = "auto", seed: int = 0,
                weighting: str = "none", keep_maps: bool = False, keep_masks: bool = False,
                masks: np.ndarray | None = None, reporter: Reporter = SILENT) -> McResult:
     """Run ``passes`` dropout-on forward passes over ``images[indices]`` and score each image.
+
+    Image ``images[k]``'s dropout masks in pass ``t`` come from a generator seeded with
+    :func:`pass_seed` ``(seed, k, t)``: scores do not depend on the batch size or on how the pool
+    is shared out. In a process group (:mod:`alseg.distributed`) each rank scores every
+    world-th image and the results are gathered, in order, on every rank.
 
     With ``masks`` (aligned with ``images``) it also returns each image's Dice of the thresholded
     MC mean, for the uncertainty-vs-Dice figure; the simulated oracle knows them, a human one not.
@@ -113,12 +142,71 @@ def mc_dropout(model: UNet, images: np.ndarray, indices, normalizer: Normalizer,
         raise AlsegError(f"MC dropout needs at least 2 passes, got {passes}")
     if weighting not in ("none", "edt"):
         raise AlsegError("weighting must be 'none' or 'edt'")
+    indices = np.asarray(indices, dtype=np.int64)
+    device = torch.device(device) if isinstance(device, str) else device
+    distributed.announce("mc", lambda: {
+        "model_config": model.config, "state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
+        "keys": indices, "images": np.asarray(images[indices]), "normalizer": normalizer,
+        "masks": None if masks is None else np.asarray(masks[indices]),
+        "options": dict(passes=passes, batch_size=batch_size, device=device.type, precision=precision, seed=seed,
+                        weighting=weighting, keep_maps=keep_maps, keep_masks=keep_masks)})
+    rank, world = distributed.rank_and_world()
+    mine = np.arange(rank, len(indices), world)
+    part = _mc_shard(model, images, indices[mine], normalizer, passes=passes, batch_size=batch_size,
+                     device=device, precision=precision, seed=seed, weighting=weighting, keep_maps=keep_maps,
+                     keep_masks=keep_masks, masks=masks, reporter=reporter, scale=world)
+    if world == 1:
+        return part
+    parts = distributed.all_gather(part)
+    return _interleave(parts, indices)
+
+
+class _Rows:
+    """Rows of an image (or mask) array addressed by their keys in the full array: what a serving
+    rank receives instead of the whole dataset."""
+
+    def __init__(self, rows: np.ndarray, keys: np.ndarray):
+        self.rows, self.shape = rows, (len(rows), *rows.shape[1:])
+        self.position = {int(k): i for i, k in enumerate(keys)}
+
+    def __getitem__(self, keys) -> np.ndarray:
+        return self.rows[[self.position[int(k)] for k in np.atleast_1d(keys)]]
+
+
+@distributed.handler("mc")
+def _serve_mc(payload: dict) -> None:
+    model = UNet(payload["model_config"])
+    model.load_state_dict(payload["state_dict"])
+    keys = payload["keys"]
+    masks = None if payload["masks"] is None else _Rows(payload["masks"], keys)
+    mc_dropout(model, _Rows(payload["images"], keys), keys, payload["normalizer"], masks=masks, **payload["options"])
+
+
+def _interleave(parts: list[McResult], indices: np.ndarray) -> McResult:
+    """Rank r scored positions r, r + world, ...: put the gathered parts back in ``indices`` order."""
+    world = len(parts)
+    fields = {}
+    for name in ("variance", "entropy", "bald", "mean", "variance_map", "dice", "foreground", "packed_masks"):
+        pieces = [getattr(p, name) for p in parts]
+        if pieces[0] is None:
+            fields[name] = None
+            continue
+        out = np.empty((len(indices), *pieces[0].shape[1:]), pieces[0].dtype)
+        for r, piece in enumerate(pieces):
+            out[r::world] = piece
+        fields[name] = out
+    return McResult(indices, **fields)
+
+
+def _mc_shard(model: UNet, images: np.ndarray, indices: np.ndarray, normalizer: Normalizer, *, passes: int,
+              batch_size: int, device, precision: str, seed: int, weighting: str, keep_maps: bool,
+              keep_masks: bool, masks: np.ndarray | None, reporter: Reporter, scale: int) -> McResult:
+    """:func:`mc_dropout` over this process's share of the pool."""
     device = torch.device(device) if isinstance(device, str) else device
     dtype = resolve_precision(mc_precision(precision, device), device)
-    indices = np.asarray(indices, dtype=np.int64)
     n = len(indices)
     size = images.shape[1]
-    out = {k: np.zeros(n, np.float64) for k in (*SCORE_NAMES, "foreground")}
+    out = {k: np.zeros(n, np.float64) for k in _FIELDS}
     mean_maps = np.zeros((n, size, size), np.float32) if keep_maps else None
     var_maps = np.zeros((n, size, size), np.float32) if keep_maps else None
     dice = np.zeros(n, np.float64) if masks is not None else None
@@ -129,54 +217,51 @@ def mc_dropout(model: UNet, images: np.ndarray, indices, normalizer: Normalizer,
     if device.type == "cpu":
         model = model.to(memory_format=torch.channels_last)
     fixed_levels = model.deterministic_levels()  # > 0 with dropout_scope "decoder" or "bottleneck"
-    # The dropout masks come from torch's global generator: fork it so callers' random state is untouched.
-    rng_devices = [device] if device.type == "cuda" else []
-    advance = reporter.stage(f"MC dropout x{passes}", n)
-    with torch.random.fork_rng(devices=rng_devices):
-        torch.manual_seed(seed)
-        try:
-            for start in range(0, n, batch_size):
-                idx = indices[start:start + batch_size]
-                x = normalizer(torch.from_numpy(np.ascontiguousarray(images[idx])).to(device))
-                if device.type == "cpu":
-                    x = x.contiguous(memory_format=torch.channels_last)
-                mean = torch.zeros((len(idx), size, size), device=device)
-                m2 = torch.zeros_like(mean)
-                ent_sum = torch.zeros_like(mean)
-                with autocast(device, dtype):
-                    skips, h = model.encode(x, fixed_levels)  # no dropout there: once, not T times
-                for t in range(1, passes + 1):
-                    with autocast(device, dtype):
-                        logits = model.finish(skips, h)
-                    p = torch.sigmoid(logits.float())[:, 0]
-                    delta = p - mean
-                    mean += delta / t
-                    m2 += delta * (p - mean)
-                    ent_sum += binary_entropy(p)
-                var = m2 / passes  # population variance of the T probabilities
-                h_mean = binary_entropy(mean)
-                bald = (h_mean - ent_sum / passes).clamp_min(0)
-                var_np = var.cpu().numpy()
-                mean_np = mean.cpu().numpy()
-                if weighting == "edt":
-                    var_np = var_np * np.stack([edt_weight(m > 0.5) for m in mean_np])
-                sl = slice(start, start + len(idx))
-                out["variance"][sl] = var_np.reshape(len(idx), -1).sum(1)
-                out["entropy"][sl] = h_mean.flatten(1).sum(1).cpu().numpy()
-                out["bald"][sl] = bald.flatten(1).sum(1).cpu().numpy()
-                out["foreground"][sl] = (mean_np > 0.5).reshape(len(idx), -1).sum(1)
-                if dice is not None:
-                    dice[sl] = dice_per_image(mean_np > 0.5, np.asarray(masks[idx]) > 0)
-                if keep_masks:
-                    packed[sl] = np.packbits((mean_np > 0.5).reshape(len(idx), -1), axis=1)
-                if keep_maps:
-                    mean_maps[sl] = mean_np
-                    var_maps[sl] = var_np
-                advance(start + len(idx))
-        finally:
-            reporter.end_stage()
-            model.to(memory_format=torch.contiguous_format)
-            model.train(was_training)
+    # progress counts the whole pool: this rank's share times the number of ranks
+    advance = reporter.stage(f"MC dropout x{passes}", n * scale)
+    try:
+        for start in range(0, n, batch_size):
+            idx = indices[start:start + batch_size]
+            x = normalizer(torch.from_numpy(np.ascontiguousarray(images[idx])).to(device))
+            if device.type == "cpu":
+                x = x.contiguous(memory_format=torch.channels_last)
+            mean = torch.zeros((len(idx), size, size), device=device)
+            m2 = torch.zeros_like(mean)
+            ent_sum = torch.zeros_like(mean)
+            with autocast(device, dtype):
+                skips, h = model.encode(x, fixed_levels)  # no dropout there: once, not T times
+            for t in range(1, passes + 1):
+                with autocast(device, dtype), seeded_dropout(_generators(seed, idx, t, device)):
+                    logits = model.finish(skips, h)
+                p = torch.sigmoid(logits.float())[:, 0]
+                delta = p - mean
+                mean += delta / t
+                m2 += delta * (p - mean)
+                ent_sum += binary_entropy(p)
+            var = m2 / passes  # population variance of the T probabilities
+            h_mean = binary_entropy(mean)
+            bald = (h_mean - ent_sum / passes).clamp_min(0)
+            var_np = var.cpu().numpy()
+            mean_np = mean.cpu().numpy()
+            if weighting == "edt":
+                var_np = var_np * np.stack([edt_weight(m > 0.5) for m in mean_np])
+            sl = slice(start, start + len(idx))
+            out["variance"][sl] = var_np.reshape(len(idx), -1).sum(1)
+            out["entropy"][sl] = h_mean.flatten(1).sum(1).cpu().numpy()
+            out["bald"][sl] = bald.flatten(1).sum(1).cpu().numpy()
+            out["foreground"][sl] = (mean_np > 0.5).reshape(len(idx), -1).sum(1)
+            if dice is not None:
+                dice[sl] = dice_per_image(mean_np > 0.5, np.asarray(masks[idx]) > 0)
+            if keep_masks:
+                packed[sl] = np.packbits((mean_np > 0.5).reshape(len(idx), -1), axis=1)
+            if keep_maps:
+                mean_maps[sl] = mean_np
+                var_maps[sl] = var_np
+            advance((start + len(idx)) * scale)
+    finally:
+        reporter.end_stage()
+        model.to(memory_format=torch.contiguous_format)
+        model.train(was_training)
     return McResult(indices, out["variance"], out["entropy"], out["bald"], mean_maps, var_maps, dice,
                     out["foreground"], packed)
 

@@ -1,0 +1,87 @@
+"""Several processes (torchrun, gloo on CPU): MC scores seeded per image, sharded scoring and DDP
+training give what one process gives; only rank 0 writes."""
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from alseg.active.uncertainty import mc_dropout
+from alseg.data import load_cached, open_dataset
+from alseg.model import ModelConfig, UNet
+from alseg.runtime import Normalizer
+from conftest import LGG, ROOT
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+WAIT_S = 300  # a hung collective fails the test instead of the suite
+
+
+def _run(cmd: list, **kw) -> subprocess.CompletedProcess:
+    proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=WAIT_S, cwd=ROOT,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, **kw)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def lgg32(cache_dir):
+    return load_cached(open_dataset(LGG), 32)
+
+
+def test_scores_do_not_depend_on_batch_size_or_order(lgg32):
+    torch.manual_seed(0)
+    model = UNet(ModelConfig(width=4, depth=3, dropout=0.3))
+    pool = np.arange(1, 61, 2)
+    norm = Normalizer.fit(lgg32.images[pool])
+    kw = dict(passes=4, seed=9, precision="fp32", keep_masks=True)
+    a = mc_dropout(model, lgg32.images, pool, norm, batch_size=16, **kw)
+    b = mc_dropout(model, lgg32.images, pool, norm, batch_size=3, **kw)
+    c = mc_dropout(model, lgg32.images, pool[::-1], norm, batch_size=7, **kw)
+    np.testing.assert_allclose(b.variance, a.variance, rtol=1e-4)
+    np.testing.assert_allclose(c.variance[::-1], a.variance, rtol=1e-4)
+    np.testing.assert_array_equal(c.packed_masks[::-1], a.packed_masks)
+    other = mc_dropout(model, lgg32.images, pool, norm, batch_size=16, **{**kw, "seed": 10})
+    assert np.abs(other.variance - a.variance).max() > 1e-3 * a.variance.max()  # the seed does matter
+
+
+def test_two_gloo_processes_score_and_select_like_one(tmp_path, lgg32):
+    script = ROOT / "tests" / "distributed_scoring.py"
+    _run([sys.executable, script, LGG, tmp_path / "one.npz", 16])
+    _run([*TORCHRUN, script, LGG, tmp_path / "two.npz", 5])  # another batch size too
+    one, two = np.load(tmp_path / "one.npz"), np.load(tmp_path / "two.npz")
+    for name in ("variance", "entropy", "bald", "dice", "foreground"):
+        np.testing.assert_allclose(two[name], one[name], rtol=1e-4, atol=1e-6, err_msg=name)
+    np.testing.assert_array_equal(two["packed"], one["packed"])
+    assert list(two["expert"]) == list(one["expert"]) and len(one["expert"]) == 35
+    assert list(two["pseudo"]) == list(one["pseudo"])
+
+
+ARGS = ["run", "--preset", "quick-lgg", "--data", str(LGG), "--rounds", "1", "--size", "32", "--width", "4",
+        "--epochs", "2", "--round-epochs", "1", "--mc-passes", "3", "--seed", "4"]
+
+
+def _epochs(out: Path) -> list[tuple]:
+    with sqlite3.connect(out / "run.db") as db:
+        return db.execute("SELECT phase, round, epoch, train_loss, val_dice FROM epochs ORDER BY round, epoch").fetchall()
+
+
+def _files(out: Path) -> list[str]:
+    return sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and not p.name.startswith("run.db"))
+
+
+def test_torchrun_alseg_run_trains_like_one_process_and_only_rank0_writes(tmp_path, lgg32):
+    _run([sys.executable, "-m", "alseg", *ARGS, "--out", tmp_path / "one"])
+    _run([*TORCHRUN, "-m", "alseg", *ARGS, "--out", tmp_path / "two"])
+    one, two = _epochs(tmp_path / "one"), _epochs(tmp_path / "two")
+    assert [r[:3] for r in two] == [r[:3] for r in one] == [("initial", 0, 1), ("initial", 0, 2), ("active", 1, 1)]
+    # DDP averages the two ranks' gradients: the same batches, so the same losses up to float rounding
+    np.testing.assert_allclose([r[3] for r in two], [r[3] for r in one], rtol=2e-3)
+    assert _files(tmp_path / "two") == _files(tmp_path / "one")  # nothing from rank 1, nothing missing
+    status = _run([sys.executable, "-m", "alseg", "status", tmp_path / "two", "--json"]).stdout
+    assert '"round": 1' in status
