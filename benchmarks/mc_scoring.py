@@ -1,0 +1,433 @@
+"""MC-dropout scoring throughput: alseg's engine against baal 2.1 and a plain PyTorch loop, in one process.
+
+Same model (U-Net width 16, depth 5, dropout 0.1 in every block, 3 input channels; initialised
+with torch seed ``--seed`` and given ``--train-steps`` quick Adam steps on other ISIC images, so
+that scores differ between images, unless ``--checkpoint`` names an alseg checkpoint), same real
+ISIC 2017 images at ``--size`` px, same T and batch size, each path going from uint8 pixels to one
+variance score per image (the sum over pixels of the variance of the T sigmoid probabilities):
+
+* ``baal``: ``baal.modelwrapper.ModelWrapper`` (``TrainingArgs(replicate_in_memory=True)``) on the
+  model wrapped as ``MCDropoutModule(Sequential(unet, Sigmoid()))``: baal replicates each batch T
+  times (one forward of batch x T images), keeps every prediction ``[N, 1, H, W, T]`` in memory,
+  then ``baal.active.heuristics.Variance(reduction="sum")`` scores them (np.var over T);
+* ``plain_fp32``: the model in MC mode (``set_mc_dropout``), T forward passes per batch, the T
+  probability maps stacked and ``torch.var`` over them, summed per image;
+* ``alseg``: :func:`alseg.active.uncertainty.mc_dropout` at its default precision (``auto``: bf16
+  autocast on CPUs with bf16 instructions) and at fp32.
+
+Each path is warmed up once (one batch, same shapes) and then timed best-of-``--repeat``, the paths
+taking turns; ``peak_rss_growth_mb`` is each path's resident-memory peak above its start (a lower
+bound: memory an earlier path freed and the allocator kept is reused without growth). FLOPs per pass come from ``torch.utils.flop_counter.FlopCounterMode`` on one
+forward of one image (convolutions and matmuls only); the peaks from a timed 2048x2048 matmul
+(fp32 and bf16) with the same thread count. ``selection_overlap``: on a pool of ``--pool`` ISIC
+images, the share of the top 10 % by variance that alseg's default precision picks in common with
+alseg at fp32 (same seed, so same dropout masks). With ``--seed-baseline`` also fp32 against fp32
+with another seed: how much the MC noise alone moves the pick, to read the first number against.
+
+baal is a benchmark-only dependency (``pip install -e '.[bench]'``); alseg never imports it.
+Progress goes to stderr; with ``--json`` stdout is one JSON object.
+
+    ALSEG_CACHE_DIR=/tmp/alseg-cache-full .venv/bin/python benchmarks/mc_scoring.py \\
+        --width 16 --size 128 --passes 20 --images 32 --json
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.metadata
+import copy
+import json
+import logging
+import os
+import platform
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from alseg.active.uncertainty import mc_dropout
+from alseg.model import ModelConfig, UNet, set_mc_dropout
+from alseg.runtime import Normalizer
+
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "isic"
+DEFAULT_CACHE = "/tmp/alseg-cache-full"  # where the full-supervision benchmark's 128 px ISIC cache lives
+
+
+def log(msg: str) -> None:
+    print(f"[mc_scoring {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------- machine
+
+def machine_info() -> dict:
+    model, flags = None, set()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+            if flags and model:
+                break
+    except OSError:
+        pass
+    return {"cpu": model or platform.processor() or platform.machine(), "logical_cpus": os.cpu_count(), "threads": torch.get_num_threads(),
+            "avx512_bf16": "avx512_bf16" in flags, "amx_bf16": "amx_bf16" in flags, "amx_tile": "amx_tile" in flags,
+            "torch": torch.__version__, "numpy": np.__version__, "python": platform.python_version()}
+
+
+def loadavg() -> list[float] | None:
+    try:
+        return [float(v) for v in open("/proc/loadavg").read().split()[:3]]
+    except OSError:
+        return None
+
+
+def matmul_peak_gflops(dtype: torch.dtype, n: int = 2048, repeat: int = 5) -> float:
+    """Best-of-``repeat`` GFLOP/s of an n x n matmul in ``dtype`` (2 n^3 FLOPs)."""
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=gen).to(dtype)
+    b = torch.randn(n, n, generator=gen).to(dtype)
+    torch.mm(a, b)  # warm-up
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best / 1e9
+
+
+def gflop_per_pass(model: UNet, size: int, channels: int) -> float:
+    """FLOPs of one forward of one image (FlopCounterMode: convolutions, transposed convolutions, matmuls)."""
+    set_mc_dropout(model, True)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(torch.zeros(1, channels, size, size))
+    return counter.get_total_flops() / 1e9
+
+
+def _status_kb(field: str) -> int | None:
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark (VmHWM) to the current RSS (Linux: write 5 to clear_refs)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def quick_train(model: UNet, images: np.ndarray, masks: np.ndarray, norm: Normalizer, steps: int, batch: int,
+                seed: int) -> float:
+    """A few plain Adam steps (BCE + soft Dice, no augmentation) so the scores depend on the image:
+    a freshly initialised U-Net gives nearly the same variance everywhere, and ranking near-equal
+    numbers says little about whether bf16 changes the pick. Returns the last steps' mean loss."""
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model.train()
+    info = machine_info()
+    fast = info["avx512_bf16"] or info["amx_bf16"]
+    losses = []
+    for _ in range(steps):
+        pick = torch.randint(len(images), (batch,), generator=gen).numpy()
+        x = norm(torch.from_numpy(images[pick]))
+        y = torch.from_numpy(masks[pick]).float()[:, None]
+        with torch.autocast("cpu", torch.bfloat16, enabled=fast):
+            logits = model(x)
+        logits = logits.float()
+        prob = torch.sigmoid(logits).flatten(1)
+        dice = (2 * (prob * y.flatten(1)).sum(1) + 1) / (prob.sum(1) + y.flatten(1).sum(1) + 1)
+        loss = nn.functional.binary_cross_entropy_with_logits(logits, y) + (1 - dice).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.detach().item())
+    model.eval()
+    return float(np.mean(losses[-10:]))
+
+
+# ----------------------------------------------------------------------------- the paths
+
+def plain_fp32(model: UNet, pool: np.ndarray, norm: Normalizer, passes: int, batch_size: int) -> np.ndarray:
+    """T dropout-on forward passes per batch, the T probability maps stacked, variance over them."""
+    set_mc_dropout(model, True)
+    scores = np.zeros(len(pool), np.float64)
+    with torch.no_grad():
+        for start in range(0, len(pool), batch_size):
+            x = norm(torch.from_numpy(np.ascontiguousarray(pool[start:start + batch_size])))
+            probs = torch.stack([torch.sigmoid(model(x))[:, 0] for _ in range(passes)])
+            scores[start:start + len(x)] = probs.var(dim=0, unbiased=False).flatten(1).sum(1).double().numpy()
+    return scores
+
+
+class _BaalPool(torch.utils.data.Dataset):
+    """Normalised images as a torch Dataset for baal's DataLoader (baal wants (input, target, ...))."""
+
+    def __init__(self, pool: np.ndarray, norm: Normalizer):
+        self.pool, self.norm = pool, norm
+
+    def __len__(self) -> int:
+        return len(self.pool)
+
+    def __getitem__(self, i):
+        return self.norm(torch.from_numpy(np.ascontiguousarray(self.pool[i:i + 1])))[0], 0
+
+
+def import_baal():
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import baal
+            from baal.active.heuristics import Variance
+            from baal.bayesian.dropout import MCDropoutModule
+            from baal.modelwrapper import ModelWrapper, TrainingArgs
+    except ImportError as exc:
+        sys.exit(f"baal is needed for this benchmark ({exc}); install it with: .venv/bin/pip install -e '.[bench]' "
+                 "(or 'baal==2.1.0' with a constraints file pinning torch)")
+    # baal configures structlog at import to print info lines on stdout: keep stdout for the JSON
+    import structlog
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
+                        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr))
+    return baal, ModelWrapper, TrainingArgs, MCDropoutModule, Variance
+
+
+class BaalScorer:
+    """baal 2.1's MC-dropout scoring of a segmentation pool, as its documentation wires it."""
+
+    def __init__(self, model: UNet, batch_size: int):
+        self.baal, ModelWrapper, TrainingArgs, MCDropoutModule, Variance = import_baal()
+        # baal's Variance takes np.var of whatever the model outputs: make it output probabilities,
+        # as alseg scores them. MCDropoutModule swaps every nn.Dropout (RowSeededDropout is one) for
+        # baal's always-on Dropout; inplace=False works on a deep copy, same weights.
+        wrapped = MCDropoutModule(nn.Sequential(copy.deepcopy(model), nn.Sigmoid()), inplace=False)
+        self.wrapper = ModelWrapper(wrapped, TrainingArgs(batch_size=batch_size, use_cuda=False, workers=0,
+                                                          replicate_in_memory=True))
+        self.heuristic = Variance(reduction="sum")
+        self.pred_s = self.heuristic_s = 0.0
+
+    def __call__(self, pool: np.ndarray, norm: Normalizer, passes: int) -> np.ndarray:
+        t0 = time.perf_counter()
+        with contextlib.redirect_stdout(sys.stderr):
+            preds = self.wrapper.predict_on_dataset(_BaalPool(pool, norm), iterations=passes, verbose=False)
+        t1 = time.perf_counter()
+        scores = self.heuristic.get_uncertainties(preds)  # [N]: sum over pixels of np.var over T
+        self.pred_s, self.heuristic_s = t1 - t0, time.perf_counter() - t1
+        self.predictions_mb = preds.nbytes / 2 ** 20
+        return np.asarray(scores, np.float64)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
+    if len(a) < 2 or ra.std() == 0 or rb.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def top_k(scores: np.ndarray, k: int) -> set[int]:
+    return set(np.argsort(-scores, kind="stable")[:k].tolist())
+
+
+def load_model(args, channels: int) -> tuple[UNet, Normalizer | None, str]:
+    if not args.checkpoint:
+        torch.manual_seed(args.seed)
+        cfg = ModelConfig(in_channels=channels, width=args.width, depth=5, dropout=0.1, dropout_scope="all")
+        return UNet(cfg), None, f"random init (torch seed {args.seed})"
+    blob = torch.load(args.checkpoint, map_location="cpu", weights_only=True)  # alseg's checkpoint layout
+    model = UNet(ModelConfig(**blob["model_config"]))
+    model.load_state_dict(blob["state_dict"])
+    return model, Normalizer.from_dict(blob["normalizer"]), f"checkpoint {args.checkpoint}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default=str(DEFAULT_DATA), help="ISIC 2017 folder (official layout), read in place")
+    ap.add_argument("--cache-dir", default=None,
+                    help=f"pixel cache folder (default: $ALSEG_CACHE_DIR, else {DEFAULT_CACHE})")
+    ap.add_argument("--size", type=int, default=128)
+    ap.add_argument("--width", type=int, default=16)
+    ap.add_argument("--passes", type=int, default=20, help="T, MC passes per image")
+    ap.add_argument("--images", type=int, default=32, help="images timed per path")
+    ap.add_argument("--batch-size", type=int, default=16, help="images per batch for every path (baal: x T per forward)")
+    ap.add_argument("--repeat", type=int, default=2, help="timed runs per path after the warm-up; the best is kept")
+    ap.add_argument("--pool", type=int, default=128, help="pool for selection_overlap (0: skip)")
+    ap.add_argument("--select-fraction", type=float, default=0.1)
+    ap.add_argument("--seed-baseline", action="store_true",
+                    help="also score the pool at fp32 with another seed (MC-noise floor of the overlap)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--checkpoint", default=None, help="an alseg checkpoint (best.pt) instead of random weights")
+    ap.add_argument("--train-steps", type=int, default=50,
+                    help="Adam steps (batch 8) on other ISIC images before measuring, so scores differ between "
+                         "images (0: random weights; ignored with --checkpoint)")
+    ap.add_argument("--skip-baal", action="store_true", help="leave baal out (when it is not installed)")
+    ap.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.cache_dir:
+        os.environ["ALSEG_CACHE_DIR"] = args.cache_dir
+    os.environ.setdefault("ALSEG_CACHE_DIR", DEFAULT_CACHE)
+    from alseg.data import load_cached, open_dataset
+
+    res: dict = {"benchmark": "mc_scoring", "machine": machine_info(), "loadavg_start": loadavg()}
+    t_start = time.perf_counter()
+    log(f"loading {args.data} at {args.size} px (cache {os.environ['ALSEG_CACHE_DIR']})")
+    data = load_cached(open_dataset(args.data), args.size)
+    n_pool = min(args.pool, len(data.ids)) if args.pool else 0
+    n_time = min(args.images, len(data.ids))
+    timed_imgs = np.array(data.images[:n_time])  # in memory, writable: the same array for every path
+    model, ckpt_norm, weights = load_model(args, data.channels)
+    norm = ckpt_norm or Normalizer.fit(np.asarray(data.images[: max(n_time, n_pool)]))
+    if args.train_steps and not args.checkpoint:
+        # training images: labelled ones after those timed and pooled
+        train_idx = np.flatnonzero(np.asarray(data.has_mask))
+        train_idx = train_idx[train_idx >= max(n_time, n_pool)][:512]
+        t0 = time.perf_counter()
+        loss = quick_train(model, np.array(data.images[train_idx]), np.array(data.masks[train_idx]), norm,
+                           args.train_steps, 8, args.seed)
+        weights += f", then {args.train_steps} Adam steps x 8 images on {len(train_idx)} other ISIC images " \
+                   f"(final loss {loss:.3f})"
+        log(f"trained {args.train_steps} steps in {time.perf_counter() - t0:.1f} s, loss {loss:.3f}")
+    T, B = args.passes, args.batch_size
+    res.update({"weights": weights, "model": model.config.to_dict(), "size": args.size, "passes": T,
+                "images": n_time, "batch_size": B, "repeat": args.repeat, "dataset": str(args.data),
+                "image_ids": [data.ids[0], data.ids[n_time - 1]]})
+
+    # FLOPs and peaks first (short, and on a quiet machine they are what the rest is read against)
+    gflop = gflop_per_pass(model, args.size, data.channels)
+    peak32, peak16 = matmul_peak_gflops(torch.float32), matmul_peak_gflops(torch.bfloat16)
+    res.update({"gflop_per_pass": round(gflop, 4), "peak_gflops_fp32": round(peak32, 1),
+                "peak_gflops_bf16": round(peak16, 1)})
+    log(f"{gflop:.3f} GFLOP per image-pass; matmul peak fp32 {peak32:.0f}, bf16 {peak16:.0f} GFLOP/s")
+
+    paths: dict[str, callable] = {}
+    baal_scorer = None
+    if not args.skip_baal:
+        baal_scorer = BaalScorer(model, B)
+        res["machine"]["baal"] = importlib.metadata.version("baal")
+        paths["baal"] = lambda imgs, t: baal_scorer(imgs, norm, t)
+    paths["plain_fp32"] = lambda imgs, t: plain_fp32(model, imgs, norm, t, B)
+    paths["alseg"] = lambda imgs, t: mc_dropout(model, imgs, np.arange(len(imgs)), norm, passes=t, batch_size=B,
+                                                seed=args.seed).variance
+    paths["alseg_fp32"] = lambda imgs, t: mc_dropout(model, imgs, np.arange(len(imgs)), norm, passes=t,
+                                                     batch_size=B, precision="fp32", seed=args.seed).variance
+
+    # warm-up: one batch with the shapes of the timed runs (baal's forward is batch x T images)
+    warm = timed_imgs[:B]
+    for name, fn in paths.items():
+        t0 = time.perf_counter()
+        fn(warm, T if name == "baal" else 2)
+        log(f"warm-up {name}: {time.perf_counter() - t0:.1f} s")
+
+    best = {name: float("inf") for name in paths}
+    scores: dict[str, np.ndarray] = {}
+    peak_mb: dict[str, float | None] = {}
+    baal_split = None
+    for r in range(args.repeat):  # the paths take turns, so slow drift in machine load hits all alike
+        for name, fn in paths.items():
+            rss0 = _status_kb("VmRSS")
+            can_peak = reset_peak_rss()
+            t0 = time.perf_counter()
+            scores[name] = fn(timed_imgs, T)
+            dt = time.perf_counter() - t0
+            hwm = _status_kb("VmHWM")
+            peak_mb[name] = round((hwm - rss0) / 1024, 1) if can_peak and hwm and rss0 else None
+            if dt < best[name]:
+                best[name] = dt
+                if name == "baal":
+                    baal_split = (baal_scorer.pred_s, baal_scorer.heuristic_s)
+            log(f"run {r + 1}/{args.repeat} {name}: {dt:.1f} s ({n_time / dt:.2f} images/s)")
+
+    ips = {name: n_time / s for name, s in best.items()}
+    achieved = {name: gflop * T * v for name, v in ips.items()}
+    res["seconds_best"] = {k: round(v, 3) for k, v in best.items()}
+    # resident memory above the call's start, last run of each path: a lower bound, since memory an
+    # earlier call freed but the allocator kept is reused without growth (large blocks go back to the OS)
+    res["peak_rss_growth_mb"] = peak_mb
+    res["images_per_s"] = {k: round(v, 3) for k, v in ips.items()}
+    res["alseg_images_per_s"] = round(ips["alseg"], 3)
+    res["alseg_fp32_images_per_s"] = round(ips["alseg_fp32"], 3)
+    res["plain_fp32_images_per_s"] = round(ips["plain_fp32"], 3)
+    res["baal_images_per_s"] = round(ips["baal"], 3) if "baal" in ips else None
+    res["ratio"] = round(ips["alseg"] / ips["baal"], 3) if "baal" in ips else None  # alseg default / baal
+    res["ratios"] = {f"alseg_over_{k}": round(ips["alseg"] / v, 3) for k, v in ips.items() if k != "alseg"}
+    res["alseg_default_precision"] = "auto (bf16 autocast expected)" if res["machine"]["avx512_bf16"] or \
+        res["machine"]["amx_bf16"] else "auto (fp32 expected: no bf16 instructions)"
+    res["achieved_gflops"] = round(achieved["alseg"], 2)
+    res["achieved_gflops_by_path"] = {k: round(v, 2) for k, v in achieved.items()}
+    res["fraction_of_bf16_peak"] = round(achieved["alseg"] / peak16, 4)
+    res["fraction_of_fp32_peak"] = round(achieved["alseg"] / peak32, 4)
+    res["fraction_of_fp32_peak_by_path"] = {k: round(v / peak32, 4) for k, v in achieved.items()}
+    if baal_split:
+        res["baal_seconds_split"] = {"predict": round(baal_split[0], 3), "variance_heuristic": round(baal_split[1], 3),
+                                     "predictions_in_memory_mb": round(baal_scorer.predictions_mb, 1)}
+    # sanity: every path computes the same quantity (dropout masks differ except alseg's two, same seed)
+    ref = scores["alseg_fp32"]
+    res["score_check_vs_alseg_fp32"] = {
+        k: {"spearman": round(spearman(v, ref), 4), "mean_ratio": round(float(v.mean() / ref.mean()), 4)
+            if ref.mean() > 0 else None} for k, v in scores.items() if k != "alseg_fp32"}
+
+    if n_pool:
+        pool = np.array(data.images[:n_pool])
+        k = max(1, int(round(args.select_fraction * n_pool)))
+        log(f"selection overlap: scoring a pool of {n_pool} (top {k}) at default precision and fp32")
+        t0 = time.perf_counter()
+        v_auto = mc_dropout(model, pool, np.arange(n_pool), norm, passes=T, batch_size=B, seed=args.seed).variance
+        t1 = time.perf_counter()
+        v_fp32 = mc_dropout(model, pool, np.arange(n_pool), norm, passes=T, batch_size=B, precision="fp32",
+                            seed=args.seed).variance
+        t2 = time.perf_counter()
+        res["selection_overlap"] = round(len(top_k(v_auto, k) & top_k(v_fp32, k)) / k, 4)
+        rel = np.abs(v_auto - v_fp32) / np.maximum(np.abs(v_fp32), 1e-12)
+        srt = np.sort(v_fp32)[::-1]
+        res["selection"] = {"pool": n_pool, "k": k, "seed": args.seed,
+                            "spearman_default_vs_fp32": round(spearman(v_auto, v_fp32), 4),
+                            "median_relative_score_difference": round(float(np.median(rel)), 6),
+                            "max_relative_score_difference": round(float(np.max(rel)), 6),
+                            # how far apart the scores are: spread over the pool, and the gap at the cut
+                            "score_relative_std": round(float(v_fp32.std() / max(v_fp32.mean(), 1e-12)), 5),
+                            "relative_gap_at_cut": round(float((srt[k - 1] - srt[k]) / max(srt[k - 1], 1e-12)), 6)
+                            if k < n_pool else None,
+                            "pool_images_per_s": {"alseg": round(n_pool / (t1 - t0), 3),
+                                                  "alseg_fp32": round(n_pool / (t2 - t1), 3)}}
+        if args.seed_baseline:
+            v_other = mc_dropout(model, pool, np.arange(n_pool), norm, passes=T, batch_size=B, precision="fp32",
+                                 seed=args.seed + 1).variance
+            res["selection"]["overlap_fp32_seed_vs_seed"] = round(len(top_k(v_other, k) & top_k(v_fp32, k)) / k, 4)
+            res["selection"]["spearman_fp32_seed_vs_seed"] = round(spearman(v_other, v_fp32), 4)
+    else:
+        res["selection_overlap"] = None
+
+    res["loadavg_end"] = loadavg()
+    res["wall_s"] = round(time.perf_counter() - t_start, 1)
+    if args.json:
+        print(json.dumps(res, indent=2))
+        return
+    print(f"{res['machine']['cpu']}, {res['machine']['threads']} threads, torch {res['machine']['torch']}")
+    for name, v in ips.items():
+        print(f"  {name:<11} {v:8.2f} images/s  {achieved[name]:8.1f} GFLOP/s  "
+              f"({achieved[name] / peak32:.1%} of fp32 peak {peak32:.0f}, {achieved[name] / peak16:.1%} of bf16 peak {peak16:.0f})")
+    if res["ratio"] is not None:
+        print(f"  alseg (default precision) / baal = {res['ratio']:.2f}x")
+    if res["selection_overlap"] is not None:
+        print(f"  top-{res['selection']['k']} overlap, default precision vs fp32 on {n_pool} images: "
+              f"{res['selection_overlap']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
