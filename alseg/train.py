@@ -185,35 +185,14 @@ def fit(model: UNet, train_images: np.ndarray, train_masks: np.ndarray, val_imag
         val_images = None
     best_val_dice = -1.0
     n = len(x_all)
-    steps = math.ceil(n / config.batch_size)
     history: list[dict] = []
     best_epoch = None
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir and writer else None
     for epoch in range(1, config.epochs + 1):
         t0 = time.perf_counter()
         model.train()
-        order = torch.randperm(n, generator=gen)
-        loss_sum, dices = 0.0, []
-        for step in range(steps):
-            idx = order[step * config.batch_size:(step + 1) * config.batch_size].to(device)
-            xb = to_unit(x_all[idx])
-            yb = y_all[idx].unsqueeze(1).float()
-            if config.augment:  # the whole batch on every rank: the generator stays in step everywhere
-                xb, yb = augment(xb, yb, gen)
-            xb, yb, weight = _rank_share(xb, yb, rank, world)
-            with autocast(device, dtype):
-                logits = net(normalizer.standardize(xb))
-            loss = dice_bce_loss(logits, yb)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss * weight).backward()
-            scaler.step(opt)
-            scaler.update()
-            if weight:
-                loss_sum += float(loss.detach()) * len(xb)
-                pred = (logits.detach().float() > 0).cpu().numpy()[:, 0]
-                dices.extend(dice_per_image(pred, yb.cpu().numpy()[:, 0] > 0.5))
-            if on_batch:
-                on_batch(step + 1, steps)
+        loss_sum, dices = _train_epoch(net, opt, scaler, x_all, y_all, config, normalizer, gen, (device, dtype),
+                                       (rank, world), on_batch)
         if world > 1:
             shares = distributed.all_gather((loss_sum, dices))
             loss_sum, dices = sum(s[0] for s in shares), [d for s in shares for d in s[1]]
@@ -235,6 +214,38 @@ def fit(model: UNet, train_images: np.ndarray, train_masks: np.ndarray, val_imag
         if on_epoch and writer:
             on_epoch(record)
     return {"history": history, "best_val_dice": best_val_dice, "best_epoch": best_epoch}
+
+
+def _train_epoch(net, opt, scaler, x_all: torch.Tensor, y_all: torch.Tensor, config: TrainConfig,
+                 normalizer: Normalizer, gen: torch.Generator, where: tuple, ranks: tuple[int, int],
+                 on_batch: BatchCallback | None) -> tuple[float, list[float]]:
+    """One pass over the training images in batches; this rank's loss sum and per-image train Dice."""
+    (device, dtype), (rank, world) = where, ranks
+    n = len(x_all)
+    steps = math.ceil(n / config.batch_size)
+    order = torch.randperm(n, generator=gen)
+    loss_sum, dices = 0.0, []
+    for step in range(steps):
+        idx = order[step * config.batch_size:(step + 1) * config.batch_size].to(device)
+        xb = to_unit(x_all[idx])
+        yb = y_all[idx].unsqueeze(1).float()
+        if config.augment:  # the whole batch on every rank: the generator stays in step everywhere
+            xb, yb = augment(xb, yb, gen)
+        xb, yb, weight = _rank_share(xb, yb, rank, world)
+        with autocast(device, dtype):
+            logits = net(normalizer.standardize(xb))
+        loss = dice_bce_loss(logits, yb)
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss * weight).backward()
+        scaler.step(opt)
+        scaler.update()
+        if weight:
+            loss_sum += float(loss.detach()) * len(xb)
+            pred = (logits.detach().float() > 0).cpu().numpy()[:, 0]
+            dices.extend(dice_per_image(pred, yb.cpu().numpy()[:, 0] > 0.5))
+        if on_batch:
+            on_batch(step + 1, steps)
+    return loss_sum, dices
 
 
 def _rank_share(xb: torch.Tensor, yb: torch.Tensor, rank: int, world: int):

@@ -5,9 +5,9 @@ import torch
 
 from alseg.data import load_cached, open_dataset
 from alseg.errors import AlsegError
-from alseg.model import ModelConfig, UNet, set_mc_dropout
+from alseg.model import ModelConfig, UNet, seeded_dropout, set_mc_dropout
 from alseg.runtime import Normalizer
-from alseg.active.uncertainty import edt_weight, mc_dropout
+from alseg.active.uncertainty import edt_weight, mc_dropout, pass_generators
 from conftest import LGG
 
 
@@ -37,11 +37,13 @@ def test_scores_equal_direct_computation_from_stored_passes(lgg):
                      keep_maps=True)
     # the same passes, stored: same seed, same single batch
     set_mc_dropout(model)
-    torch.manual_seed(11)
     x = norm(torch.from_numpy(np.ascontiguousarray(data.images[idx])))
     with torch.no_grad():
-        probs = torch.stack([torch.sigmoid(model(x.contiguous(memory_format=torch.channels_last)))[:, 0]
-                             for _ in range(7)]).double().numpy()
+        probs = []
+        for t in range(1, 8):  # pass t of image k draws its masks from the generator seeded (11, k, t)
+            with seeded_dropout(pass_generators(11, idx, t)):
+                probs.append(torch.sigmoid(model(x.contiguous(memory_format=torch.channels_last)))[:, 0])
+        probs = torch.stack(probs).double().numpy()
     p = np.clip(probs, 1e-6, 1 - 1e-6)
     h = lambda q: -(q * np.log(q) + (1 - q) * np.log(1 - q))
     mean = probs.mean(0)
@@ -105,13 +107,16 @@ def test_encoder_without_dropout_runs_once_with_the_result_of_whole_passes(lgg, 
     assert len(calls) == (2 if fixed else 12)  # 2 batches: once each, or once per pass
     # the reference: whole passes through forward(), the same dropout stream
     set_mc_dropout(model)
-    torch.manual_seed(4)
     probs = []
     for start in range(0, len(idx), 3):
         x = norm(torch.from_numpy(np.ascontiguousarray(data.images[idx[start:start + 3]])))
         x = x.contiguous(memory_format=torch.channels_last)
         with torch.no_grad():
-            probs.append(torch.stack([torch.sigmoid(model(x))[:, 0] for _ in range(6)]).numpy())
+            passes = []
+            for t in range(1, 7):
+                with seeded_dropout(pass_generators(4, idx[start:start + 3], t)):
+                    passes.append(torch.sigmoid(model(x))[:, 0])
+            probs.append(torch.stack(passes).numpy())
     probs = np.concatenate(probs, axis=1)
     assert np.allclose(fast.mean, probs.mean(0), atol=1e-5)
     assert np.allclose(fast.variance_map, probs.var(0), atol=1e-6)

@@ -114,7 +114,8 @@ def pass_seed(seed: int, key: int, t: int) -> int:
     return _splitmix64(_splitmix64(_splitmix64(seed & _MASK64) ^ (key & _MASK64)) ^ t) >> 1  # torch wants < 2^63
 
 
-def _generators(seed: int, keys: np.ndarray, t: int, device: torch.device) -> list[torch.Generator]:
+def pass_generators(seed: int, keys, t: int, device: torch.device | str = "cpu") -> list[torch.Generator]:
+    """One generator per image ``keys[i]`` for pass ``t``: what :func:`seeded_dropout` takes."""
     return [torch.Generator(device=device).manual_seed(pass_seed(seed, int(k), t)) for k in keys]
 
 
@@ -231,7 +232,7 @@ def _mc_shard(model: UNet, images: np.ndarray, indices: np.ndarray, normalizer: 
             with autocast(device, dtype):
                 skips, h = model.encode(x, fixed_levels)  # no dropout there: once, not T times
             for t in range(1, passes + 1):
-                with autocast(device, dtype), seeded_dropout(_generators(seed, idx, t, device)):
+                with autocast(device, dtype), seeded_dropout(pass_generators(seed, idx, t, device)):
                     logits = model.finish(skips, h)
                 p = torch.sigmoid(logits.float())[:, 0]
                 delta = p - mean
