@@ -674,10 +674,10 @@ def entry() -> None:
             distributed.serve()
         finally:
             distributed.shutdown()
-        sys.exit(0)
+        distributed.exit_process(0)
     try:
         with distributed.leading():
             code = main()
     finally:
         distributed.shutdown()
-    sys.exit(code)
+    distributed.exit_process(code)

@@ -22,7 +22,9 @@ group every function here is a no-op and alseg runs as one process.
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
+import sys
 from typing import Any, Callable
 
 import torch
@@ -119,5 +121,20 @@ def serve() -> None:
 
 
 def shutdown() -> None:
+    """Leave the group together: a rank that tears its connections down while another still
+    talks to it makes gloo abort that other process."""
     if dist.is_available() and dist.is_initialized():
+        gc.collect()  # DDP wrappers left in reference cycles hold the group: free them while it lives
+        dist.barrier()
         dist.destroy_process_group()
+
+
+def exit_process(code: int) -> None:
+    """End a process that was in a group. Interpreter teardown after the group is gone sometimes
+    aborts in gloo's threads (``terminate called without an active exception``), turning a
+    finished command into a failure: flush and leave without it."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        raise SystemExit(code)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

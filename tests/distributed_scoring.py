@@ -34,6 +34,7 @@ def main(data_path: str, out: str, batch_size: int) -> None:
                  foreground=result.foreground, packed=result.packed_masks, expert=np.array(selection.expert_ids),
                  pseudo=np.array(selection.pseudo_ids))
     distributed.shutdown()
+    distributed.exit_process(0)
 
 
 if __name__ == "__main__":
