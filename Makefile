@@ -30,8 +30,11 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -q
 
+# The speed benchmarks (minutes, on a quiet machine); the studies are in docs/benchmarks.md with their commands.
 bench: setup
-	$(BIN)/python benchmarks/run_all.py
+	$(BIN)/python -m pip install --quiet -e '.[bench]'
+	$(BIN)/python benchmarks/mc_scoring.py --json
+	$(BIN)/python benchmarks/mc_growth.py --json --figure docs/figures/mc-growth.png
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

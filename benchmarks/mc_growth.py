@@ -32,11 +32,11 @@ import os
 import platform
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
+from rss import PeakRSS, status_kb  # benchmarks/ is on sys.path when a script there runs
 
 
 def log(msg: str) -> None:
@@ -48,51 +48,6 @@ def _ints(text: str) -> list[int]:
 
 
 # ----------------------------------------------------------------------------- memory
-
-def _status_kb(field: str) -> int | None:
-    try:
-        for line in open("/proc/self/status"):
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-class PeakRSS:
-    """Peak resident memory (kB) inside a ``with`` block: VmHWM after resetting it, else sampled VmRSS."""
-
-    def __init__(self, interval_s: float = 0.005):
-        self.interval_s, self.peak_kb, self.method = interval_s, None, None
-        self._stop = threading.Event()
-        self._thread = None
-        self._sampled = 0
-
-    def _sample(self) -> None:
-        while not self._stop.is_set():
-            self._sampled = max(self._sampled, _status_kb("VmRSS") or 0)
-            self._stop.wait(self.interval_s)
-
-    def __enter__(self) -> "PeakRSS":
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
-            self.method = "VmHWM after clear_refs"
-        except OSError:
-            self.method = f"VmRSS sampled every {self.interval_s * 1000:.0f} ms"
-            self._sampled = _status_kb("VmRSS") or 0
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._thread is None:
-            self.peak_kb = _status_kb("VmHWM")
-        else:
-            self._stop.set()
-            self._thread.join()
-            self.peak_kb = max(self._sampled, _status_kb("VmRSS") or 0)
-
 
 # ----------------------------------------------------------------------------- one point (child process)
 
@@ -110,11 +65,11 @@ def run_point(spec: dict) -> dict:
     model = UNet(ModelConfig(in_channels=3, width=spec["width"], depth=5, dropout=0.1, dropout_scope="all"))
     pool = np.random.default_rng(spec["seed"]).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
     norm = Normalizer.fit(pool)
-    rss_setup = _status_kb("VmRSS")
+    rss_setup = status_kb("VmRSS")
     with PeakRSS() as warm:
         mc_dropout(model, pool, np.arange(min(B, n)), norm, passes=2, batch_size=B,
                    precision=spec["precision"], seed=spec["seed"])
-    rss_before = _status_kb("VmRSS")
+    rss_before = status_kb("VmRSS")
     with PeakRSS() as call:
         t0 = time.perf_counter()
         res = mc_dropout(model, pool, np.arange(n), norm, passes=T, batch_size=B,

@@ -53,6 +53,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from alseg.active.uncertainty import mc_dropout
 from alseg.model import ModelConfig, UNet, set_mc_dropout
 from alseg.runtime import Normalizer
+from rss import reset_peak_rss, status_kb  # benchmarks/ is on sys.path when a script there runs
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "isic"
 DEFAULT_CACHE = "/tmp/alseg-cache-full"  # where the full-supervision benchmark's 128 px ISIC cache lives
@@ -108,26 +109,6 @@ def gflop_per_pass(model: UNet, size: int, channels: int) -> float:
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(torch.zeros(1, channels, size, size))
     return counter.get_total_flops() / 1e9
-
-
-def _status_kb(field: str) -> int | None:
-    try:
-        for line in open("/proc/self/status"):
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS mark (VmHWM) to the current RSS (Linux: write 5 to clear_refs)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def quick_train(model: UNet, images: np.ndarray, masks: np.ndarray, norm: Normalizer, steps: int, batch: int,
@@ -340,12 +321,12 @@ def main() -> None:
     baal_split = None
     for r in range(args.repeat):  # the paths take turns, so slow drift in machine load hits all alike
         for name, fn in paths.items():
-            rss0 = _status_kb("VmRSS")
+            rss0 = status_kb("VmRSS")
             can_peak = reset_peak_rss()
             t0 = time.perf_counter()
             scores[name] = fn(timed_imgs, T)
             dt = time.perf_counter() - t0
-            hwm = _status_kb("VmHWM")
+            hwm = status_kb("VmHWM")
             peak_mb[name] = round((hwm - rss0) / 1024, 1) if can_peak and hwm and rss0 else None
             if dt < best[name]:
                 best[name] = dt
