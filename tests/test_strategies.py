@@ -163,7 +163,7 @@ def test_every_registered_strategy_takes_the_batch_size(name):
 def test_a_registered_plug_in_is_known_everywhere_names_are_read():
     from alseg.active import strategies
 
-    @register("first-k", help="the first k of the pool", colour="#000000")
+    @register("first-k", help="the first k of the pool", colour="#000000", reasons={"first": ("first in line", "#123456")})
     def _first(params, batch_size):
         class FirstK(strategies.Strategy):
             name = "first-k"
@@ -172,11 +172,21 @@ def test_a_registered_plug_in_is_known_everywhere_names_are_read():
                 return strategies.Selection(list(pool[:batch_size]), [], {i: "first" for i in pool[:batch_size]})
         return FirstK()
 
+    from alseg.report import _kind
+    from alseg.report.figures import kind_styles
+
     try:
         assert "first-k" in strategy_names()
-        assert make_strategy("first-k", batch_size=3).select({}, ["a", "b", "c", "d"], 1, None).expert_ids == ["a", "b", "c"]
+        sel = make_strategy("first-k", batch_size=3).select({}, ["a", "b", "c", "d"], 1, None)
+        assert sel.expert_ids == ["a", "b", "c"]
+        # its reason reaches the manifest's label and the selection figures' colour and legend
+        assert reason_label(sel.reasons["a"]) == "first in line"
+        assert _kind("first", "expert") == "first" and kind_styles()["first"] == ("#123456", "expert: first in line")
     finally:
         strategies._REGISTRY.pop("first-k")
+        strategies.REASONS.pop("first")
+    assert _kind("top variance", "expert") == "top" and _kind("missed", "expert") == "missed"
+    assert _kind("missed", "pseudo") == "pseudo"
     with pytest.raises(AlsegError, match="unknown strategy"):
         make_strategy("first-k")
     with pytest.raises(AlsegError, match="at least 1"):

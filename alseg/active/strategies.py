@@ -49,9 +49,10 @@ The ``select`` contract. ``select(scores, pool, round, rng, *, pseudo_held=0) ->
 * returns ``Selection``: expert ids and pseudo ids (disjoint, subsets of ``pool``, no repeats),
   a reason per id (the manifest shows it), and shortfalls (notes when a region held too few).
 
-Strategies are plug-ins: ``@register(name, help=..., colour=...)`` on a factory
+Strategies are plug-ins: ``@register(name, help=..., colour=..., reasons={...})`` on a factory
 ``(params: CealParams, batch_size: int) -> Strategy`` makes a name known to the config, the CLI,
-``compare`` and the report.
+``compare`` and the report; ``reasons`` maps each reason the strategy records to its label and
+colour (:data:`REASONS`: the manifest, the page and the selection figures read them there).
 """
 from __future__ import annotations
 
@@ -330,18 +331,41 @@ class StrategySpec:
 
 _REGISTRY: dict[str, StrategySpec] = {}
 
-# What the manifest and the page show for each reason a strategy records.
-REASON_LABELS = {"missed": "missed", "uncertain": "uncertain", "low": "low-uncertainty random",
-                 "initial": "initial", "random": "random", "diverse": "uncertain and unlike the labelled",
-                 "pseudo": "pseudo-label"}
+
+@dataclass(frozen=True)
+class ReasonSpec:
+    """How a reason recorded for a chosen image is shown: its label (manifest, page, figure legends)
+    and its colour in the selection figures."""
+
+    label: str
+    colour: str
 
 
-def register(name: str, *, help: str, colour: str, needs_features: bool = False):
-    """Decorator: make ``factory(params, batch_size) -> Strategy`` known as ``name``."""
+# Reasons the loop itself records, and CEAL's; other strategies add theirs through `register`.
+# A reason "top <score>" (top-k strategies) is shown as "most uncertain (top <score>)" under "top".
+REASONS: dict[str, ReasonSpec] = {
+    "initial": ReasonSpec("initial", "#17becf"), "pseudo": ReasonSpec("pseudo-label", "#ff7f0e"),
+    "top": ReasonSpec("most uncertain (top score)", "#d62728"),
+}
+
+
+def register(name: str, *, help: str, colour: str, needs_features: bool = False,
+             reasons: Mapping[str, tuple[str, str]] | None = None):
+    """Decorator: make ``factory(params, batch_size) -> Strategy`` known as ``name``; ``reasons``:
+    ``{reason: (label, colour)}`` for the reasons its selections record."""
     def add(factory: Callable[[CealParams, int], Strategy]):
         _REGISTRY[name] = StrategySpec(name, factory, help, colour, needs_features)
+        for reason, (label, reason_colour) in (reasons or {}).items():
+            REASONS[reason] = ReasonSpec(label, reason_colour)
         return factory
     return add
+
+
+def reason_kind(reason: str | None) -> str:
+    """The :data:`REASONS` key a recorded reason is shown under (``top`` for ``top <score>``)."""
+    if reason and reason.startswith("top "):
+        return "top"
+    return reason if reason in REASONS else "top"
 
 
 def strategy_names() -> tuple[str, ...]:
@@ -355,9 +379,10 @@ def strategy_spec(name: str) -> StrategySpec:
 
 
 def reason_label(reason: str | None) -> str:
+    """What the manifest and the page say for a recorded reason."""
     if reason and reason.startswith("top "):
         return f"most uncertain ({reason})"
-    return REASON_LABELS.get(reason or "", reason or "")
+    return REASONS[reason].label if reason in REASONS else (reason or "")
 
 
 def make_strategy(name: str, params: CealParams = CealParams(), batch_size: int | None = None) -> Strategy:
@@ -368,12 +393,14 @@ def make_strategy(name: str, params: CealParams = CealParams(), batch_size: int 
     return spec.factory(params, batch_size or params.expert_budget)
 
 
-@register("ceal", help="the paper: missed, most uncertain, low-uncertainty random; pseudo-labels", colour="#1f77b4")
+@register("ceal", help="the paper: missed, most uncertain, low-uncertainty random; pseudo-labels", colour="#1f77b4",
+          reasons={"missed": ("missed", "#9467bd"), "uncertain": ("uncertain", "#d62728"),
+                   "low": ("low-uncertainty random", "#2ca02c")})
 def _ceal(params: CealParams, batch_size: int) -> Strategy:
     return CealStrategy(params if batch_size == params.expert_budget else params.with_expert_budget(batch_size))
 
 
-@register("random", help="uniform at random (the baseline)", colour="#7f7f7f")
+@register("random", help="uniform at random (the baseline)", colour="#7f7f7f", reasons={"random": ("random", "#7f7f7f")})
 def _random(params: CealParams, batch_size: int) -> Strategy:
     return RandomStrategy(batch_size)
 
@@ -394,7 +421,8 @@ def _bald(params: CealParams, batch_size: int) -> Strategy:
 
 
 @register("diverse", help="uncertain candidates thinned by k-center greedy on bottleneck features; CEAL's "
-          "pseudo-labels", colour="#8c564b", needs_features=True)
+          "pseudo-labels", colour="#8c564b", needs_features=True,
+          reasons={"diverse": ("uncertain and unlike the labelled", "#8c564b")})
 def _diverse(params: CealParams, batch_size: int) -> Strategy:
     return DiverseStrategy(params, batch_size)
 

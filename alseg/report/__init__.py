@@ -26,7 +26,7 @@ from alseg.progress import SILENT, Reporter
 from alseg.runtime import resolve_device
 from alseg.rundir import RunDir
 from alseg.store import RunStore, atomic_write_bytes, atomic_write_text, current_umask, disk_full_error
-from alseg.active.strategies import CealStrategy
+from alseg.active.strategies import CealStrategy, reason_kind
 from alseg.train import Checkpoint
 from alseg.active.uncertainty import mc_dropout
 
@@ -43,11 +43,7 @@ def fixed_test_ids(test_ids, positive, n: int) -> list[str]:
 
 
 def _kind(reason: str | None, selection_kind: str) -> str:
-    if selection_kind == "pseudo":
-        return "pseudo"
-    if reason in ("missed", "low", "uncertain", "random", "diverse"):  # figures.KIND_STYLE's kinds
-        return reason
-    return "top"
+    return "pseudo" if selection_kind == "pseudo" else reason_kind(reason)
 
 
 def make_report(run_dir: str | Path, *, images: int = 4, device: str = "auto", out: str | Path | None = None,

@@ -23,10 +23,13 @@ def strategy_colour(name: str) -> str | None:
     from alseg.active.strategies import strategy_names, strategy_spec
 
     return strategy_spec(name).colour if name in strategy_names() else COLOURS.get(name)
-KIND_STYLE = {"missed": ("#9467bd", "expert: missed (lowest)"), "low": ("#2ca02c", "expert: low-uncertainty region"),
-              "uncertain": ("#d62728", "expert: most uncertain"), "pseudo": ("#ff7f0e", "pseudo-label"),
-              "random": ("#7f7f7f", "expert: random"), "top": ("#d62728", "expert: top score"),
-              "diverse": ("#8c564b", "expert: uncertain and unlike the labelled")}
+def kind_styles() -> dict[str, tuple[str, str]]:
+    """``{kind: (colour, legend label)}`` for each reason a chosen image can be shown under, read
+    from the strategy registry (``REASONS``), so a plug-in strategy's reasons get their own."""
+    from alseg.active.strategies import REASONS
+
+    return {kind: (spec.colour, spec.label if kind == "pseudo" else f"expert: {spec.label}")
+            for kind, spec in REASONS.items() if kind != "initial"}
 
 
 def _save(fig, path: Path) -> Path:
@@ -72,7 +75,7 @@ def uncertainty_vs_dice(path, round: int, scores: np.ndarray, dice: np.ndarray, 
     fig, ax = plt.subplots(figsize=(8, 5))
     kinds_arr = np.array([k or "" for k in kinds])
     ax.scatter(scores[kinds_arr == ""], dice[kinds_arr == ""], s=10, c="#bbbbbb", label="pool (not chosen)")
-    for kind, (colour, label) in KIND_STYLE.items():
+    for kind, (colour, label) in kind_styles().items():
         sel = kinds_arr == kind
         if sel.any():
             ax.scatter(scores[sel], dice[sel], s=22, c=colour, label=label, edgecolors="black", linewidths=0.3)
@@ -99,7 +102,7 @@ def score_histogram(path, round: int, scores: np.ndarray, kinds: Sequence[str | 
             ax.axvspan(lo, hi, color=shade[name], alpha=0.15, label=names[name])
     kinds_arr = np.array([k or "" for k in kinds])
     top = max(float(counts.max()), 1.0)
-    for kind, (colour, label) in KIND_STYLE.items():
+    for kind, (colour, label) in kind_styles().items():
         sel = kinds_arr == kind
         if sel.any():
             ax.plot(scores[sel], np.full(sel.sum(), -0.04 * top), "|", color=colour, markersize=12, mew=1.5,
