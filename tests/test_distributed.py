@@ -85,3 +85,17 @@ def test_torchrun_alseg_run_trains_like_one_process_and_only_rank0_writes(tmp_pa
     assert _files(tmp_path / "two") == _files(tmp_path / "one")  # nothing from rank 1, nothing missing
     status = _run([sys.executable, "-m", "alseg", "status", tmp_path / "two", "--json"]).stdout
     assert '"round": 1' in status
+
+
+def test_rank_shares_cover_the_batch_once_and_weights_average_to_one():
+    from alseg.train import _rank_share
+
+    xb, yb = torch.arange(5.0).view(5, 1, 1, 1), torch.zeros(5, 1, 1, 1)
+    shares = [_rank_share(xb, yb, rank, 2) for rank in range(2)]
+    assert sorted(float(v) for s in shares for v in s[0].flatten()) == [0, 1, 2, 3, 4]
+    assert sum(s[2] for s in shares) / 2 == pytest.approx(1.0)  # DDP's mean of the ranks' weighted means
+    # a batch smaller than the group: the rank without rows runs one with weight 0, so it still joins
+    x_one, _, weight = _rank_share(xb[:1], yb[:1], 1, 2)
+    assert len(x_one) == 1 and weight == 0.0
+    x_all, y_all, weight = _rank_share(xb, yb, 0, 1)
+    assert x_all is xb and y_all is yb and weight == 1.0  # one process: the whole batch
