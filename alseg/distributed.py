@@ -22,6 +22,7 @@ group every function here is a no-op and alseg runs as one process.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import gc
 import os
 import sys
@@ -53,11 +54,15 @@ def init_from_env() -> int:
     if world <= 1 or not dist.is_available():
         return 0
     if not dist.is_initialized():
+        # Serving ranks wait in a broadcast while rank 0 works alone (evaluation, selection, a long
+        # test split): the default 30-minute collective timeout would end them; a dead rank is
+        # noticed by torchrun's agent, not by this timeout.
+        timeout = datetime.timedelta(hours=float(os.environ.get("ALSEG_DIST_TIMEOUT_HOURS", "12")))
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-            dist.init_process_group("nccl")
+            dist.init_process_group("nccl", timeout=timeout)
         else:
-            dist.init_process_group("gloo")
+            dist.init_process_group("gloo", timeout=timeout)
     return dist.get_rank()
 
 
