@@ -235,9 +235,10 @@ def _umask() -> int:
 
 
 def test_ctrl_c_says_how_to_resume(tmp_path):
+    # 1000 epochs: the run must still be going when the signal comes, however slow the poll below
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "alseg", "run", "--preset", "quick-lgg", "--data", str(LGG),
-                             "--out", str(out), *TINY, "--epochs", "50"], stderr=subprocess.PIPE, text=True)
+                             "--out", str(out), *TINY, "--epochs", "1000"], stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     while time.time() < deadline:
         try:
