@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+import traceback
 from enum import Enum
 from pathlib import Path
 from typing import Optional
@@ -672,12 +673,19 @@ def entry() -> None:
     if distributed.init_from_env() > 0:
         try:
             distributed.serve()
-        finally:
-            distributed.shutdown()
+        except BaseException:  # rank 0 is gone or the group broke: nothing to leave together
+            traceback.print_exc()
+            distributed.abandon(1)
+        distributed.shutdown()
         distributed.exit_process(0)
+    code = 1
     try:
         with distributed.leading():
             code = main()
+    except BaseException:
+        if distributed.rank_and_world()[1] == 1:
+            raise
+        traceback.print_exc()
     finally:
         distributed.shutdown()
     distributed.exit_process(code)

@@ -23,9 +23,11 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import gc
 import os
 import sys
+import traceback
 from typing import Any, Callable
 
 import torch
@@ -34,6 +36,7 @@ import torch.distributed as dist
 STOP = "stop"
 _HANDLERS: dict[str, Callable[[dict], Any]] = {}
 _LEADING = False
+_OPEN_STEPS = 0  # collective steps entered and not yet returned from, on this rank
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -60,10 +63,19 @@ def init_from_env() -> int:
         timeout = datetime.timedelta(hours=float(os.environ.get("ALSEG_DIST_TIMEOUT_HOURS", "12")))
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-            dist.init_process_group("nccl", timeout=timeout)
+            # gloo for CPU tensors (objects, `--device cpu` on a GPU machine), NCCL for CUDA ones
+            dist.init_process_group("cpu:gloo,cuda:nccl", timeout=timeout)
         else:
             dist.init_process_group("gloo", timeout=timeout)
     return dist.get_rank()
+
+
+def local_device(device: torch.device) -> torch.device:
+    """In a group, CUDA means this rank's own GPU (torchrun gives each process one), whatever index
+    the command named; elsewhere ``device`` unchanged."""
+    if device.type == "cuda" and rank_and_world()[1] > 1:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def all_gather(obj: Any) -> list:
@@ -82,10 +94,30 @@ def _broadcast(message: Any) -> Any:
     return box[0]
 
 
+def _scatter(shares: list | None) -> Any:
+    box = [None]
+    dist.scatter_object_list(box, shares, src=0)
+    return box[0]
+
+
+def collective(fn: Callable) -> Callable:
+    """Mark ``fn`` as a collective step: while it runs every rank takes part, so a failure inside it
+    cannot be answered by releasing the others (they are inside DDP's all-reduce or a gather, not
+    waiting for orders): the process ends at once and torchrun stops the group."""
+    @functools.wraps(fn)
+    def step(*args, **kwargs):
+        global _OPEN_STEPS
+        _OPEN_STEPS += 1
+        result = fn(*args, **kwargs)
+        _OPEN_STEPS -= 1  # only on success: a step left open marks this rank out of step
+        return result
+    return step
+
+
 @contextlib.contextmanager
 def leading():
     """Rank 0 drives the command while the other ranks :func:`serve`; they are released at the end,
-    on an error too (a failure inside a collective step is left to torchrun, which stops the group)."""
+    or on an error between steps. An error inside a step ends the group (see :func:`collective`)."""
     global _LEADING
     rank, world = rank_and_world()
     if world == 1 or rank != 0:
@@ -96,17 +128,24 @@ def leading():
         yield
     finally:
         _LEADING = False
-        _broadcast((STOP, {}))
+        if not _OPEN_STEPS:
+            _broadcast((STOP, {}, False))
 
 
-def announce(op: str, payload: Callable[[], dict]) -> None:
-    """While rank 0 leads, tell the serving ranks to join step ``op`` with ``payload()``; else nothing."""
-    if _LEADING:
-        _broadcast((op, payload()))
+def announce(op: str, payload: Callable[[], dict], shares: Callable[[int, int], dict] | None = None) -> None:
+    """While rank 0 leads, tell the serving ranks to join step ``op`` with ``payload()``, and, with
+    ``shares``, send rank r only ``shares(r, world)`` (its part of the pool); else nothing."""
+    if not _LEADING:
+        return
+    _broadcast((op, payload(), shares is not None))
+    if shares is not None:
+        world = rank_and_world()[1]
+        _scatter([shares(r, world) for r in range(world)])
 
 
 def handler(op: str):
-    """Register how a serving rank takes part in step ``op``."""
+    """Register how a serving rank takes part in step ``op``: ``fn(payload)`` (with its share
+    merged into the payload when rank 0 sent shares)."""
     def register(fn: Callable[[dict], Any]):
         _HANDLERS[op] = fn
         return fn
@@ -114,24 +153,40 @@ def handler(op: str):
 
 
 def serve() -> None:
-    """On ranks > 0: take part in each step rank 0 announces until it says stop."""
+    """On ranks > 0: take part in each step rank 0 announces until it says stop. A failure here
+    ends this process at once (torchrun then stops the group): rank 0 is inside the same step."""
     import alseg.active.uncertainty  # noqa: F401  (registers "mc")
     import alseg.train  # noqa: F401  (registers "fit")
 
     while True:
-        op, payload = _broadcast(None)
+        op, payload, has_shares = _broadcast(None)
         if op == STOP:
             return
-        _HANDLERS[op](payload)
+        if has_shares:
+            payload = {**payload, **_scatter(None)}
+        try:
+            _HANDLERS[op](payload)
+        except BaseException:
+            traceback.print_exc()
+            abandon(1)
 
 
 def shutdown() -> None:
     """Leave the group together: a rank that tears its connections down while another still
     talks to it makes gloo abort that other process."""
     if dist.is_available() and dist.is_initialized():
+        if _OPEN_STEPS:  # out of step with the others: leave without waiting for them
+            return
         gc.collect()  # DDP wrappers left in reference cycles hold the group: free them while it lives
         dist.barrier()
         dist.destroy_process_group()
+
+
+def abandon(code: int) -> None:
+    """End this process now, without the interpreter's teardown (see :func:`exit_process`)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def exit_process(code: int) -> None:
@@ -140,6 +195,4 @@ def exit_process(code: int) -> None:
     finished command into a failure: flush and leave without it."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         raise SystemExit(code)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    abandon(code)

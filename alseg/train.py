@@ -148,6 +148,7 @@ EpochCallback = Callable[[dict], None]
 BatchCallback = Callable[[int, int], None]
 
 
+@distributed.collective
 def fit(model: UNet, train_images: np.ndarray, train_masks: np.ndarray, val_images: np.ndarray | None,
         val_masks: np.ndarray | None, config: TrainConfig, normalizer: Normalizer, *, size: int,
         checkpoint_dir: str | Path | None = None, on_epoch: EpochCallback | None = None,
@@ -167,7 +168,9 @@ def fit(model: UNet, train_images: np.ndarray, train_masks: np.ndarray, val_imag
         "config": config, "normalizer": normalizer, "size": size, "seed": seed})
     rank, world = distributed.rank_and_world()
     writer = rank == 0
-    device = resolve_device(config.device)
+    device = distributed.local_device(resolve_device(config.device))
+    if world > 1:  # each rank its own reproducible dropout stream (the serving ranks are seeded nowhere else)
+        torch.manual_seed(int(np.random.SeedSequence([seed, rank]).generate_state(1)[0]))
     dtype = resolve_precision(config.precision, device)
     model.to(device)
     net = model

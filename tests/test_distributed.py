@@ -99,3 +99,16 @@ def test_rank_shares_cover_the_batch_once_and_weights_average_to_one():
     assert len(x_one) == 1 and weight == 0.0
     x_all, y_all, weight = _rank_share(xb, yb, 0, 1)
     assert x_all is xb and y_all is yb and weight == 1.0  # one process: the whole batch
+
+
+def test_a_rank_killed_inside_a_step_stops_the_group_and_the_run_resumes(tmp_path, lgg32):
+    """Rank 0 dies after its first epoch record, while rank 1 is inside the same fit: torchrun ends
+    the group (no hang), and one process resumes the run to its end."""
+    out = tmp_path / "run"
+    proc = subprocess.run([str(c) for c in [*TORCHRUN, "-m", "alseg", *ARGS, "--out", out]], capture_output=True,
+                          text=True, timeout=WAIT_S, cwd=ROOT,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "ALSEG_FAULT": "epoch@1"})
+    assert proc.returncode != 0
+    assert len(_epochs(out)) == 1
+    _run([sys.executable, "-m", "alseg", "run", "--resume", out])
+    assert [r[:3] for r in _epochs(out)] == [("initial", 0, 1), ("initial", 0, 2), ("active", 1, 1)]

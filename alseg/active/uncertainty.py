@@ -122,6 +122,7 @@ def pass_generators(seed: int, keys, t: int, device: torch.device | str = "cpu")
 _FIELDS = (*SCORE_NAMES, "foreground")
 
 
+@distributed.collective
 @torch.no_grad()
 def mc_dropout(model: UNet, images: np.ndarray, indices, normalizer: Normalizer, *, passes: int = 20,
                batch_size: int = 16, device: torch.device | str = "cpu", precision: str = "auto", seed: int = 0,
@@ -144,22 +145,24 @@ def mc_dropout(model: UNet, images: np.ndarray, indices, normalizer: Normalizer,
     if weighting not in ("none", "edt"):
         raise AlsegError("weighting must be 'none' or 'edt'")
     indices = np.asarray(indices, dtype=np.int64)
-    device = torch.device(device) if isinstance(device, str) else device
+    device = distributed.local_device(torch.device(device) if isinstance(device, str) else device)
+    options = dict(passes=passes, batch_size=batch_size, precision=precision, seed=seed, weighting=weighting,
+                   keep_maps=keep_maps, keep_masks=keep_masks)
+
+    def share(rank: int, world: int) -> dict:  # a serving rank gets only the images it scores
+        keys = indices[rank::world]
+        return {"keys": keys, "images": np.asarray(images[keys]),
+                "masks": None if masks is None else np.asarray(masks[keys])}
+
     distributed.announce("mc", lambda: {
         "model_config": model.config, "state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
-        "keys": indices, "images": np.asarray(images[indices]), "normalizer": normalizer,
-        "masks": None if masks is None else np.asarray(masks[indices]),
-        "options": dict(passes=passes, batch_size=batch_size, device=device.type, precision=precision, seed=seed,
-                        weighting=weighting, keep_maps=keep_maps, keep_masks=keep_masks)})
+        "normalizer": normalizer, "device": device.type, "total": len(indices), "options": options}, share)
     rank, world = distributed.rank_and_world()
-    mine = np.arange(rank, len(indices), world)
-    part = _mc_shard(model, images, indices[mine], normalizer, passes=passes, batch_size=batch_size,
-                     device=device, precision=precision, seed=seed, weighting=weighting, keep_maps=keep_maps,
-                     keep_masks=keep_masks, masks=masks, reporter=reporter, scale=world)
+    part = _mc_shard(model, images, indices[rank::world], normalizer, device=device, masks=masks, reporter=reporter,
+                     total=len(indices), world=world, **options)
     if world == 1:
         return part
-    parts = distributed.all_gather(part)
-    return _interleave(parts, indices)
+    return _interleave(distributed.all_gather(part), indices)
 
 
 class _Rows:
@@ -175,12 +178,18 @@ class _Rows:
 
 
 @distributed.handler("mc")
+@distributed.collective
 def _serve_mc(payload: dict) -> None:
+    """A serving rank's part of :func:`mc_dropout`: score its share, then join the gather."""
     model = UNet(payload["model_config"])
     model.load_state_dict(payload["state_dict"])
     keys = payload["keys"]
     masks = None if payload["masks"] is None else _Rows(payload["masks"], keys)
-    mc_dropout(model, _Rows(payload["images"], keys), keys, payload["normalizer"], masks=masks, **payload["options"])
+    _, world = distributed.rank_and_world()
+    part = _mc_shard(model, _Rows(payload["images"], keys), keys, payload["normalizer"],
+                     device=distributed.local_device(torch.device(payload["device"])), masks=masks, reporter=SILENT,
+                     total=payload["total"], world=world, **payload["options"])
+    distributed.all_gather(part)
 
 
 def _interleave(parts: list[McResult], indices: np.ndarray) -> McResult:
@@ -199,9 +208,10 @@ def _interleave(parts: list[McResult], indices: np.ndarray) -> McResult:
     return McResult(indices, **fields)
 
 
+@torch.no_grad()
 def _mc_shard(model: UNet, images: np.ndarray, indices: np.ndarray, normalizer: Normalizer, *, passes: int,
               batch_size: int, device, precision: str, seed: int, weighting: str, keep_maps: bool,
-              keep_masks: bool, masks: np.ndarray | None, reporter: Reporter, scale: int) -> McResult:
+              keep_masks: bool, masks: np.ndarray | None, reporter: Reporter, total: int, world: int) -> McResult:
     """:func:`mc_dropout` over this process's share of the pool."""
     device = torch.device(device) if isinstance(device, str) else device
     dtype = resolve_precision(mc_precision(precision, device), device)
@@ -218,8 +228,8 @@ def _mc_shard(model: UNet, images: np.ndarray, indices: np.ndarray, normalizer: 
     if device.type == "cpu":
         model = model.to(memory_format=torch.channels_last)
     fixed_levels = model.deterministic_levels()  # > 0 with dropout_scope "decoder" or "bottleneck"
-    # progress counts the whole pool: this rank's share times the number of ranks
-    advance = reporter.stage(f"MC dropout x{passes}", n * scale)
+    # progress counts the whole pool (``total``): this rank's share times the number of ranks
+    advance = reporter.stage(f"MC dropout x{passes}", total)
     try:
         for start in range(0, n, batch_size):
             idx = indices[start:start + batch_size]
@@ -258,7 +268,7 @@ def _mc_shard(model: UNet, images: np.ndarray, indices: np.ndarray, normalizer: 
             if keep_maps:
                 mean_maps[sl] = mean_np
                 var_maps[sl] = var_np
-            advance((start + len(idx)) * scale)
+            advance(min(total, (start + len(idx)) * world))
     finally:
         reporter.end_stage()
         model.to(memory_format=torch.contiguous_format)
