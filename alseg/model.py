@@ -92,7 +92,10 @@ class RowSeededDropout(nn.Dropout):
 
     A row's mask takes 16 random bits per element (four per 64-bit draw, a quarter of the
     generator calls of ``bernoulli_``): an element is dropped when its bits fall below
-    ``round(p * 65536)``, i.e. with probability ``p`` to within 1/131072.
+    ``round(p * 65536)``, i.e. with probability ``p`` to within 1/131072. The bits are laid out in
+    the activation's memory order (channels_last on the CPU, where the engine runs so), so the
+    mask is applied in one pass over memory; the same generator state gives the same mask for the
+    same memory format.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -106,8 +109,13 @@ class RowSeededDropout(nn.Dropout):
         for row, gen in zip(draws, generators):  # one generator call per row: rows do not share a stream
             row.random_(-2**63, 2**63 - 1, generator=gen)
         threshold = round(self.p * 65536) - 32768
-        keep = draws.view(torch.int16)[:, :per_row].reshape(x.shape) >= threshold
-        return x * keep * (1.0 / (1 - self.p))
+        bits = draws.view(torch.int16)[:, :per_row]
+        if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+            n, c, h, w = x.shape
+            keep = (bits.reshape(n, h, w, c) >= threshold).permute(0, 3, 1, 2)
+        else:
+            keep = bits.reshape(x.shape) >= threshold
+        return torch.where(keep, x, 0).mul_(1.0 / (1 - self.p))
 
 
 class DoubleConv(nn.Sequential):
