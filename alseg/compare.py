@@ -6,7 +6,8 @@ Owns the layout of a comparison folder and its summary:
 * ``OUT/runs/<strategy>-s<seed>/``: ordinary run directories (resumed when unfinished, reused
   when finished, so ``alseg compare`` resumes like ``alseg run``). Runs of one seed share the
   split, the initial labelled set and the initial model across strategies, so per-seed
-  differences between strategies are paired;
+  differences between strategies are paired; round 0 is trained once per seed, by the first
+  strategy's run, and adopted by the others (:func:`alseg.active.loop.adopt_initial_round`);
 * ``OUT/runs/full-s<seed>/``: with ``full``, supervised training on the whole train split with the
   same preset (the full-supervision reference);
 * ``OUT/compare.png``: test Dice against expert labels, each strategy's mean over seeds with a
@@ -38,8 +39,9 @@ import numpy as np
 from alseg.config import PAPER_DICE, ExperimentConfig
 from alseg.errors import AlsegError
 from alseg.experiment import train_supervised
-from alseg.active.loop import run_active
+from alseg.active.loop import adopt_initial_round, run_active, start_run
 from alseg.progress import SILENT, Reporter
+from alseg.rundir import RunDir
 from alseg.store import RunStore, atomic_write_bytes, atomic_write_text
 from alseg.active.strategies import strategy_names
 
@@ -239,14 +241,17 @@ def compare(config: ExperimentConfig, out: str | Path, *, strategies: Sequence[s
             full_runs[seed] = {"test_dice": dice}
             if scorer:
                 full_runs[seed]["external_dice"] = scorer.dice(run_dir.name, run_dir)
+        donor = None  # the seed's first run: it trains round 0, the other strategies adopt it
         for strategy in strategies:
             run_dir = runs / f"{strategy}-s{seed}"
             reporter.note(f"{strategy}, seed {seed}")
             s_cfg = dataclasses.replace(cfg, active=dataclasses.replace(cfg.active, strategy=strategy))
-            if (run_dir / "run.db").is_file():
-                result = run_active(resume=run_dir, reporter=reporter)
-            else:
-                result = run_active(s_cfg, run_dir, reporter=reporter)
+            if not (run_dir / "run.db").is_file() or RunStore.never_started(RunDir(run_dir)):
+                start_run(s_cfg, run_dir, reporter)
+            if donor is not None and adopt_initial_round(run_dir, donor):
+                reporter.note(f"round 0 adopted from {donor.name} (same data, split, model, training and seed)")
+            result = run_active(resume=run_dir, reporter=reporter)
+            donor = donor or run_dir
             with RunStore.open_readonly(run_dir) as store:
                 train_size = len(store.split()["train"])
             record = {"seed": seed, "rounds": result["rounds"]}

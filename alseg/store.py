@@ -492,6 +492,26 @@ class RunStore:
                  shortfalls[0] if shortfalls and shortfalls[0] else "[]"))
             self._set("latest_checkpoint", latest_checkpoint, c)
 
+    def adopt_round(self, donor: "RunStore", round: int, latest_checkpoint: str) -> None:
+        """Record ``donor``'s finished ``round`` (its epochs, evaluations and round row) as this run's, in one
+        transaction. The caller has copied the round's checkpoints and checked that the round cannot differ."""
+        row = donor.conn.execute("SELECT * FROM rounds WHERE round = ? AND status = 'done'", (round,)).fetchone()
+        if row is None:
+            raise AlsegError(f"round {round} is not finished there", donor.run_dir)
+        epochs = donor.conn.execute("SELECT * FROM epochs WHERE round = ?", (round,)).fetchall()
+        evaluations = donor.conn.execute("SELECT * FROM evaluations WHERE round = ?", (round,)).fetchall()
+        with self.transaction() as c:
+            c.execute("DELETE FROM epochs WHERE round = ?", (round,))  # an interrupted attempt of its own
+            c.executemany("INSERT INTO epochs VALUES (?, ?, ?, ?, ?, ?, ?, ?)", epochs)
+            c.executemany("INSERT OR REPLACE INTO evaluations VALUES (?, ?, ?, ?, ?, ?, ?, ?)", evaluations)
+            c.execute("INSERT OR REPLACE INTO rounds VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", row)
+            self._set("latest_checkpoint", latest_checkpoint, c)
+            self._set(f"round_{round}_from", str(donor.run_dir), c)
+
+    def adopted_from(self, round: int) -> str | None:
+        """The run whose ``round`` this run adopted (:meth:`adopt_round`), or None if it trained it itself."""
+        return self._get(f"round_{round}_from")
+
     def open_initial_round(self, expert: list[str], reasons: dict[str, str]) -> None:
         """Round 0 of a project that starts without masks: a random initial batch for the expert."""
         self.record_selection(0, [], None, expert, [], reasons, [], False)

@@ -195,3 +195,30 @@ def test_compare_reports_intervals_aulc_paired_differences_and_external_dice(tmp
 
     monkeypatch.setattr(importlib.import_module("alseg.evaluate"), "evaluate", no_scoring)
     assert compare(cfg, out, strategies=["random", "ceal"], seeds=2, full=True, external=LGG) == summary
+
+    # round 0 is trained once per seed (by random, the first strategy) and adopted by ceal, and a
+    # ceal run of its own gives the same rounds: adoption changes the time taken, not the result
+    import dataclasses
+
+    from alseg.active.loop import adopt_initial_round, run_active, start_run
+    from alseg.store import RunStore
+
+    for seed in (0, 1):
+        with RunStore.open_readonly(out / "runs" / f"ceal-s{seed}") as adopted, \
+                RunStore.open_readonly(out / "runs" / f"random-s{seed}") as donor:
+            assert adopted.adopted_from(0) == str(out / "runs" / f"random-s{seed}") and donor.adopted_from(0) is None
+            first = [[e for e in s.epochs() if e["round"] == 0] for s in (adopted, donor)]
+            assert len(first[0]) == cfg.train.epochs and first[0] == first[1]
+            assert adopted.rounds()[0] == donor.rounds()[0] and adopted.latest_checkpoint() is not None
+    ceal_cfg = dataclasses.replace(cfg, seed=0, active=dataclasses.replace(cfg.active, strategy="ceal"))
+    run_active(ceal_cfg, tmp_path / "alone")
+    with RunStore.open_readonly(tmp_path / "alone") as own, RunStore.open_readonly(out / "runs" / "ceal-s0") as adopted:
+        assert own.adopted_from(0) is None
+        assert [r["test_dice"] for r in own.rounds()] == [r["test_dice"] for r in adopted.rounds()]
+        assert own.selection(1, "expert") == adopted.selection(1, "expert")
+        assert own.selection(1, "pseudo") == adopted.selection(1, "pseudo")
+    # anything round 0 depends on differs (here the initial epochs): nothing is adopted
+    other = start_run(dataclasses.replace(ceal_cfg, train=dataclasses.replace(cfg.train, epochs=1)), tmp_path / "other")
+    assert adopt_initial_round(other, out / "runs" / "random-s0") is False
+    with RunStore.open_readonly(other) as store:
+        assert store.rounds() == [] and store.epochs() == [] and not other.checkpoint_dir(0).exists()

@@ -325,6 +325,42 @@ def start_run(config: ExperimentConfig, out: str | Path | RunDir, reporter: Repo
     return run_dir
 
 
+def adopt_initial_round(run_dir: str | Path | RunDir, donor: str | Path | RunDir) -> bool:
+    """Give a run the finished round 0 of ``donor`` when round 0 cannot differ between them.
+
+    Round 0 (training on the initial labelled set, evaluation) depends on the data, split,
+    normalisation, model, training settings and seed, never on the strategy or other ``active``
+    settings, and it is seeded per step: a run that trained it itself would get the same weights,
+    epochs and scores. ``alseg compare`` so trains round 0 once per seed instead of once per
+    strategy. The checkpoints are copied first and the store records the round in one transaction
+    afterwards, so a kill in between leaves a run that trains round 0 itself when resumed. Returns
+    False, changing nothing, when the run has round 0 already, the donor has not finished it, or
+    anything round 0 depends on differs.
+    """
+    run_dir = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir).require()
+    donor = donor if isinstance(donor, RunDir) else RunDir(donor).require()
+    with run_dir.lock("adopt round 0"), RunStore(run_dir) as store, RunStore.open_readonly(donor) as source:
+        if store.round_status(0) is not None or source.round_status(0) != "done":
+            return False
+
+        def depends(s: RunStore) -> tuple:
+            config = {k: v for k, v in s.config().items() if k != "active"}
+            return (config, s.split(), s.normalizer(), s.data_info(), s.kind(), s.annotator(),
+                    s.labelled_ids(origins=("initial",)), s.selection(0, "expert"))
+
+        if not store.started() or depends(store) != depends(source):
+            return False
+        target = run_dir.checkpoint_dir(0)
+        staging = target.with_name(target.name + ".adopting")
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.copytree(donor.checkpoint_dir(0), staging)
+        shutil.rmtree(target, ignore_errors=True)
+        staging.rename(target)
+        point("adopted-checkpoints")
+        store.adopt_round(source, 0, run_dir.relative(run_dir.checkpoint(0)))
+    return True
+
+
 def _new_or_unstarted(out: str | Path) -> RunDir:
     """A fresh run directory, or one left by a run killed while it was being created (emptied again)."""
     try:
