@@ -402,6 +402,9 @@ def compare(preset: PresetName = typer.Option(..., help="Settings preset shared 
             round_epochs: Optional[int] = typer.Option(None, help="Retraining epochs per round."),
             mc_passes: Optional[int] = typer.Option(None, help="MC-dropout passes T."),
             device: Optional[str] = typer.Option(None, help="auto, cpu or cuda."),
+            only_seeds: Optional[str] = typer.Option(None, "--only-seeds", help="Comma-separated seeds (of 0..N-1) "
+                                                     "to run, and no summary: split a study over processes or "
+                                                     "machines sharing --out, then summarise with a call without it."),
             as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON.")):
     """Learning curves of several strategies over seeds, with full supervision and the paper's Dice.
 
@@ -420,8 +423,18 @@ def compare(preset: PresetName = typer.Option(..., help="Settings preset shared 
         "data": {"path": str(data), "size": size}, "model": {"width": width},
         "train": {"epochs": epochs, "device": device},
         "active": {"rounds": rounds, "budget": budget, "round_epochs": round_epochs, "mc_passes": mc_passes}})
+    try:
+        chosen = None if only_seeds is None else [int(k) for k in only_seeds.split(",") if k.strip()]
+    except ValueError:
+        raise AlsegError(f"--only-seeds takes comma-separated seed numbers, not {only_seeds!r}") from None
     summary = run_compare(cfg, out_dir, strategies=[s.strip() for s in strategies.split(",") if s.strip()],
-                          seeds=seeds, full=full, external=external, reporter=RichReporter(quiet=as_json))
+                          seeds=seeds, full=full, external=external, only_seeds=chosen,
+                          reporter=RichReporter(quiet=as_json))
+    if chosen is not None:
+        _emit(summary, as_json, lambda r: out.print(f"seeds {', '.join(map(str, r['seeds']))}: "
+                                                    f"{len(r['runs'])} runs finished ({', '.join(r['runs'])}); "
+                                                    "summarise with the same command without --only-seeds"))
+        return
 
     def fmt(v, f):
         return "-" if v is None else format(v, f)

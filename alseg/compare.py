@@ -41,7 +41,7 @@ from alseg.errors import AlsegError
 from alseg.experiment import train_supervised
 from alseg.active.loop import adopt_initial_round, run_active, start_run
 from alseg.progress import SILENT, Reporter
-from alseg.rundir import RunDir
+from alseg.rundir import LOCK_NAME, RunDir
 from alseg.store import RunStore, atomic_write_bytes, atomic_write_text
 from alseg.active.strategies import strategy_names
 
@@ -175,6 +175,18 @@ def _finished_full(run_dir: Path) -> float | None:
     return ev[0]["mean_dice"] if ev else None
 
 
+def _remove_unfinished(run_dir: RunDir) -> None:
+    """Empty an interrupted supervised run, unless another process is still training it."""
+    import shutil
+
+    with run_dir.lock("compare"):  # refused, naming the process, while another one holds it
+        for child in run_dir.root.iterdir():
+            if child.name != LOCK_NAME:
+                shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+    (run_dir.root / LOCK_NAME).unlink()
+    run_dir.root.rmdir()
+
+
 class _ExternalScores:
     """Final-model Dice on the external dataset, remembered in ``OUT/external.json``."""
 
@@ -204,11 +216,17 @@ class _ExternalScores:
 
 
 def compare(config: ExperimentConfig, out: str | Path, *, strategies: Sequence[str], seeds: int = 3,
-            full: bool = False, external: str | Path | None = None, reporter: Reporter = SILENT) -> dict:
+            full: bool = False, external: str | Path | None = None, only_seeds: Sequence[int] | None = None,
+            reporter: Reporter = SILENT) -> dict:
     """Run every strategy for seeds 0..seeds-1 (resuming or reusing runs in ``out``) and summarise.
 
     With ``external`` (a labelled dataset in any layout alseg reads), the final model of every run
     and full-supervision reference is also scored on it (:func:`alseg.evaluate.evaluate`).
+
+    With ``only_seeds``, only those seeds' runs are made and nothing is summarised: several
+    processes or machines sharing ``out`` can each take some seeds at once (every run has its own
+    writer lock, so two never work on one run), and a last call without it summarises them all.
+    Returns ``{"seeds": [...], "runs": [...]}`` then.
     """
     from alseg.report import figures  # matplotlib only when a figure is drawn
 
@@ -218,6 +236,8 @@ def compare(config: ExperimentConfig, out: str | Path, *, strategies: Sequence[s
         raise AlsegError(f"unknown strategy {bad[0]!r}; choose from {', '.join(known)}")
     if seeds < 1:
         raise AlsegError("--seeds must be at least 1")
+    if only_seeds is not None and (not only_seeds or any(not 0 <= k < seeds for k in only_seeds)):
+        raise AlsegError(f"--only-seeds must name seeds among 0..{seeds - 1}")
     if external is not None and not Path(external).exists():
         raise AlsegError("no such external dataset", external)
     out = Path(out)
@@ -226,16 +246,14 @@ def compare(config: ExperimentConfig, out: str | Path, *, strategies: Sequence[s
     results: dict[str, list[dict]] = {s: [] for s in strategies}
     full_runs: dict[int, dict] = {}
     train_size = None
-    for seed in range(seeds):
+    for seed in (range(seeds) if only_seeds is None else sorted(set(only_seeds))):
         cfg = dataclasses.replace(config, seed=seed)
         if full:
             run_dir = runs / f"full-s{seed}"
             dice = _finished_full(run_dir)
             if dice is None:
                 if run_dir.exists():  # an interrupted supervised run: start it again
-                    import shutil
-
-                    shutil.rmtree(run_dir)
+                    _remove_unfinished(RunDir(run_dir))
                 reporter.note(f"full supervision, seed {seed}")
                 dice = train_supervised(cfg, run_dir, full=True, reporter=reporter)["test"]["mean_dice"]
             full_runs[seed] = {"test_dice": dice}
@@ -258,6 +276,10 @@ def compare(config: ExperimentConfig, out: str | Path, *, strategies: Sequence[s
             if scorer:
                 record["external_dice"] = scorer.dice(run_dir.name, run_dir)
             results[strategy].append(record)
+    if only_seeds is not None:
+        return {"seeds": sorted(set(only_seeds)),
+                "runs": [f"full-s{r}" for r in sorted(full_runs)]
+                + [f"{name}-s{r['seed']}" for name, per_seed in results.items() for r in per_seed]}
     summary = summarise(results, full_runs, train_size)
     paper = PAPER_DICE.get(config.data.split_preset)
     summary.update({"preset": config.preset, "seeds": seeds, "paper_dice": paper, "figure": str(out / "compare.png"),

@@ -6,8 +6,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from alseg.compare import (aulc, bootstrap_interval, compare, labels_to_reach, paired_differences, seed_summary,
-                           summarise)
+from alseg.compare import (_remove_unfinished, aulc, bootstrap_interval, compare, labels_to_reach, paired_differences,
+                           seed_summary, summarise)
+from alseg.errors import AlsegError
+from alseg.rundir import RunDir
+from alseg.store import RunStore
 from conftest import LGG
 
 
@@ -148,7 +151,16 @@ def test_compare_reports_intervals_aulc_paired_differences_and_external_dice(tmp
         "data": {"path": str(LGG), "size": 32}, "model": {"width": 4}, "train": {"epochs": 2},
         "active": {"rounds": 1, "round_epochs": 1, "mc_passes": 3}})
     out = tmp_path / "cmp"
+    # a study split over processes: seed 1 alone first (no summary), then the whole study reuses it
+    part = compare(cfg, out, strategies=["random", "ceal"], seeds=2, full=True, only_seeds=[1])
+    assert part == {"seeds": [1], "runs": ["full-s1", "random-s1", "ceal-s1"]} and not (out / "compare.json").exists()
+    with RunStore.open_readonly(out / "runs" / "ceal-s1") as store:
+        seed1_rounds = store.rounds()
+    with pytest.raises(AlsegError, match="among 0..1"):
+        compare(cfg, out, strategies=["random"], seeds=2, only_seeds=[2])
     summary = compare(cfg, out, strategies=["random", "ceal"], seeds=2, full=True, external=LGG)
+    with RunStore.open_readonly(out / "runs" / "ceal-s1") as store:
+        assert store.rounds() == seed1_rounds  # reused, not trained again (the seconds would differ)
     assert json.loads((out / "compare.json").read_text()) == json.loads(json.dumps(summary))
     assert summary["seeds"] == 2 and summary["external"] == {"data": str(LGG)}
     assert summary["intervals"]["level"] == 0.95 and summary["intervals"]["resamples"] == 2000
@@ -201,7 +213,6 @@ def test_compare_reports_intervals_aulc_paired_differences_and_external_dice(tmp
     import dataclasses
 
     from alseg.active.loop import adopt_initial_round, run_active, start_run
-    from alseg.store import RunStore
 
     for seed in (0, 1):
         with RunStore.open_readonly(out / "runs" / f"ceal-s{seed}") as adopted, \
@@ -217,6 +228,18 @@ def test_compare_reports_intervals_aulc_paired_differences_and_external_dice(tmp
         assert [r["test_dice"] for r in own.rounds()] == [r["test_dice"] for r in adopted.rounds()]
         assert own.selection(1, "expert") == adopted.selection(1, "expert")
         assert own.selection(1, "pseudo") == adopted.selection(1, "pseudo")
+    # a run another process holds is never worked on, nor an unfinished reference it is training
+    with RunDir(out / "runs" / "random-s1").lock("another compare"):
+        with pytest.raises(AlsegError, match="another compare"):
+            compare(cfg, out, strategies=["random"], seeds=2, only_seeds=[1])
+    busy = RunDir(out / "runs" / "full-s9")
+    busy.root.mkdir()
+    with busy.lock("train"):
+        with pytest.raises(AlsegError, match="train"):
+            _remove_unfinished(busy)
+    assert busy.root.is_dir()
+    _remove_unfinished(busy)
+    assert not busy.root.exists()
     # anything round 0 depends on differs (here the initial epochs): nothing is adopted
     other = start_run(dataclasses.replace(ceal_cfg, train=dataclasses.replace(cfg.train, epochs=1)), tmp_path / "other")
     assert adopt_initial_round(other, out / "runs" / "random-s0") is False
