@@ -175,6 +175,22 @@ def _finished_full(run_dir: Path) -> float | None:
     return ev[0]["mean_dice"] if ev else None
 
 
+def _finished_round0(runs: Path, seed: int) -> Path | None:
+    """An active run of ``seed`` (made by an earlier call, perhaps with other strategies) with round 0 done,
+    preferably the one that trained it rather than one that adopted it."""
+    found = []
+    for run_dir in sorted(runs.glob(f"*-s{seed}")) if runs.is_dir() else ():
+        if run_dir.name.startswith("full-") or not (run_dir / "run.db").is_file():
+            continue
+        try:
+            with RunStore.open_readonly(run_dir) as store:
+                if store.kind() == "active" and store.round_status(0) == "done":
+                    found.append((store.adopted_from(0) is not None, run_dir))
+        except AlsegError:  # damaged or being created: not a donor
+            continue
+    return min(found)[1] if found else None
+
+
 def _remove_unfinished(run_dir: RunDir) -> None:
     """Empty an interrupted supervised run, unless another process is still training it."""
     import shutil
@@ -259,7 +275,7 @@ def compare(config: ExperimentConfig, out: str | Path, *, strategies: Sequence[s
             full_runs[seed] = {"test_dice": dice}
             if scorer:
                 full_runs[seed]["external_dice"] = scorer.dice(run_dir.name, run_dir)
-        donor = None  # the seed's first run: it trains round 0, the other strategies adopt it
+        donor = _finished_round0(runs, seed)  # else the seed's first run here trains it, the others adopt it
         for strategy in strategies:
             run_dir = runs / f"{strategy}-s{seed}"
             reporter.note(f"{strategy}, seed {seed}")

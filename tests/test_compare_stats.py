@@ -221,6 +221,10 @@ def test_compare_reports_intervals_aulc_paired_differences_and_external_dice(tmp
             first = [[e for e in s.epochs() if e["round"] == 0] for s in (adopted, donor)]
             assert len(first[0]) == cfg.train.epochs and first[0] == first[1]
             assert adopted.rounds()[0] == donor.rounds()[0] and adopted.latest_checkpoint() is not None
+    # a later call with another strategy adopts round 0 from the runs already there
+    compare(cfg, out, strategies=["uncertainty"], seeds=2, only_seeds=[0])
+    with RunStore.open_readonly(out / "runs" / "uncertainty-s0") as store:
+        assert store.adopted_from(0) == str(out / "runs" / "random-s0")
     ceal_cfg = dataclasses.replace(cfg, seed=0, active=dataclasses.replace(cfg.active, strategy="ceal"))
     run_active(ceal_cfg, tmp_path / "alone")
     with RunStore.open_readonly(tmp_path / "alone") as own, RunStore.open_readonly(out / "runs" / "ceal-s0") as adopted:
