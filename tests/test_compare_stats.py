@@ -244,6 +244,24 @@ def test_compare_reports_intervals_aulc_paired_differences_and_external_dice(tmp
     assert busy.root.is_dir()
     _remove_unfinished(busy)
     assert not busy.root.exists()
+    # killed between copying the checkpoints and recording the round: the round is not there, and
+    # the next try (compare tries on every call) adopts it
+    import os
+    import subprocess
+    import sys
+
+    killed = start_run(ceal_cfg, tmp_path / "killed")
+    code = f"from alseg.active.loop import adopt_initial_round; adopt_initial_round({str(killed.root)!r}, " \
+           f"{str(out / 'runs' / 'random-s0')!r})"
+    proc = subprocess.run([sys.executable, "-c", code], env={**os.environ, "ALSEG_FAULT": "adopted-checkpoints@1"})
+    assert proc.returncode == -9
+    with RunStore.open_readonly(killed) as store:
+        assert store.round_status(0) is None and store.epochs() == []
+    assert adopt_initial_round(killed, out / "runs" / "random-s0") is True
+    with RunStore.open_readonly(killed) as store, RunStore.open_readonly(out / "runs" / "random-s0") as donor:
+        assert store.rounds() == donor.rounds()[:1] and store.latest_checkpoint() == "checkpoints/round-000/best.pt"
+    assert sorted(p.name for p in killed.checkpoint_dir().iterdir()) == ["round-000"]
+    assert adopt_initial_round(killed, out / "runs" / "random-s0") is False  # once only
     # anything round 0 depends on differs (here the initial epochs): nothing is adopted
     other = start_run(dataclasses.replace(ceal_cfg, train=dataclasses.replace(cfg.train, epochs=1)), tmp_path / "other")
     assert adopt_initial_round(other, out / "runs" / "random-s0") is False
