@@ -58,7 +58,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None, help="Also write the result here.")
     args = ap.parse_args()
     jobs = []
-    for dropout, lr, seed in itertools.product(args.dropouts, args.lrs, args.seeds):
+    for seed, dropout, lr in itertools.product(args.seeds, args.dropouts, args.lrs):  # a seed's grid at a time
         run = args.out / f"{args.preset}-d{dropout:g}-lr{lr:g}-s{seed}"
         if finished(run):
             continue
