@@ -388,7 +388,9 @@ def compare(preset: PresetName = typer.Option(..., help="Settings preset shared 
             data: Path = typer.Option(..., "--data", help="Dataset folder."),
             strategies: str = typer.Option("ceal,random,uncertainty,bald", help=_strategies_help(
                 "Comma-separated strategies, of:")),
-            seeds: int = typer.Option(3, help="Seeds 0..N-1 for each strategy (error bands)."),
+            seeds: str = typer.Option("3", help="N for seeds 0..N-1 of each strategy (error bands), or a "
+                                      "comma-separated list of seeds (e.g. 0,2: the seeds of a split study that "
+                                      "have finished)."),
             full: bool = typer.Option(False, "--full", help="Also train the full-supervision reference per seed."),
             out_dir: Path = typer.Option(..., "--out", help="Comparison folder (reused and resumed if it exists)."),
             external: Optional[Path] = typer.Option(None, "--external", help="A second labelled dataset (any layout "
@@ -423,12 +425,22 @@ def compare(preset: PresetName = typer.Option(..., help="Settings preset shared 
         "data": {"path": str(data), "size": size}, "model": {"width": width},
         "train": {"epochs": epochs, "device": device},
         "active": {"rounds": rounds, "budget": budget, "round_epochs": round_epochs, "mc_passes": mc_passes}})
-    try:
-        chosen = None if only_seeds is None else [int(k) for k in only_seeds.split(",") if k.strip()]
-    except ValueError:
-        raise AlsegError(f"--only-seeds takes comma-separated seed numbers, not {only_seeds!r}") from None
+    def seed_numbers(option: str, text: str) -> list[int]:
+        try:
+            return [int(k) for k in text.split(",") if k.strip()]
+        except ValueError:
+            raise AlsegError(f"{option} takes comma-separated seed numbers, not {text!r}") from None
+
+    chosen = None if only_seeds is None else seed_numbers("--only-seeds", only_seeds)
+    if "," in seeds:
+        seed_spec: int | list[int] = seed_numbers("--seeds", seeds)
+    else:
+        try:
+            seed_spec = int(seeds)
+        except ValueError:
+            raise AlsegError(f"--seeds takes a count or comma-separated seed numbers, not {seeds!r}") from None
     summary = run_compare(cfg, out_dir, strategies=[s.strip() for s in strategies.split(",") if s.strip()],
-                          seeds=seeds, full=full, external=external, only_seeds=chosen,
+                          seeds=seed_spec, full=full, external=external, only_seeds=chosen,
                           reporter=RichReporter(quiet=as_json))
     if chosen is not None:
         _emit(summary, as_json, lambda r: out.print(f"seeds {', '.join(map(str, r['seeds']))}: "

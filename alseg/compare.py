@@ -175,6 +175,12 @@ def _finished_full(run_dir: Path) -> float | None:
     return ev[0]["mean_dice"] if ev else None
 
 
+def _seed_text(seed_list: list[int]) -> str:
+    if seed_list == list(range(len(seed_list))):
+        return f"0..{len(seed_list) - 1}"
+    return ", ".join(map(str, seed_list))
+
+
 def _finished_round0(runs: Path, seed: int) -> Path | None:
     """An active run of ``seed`` (made by an earlier call, perhaps with other strategies) with round 0 done,
     preferably the one that trained it rather than one that adopted it."""
@@ -231,10 +237,12 @@ class _ExternalScores:
         return summary["mean_dice"]
 
 
-def compare(config: ExperimentConfig, out: str | Path, *, strategies: Sequence[str], seeds: int = 3,
+def compare(config: ExperimentConfig, out: str | Path, *, strategies: Sequence[str], seeds: int | Sequence[int] = 3,
             full: bool = False, external: str | Path | None = None, only_seeds: Sequence[int] | None = None,
             reporter: Reporter = SILENT) -> dict:
     """Run every strategy for seeds 0..seeds-1 (resuming or reusing runs in ``out``) and summarise.
+
+    ``seeds`` may also list the seeds (for example those of a split study that have finished).
 
     With ``external`` (a labelled dataset in any layout alseg reads), the final model of every run
     and full-supervision reference is also scored on it (:func:`alseg.evaluate.evaluate`).
@@ -250,10 +258,11 @@ def compare(config: ExperimentConfig, out: str | Path, *, strategies: Sequence[s
     bad = [s for s in strategies if s not in known]
     if bad:
         raise AlsegError(f"unknown strategy {bad[0]!r}; choose from {', '.join(known)}")
-    if seeds < 1:
-        raise AlsegError("--seeds must be at least 1")
-    if only_seeds is not None and (not only_seeds or any(not 0 <= k < seeds for k in only_seeds)):
-        raise AlsegError(f"--only-seeds must name seeds among 0..{seeds - 1}")
+    seed_list = list(range(seeds)) if isinstance(seeds, int) else sorted({int(k) for k in seeds})
+    if not seed_list or seed_list[0] < 0:
+        raise AlsegError("--seeds must be at least 1" if isinstance(seeds, int) else "--seeds must list seeds >= 0")
+    if only_seeds is not None and (not only_seeds or any(k not in seed_list for k in only_seeds)):
+        raise AlsegError(f"--only-seeds must name seeds among {_seed_text(seed_list)}")
     if external is not None and not Path(external).exists():
         raise AlsegError("no such external dataset", external)
     out = Path(out)
@@ -262,7 +271,7 @@ def compare(config: ExperimentConfig, out: str | Path, *, strategies: Sequence[s
     results: dict[str, list[dict]] = {s: [] for s in strategies}
     full_runs: dict[int, dict] = {}
     train_size = None
-    for seed in (range(seeds) if only_seeds is None else sorted(set(only_seeds))):
+    for seed in (seed_list if only_seeds is None else sorted(set(only_seeds))):
         cfg = dataclasses.replace(config, seed=seed)
         if full:
             run_dir = runs / f"full-s{seed}"
@@ -298,9 +307,9 @@ def compare(config: ExperimentConfig, out: str | Path, *, strategies: Sequence[s
                 + [f"{name}-s{r['seed']}" for name, per_seed in results.items() for r in per_seed]}
     summary = summarise(results, full_runs, train_size)
     paper = PAPER_DICE.get(config.data.split_preset)
-    summary.update({"preset": config.preset, "seeds": seeds, "paper_dice": paper, "figure": str(out / "compare.png"),
+    summary.update({"preset": config.preset, "seeds": len(seed_list), "seed_list": seed_list, "paper_dice": paper, "figure": str(out / "compare.png"),
                     "external": {"data": str(external)} if external is not None else None})
-    _figure(figures, out / "compare.png", config.preset, seeds, summary, paper)
+    _figure(figures, out / "compare.png", config.preset, len(seed_list), summary, paper)
     atomic_write_text(out / "compare.json", json.dumps(summary, indent=2))
     atomic_write_bytes(out / "compare.csv", _csv(summary, external is not None).encode())
     return summary

@@ -262,6 +262,12 @@ def test_compare_reports_intervals_aulc_paired_differences_and_external_dice(tmp
         assert store.rounds() == donor.rounds()[:1] and store.latest_checkpoint() == "checkpoints/round-000/best.pt"
     assert sorted(p.name for p in killed.checkpoint_dir().iterdir()) == ["round-000"]
     assert adopt_initial_round(killed, out / "runs" / "random-s0") is False  # once only
+    # a summary over a list of seeds (those of a split study that finished) reuses their runs only
+    part = compare(cfg, out, strategies=["random", "ceal"], seeds=[1], full=True)
+    assert part["seeds"] == 1 and part["seed_list"] == [1] and set(part["runs"]) == {"random-s1", "ceal-s1", "full-s1"}
+    for name in ("random", "ceal"):
+        assert part["strategies"][name]["aulc_per_seed"] == summary["strategies"][name]["aulc_per_seed"][1:]
+    assert part["strategies"]["ceal"]["vs_random"]["seeds"] == [1]
     # anything round 0 depends on differs (here the initial epochs): nothing is adopted
     other = start_run(dataclasses.replace(ceal_cfg, train=dataclasses.replace(cfg.train, epochs=1)), tmp_path / "other")
     assert adopt_initial_round(other, out / "runs" / "random-s0") is False
