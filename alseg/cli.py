@@ -429,16 +429,11 @@ def compare(preset: PresetName = typer.Option(..., help="Settings preset shared 
         try:
             return [int(k) for k in text.split(",") if k.strip()]
         except ValueError:
-            raise AlsegError(f"{option} takes comma-separated seed numbers, not {text!r}") from None
+            raise AlsegError(f"{option} takes whole numbers separated by commas, not {text!r}") from None
 
     chosen = None if only_seeds is None else seed_numbers("--only-seeds", only_seeds)
-    if "," in seeds:
-        seed_spec: int | list[int] = seed_numbers("--seeds", seeds)
-    else:
-        try:
-            seed_spec = int(seeds)
-        except ValueError:
-            raise AlsegError(f"--seeds takes a count or comma-separated seed numbers, not {seeds!r}") from None
+    numbers = seed_numbers("--seeds", seeds)
+    seed_spec = numbers if "," in seeds else (numbers[0] if numbers else 0)  # a count, or the seeds listed
     summary = run_compare(cfg, out_dir, strategies=[s.strip() for s in strategies.split(",") if s.strip()],
                           seeds=seed_spec, full=full, external=external, only_seeds=chosen,
                           reporter=RichReporter(quiet=as_json))

@@ -198,13 +198,8 @@ def _finished_round0(runs: Path, seed: int) -> Path | None:
 
 
 def _remove_unfinished(run_dir: RunDir) -> None:
-    """Empty an interrupted supervised run, unless another process is still training it."""
-    import shutil
-
-    with run_dir.lock("compare"):  # refused, naming the process, while another one holds it
-        for child in run_dir.root.iterdir():
-            if child.name != LOCK_NAME:
-                shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+    """Remove an interrupted supervised run, unless another process is still training it."""
+    run_dir.empty("compare")
     (run_dir.root / LOCK_NAME).unlink()
     run_dir.root.rmdir()
 
@@ -307,7 +302,8 @@ def compare(config: ExperimentConfig, out: str | Path, *, strategies: Sequence[s
                 + [f"{name}-s{r['seed']}" for name, per_seed in results.items() for r in per_seed]}
     summary = summarise(results, full_runs, train_size)
     paper = PAPER_DICE.get(config.data.split_preset)
-    summary.update({"preset": config.preset, "seeds": len(seed_list), "seed_list": seed_list, "paper_dice": paper, "figure": str(out / "compare.png"),
+    summary.update({"preset": config.preset, "seeds": len(seed_list), "seed_list": seed_list, "paper_dice": paper,
+                    "figure": str(out / "compare.png"),
                     "external": {"data": str(external)} if external is not None else None})
     _figure(figures, out / "compare.png", config.preset, len(seed_list), summary, paper)
     atomic_write_text(out / "compare.json", json.dumps(summary, indent=2))

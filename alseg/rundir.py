@@ -112,6 +112,14 @@ class RunDir:
             raise AlsegError(f"recorded path {relative!r} leaves the run directory", self.root)
         return path
 
+    def empty(self, command: str) -> None:
+        """Remove everything in the directory but its lock file, holding the lock (refused, naming
+        the holder, while another process holds it)."""
+        with self.lock(command):
+            for child in self.root.iterdir():
+                if child.name != LOCK_NAME:
+                    shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+
     # --- the writer lock ------------------------------------------------------------------------
     @contextmanager
     def lock(self, command: str):

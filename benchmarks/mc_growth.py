@@ -29,13 +29,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+from machine import machine_info  # benchmarks/ is on sys.path when a script there runs
 from rss import PeakRSS, status_kb  # benchmarks/ is on sys.path when a script there runs
 
 
@@ -144,24 +144,6 @@ def draw(res: dict, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def machine_info() -> dict:
-    import torch
-
-    model, flags = None, set()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name") and model is None:
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    except OSError:
-        pass
-    return {"cpu": model or platform.processor() or platform.machine(), "logical_cpus": os.cpu_count(),
-            "threads": torch.get_num_threads(), "avx512_bf16": "avx512_bf16" in flags,
-            "amx_bf16": "amx_bf16" in flags, "torch": torch.__version__, "python": platform.python_version()}
 
 
 # ----------------------------------------------------------------------------- main

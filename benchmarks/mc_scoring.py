@@ -39,7 +39,6 @@ import copy
 import json
 import logging
 import os
-import platform
 import sys
 import time
 import warnings
@@ -53,6 +52,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from alseg.active.uncertainty import mc_dropout
 from alseg.model import ModelConfig, UNet, set_mc_dropout
 from alseg.runtime import Normalizer
+from machine import machine_info  # benchmarks/ is on sys.path when a script there runs
 from rss import reset_peak_rss, status_kb  # benchmarks/ is on sys.path when a script there runs
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "isic"
@@ -64,23 +64,6 @@ def log(msg: str) -> None:
 
 
 # ----------------------------------------------------------------------------- machine
-
-def machine_info() -> dict:
-    model, flags = None, set()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-            if flags and model:
-                break
-    except OSError:
-        pass
-    return {"cpu": model or platform.processor() or platform.machine(), "logical_cpus": os.cpu_count(), "threads": torch.get_num_threads(),
-            "avx512_bf16": "avx512_bf16" in flags, "amx_bf16": "amx_bf16" in flags, "amx_tile": "amx_tile" in flags,
-            "torch": torch.__version__, "numpy": np.__version__, "python": platform.python_version()}
-
 
 def loadavg() -> list[float] | None:
     try:

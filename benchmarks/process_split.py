@@ -20,20 +20,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 
-
-def cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from machine import machine_info  # benchmarks/ is on sys.path when a script there runs
 
 
 def log(msg: str) -> None:
@@ -100,8 +91,7 @@ def main() -> None:
     log(f"{args.cores} processes, 1 thread each")
     split = run_children(args.cores, 1, args)
     result = {
-        "machine": {"cpu": cpu_model(), "cores": args.cores,
-                    "python": platform.python_version()},
+        "machine": {**machine_info(), "cores": args.cores},
         "preset": args.preset, "images": args.images, "timed_epochs": args.epochs - 1,
         "one_process_images_per_s": one[0]["images_per_s"],
         "split_images_per_s": sum(r["images_per_s"] for r in split),

@@ -369,10 +369,7 @@ def _new_or_unstarted(out: str | Path) -> RunDir:
         run_dir = RunDir(out)
         if not RunStore.never_started(run_dir):
             raise
-        with run_dir.lock("run"):
-            for child in run_dir.root.iterdir():
-                if child.name != "lock":
-                    shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+        run_dir.empty("run")
         return run_dir
 
 
