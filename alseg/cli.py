@@ -407,6 +407,9 @@ def compare(preset: PresetName = typer.Option(..., help="Settings preset shared 
             only_seeds: Optional[str] = typer.Option(None, "--only-seeds", help="Comma-separated seeds (of 0..N-1) "
                                                      "to run, and no summary: split a study over processes or "
                                                      "machines sharing --out, then summarise with a call without it."),
+            jobs: int = typer.Option(1, "--jobs", help="Worker processes making the runs at once, each with "
+                                     "cores/N threads (on CPU, one per core is faster: docs/benchmarks.md); a seed's "
+                                     "round 0 is still trained once."),
             as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON.")):
     """Learning curves of several strategies over seeds, with full supervision and the paper's Dice.
 
@@ -431,12 +434,13 @@ def compare(preset: PresetName = typer.Option(..., help="Settings preset shared 
         except ValueError:
             raise AlsegError(f"{option} takes whole numbers separated by commas, not {text!r}") from None
 
+    _resume_hint("the same alseg compare command (finished runs are reused, unfinished ones resumed)")
     chosen = None if only_seeds is None else seed_numbers("--only-seeds", only_seeds)
     numbers = seed_numbers("--seeds", seeds)
     seed_spec = numbers if "," in seeds else (numbers[0] if numbers else 0)  # a count, or the seeds listed
     summary = run_compare(cfg, out_dir, strategies=[s.strip() for s in strategies.split(",") if s.strip()],
                           seeds=seed_spec, full=full, external=external, only_seeds=chosen,
-                          reporter=RichReporter(quiet=as_json))
+                          jobs=jobs, reporter=RichReporter(quiet=as_json))
     if chosen is not None:
         _emit(summary, as_json, lambda r: out.print(f"seeds {', '.join(map(str, r['seeds']))}: "
                                                     f"{len(r['runs'])} runs finished ({', '.join(r['runs'])}); "

@@ -31,6 +31,8 @@ import csv
 import dataclasses
 import io
 import json
+import os
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -204,6 +206,111 @@ def _remove_unfinished(run_dir: RunDir) -> None:
     run_dir.root.rmdir()
 
 
+def _make_full(cfg: ExperimentConfig, run_dir: Path, reporter: Reporter) -> float:
+    """The full-supervision reference of ``cfg.seed`` (reused when finished); its test Dice."""
+    dice = _finished_full(run_dir)
+    if dice is None:
+        if run_dir.exists():  # an interrupted supervised run: start it again
+            _remove_unfinished(RunDir(run_dir))
+        reporter.note(f"full supervision, seed {cfg.seed}")
+        dice = train_supervised(cfg, run_dir, full=True, reporter=reporter)["test"]["mean_dice"]
+    return dice
+
+
+def _make_active(cfg: ExperimentConfig, strategy: str, run_dir: Path, donor: Path | None,
+                 reporter: Reporter) -> dict:
+    """Start, resume or reuse ``strategy``'s run of ``cfg.seed``, adopting round 0 from ``donor``."""
+    reporter.note(f"{strategy}, seed {cfg.seed}")
+    s_cfg = dataclasses.replace(cfg, active=dataclasses.replace(cfg.active, strategy=strategy))
+    if not (run_dir / "run.db").is_file() or RunStore.never_started(RunDir(run_dir)):
+        start_run(s_cfg, run_dir, reporter)
+    if donor is not None and adopt_initial_round(run_dir, donor):
+        reporter.note(f"round 0 adopted from {donor.name} (same data, split, model, training and seed)")
+    return run_active(resume=run_dir, reporter=reporter)
+
+
+def _worker(config: ExperimentConfig, runs: Path, seed: int, strategy: str | None, threads: int, conn) -> None:
+    """One run, in a worker process: ``strategy`` None is the full-supervision reference."""
+    import torch
+
+    torch.set_num_threads(threads)
+    cfg = dataclasses.replace(config, seed=seed)
+    try:
+        if strategy is None:
+            _make_full(cfg, runs / f"full-s{seed}", SILENT)
+        else:
+            _make_active(cfg, strategy, runs / f"{strategy}-s{seed}", _finished_round0(runs, seed), SILENT)
+    except AlsegError as exc:
+        conn.send(str(exc))
+    except KeyboardInterrupt:  # Ctrl-C reaches the workers too; the parent says how to resume
+        conn.send("interrupted")
+    conn.close()
+
+
+def _make_runs_in_parallel(config: ExperimentConfig, runs: Path, seeds: Sequence[int], strategies: Sequence[str],
+                           full: bool, jobs: int, reporter: Reporter) -> None:
+    """Make the runs of ``seeds`` with ``jobs`` worker processes, each with cores / jobs threads.
+
+    One process per core trains faster than one process using every core on small CPUs (1.36x on
+    2 cores at quick-isic: ``benchmarks/process_split.py``) and different seeds are independent.
+    A seed's round 0 is still trained once: its first strategy's run goes first, and the seed's
+    other runs wait until round 0 is done there, then adopt it. Every run keeps its own writer
+    lock and is resumable, so a killed study resumes with the same command. The first error stops
+    the workers (what they finished is kept) and is raised here."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")  # no forked copies of torch's thread pools
+    threads = max(1, len(os.sched_getaffinity(0)) // jobs)
+    # (name, seed, strategy or None for full, needs round 0 done first); trainers of round 0 first
+    waiting: list[tuple[str, int, str | None, bool]] = []
+    for seed in seeds:
+        has_round0 = _finished_round0(runs, seed) is not None
+        waiting.append((f"{strategies[0]}-s{seed}", seed, strategies[0], False))
+        waiting += [(f"{s}-s{seed}", seed, s, not has_round0) for s in strategies[1:]]
+        if full and _finished_full(runs / f"full-s{seed}") is None:
+            waiting.append((f"full-s{seed}", seed, None, False))
+    waiting.sort(key=lambda unit: (unit[3], unit[2] is None))
+    total, done = len(waiting), 0
+    advance = reporter.stage(f"runs ({jobs} processes x {threads} threads)", total)
+    running: dict[str, tuple] = {}
+    runs.mkdir(parents=True, exist_ok=True)
+    try:
+        while waiting or running:
+            ready = {seed for _, seed, _, after in waiting if after and _finished_round0(runs, seed) is not None}
+            for unit in list(waiting):
+                if len(running) >= jobs:
+                    break
+                name, seed, strategy, after = unit
+                if after and seed not in ready and running:  # nothing running: no round 0 to wait for
+                    continue
+                waiting.remove(unit)
+                receive, send = ctx.Pipe(duplex=False)
+                proc = ctx.Process(target=_worker, args=(config, runs, seed, strategy, threads, send), name=name)
+                proc.start()
+                send.close()
+                running[name] = (proc, receive)
+            time.sleep(0.5)
+            for name, (proc, receive) in list(running.items()):
+                if proc.exitcode is None:
+                    continue
+                try:
+                    message = receive.recv()  # the worker's error, if it sent one
+                except EOFError:
+                    message = None
+                del running[name]
+                if message is not None or proc.exitcode:
+                    raise AlsegError(f"{name}: {message or f'worker exited with code {proc.exitcode}'}")
+                done += 1
+                advance(done)
+                reporter.note(f"{name} finished ({done} of {total})")
+    finally:
+        for proc, _ in running.values():
+            proc.terminate()  # every run is crash-safe: the same command resumes them
+        for proc, _ in running.values():
+            proc.join()
+        reporter.end_stage()
+
+
 class _ExternalScores:
     """Final-model Dice on the external dataset, remembered in ``OUT/external.json``."""
 
@@ -234,7 +341,7 @@ class _ExternalScores:
 
 def compare(config: ExperimentConfig, out: str | Path, *, strategies: Sequence[str], seeds: int | Sequence[int] = 3,
             full: bool = False, external: str | Path | None = None, only_seeds: Sequence[int] | None = None,
-            reporter: Reporter = SILENT) -> dict:
+            jobs: int = 1, reporter: Reporter = SILENT) -> dict:
     """Run every strategy for seeds 0..seeds-1 (resuming or reusing runs in ``out``) and summarise.
 
     ``seeds`` may also list the seeds (for example those of a split study that have finished).
@@ -246,6 +353,9 @@ def compare(config: ExperimentConfig, out: str | Path, *, strategies: Sequence[s
     processes or machines sharing ``out`` can each take some seeds at once (every run has its own
     writer lock, so two never work on one run), and a last call without it summarises them all.
     Returns ``{"seeds": [...], "runs": [...]}`` then.
+
+    With ``jobs`` > 1, the runs are made by that many worker processes at once, each with its
+    share of the CPU threads (:func:`_make_runs_in_parallel`); the results are the same runs.
     """
     from alseg.report import figures  # matplotlib only when a figure is drawn
 
@@ -258,6 +368,8 @@ def compare(config: ExperimentConfig, out: str | Path, *, strategies: Sequence[s
         raise AlsegError("--seeds must be at least 1" if isinstance(seeds, int) else "--seeds must list seeds >= 0")
     if only_seeds is not None and (not only_seeds or any(k not in seed_list for k in only_seeds)):
         raise AlsegError(f"--only-seeds must name seeds among {_seed_text(seed_list)}")
+    if jobs < 1:
+        raise AlsegError(f"--jobs must be at least 1, got {jobs}")
     if external is not None and not Path(external).exists():
         raise AlsegError("no such external dataset", external)
     out = Path(out)
@@ -266,29 +378,20 @@ def compare(config: ExperimentConfig, out: str | Path, *, strategies: Sequence[s
     results: dict[str, list[dict]] = {s: [] for s in strategies}
     full_runs: dict[int, dict] = {}
     train_size = None
-    for seed in (seed_list if only_seeds is None else sorted(set(only_seeds))):
+    made = seed_list if only_seeds is None else sorted(set(only_seeds))
+    if jobs > 1:  # make every run in worker processes; the pass below then only collects them
+        _make_runs_in_parallel(config, runs, made, strategies, full, jobs, reporter)
+    for seed in made:
         cfg = dataclasses.replace(config, seed=seed)
         if full:
             run_dir = runs / f"full-s{seed}"
-            dice = _finished_full(run_dir)
-            if dice is None:
-                if run_dir.exists():  # an interrupted supervised run: start it again
-                    _remove_unfinished(RunDir(run_dir))
-                reporter.note(f"full supervision, seed {seed}")
-                dice = train_supervised(cfg, run_dir, full=True, reporter=reporter)["test"]["mean_dice"]
-            full_runs[seed] = {"test_dice": dice}
+            full_runs[seed] = {"test_dice": _make_full(cfg, run_dir, reporter)}
             if scorer:
                 full_runs[seed]["external_dice"] = scorer.dice(run_dir.name, run_dir)
         donor = _finished_round0(runs, seed)  # else the seed's first run here trains it, the others adopt it
         for strategy in strategies:
             run_dir = runs / f"{strategy}-s{seed}"
-            reporter.note(f"{strategy}, seed {seed}")
-            s_cfg = dataclasses.replace(cfg, active=dataclasses.replace(cfg.active, strategy=strategy))
-            if not (run_dir / "run.db").is_file() or RunStore.never_started(RunDir(run_dir)):
-                start_run(s_cfg, run_dir, reporter)
-            if donor is not None and adopt_initial_round(run_dir, donor):
-                reporter.note(f"round 0 adopted from {donor.name} (same data, split, model, training and seed)")
-            result = run_active(resume=run_dir, reporter=reporter)
+            result = _make_active(cfg, strategy, run_dir, donor, reporter)
             donor = donor or run_dir
             with RunStore.open_readonly(run_dir) as store:
                 train_size = len(store.split()["train"])

@@ -1,6 +1,7 @@
 """The comparison's statistics on hand-made numbers, and one tiny comparison on real LGG data."""
 import importlib
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -273,3 +274,45 @@ def test_compare_reports_intervals_aulc_paired_differences_and_external_dice(tmp
     assert adopt_initial_round(other, out / "runs" / "random-s0") is False
     with RunStore.open_readonly(other) as store:
         assert store.rounds() == [] and store.epochs() == [] and not other.checkpoint_dir(0).exists()
+
+
+def test_compare_jobs_makes_the_runs_in_worker_processes_and_round_0_once_per_seed(tmp_path):
+    import os
+
+    from alseg.config import build_config
+
+    cfg = build_config("quick-lgg", None, {
+        "data": {"path": str(LGG), "size": 32}, "model": {"width": 4}, "train": {"epochs": 2},
+        "active": {"rounds": 1, "round_epochs": 1, "mc_passes": 3}})
+    with pytest.raises(AlsegError, match="--jobs must be at least 1"):
+        compare(cfg, tmp_path / "none", strategies=["random"], seeds=1, jobs=0)
+    # a worker's error stops the study with one line naming the run; nothing else is left running
+    held = RunDir(tmp_path / "held" / "runs" / "random-s0")
+    held.root.mkdir(parents=True)
+    with held.lock("test"):
+        with pytest.raises(AlsegError, match=r"random-s0: .*in use by process"):
+            compare(cfg, tmp_path / "held", strategies=["random"], seeds=1, jobs=2)
+
+    out = tmp_path / "cmp"
+    summary = compare(cfg, out, strategies=["random", "ceal"], seeds=2, full=True, jobs=2)
+    runs = out / "runs"
+    # each run was made in a worker process of its own, not in this one
+    workers = {int((runs / f"full-s{seed}" / "lock").read_text().split()[0]) for seed in (0, 1)}
+    assert len(workers) == 2 and os.getpid() not in workers
+    rounds = {}
+    for seed in (0, 1):
+        with RunStore.open_readonly(runs / f"random-s{seed}") as store:
+            assert store.adopted_from(0) is None  # the seed's first strategy trained round 0 ...
+            rounds[f"random-s{seed}"] = store.rounds()
+        with RunStore.open_readonly(runs / f"ceal-s{seed}") as store:
+            assert Path(store.adopted_from(0)) == runs / f"random-s{seed}"  # ... the other waited for it and adopted it
+            rounds[f"ceal-s{seed}"] = store.rounds()
+            assert store.rounds()[0] == rounds[f"random-s{seed}"][0]
+    for name in summary["strategies"]:
+        assert summary["strategies"][name]["curve"]["n"] == 2
+    # a serial call reuses every run the workers made: same rounds, seconds included, same summary
+    again = compare(cfg, out, strategies=["random", "ceal"], seeds=2, full=True)
+    assert again == summary
+    for name, expected in rounds.items():
+        with RunStore.open_readonly(runs / name) as store:
+            assert store.rounds() == expected
