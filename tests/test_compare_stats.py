@@ -258,6 +258,10 @@ def test_compare_reports_intervals_aulc_paired_differences_and_external_dice(tmp
     assert proc.returncode == -9
     with RunStore.open_readonly(killed) as store:
         assert store.round_status(0) is None and store.epochs() == []
+    # the dataset copied again since the donor was made (new file times name another cache folder):
+    # the same images, as for a resumed run, so still adopted
+    with RunStore(killed) as store:
+        store._set("data", {**store.data_info(), "cache": str(tmp_path / "another-cache")})
     assert adopt_initial_round(killed, out / "runs" / "random-s0") is True
     with RunStore.open_readonly(killed) as store, RunStore.open_readonly(out / "runs" / "random-s0") as donor:
         assert store.rounds() == donor.rounds()[:1] and store.latest_checkpoint() == "checkpoints/round-000/best.pt"

@@ -345,7 +345,10 @@ def adopt_initial_round(run_dir: str | Path | RunDir, donor: str | Path | RunDir
 
         def depends(s: RunStore) -> tuple:
             config = {k: v for k, v in s.config().items() if k != "active"}
-            return (config, s.split(), s.normalizer(), s.data_info(), s.kind(), s.annotator(),
+            # not the cache folder: its name hashes file times, which change whenever the dataset is
+            # copied again; a resumed run too reads the data by path, format, size and channels
+            data = {k: v for k, v in s.data_info().items() if k != "cache"}
+            return (config, s.split(), s.normalizer(), data, s.kind(), s.annotator(),
                     s.labelled_ids(origins=("initial",)), s.selection(0, "expert"))
 
         if not store.started() or depends(store) != depends(source):
