@@ -4,7 +4,7 @@ import pytest
 
 from alseg.errors import AlsegError
 from alseg.active.strategies import (CealParams, CealStrategy, DiverseStrategy, make_strategy, reason_label,
-                                     register, strategy_names, strategy_spec)
+                                     SuggestiveStrategy, register, strategy_names, strategy_spec)
 
 
 def _scores(values):
@@ -233,3 +233,29 @@ def test_diverse_avoids_what_is_already_labelled_and_caps_groups():
     assert len(picked) == 8 and max(np.bincount(picked)) <= 2  # at most a quarter of 8 per group
     assert picked.count(5) <= 1  # far from nothing new: the labelled cluster is asked last, if at all
     assert len(sel.pseudo_ids) == 40 and not set(sel.pseudo_ids) & set(sel.expert_ids)  # CEAL's pseudo-labels
+
+
+# --- suggestive: uncertainty, then a max-cover of the pool ------------------------------------------
+def test_suggestive_covers_the_crowds_where_k_center_asks_the_outliers_and_skips_what_is_labelled():
+    rng = np.random.default_rng(3)
+    centres = rng.normal(scale=10, size=(8, 16))
+    # two crowds (50 and 30 look-alikes) and six lone outliers, every image about as uncertain (and
+    # every image a candidate)
+    cluster = np.concatenate([np.zeros(50, int), np.ones(30, int), np.arange(2, 8)])
+    features = (centres[cluster] + rng.normal(scale=0.3, size=(len(cluster), 16))).astype(np.float32)
+    values = 50 + rng.uniform(0, 0.1, len(cluster))
+    pool = [f"i{k}" for k in range(len(values))]
+
+    def chosen(name, labelled):
+        scores = {**_scores(values), "foreground": np.full(len(values), 5), "features": features,
+                  "labelled_features": labelled, "group": np.array([None] * len(values), dtype=object)}
+        kind = {"suggestive": SuggestiveStrategy, "diverse": DiverseStrategy}[name]
+        sel = kind(CealParams(), budget=2, candidates=50).select(scores, pool, 1, np.random.default_rng(0))
+        assert set(sel.reasons[i] for i in sel.expert_ids) == {name}
+        return sorted(cluster[pool.index(i)] for i in sel.expert_ids)
+
+    some_labelled = features[cluster == 2][:1]  # one outlier's look-alike is labelled
+    assert chosen("suggestive", some_labelled) == [0, 1]  # one from each crowd
+    assert set(chosen("diverse", some_labelled)) <= set(range(2, 8))  # k-center: the farthest, outliers
+    # the larger crowd already labelled: its look-alikes add little, the next picks lie elsewhere
+    assert 0 not in chosen("suggestive", features[cluster == 0][:5])

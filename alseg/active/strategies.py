@@ -37,6 +37,12 @@ patient, look-alike lesions) are not asked twice; with groups, at most ``group_c
 from one group. Its pseudo-labels are CEAL's (the modal bin). It costs one deterministic feature
 pass over the labelled set and the pool on top of the MC passes.
 
+``suggestive`` (beyond the paper; Yang et al., MICCAI 2017): the same candidates, group cap,
+pseudo-labels and feature pass, but the batch is a greedy max-cover (facility location) of the
+whole pool: each pick adds most to the sum, over pool images, of each one's highest cosine
+similarity to the labelled set and the picks. It prefers images like many unlabelled ones
+(representative), where k-center's farthest points can be outliers.
+
 The ``select`` contract. ``select(scores, pool, round, rng, *, pseudo_held=0) -> Selection``:
 
 * ``pool``: the n pool ids, in store order; ``round`` >= 1; ``rng``: a seeded generator, the only
@@ -273,21 +279,35 @@ class DiverseStrategy(Strategy):
         self.p, self.budget, self.candidates, self.group_cap = params, budget, candidates, group_cap
         self._ceal = CealStrategy(params)
 
+    def _greedy(self, fc: np.ndarray, fl: np.ndarray, fp: np.ndarray):
+        """``(best, update)`` for the greedy pick among the candidates ``fc`` (labelled ``fl``, pool ``fp``):
+        ``best(free)`` the next candidate's index, ``update(j)`` after candidate ``j`` is taken.
+        k-center: the candidate farthest from everything labelled and taken so far."""
+        nearest = (np.min(((fc[:, None, :] - fl[None, :, :]) ** 2).sum(-1), axis=1) if len(fl)
+                   else np.full(len(fc), np.inf))
+
+        def best(free: np.ndarray) -> int:
+            if np.isinf(nearest[free]).all():  # nothing labelled yet: start from the most uncertain
+                return int(np.flatnonzero(free)[0])
+            return int(np.flatnonzero(free)[np.argmax(nearest[free])])
+
+        def update(j: int) -> None:
+            np.minimum(nearest, ((fc - fc[j]) ** 2).sum(-1), out=nearest)
+        return best, update
+
     def select(self, scores, pool, round, rng, *, pseudo_held=0):
         values = np.asarray(scores["variance"], float)
         n = len(values)
         k = min(self.budget, n)
         features = np.asarray(scores["features"], np.float64)
         labelled = np.asarray(scores.get("labelled_features", np.zeros((0, features.shape[1]))), np.float64)
-        shortfalls: list[str] = [f"diverse: pool holds {n}, wanted {self.budget}"] if k < self.budget else []
+        shortfalls: list[str] = [f"{self.name}: pool holds {n}, wanted {self.budget}"] if k < self.budget else []
         m = min(n, max(k, int(np.ceil(self.candidates * self.budget))))
-        cand = np.argsort(-values, kind="stable")[:m]
+        cand = np.argsort(-values, kind="stable")[:m]  # most uncertain first
         # features are compared after scaling each dimension by its spread in pool and labelled set
         both = np.concatenate([features, labelled]) if len(labelled) else features
         scale = both.std(0) + 1e-8
-        fc, fl = features[cand] / scale, labelled / scale
-        nearest = (np.min(((fc[:, None, :] - fl[None, :, :]) ** 2).sum(-1), axis=1) if len(fl)
-                   else np.full(len(cand), np.inf))
+        best, update = self._greedy(features[cand] / scale, labelled / scale, features / scale)
         groups = scores.get("group")
         cap = None
         if groups is not None and any(g is not None for g in groups):
@@ -296,10 +316,7 @@ class DiverseStrategy(Strategy):
         chosen: list[int] = []
         free = np.ones(len(cand), bool)
         while len(chosen) < k and free.any():
-            if np.isinf(nearest[free]).all():  # nothing labelled yet: start from the most uncertain
-                j = int(np.flatnonzero(free)[0])
-            else:
-                j = int(np.flatnonzero(free)[np.argmax(nearest[free])])
+            j = best(free)
             free[j] = False
             i = int(cand[j])
             g = groups[i] if cap is not None else None
@@ -307,17 +324,42 @@ class DiverseStrategy(Strategy):
                 continue
             per_group[g] = per_group.get(g, 0) + 1
             chosen.append(i)
-            nearest = np.minimum(nearest, ((fc - fc[j]) ** 2).sum(-1))
+            update(j)
         if len(chosen) < k:  # the group cap or too few candidates: fill by uncertainty
-            shortfalls.append(f"diverse: {len(chosen)} of {k} from the candidates; the rest by uncertainty")
+            shortfalls.append(f"{self.name}: {len(chosen)} of {k} from the candidates; the rest by uncertainty")
             rest = [int(i) for i in np.argsort(-values, kind="stable") if int(i) not in set(chosen)]
             chosen.extend(rest[: k - len(chosen)])
         bins = _Bins(self._ceal, values, rng)
-        bins.take(chosen, "diverse")
+        bins.take(chosen, self.name)
         pseudo = ceal_pseudo(self.p, bins, scores, round, pseudo_held)
         shortfalls += bins.shortfalls
         expert = [pool[i] for i in sorted(chosen)]
         return Selection(expert, [pool[i] for i in pseudo], {pool[i]: r for i, r in bins.reasons.items()}, shortfalls)
+
+
+class SuggestiveStrategy(DiverseStrategy):
+    """Suggestive annotation (Yang et al., MICCAI 2017): uncertain candidates, then a greedy max-cover
+    of the whole pool by feature similarity; CEAL's pseudo-labels."""
+
+    name = "suggestive"
+
+    def _greedy(self, fc: np.ndarray, fl: np.ndarray, fp: np.ndarray):
+        """Facility location: each pick adds most to sum over the pool of every image's highest cosine
+        similarity to the labelled set and the picks, so the batch is like many pool images (typical,
+        not outliers as k-center's farthest points can be) and unlike what is labelled already."""
+        def unit(f: np.ndarray) -> np.ndarray:
+            return f / (np.linalg.norm(f, axis=1, keepdims=True) + 1e-12)
+
+        sim = np.clip(unit(fc) @ unit(fp).T, 0.0, None)  # (candidates, pool)
+        covered = np.clip(unit(fl) @ unit(fp).T, 0.0, None).max(0) if len(fl) else np.zeros(len(fp))
+
+        def best(free: np.ndarray) -> int:
+            gain = np.clip(sim[free] - covered, 0.0, None).sum(1)
+            return int(np.flatnonzero(free)[np.argmax(gain)])  # ties: the more uncertain
+
+        def update(j: int) -> None:
+            np.maximum(covered, sim[j], out=covered)
+        return best, update
 
 
 # --- the registry -------------------------------------------------------------------------------
@@ -426,5 +468,12 @@ def _bald(params: CealParams, batch_size: int) -> Strategy:
           reasons={"diverse": ("uncertain and unlike the labelled", "#8c564b")})
 def _diverse(params: CealParams, batch_size: int) -> Strategy:
     return DiverseStrategy(params, batch_size)
+
+
+@register("suggestive", help="uncertain candidates, then a max-cover of the pool by feature similarity "
+          "(suggestive annotation); CEAL's pseudo-labels", colour="#e377c2", needs_features=True,
+          reasons={"suggestive": ("uncertain and like many unlabelled", "#e377c2")})
+def _suggestive(params: CealParams, batch_size: int) -> Strategy:
+    return SuggestiveStrategy(params, batch_size)
 
 
