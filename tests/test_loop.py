@@ -152,9 +152,16 @@ def test_sigkill_mid_round_then_resume_matches_uninterrupted_run(tmp_path):
     assert not list(broken.rglob(".*.pt.*"))  # no half-written checkpoint left behind
 
 
-def test_budget_and_empty_pool_stop_the_run(tmp_path):
+def test_budget_and_empty_pool_stop_the_run(tmp_path, monkeypatch):
+    def no_scoring(*args, **kwargs):
+        raise AssertionError("random scored the pool")
+
+    monkeypatch.setattr(loop_module, "mc_dropout", no_scoring)  # random needs no MC passes
     cfg = _tiny_config(LGG, rounds=50, budget=0.5, strategy="random")
     result = run_active(cfg, tmp_path / "budget")
+    with RunStore.open_readonly(tmp_path / "budget") as store:
+        assert store.scores(1) == {} and len(store.selection(1, "expert")) == 35
+        assert store.round_timings(1)["score_s"] < 1.0
     last = result["rounds"][-1]
     assert result["stopped"].startswith("reached the label budget")
     assert last["expert_labelled"] >= 0.5 * (last["expert_labelled"] + last["pool"]) > result["rounds"][-2]["expert_labelled"]

@@ -11,7 +11,8 @@ has stored every mask. Both are the same code.
 
 * round 0: train ``train.epochs`` epochs on the initial labelled set (a project without masks
   first queues a random initial batch, spread over groups), evaluate;
-* round r >= 1: score the pool with T MC-dropout passes; the strategy chooses expert and
+* round r >= 1: score the pool with T MC-dropout passes (not for a strategy that needs no
+  scores: ``random``); the strategy chooses expert and
   pseudo-label ids; the pseudo-labels (thresholded MC mean) are saved; scores, selection and the
   queue are one transaction; masks arrive; retrain for ``round_epochs`` (warm start unless
   disabled); evaluate on the test split (when there is one); mark the round done.
@@ -143,11 +144,15 @@ class ActiveRun:
         mc_kw = dict(passes=a.mc_passes, batch_size=a.mc_batch_size, device=self.device, precision=a.mc_precision,
                      weighting=a.weighting)
         truth = self.data.masks if self.annotator.name == "simulated" else None
-        # keep_masks: the pseudo-labels are the thresholded MC means of this very pass, the one
-        # that scored and selected them (a second pass would draw other dropout masks)
-        result = mc_dropout(model, self.data.images, idx, self.normalizer, seed=step_seed(self.config.seed, round, 1),
-                            masks=truth, reporter=self.reporter, keep_masks=True, **mc_kw)
-        inputs = {**result.scores(), "group": np.array([self.group_of.get(i) for i in pool], dtype=object)}
+        inputs = {"group": np.array([self.group_of.get(i) for i in pool], dtype=object)}
+        result = None
+        if self.strategy.needs_scores:  # random does not: its rounds spent half their time scoring
+            # keep_masks: the pseudo-labels are the thresholded MC means of this very pass, the one
+            # that scored and selected them (a second pass would draw other dropout masks)
+            result = mc_dropout(model, self.data.images, idx, self.normalizer,
+                                seed=step_seed(self.config.seed, round, 1), masks=truth, reporter=self.reporter,
+                                keep_masks=True, **mc_kw)
+            inputs.update(result.scores())
         if self.strategy.needs_features:
             labelled = self.expert_labelled()
             inputs["features"] = bottleneck_features(model, self.data.images, idx, self.normalizer,
@@ -161,6 +166,9 @@ class ActiveRun:
         sel = self.strategy.select(inputs, pool, round, rng, pseudo_held=held)
         for text in sel.shortfalls:
             self.reporter.note(f"round {round}: {text}")
+        if sel.pseudo_ids and result is None:
+            raise AlsegError(f"strategy {self.strategy.name!r} chose pseudo-labels but needs no scores; "
+                             "pseudo-labels are the scoring pass's MC means")
         if sel.pseudo_ids:
             position = {i: k for k, i in enumerate(pool)}
             buf = io.BytesIO()
@@ -169,8 +177,10 @@ class ActiveRun:
                                 masks=result.masks([position[i] for i in sel.pseudo_ids]))
             atomic_write_bytes(self.dir.pseudo(round), buf.getvalue())
             point("pseudo-saved")
-        scores = {name: result.scores()[name] for name in ("variance", "entropy", "bald")}
-        scores["dice"] = result.dice
+        scores = None
+        if result is not None:
+            scores = {name: result.scores()[name] for name in ("variance", "entropy", "bald")}
+            scores["dice"] = result.dice
         self.store.record_selection(round, pool, scores, sel.expert_ids, sel.pseudo_ids, sel.reasons, sel.shortfalls,
                                     a.keep_pseudo, timings={"score_s": scored - t0,
                                                             "select_s": time.perf_counter() - scored})

@@ -51,6 +51,8 @@ The ``select`` contract. ``select(scores, pool, round, rng, *, pseudo_held=0) ->
   per-image sums of the MC maps; ``foreground`` (n,) pixels of the thresholded MC mean; ``group``
   (n,) object, the sample's group or None. A strategy registered with ``needs_features`` also gets
   ``features`` (n, d) float32 and ``labelled_features`` (m, d) (bottleneck, global-average pooled);
+  one with ``needs_scores`` False (``random``) gets only ``group``: the loop skips the T MC passes
+  over the pool (and so records no scores for that round);
 * ``pseudo_held``: pseudo-labels kept from earlier rounds (``keep_pseudo``), which count toward
   this round's number;
 * returns ``Selection``: expert ids and pseudo ids (disjoint, subsets of ``pool``, no repeats),
@@ -111,6 +113,7 @@ class Strategy:
 
     name = "base"
     needs_features = False
+    needs_scores = True  # False: the loop skips the MC passes and ``scores`` holds only ``group``
 
     def select(self, scores: Mapping[str, np.ndarray], pool: Sequence[str], round: int,
                rng: np.random.Generator, *, pseudo_held: int = 0) -> Selection:
@@ -119,6 +122,7 @@ class Strategy:
 
 class RandomStrategy(Strategy):
     name = "random"
+    needs_scores = False
 
     def __init__(self, budget: int = 35):
         self.budget = budget
