@@ -229,10 +229,19 @@ def _make_active(cfg: ExperimentConfig, strategy: str, run_dir: Path, donor: Pat
     return run_active(resume=run_dir, reporter=reporter)
 
 
-def _worker(config: ExperimentConfig, runs: Path, seed: int, strategy: str | None, threads: int, conn) -> None:
+def _worker(config: ExperimentConfig, runs: Path, seed: int, strategy: str | None, threads: int, conn,
+            parent: int) -> None:
     """One run, in a worker process: ``strategy`` None is the full-supervision reference."""
+    import threading
+
     import torch
 
+    def orphaned() -> None:  # the parent killed outright (no Ctrl-C, no finally): stop too
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)  # the run is crash-safe; the same command resumes it
+
+    threading.Thread(target=orphaned, daemon=True).start()
     torch.set_num_threads(threads)
     cfg = dataclasses.replace(config, seed=seed)
     try:
@@ -285,7 +294,8 @@ def _make_runs_in_parallel(config: ExperimentConfig, runs: Path, seeds: Sequence
                     continue
                 waiting.remove(unit)
                 receive, send = ctx.Pipe(duplex=False)
-                proc = ctx.Process(target=_worker, args=(config, runs, seed, strategy, threads, send), name=name)
+                proc = ctx.Process(target=_worker, args=(config, runs, seed, strategy, threads, send, os.getpid()),
+                                   name=name)
                 proc.start()
                 send.close()
                 running[name] = (proc, receive)

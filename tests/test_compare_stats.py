@@ -320,3 +320,42 @@ def test_compare_jobs_makes_the_runs_in_worker_processes_and_round_0_once_per_se
     for name, expected in rounds.items():
         with RunStore.open_readonly(runs / name) as store:
             assert store.rounds() == expected
+
+
+def test_compare_workers_stop_when_the_parent_is_killed_outright(tmp_path):
+    """kill -9 of `alseg compare --jobs 2` leaves no worker training on: they notice and exit."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    def children(pid):
+        found = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                found.append(int(stat.parent.name))
+        return found
+
+    proc = subprocess.Popen([sys.executable, "-m", "alseg", "compare", "--preset", "quick-lgg", "--data", str(LGG),
+                             "--size", "32", "--width", "4", "--epochs", "200", "--rounds", "1", "--strategies",
+                             "random", "--seeds", "2", "--out", str(tmp_path / "cmp"), "--jobs", "2"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    workers = []
+    while len(workers) < 2 and time.time() < deadline:  # two workers (and the resource tracker)
+        time.sleep(0.5)
+        workers = [c for c in children(proc.pid) if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
+    assert len(workers) == 2
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 30
+    while any(Path(f"/proc/{w}").exists() for w in workers) and time.time() < deadline:
+        time.sleep(0.5)
+    alive = [w for w in workers if Path(f"/proc/{w}").exists()
+             and Path(f"/proc/{w}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"]
+    assert alive == []
