@@ -206,6 +206,39 @@ def _remove_unfinished(run_dir: RunDir) -> None:
     run_dir.root.rmdir()
 
 
+# Settings that may differ between a study's runs: what each run is (its seed and strategy), where
+# the data and cache are and the device (another machine may resume), and what the data decides.
+_PER_RUN = {"seed", "active.strategy", "data.path", "data.cache_dir", "train.device", "model.in_channels"}
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        out.update(_flat(v, key + ".") if isinstance(v, dict) else {key: v})
+    return out
+
+
+def _check_same_settings(runs: Path, config: ExperimentConfig) -> None:
+    """Refuse to add runs to a study whose runs were made with other settings (another --config or
+    option, or a preset changed since): their curves would not be comparable, and round 0 would
+    not be shared."""
+    want = {k: v for k, v in _flat(config.to_dict()).items() if k not in _PER_RUN}
+    for run_dir in sorted(runs.glob("*-s*")) if runs.is_dir() else ():
+        if not (run_dir / "run.db").is_file():
+            continue
+        try:
+            with RunStore.open_readonly(run_dir) as store:
+                have = {k: v for k, v in _flat(store.config()).items() if k not in _PER_RUN}
+        except AlsegError:  # being created, or not a run: compare's own checks meet it later
+            continue
+        for key in sorted(set(want) | set(have)):
+            if want.get(key) != have.get(key):
+                raise AlsegError(f"this study's runs were made with {key} = {have.get(key)!r}, not "
+                                 f"{want.get(key)!r}; give the settings they were made with (--config, options) "
+                                 "or another --out", run_dir)
+
+
 def _make_full(cfg: ExperimentConfig, run_dir: Path, reporter: Reporter) -> float:
     """The full-supervision reference of ``cfg.seed`` (reused when finished); its test Dice."""
     dice = _finished_full(run_dir)
@@ -389,6 +422,7 @@ def compare(config: ExperimentConfig, out: str | Path, *, strategies: Sequence[s
     full_runs: dict[int, dict] = {}
     train_size = None
     made = seed_list if only_seeds is None else sorted(set(only_seeds))
+    _check_same_settings(runs, config)
     if jobs > 1:  # make every run in worker processes; the pass below then only collects them
         _make_runs_in_parallel(config, runs, made, strategies, full, jobs, reporter)
     for seed in made:

@@ -314,6 +314,13 @@ def test_compare_jobs_makes_the_runs_in_worker_processes_and_round_0_once_per_se
             assert store.rounds()[0] == rounds[f"random-s{seed}"][0]
     for name in summary["strategies"]:
         assert summary["strategies"][name]["curve"]["n"] == 2
+    # runs of other settings (another option, or a preset changed since) never join the study
+    import dataclasses
+
+    other = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, lr=cfg.train.lr * 3))
+    with pytest.raises(AlsegError, match=r"made with train.lr = "):
+        compare(other, out, strategies=["random", "ceal", "bald"], seeds=2, full=True, jobs=2)
+    assert not (runs / "bald-s0").exists()
     # a serial call reuses every run the workers made: same rounds, seconds included, same summary
     again = compare(cfg, out, strategies=["random", "ceal"], seeds=2, full=True)
     assert again == summary
