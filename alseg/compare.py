@@ -318,7 +318,9 @@ def _make_runs_in_parallel(config: ExperimentConfig, runs: Path, seeds: Sequence
     runs.mkdir(parents=True, exist_ok=True)
     try:
         while waiting or running:
-            ready = {seed for _, seed, _, after in waiting if after and _finished_round0(runs, seed) is not None}
+            # each seed's stores read once a poll, and only while a unit still waits on its round 0
+            ready = {seed for seed in {seed for _, seed, _, after in waiting if after}
+                     if _finished_round0(runs, seed) is not None}
             for unit in list(waiting):
                 if len(running) >= jobs:
                     break
