@@ -8,19 +8,21 @@ the best checkpoint by validation Dice is kept). The suggested E is the smallest
 within `--tolerance` of the best mean over all epochs. Usage:
 
     .venv/bin/python benchmarks/preset_epochs.py --preset quick-lgg --data ../shared/data/lgg \
-        --epochs 50 --seeds 3 4 5 --out /tmp/alseg-epochs [--json benchmarks/results/cpu-quick-lgg-epochs.json]
+        --epochs 50 --seeds 3 4 5 --jobs 2 --out /tmp/alseg-epochs [--lr 1e-3] \
+        [--json benchmarks/results/cpu-quick-lgg-epochs.json]
+
+Children run `--jobs` at a time with one thread each; finished runs in `--out` are reused.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import sqlite3
-import subprocess
-import sys
-import time
+import os
 from pathlib import Path
 
 import numpy as np
+
+from train_runs import train_all, val_dice
 
 
 def best_so_far(val: list[float | None]) -> np.ndarray:
@@ -41,26 +43,19 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=50)
     ap.add_argument("--seeds", type=int, nargs="+", default=[3, 4, 5])
     ap.add_argument("--tolerance", type=float, default=0.01)
+    ap.add_argument("--lr", type=float, default=None, help="Override the preset's learning rate.")
+    ap.add_argument("--jobs", type=int, default=os.cpu_count())
     ap.add_argument("--out", type=Path, default=Path("/tmp/alseg-epochs"))
     ap.add_argument("--json", type=Path, default=None, help="Also write the result here.")
     args = ap.parse_args()
-    curves, per_seed = [], {}
-    for seed in args.seeds:
-        out = args.out / f"{args.preset}-s{seed}"
-        if not (out / "run.db").is_file():
-            t0 = time.perf_counter()
-            cmd = [sys.executable, "-m", "alseg", "train", "--preset", args.preset, "--data", str(args.data),
-                   "--epochs", str(args.epochs), "--seed", str(seed), "--out", str(out), "--json"]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            if proc.returncode:
-                sys.exit(proc.stderr)
-            print(f"seed {seed}: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
-        with sqlite3.connect(f"file:{out / 'run.db'}?mode=ro", uri=True) as db:
-            val = [v for (v,) in db.execute("SELECT val_dice FROM epochs ORDER BY epoch")]
-        per_seed[seed] = val
-        curves.append(best_so_far(val))
+    folders = {seed: args.out / f"{args.preset}-s{seed}" for seed in args.seeds}
+    train_all([(out, ["--preset", args.preset, "--data", str(args.data), "--epochs", str(args.epochs),
+                      "--seed", str(seed)] + (["--lr", str(args.lr)] if args.lr else []))
+               for seed, out in folders.items()], args.jobs, "preset_epochs")
+    per_seed = {seed: val_dice(out) for seed, out in folders.items()}
+    curves = [best_so_far(val) for val in per_seed.values()]
     curves = np.array(curves)
-    result = {"preset": args.preset, "data": str(args.data), "epochs": args.epochs, "seeds": args.seeds,
+    result = {"preset": args.preset, "data": str(args.data), "epochs": args.epochs, "lr": args.lr, "seeds": args.seeds,
               "tolerance": args.tolerance, "suggested_epochs": suggest(curves, args.tolerance),
               "mean_best_val_dice_by_epochs": {e: round(float(curves[:, e - 1].mean()), 4)
                                                for e in (5, 10, 15, 20, 25, 30, 40, 50) if e <= args.epochs},

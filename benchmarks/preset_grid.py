@@ -24,25 +24,11 @@ import argparse
 import itertools
 import json
 import os
-import sqlite3
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
-
-def read_val(run: Path) -> list[float]:
-    with sqlite3.connect(f"file:{run / 'run.db'}?mode=ro", uri=True) as db:
-        return [-1.0 if v is None else v for (v,) in db.execute("SELECT val_dice FROM epochs ORDER BY epoch")]
-
-
-def finished(run: Path) -> bool:
-    if not (run / "run.db").is_file():
-        return False
-    with sqlite3.connect(f"file:{run / 'run.db'}?mode=ro", uri=True) as db:
-        return db.execute("SELECT count(*) FROM evaluations").fetchone()[0] > 0
+from train_runs import train_all, val_dice
 
 
 def main() -> None:
@@ -57,37 +43,18 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("/tmp/alseg-grid"))
     ap.add_argument("--json", type=Path, default=None, help="Also write the result here.")
     args = ap.parse_args()
-    jobs = []
-    for seed, dropout, lr in itertools.product(args.seeds, args.dropouts, args.lrs):  # a seed's grid at a time
-        run = args.out / f"{args.preset}-d{dropout:g}-lr{lr:g}-s{seed}"
-        if finished(run):
-            continue
-        if run.exists():
-            sys.exit(f"{run}: an unfinished run is in the way; remove it and run again")
-        jobs.append((run, [sys.executable, "-m", "alseg", "train", "--preset", args.preset, "--data", str(args.data),
-                           "--dropout", str(dropout), "--lr", str(lr), "--seed", str(seed), "--out", str(run),
-                           "--json"] + (["--epochs", str(args.epochs)] if args.epochs else [])))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    running: list[tuple[Path, subprocess.Popen, float]] = []
-    while jobs or running:
-        while jobs and len(running) < args.jobs:
-            run, cmd = jobs.pop(0)
-            print(f"[preset_grid {time.strftime('%H:%M:%S')}] {run.name}", file=sys.stderr, flush=True)
-            running.append((run, subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                                  text=True), time.perf_counter()))
-        time.sleep(2)
-        for item in list(running):
-            run, proc, t0 = item
-            if proc.poll() is None:
-                continue
-            running.remove(item)
-            if proc.returncode:
-                sys.exit(f"{run.name} failed: {proc.stderr.read().strip()}")
-            print(f"[preset_grid {time.strftime('%H:%M:%S')}] {run.name}: {time.perf_counter() - t0:.0f} s",
-                  file=sys.stderr, flush=True)
+
+    def folder(seed: int, dropout: float, lr: float) -> Path:
+        return args.out / f"{args.preset}-d{dropout:g}-lr{lr:g}-s{seed}"
+
+    train_all([(folder(seed, dropout, lr),
+                ["--preset", args.preset, "--data", str(args.data), "--dropout", str(dropout), "--lr", str(lr),
+                 "--seed", str(seed)] + (["--epochs", str(args.epochs)] if args.epochs else []))
+               for seed, dropout, lr in itertools.product(args.seeds, args.dropouts, args.lrs)],  # a seed's grid at a time
+              args.jobs, "preset_grid")
     pairs = []
     for dropout, lr in itertools.product(args.dropouts, args.lrs):
-        curves = {s: read_val(args.out / f"{args.preset}-d{dropout:g}-lr{lr:g}-s{s}") for s in args.seeds}
+        curves = {s: [-1.0 if v is None else v for v in val_dice(folder(s, dropout, lr))] for s in args.seeds}
         best = [max(v) for v in curves.values()]
         last5 = [v[-5:] for v in curves.values()]
         pairs.append({"dropout": dropout, "lr": lr, "best_val_dice": round(float(np.mean(best)), 4),

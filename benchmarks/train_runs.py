@@ -1,0 +1,64 @@
+"""Launching `alseg train` children for the preset benchmarks and reading their validation curves.
+
+Owns what `preset_grid.py` and `preset_epochs.py` share: running a list of `alseg train` runs
+`jobs` at a time, each child with `OMP_NUM_THREADS=1` (one process per core is faster on small CPUs:
+`benchmarks/process_split.py`), reusing runs that finished before, and reading a run's per-epoch
+validation Dice from its store.
+"""
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def val_dice(run: Path) -> list[float | None]:
+    """Every epoch's validation Dice of a finished run, in epoch order (None where not measured)."""
+    with sqlite3.connect(f"file:{run / 'run.db'}?mode=ro", uri=True) as db:
+        return [v for (v,) in db.execute("SELECT val_dice FROM epochs ORDER BY epoch")]
+
+
+def finished(run: Path) -> bool:
+    """A run is finished once its model was evaluated (the last thing `alseg train` records)."""
+    if not (run / "run.db").is_file():
+        return False
+    with sqlite3.connect(f"file:{run / 'run.db'}?mode=ro", uri=True) as db:
+        return db.execute("SELECT count(*) FROM evaluations").fetchone()[0] > 0
+
+
+def train_all(runs: list[tuple[Path, list[str]]], jobs: int, tag: str) -> None:
+    """Train each (run folder, `alseg train` options without `--out`) not finished yet, `jobs` at a time.
+
+    An unfinished run left by an interrupted call is in the way (its checkpoints would mix with a
+    new run's): the script stops and names it. A failed child stops the script with its stderr.
+    """
+    todo = []
+    for run, options in runs:
+        if finished(run):
+            continue
+        if run.exists():
+            sys.exit(f"{run}: an unfinished run is in the way; remove it and run again")
+        todo.append((run, [sys.executable, "-m", "alseg", "train", *options, "--out", str(run), "--json"]))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    running: list[tuple[Path, subprocess.Popen, float]] = []
+    while todo or running:
+        while todo and len(running) < jobs:
+            run, cmd = todo.pop(0)
+            print(f"[{tag} {time.strftime('%H:%M:%S')}] {run.name}", file=sys.stderr, flush=True)
+            running.append((run, subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                                  text=True), time.perf_counter()))
+        time.sleep(2)
+        for item in list(running):
+            run, proc, t0 = item
+            if proc.poll() is None:
+                continue
+            running.remove(item)
+            if proc.returncode:
+                for _, other, _ in running:
+                    other.kill()
+                sys.exit(f"{run.name} failed: {proc.stderr.read().strip()}")
+            print(f"[{tag} {time.strftime('%H:%M:%S')}] {run.name}: {time.perf_counter() - t0:.0f} s",
+                  file=sys.stderr, flush=True)
