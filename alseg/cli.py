@@ -383,6 +383,78 @@ def report(run_dir: Path = typer.Argument(..., help="Run directory."),
           lambda r: out.print(f"report: {r['html']} ({len(r['figures'])} figures)"))
 
 
+def _render_comparison(summary: dict) -> None:
+    """The comparison summary as tables: per strategy over seeds, and paired against random."""
+    from rich.text import Text
+
+    r = summary
+    n = r["seeds"]
+
+    def fmt(v, f):
+        return "-" if v is None else format(v, f)
+
+    def with_interval(mean, interval, f):
+        if mean is None:
+            return "-"
+        if interval is None or interval[0] is None or n == 1:  # one seed: no interval to show
+            return fmt(mean, f)
+        return f"{format(mean, f)} [{format(interval[0], f)}, {format(interval[1], f)}]"
+
+    def labels_cell(t, seeds):
+        missing = t["labels_to_95pct_full_not_reached"]
+        if missing is None:
+            return "- (no --full)"
+        if missing:
+            return f"not reached by {len(missing)} of {seeds} seeds"
+        return with_interval(t["labels_to_95pct_full"], t["labels_to_95pct_full_interval"], ".1f")
+
+    def diff_cell(d, f):
+        if d is None:
+            return "-"
+        if d["mean"] is None:
+            return f"- ({d['missing']} of {d['n']} seeds without a value)" if d["missing"] else "-"
+        text = with_interval(d["mean"], [d["lo"], d["hi"]], f)
+        return text + (" *" if d["excludes_zero"] else "")
+
+    full_text = "-" if r["full_dice"] is None else with_interval(
+        r["full_dice"], [r["full"]["test_dice"]["lo"], r["full"]["test_dice"]["hi"]], ".4f")
+    how = "mean [95 % interval over seeds]" if n > 1 else "one seed, no intervals"
+    table = Table(title=Text(f"{r['preset']}: {n} seed(s), {how}; full supervision {full_text}"))
+    cols = ["strategy", "final labels", "final Dice", "AULC (mean Dice)", "labels to 95% of full",
+            "Dice at 50% labels"]
+    if r["external"]:
+        cols.append("external Dice")
+    for col in cols:
+        table.add_column(col, justify="right")
+    for name, t in r["strategies"].items():
+        row = [name, fmt(t["final_expert_labels"], ".0f"),
+               with_interval(t["final_dice"], t["final_dice_interval"], ".4f"),
+               with_interval(t["aulc"], t["aulc_interval"], ".4f"), labels_cell(t, t["curve"]["n"]),
+               fmt(t["dice_at_50pct_labels"], ".4f")]
+        if r["external"]:
+            row.append(with_interval(t["external_dice"], t["external_dice_interval"], ".4f"))
+        table.add_row(*(Text(c) for c in row))
+    out.print(table)
+    paired = {name: t["vs_random"] for name, t in r["strategies"].items() if "vs_random" in t}
+    if paired:
+        diff = Table(title=Text("paired per-seed differences vs random (strategy - random): mean [95 % interval]; "
+                                "* the interval excludes 0"))
+        for col in ("strategy", "seeds", "AULC diff", "final Dice diff", "labels-to-95% diff"):
+            diff.add_column(col, justify="right")
+        for name, d in paired.items():
+            diff.add_row(*(Text(c) for c in (name, str(len(d["seeds"])), diff_cell(d["aulc"], "+.4f"),
+                                              diff_cell(d["final_dice"], "+.4f"),
+                                              diff_cell(d["labels_to_95pct_full"], "+.1f"))))
+        out.print(diff)
+    elif r["baseline"] is None:
+        out.print("no paired differences: random is not among the strategies")
+    if n == 1:
+        out.print("one seed: each interval is the value itself, and nothing can be said about differences")
+    elif n <= 3:
+        out.print(f"{n} seeds: each interval is the range of the per-seed values, so it is optimistic")
+    out.print(Text(f"figure: {r['figure']}"))
+
+
 @app.command()
 def compare(preset: PresetName = typer.Option(..., help="Settings preset shared by every run."),
             data: Path = typer.Option(..., "--data", help="Dataset folder."),
@@ -419,8 +491,6 @@ def compare(preset: PresetName = typer.Option(..., help="Settings preset shared 
 
     Writes OUT/compare.png, OUT/compare.csv and OUT/compare.json; runs live in OUT/runs/.
     """
-    from rich.text import Text
-
     from alseg.compare import compare as run_compare
     from alseg.config import build_config
 
@@ -447,73 +517,22 @@ def compare(preset: PresetName = typer.Option(..., help="Settings preset shared 
                                                     "summarise with the same command without --only-seeds"))
         return
 
-    def fmt(v, f):
-        return "-" if v is None else format(v, f)
+    _emit(summary, as_json, _render_comparison)
 
-    def with_interval(mean, interval, f):
-        if mean is None:
-            return "-"
-        if interval is None or interval[0] is None or summary["seeds"] == 1:  # one seed: no interval to show
-            return fmt(mean, f)
-        return f"{format(mean, f)} [{format(interval[0], f)}, {format(interval[1], f)}]"
 
-    def labels_cell(t, n):
-        missing = t["labels_to_95pct_full_not_reached"]
-        if missing is None:
-            return "- (no --full)"
-        if missing:
-            return f"not reached by {len(missing)} of {n} seeds"
-        return with_interval(t["labels_to_95pct_full"], t["labels_to_95pct_full_interval"], ".1f")
+@app.command()
+def merge(studies: list[Path] = typer.Argument(..., metavar="STUDY...", help="compare.json files (or comparison folders holding one)."),
+          out_dir: Path = typer.Option(..., "--out", help="Folder for the merged compare.json, .csv and .png."),
+          as_json: bool = typer.Option(False, "--json", help="Print the merged summary as JSON.")):
+    """One comparison from studies made apart with the same settings, each with some seeds.
 
-    def diff_cell(d, f):
-        if d is None:
-            return "-"
-        if d["mean"] is None:
-            return f"- ({d['missing']} of {d['n']} seeds without a value)" if d["missing"] else "-"
-        text = with_interval(d["mean"], [d["lo"], d["hi"]], f)
-        return text + (" *" if d["excludes_zero"] else "")
+    For machines or sessions that could not share a --out folder: the same summary `alseg compare` would give over all their runs, paired by seed. Nothing is trained; every run's curve is read from the files.
 
-    def render(r):
-        n = r["seeds"]
-        full_text = "-" if r["full_dice"] is None else with_interval(
-            r["full_dice"], [r["full"]["test_dice"]["lo"], r["full"]["test_dice"]["hi"]], ".4f")
-        how = "mean [95 % interval over seeds]" if n > 1 else "one seed, no intervals"
-        table = Table(title=Text(f"{r['preset']}: {n} seed(s), {how}; full supervision {full_text}"))
-        cols = ["strategy", "final labels", "final Dice", "AULC (mean Dice)", "labels to 95% of full",
-                "Dice at 50% labels"]
-        if r["external"]:
-            cols.append("external Dice")
-        for col in cols:
-            table.add_column(col, justify="right")
-        for name, t in r["strategies"].items():
-            row = [name, fmt(t["final_expert_labels"], ".0f"),
-                   with_interval(t["final_dice"], t["final_dice_interval"], ".4f"),
-                   with_interval(t["aulc"], t["aulc_interval"], ".4f"), labels_cell(t, t["curve"]["n"]),
-                   fmt(t["dice_at_50pct_labels"], ".4f")]
-            if r["external"]:
-                row.append(with_interval(t["external_dice"], t["external_dice_interval"], ".4f"))
-            table.add_row(*(Text(c) for c in row))
-        out.print(table)
-        paired = {name: t["vs_random"] for name, t in r["strategies"].items() if "vs_random" in t}
-        if paired:
-            diff = Table(title=Text("paired per-seed differences vs random (strategy - random): mean [95 % interval]; "
-                                    "* the interval excludes 0"))
-            for col in ("strategy", "seeds", "AULC diff", "final Dice diff", "labels-to-95% diff"):
-                diff.add_column(col, justify="right")
-            for name, d in paired.items():
-                diff.add_row(*(Text(c) for c in (name, str(len(d["seeds"])), diff_cell(d["aulc"], "+.4f"),
-                                                  diff_cell(d["final_dice"], "+.4f"),
-                                                  diff_cell(d["labels_to_95pct_full"], "+.1f"))))
-            out.print(diff)
-        elif r["baseline"] is None:
-            out.print("no paired differences: random is not among the strategies")
-        if n == 1:
-            out.print("one seed: each interval is the value itself, and nothing can be said about differences")
-        elif n <= 3:
-            out.print(f"{n} seeds: each interval is the range of the per-seed values, so it is optimistic")
-        out.print(Text(f"figure: {r['figure']}"))
+    Refused with one line: settings that differ between the studies, a run in two studies with other results, a file from an alseg that did not record the runs' curves (summarise its folder again with alseg compare).
+    """
+    from alseg.compare import merge as merge_studies
 
-    _emit(summary, as_json, render)
+    _emit(merge_studies(studies, out_dir), as_json, _render_comparison)
 
 
 # --- a lab's project: init -> query -> label (files or the page) -> ingest -> query ... ---------------

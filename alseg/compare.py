@@ -21,6 +21,9 @@ Owns the layout of a comparison folder and its summary:
 * ``OUT/external.json``: with ``external``, the external scores already computed, keyed by the
   dataset's path and each checkpoint's file, size and time, so a rerun does not score again.
 
+Studies made apart (machines or sessions that cannot share ``OUT``) with the same settings are
+summarised as one by :func:`merge` from their ``compare.json`` files, which hold every run's curve.
+
 The statistics are the pure functions below (:func:`bootstrap_interval`, :func:`aulc`,
 :func:`labels_to_reach`, :func:`seed_summary`, :func:`paired_differences`); :func:`compare` only
 runs, collects and writes.
@@ -219,24 +222,33 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def _study_settings(config: dict) -> dict:
+    """What every run of one study shares: its config, flattened, without the per-run keys."""
+    return {k: v for k, v in _flat(config).items() if k not in _PER_RUN}
+
+
+def _differing_setting(want: dict, have: dict) -> str | None:
+    return next((k for k in sorted(set(want) | set(have)) if want.get(k) != have.get(k)), None)
+
+
 def _check_same_settings(runs: Path, config: ExperimentConfig) -> None:
     """Refuse to add runs to a study whose runs were made with other settings (another --config or
     option, or a preset changed since): their curves would not be comparable, and round 0 would
     not be shared."""
-    want = {k: v for k, v in _flat(config.to_dict()).items() if k not in _PER_RUN}
+    want = _study_settings(config.to_dict())
     for run_dir in sorted(runs.glob("*-s*")) if runs.is_dir() else ():
         if not (run_dir / "run.db").is_file():
             continue
         try:
             with RunStore.open_readonly(run_dir) as store:
-                have = {k: v for k, v in _flat(store.config()).items() if k not in _PER_RUN}
+                have = _study_settings(store.config())
         except AlsegError:  # being created, or not a run: compare's own checks meet it later
             continue
-        for key in sorted(set(want) | set(have)):
-            if want.get(key) != have.get(key):
-                raise AlsegError(f"this study's runs were made with {key} = {have.get(key)!r}, not "
-                                 f"{want.get(key)!r}; give the settings they were made with (--config, options) "
-                                 "or another --out", run_dir)
+        key = _differing_setting(want, have)
+        if key is not None:
+            raise AlsegError(f"this study's runs were made with {key} = {have.get(key)!r}, not "
+                             f"{want.get(key)!r}; give the settings they were made with (--config, options) "
+                             "or another --out", run_dir)
 
 
 def _make_full(cfg: ExperimentConfig, run_dir: Path, reporter: Reporter) -> float:
@@ -402,8 +414,6 @@ def compare(config: ExperimentConfig, out: str | Path, *, strategies: Sequence[s
     With ``jobs`` > 1, the runs are made by that many worker processes at once, each with its
     share of the CPU threads (:func:`_make_runs_in_parallel`); the results are the same runs.
     """
-    from alseg.report import figures  # matplotlib only when a figure is drawn
-
     known = strategy_names()
     bad = [s for s in strategies if s not in known]
     if bad:
@@ -422,7 +432,7 @@ def compare(config: ExperimentConfig, out: str | Path, *, strategies: Sequence[s
     scorer = _ExternalScores(out, Path(external), config.train.device, reporter) if external is not None else None
     results: dict[str, list[dict]] = {s: [] for s in strategies}
     full_runs: dict[int, dict] = {}
-    train_size = None
+    train_sizes: dict[int, int] = {}  # per seed: a split by patient gives each seed its own
     made = seed_list if only_seeds is None else sorted(set(only_seeds))
     _check_same_settings(runs, config)
     if jobs > 1:  # make every run in worker processes; the pass below then only collects them
@@ -440,8 +450,8 @@ def compare(config: ExperimentConfig, out: str | Path, *, strategies: Sequence[s
             result = _make_active(cfg, strategy, run_dir, donor, reporter)
             donor = donor or run_dir
             with RunStore.open_readonly(run_dir) as store:
-                train_size = len(store.split()["train"])
-            record = {"seed": seed, "rounds": result["rounds"]}
+                train_sizes[seed] = len(store.split()["train"])
+            record = {"seed": seed, "rounds": result["rounds"], "train_size": train_sizes[seed]}
             if scorer:
                 record["external_dice"] = scorer.dice(run_dir.name, run_dir)
             results[strategy].append(record)
@@ -449,22 +459,101 @@ def compare(config: ExperimentConfig, out: str | Path, *, strategies: Sequence[s
         return {"seeds": sorted(set(only_seeds)),
                 "runs": [f"full-s{r}" for r in sorted(full_runs)]
                 + [f"{name}-s{r['seed']}" for name, per_seed in results.items() for r in per_seed]}
-    summary = summarise(results, full_runs, train_size)
-    paper = PAPER_DICE.get(config.data.split_preset)
-    summary.update({"preset": config.preset, "seeds": len(seed_list), "seed_list": seed_list, "paper_dice": paper,
-                    "figure": str(out / "compare.png"),
-                    "external": {"data": str(external)} if external is not None else None})
-    _figure(figures, out / "compare.png", config.preset, len(seed_list), summary, paper)
+    return _write_summary(out, summarise(results, full_runs, _mean_size(train_sizes)), preset=config.preset,
+                          split_preset=config.data.split_preset, seed_list=seed_list, external=external,
+                          settings=_study_settings(config.to_dict()))
+
+
+def _mean_size(train_sizes: dict[int, int]) -> int | None:
+    """The train split's size over seeds (the label axis's 100 %), a whole number of images."""
+    return round(float(np.mean(list(train_sizes.values())))) if train_sizes else None
+
+
+def _write_summary(out: Path, summary: dict, *, preset: str, split_preset: str, seed_list: list[int],
+                   external: str | Path | None, settings: dict) -> dict:
+    """Complete ``summary`` with what the study was and write compare.json, .csv and .png in ``out``."""
+    from alseg.report import figures  # matplotlib only when a figure is drawn
+
+    paper = PAPER_DICE.get(split_preset)
+    summary.update({"preset": preset, "split_preset": split_preset, "seeds": len(seed_list), "seed_list": seed_list,
+                    "paper_dice": paper, "figure": str(out / "compare.png"),
+                    "external": {"data": str(external)} if external is not None else None, "settings": settings})
+    out.mkdir(parents=True, exist_ok=True)
+    _figure(figures, out / "compare.png", preset, len(seed_list), summary, paper)
     atomic_write_text(out / "compare.json", json.dumps(summary, indent=2))
     atomic_write_bytes(out / "compare.csv", _csv(summary, external is not None).encode())
     return summary
+
+
+def merge(studies: Sequence[str | Path], out: str | Path) -> dict:
+    """One summary from studies of the same settings made apart (other machines or sessions that
+    could not share a folder): their ``compare.json`` files (or folders holding one), each with
+    some of the seeds. The runs' curves are read from the files, so nothing is trained or read
+    from run folders; the result is what one ``compare`` over all their runs would summarise, and
+    is written to ``out`` as compare.json, .csv and .png.
+
+    Refused, naming the file: a file that is not a comparison summary or predates per-run curves,
+    settings that differ from the first file's, and a run present in two files with other values.
+    """
+    out = Path(out)
+    runs: dict[str, dict] = {}
+    first: dict | None = None
+    for study in studies:
+        path = Path(study) / "compare.json" if Path(study).is_dir() else Path(study)
+        try:
+            summary = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise AlsegError("no such comparison summary (compare.json)", path) from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise AlsegError(f"not a comparison summary: {exc}", path) from None
+        if not isinstance(summary, dict) or not isinstance(summary.get("runs"), dict):
+            raise AlsegError("not a comparison summary (no runs)", path)
+        active = [r for r in summary["runs"].values() if r.get("strategy") != "full"]
+        if "settings" not in summary or any("curve" not in r or "train_size" not in r for r in active):
+            raise AlsegError("made by an earlier alseg that did not record each run's curve and settings; "
+                             "summarise its folder again with the same alseg compare command", path)
+        if first is None:
+            first = summary
+        key = _differing_setting(first["settings"], summary["settings"])
+        if key is None and summary.get("split_preset") != first.get("split_preset"):
+            key = "split_preset"
+        if key is None and bool(summary.get("external")) != bool(first.get("external")):
+            raise AlsegError("scored on an external dataset where the first study was not, or the other way "
+                             "round: give studies made alike", path)
+        if key is not None:
+            raise AlsegError(f"made with {key} = {summary['settings'].get(key, summary.get(key))!r}, not "
+                             f"{first['settings'].get(key, first.get(key))!r} as the first study: its curves "
+                             "are not comparable", path)
+        for name, run in summary["runs"].items():
+            if name in runs and runs[name] != run:
+                raise AlsegError(f"run {name} is also in an earlier study, with other results", path)
+            runs[name] = run
+    if first is None:
+        raise AlsegError("name at least one comparison summary to merge")
+    strategies = list(dict.fromkeys(r["strategy"] for r in runs.values() if r["strategy"] != "full"))
+    results: dict[str, list[dict]] = {s: [] for s in strategies}
+    full_runs: dict[int, dict] = {}
+    train_sizes: dict[int, int] = {}
+    for run in sorted(runs.values(), key=lambda r: r["seed"]):
+        extra = {"external_dice": run["external_dice"]} if "external_dice" in run else {}
+        if run["strategy"] == "full":
+            full_runs[run["seed"]] = {"test_dice": run["test_dice"], **extra}
+        else:
+            c = run["curve"]
+            results[run["strategy"]].append({"seed": run["seed"], "train_size": run["train_size"], "rounds": [
+                {"expert_labelled": x, "test_dice": y} for x, y in zip(c["expert_labelled"], c["test_dice"])], **extra})
+            train_sizes[run["seed"]] = run["train_size"]
+    seed_list = sorted({r["seed"] for r in runs.values()})
+    return _write_summary(out, summarise(results, full_runs, _mean_size(train_sizes)), preset=first["preset"],
+                          split_preset=first["split_preset"], seed_list=seed_list,
+                          external=(first["external"] or {}).get("data"), settings=first["settings"])
 
 
 def summarise(results: dict[str, list[dict]], full_runs: dict[int, dict], train_size: int | None) -> dict:
     """The comparison summary from the runs' rounds (pure: no files).
 
     ``results[strategy]`` lists per seed ``{"seed", "rounds": [{"expert_labelled", "test_dice"}, ...],
-    "external_dice"?}``; ``full_runs[seed] = {"test_dice", "external_dice"?}``. A strategy's curve
+    "train_size"?, "external_dice"?}``; ``full_runs[seed] = {"test_dice", "external_dice"?}``. A strategy's curve
     keeps the rounds every seed finished; paired differences use the rounds both strategies finished.
     """
     full_dice = {seed: f["test_dice"] for seed, f in full_runs.items()}
@@ -531,9 +620,12 @@ def summarise(results: dict[str, list[dict]], full_runs: dict[int, dict], train_
         for r, fd, a, nd in zip(per_seed, m["final_dice"], m["aulc"], m["labels_to_95pct_full"]):
             run = {"strategy": strategy, "seed": r["seed"], "rounds": len(r["rounds"]),
                    "final_expert_labels": float(r["rounds"][rounds_done[strategy] - 1]["expert_labelled"]),
-                   "final_dice": fd, "aulc": a, "labels_to_95pct_full": nd}
-            if "external_dice" in r:
-                run["external_dice"] = r["external_dice"]
+                   "final_dice": fd, "aulc": a, "labels_to_95pct_full": nd,
+                   "curve": {"expert_labelled": [float(k["expert_labelled"]) for k in r["rounds"]],
+                             "test_dice": [float(k["test_dice"]) for k in r["rounds"]]}}
+            for key in ("train_size", "external_dice"):
+                if key in r:
+                    run[key] = r[key]
             out["runs"][f"{strategy}-s{r['seed']}"] = run
     if BASELINE in results:
         base_by_seed = {r["seed"]: r for r in results[BASELINE]}

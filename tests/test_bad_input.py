@@ -308,3 +308,12 @@ def test_evaluate_rejects_non_checkpoint(tmp_path: Path) -> None:
     proc = run_alseg(tmp_path, "evaluate", str(ckpt), "--data", str(root))
     assert_names(error_line(proc), ckpt.name, ("checkpoint",))
     assert_nothing_written(tmp_path)
+
+
+def test_merge_rejects_a_file_that_is_not_a_comparison(tmp_path: Path) -> None:
+    bad = tmp_path / "NOT_A_STUDY.json"
+    bad.write_text(json.dumps({"runs": {"ceal-s0": {"strategy": "ceal", "seed": 0}}}))
+    out = tmp_path / "merged"
+    proc = run_alseg(tmp_path, "merge", str(bad), "--out", str(out))
+    assert_names(error_line(proc), bad.name, ("curve", "alseg compare"))
+    assert not out.exists()

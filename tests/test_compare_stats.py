@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from alseg.compare import (_remove_unfinished, aulc, bootstrap_interval, compare, labels_to_reach, paired_differences,
-                           seed_summary, summarise)
+from alseg.compare import (_remove_unfinished, _write_summary, aulc, bootstrap_interval, compare, labels_to_reach,
+                           merge, paired_differences, seed_summary, summarise)
 from alseg.errors import AlsegError
 from alseg.rundir import RunDir
 from alseg.store import RunStore
@@ -143,6 +143,57 @@ def test_summarise_pairs_seeds_and_uses_each_seeds_full_dice():
     assert set(out["runs"]) == {"random-s0", "random-s1", "ceal-s0", "ceal-s1", "full-s0", "full-s1"}
 
 
+# --- merging studies made apart ------------------------------------------------------------------------
+
+def _study(folder: Path, seeds: list[int], settings: dict) -> Path:
+    """A study's files as compare writes them, for ``seeds`` of a fixed hand-made set of curves."""
+    curves = {"random": {0: [0.5, 0.6, 0.7], 1: [0.3, 0.4, 0.5], 2: [0.4, 0.4, 0.6], 3: [0.5, 0.5, 0.5]},
+              "ceal": {0: [0.5, 0.7, 0.8], 1: [0.3, 0.5, 0.6], 2: [0.4, 0.45, 0.55], 3: [0.5, 0.6, 0.7]}}
+    results = {name: [{"seed": k, "train_size": 37 + 2 * k, "rounds": [{"expert_labelled": x, "test_dice": y}
+                                                                   for x, y in zip([10, 20, 30], by_seed[k])]}
+                      for k in seeds] for name, by_seed in curves.items()}
+    full = {k: {"test_dice": 0.6 + 0.05 * k} for k in seeds}
+    sizes = [37 + 2 * k for k in seeds]  # each seed's split has its own size; compare takes the mean
+    _write_summary(folder, summarise(results, full, round(sum(sizes) / len(sizes))), preset="quick-lgg", split_preset="lgg", seed_list=seeds,
+                   external=None, settings=settings)
+    return folder / "compare.json"
+
+
+def test_merge_of_studies_made_apart_is_the_whole_study(tmp_path):
+    settings = {"model.width": 16, "train.lr": 0.001}
+    whole = json.loads(_study(tmp_path / "whole", [0, 1, 2, 3], settings).read_text())
+    a, b = _study(tmp_path / "a", [0, 2], settings), _study(tmp_path / "b", [1, 3], settings)
+    merged = merge([a, b.parent, a], tmp_path / "merged")  # a folder holding compare.json; a study twice is one
+    assert merged["seed_list"] == [0, 1, 2, 3] and merged["seeds"] == 4 and merged["train_size"] == 40
+    assert merged["strategies"]["ceal"]["vs_random"]["seeds"] == [0, 1, 2, 3]
+    for key in ("strategies", "full", "full_dice", "train_size", "settings", "preset"):
+        assert merged[key] == whole[key]
+    assert json.loads((tmp_path / "merged" / "compare.json").read_text())["runs"] == whole["runs"]
+    assert (tmp_path / "merged" / "compare.csv").read_text() == (tmp_path / "whole" / "compare.csv").read_text()
+
+
+def test_merge_refuses_studies_that_do_not_belong_together(tmp_path):
+    a = _study(tmp_path / "a", [0], {"train.lr": 0.001})
+    with pytest.raises(AlsegError, match="train.lr = 0.0003, not 0.001"):
+        merge([a, _study(tmp_path / "b", [1], {"train.lr": 0.0003})], tmp_path / "m")
+    other = json.loads(_study(tmp_path / "c", [0, 1], {"train.lr": 0.001}).read_text())
+    other["runs"]["ceal-s0"]["curve"]["test_dice"][1] = 0.9
+    (tmp_path / "c" / "compare.json").write_text(json.dumps(other))
+    with pytest.raises(AlsegError, match="ceal-s0 is also in an earlier study"):
+        merge([a, tmp_path / "c"], tmp_path / "m")
+    old = json.loads(a.read_text())
+    del old["settings"]
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    with pytest.raises(AlsegError, match="earlier alseg"):
+        merge([tmp_path / "old.json"], tmp_path / "m")
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(AlsegError, match="not a comparison summary"):
+        merge([a, tmp_path / "bad.json"], tmp_path / "m")
+    with pytest.raises(AlsegError, match="no such comparison summary"):
+        merge([tmp_path / "missing"], tmp_path / "m")
+    assert not (tmp_path / "m").exists()
+
+
 # --- one tiny comparison on real data -----------------------------------------------------------------
 
 def test_compare_reports_intervals_aulc_paired_differences_and_external_dice(tmp_path, monkeypatch):
@@ -273,6 +324,17 @@ def test_compare_reports_intervals_aulc_paired_differences_and_external_dice(tmp
     for name in ("random", "ceal"):
         assert part["strategies"][name]["aulc_per_seed"] == summary["strategies"][name]["aulc_per_seed"][1:]
     assert part["strategies"]["ceal"]["vs_random"]["seeds"] == [1]
+    # two studies made apart, one seed each, merged from their files: the whole study's summary
+    seed1 = tmp_path / "seed1.json"
+    seed1.write_text((out / "compare.json").read_text())
+    compare(cfg, out, strategies=["random", "ceal"], seeds=[0], full=True)
+    merged = merge([out / "compare.json", seed1], tmp_path / "merged")
+    whole = compare(cfg, out, strategies=["random", "ceal"], seeds=2, full=True)  # reuses every run
+    assert merged["seed_list"] == [0, 1] and merged["settings"] == whole["settings"] == summary["settings"]
+    assert merged["strategies"] == whole["strategies"] and merged["runs"] == whole["runs"]
+    assert merged["full"] == whole["full"] and merged["train_size"] == whole["train_size"]
+    assert (tmp_path / "merged" / "compare.png").is_file()
+    assert summary["runs"]["ceal-s1"]["curve"]["test_dice"] == [r["test_dice"] for r in seed1_rounds]
     # anything round 0 depends on differs (here the initial epochs): nothing is adopted
     other = start_run(dataclasses.replace(ceal_cfg, train=dataclasses.replace(cfg.train, epochs=1)), tmp_path / "other")
     assert adopt_initial_round(other, out / "runs" / "random-s0") is False
