@@ -493,7 +493,8 @@ def merge(studies: Sequence[str | Path], out: str | Path) -> dict:
     is written to ``out`` as compare.json, .csv and .png.
 
     Refused, naming the file: a file that is not a comparison summary or predates per-run curves,
-    settings that differ from the first file's, and a run present in two files with other values.
+    settings that differ from the first file's, and a run present in two files with other values
+    (one summarised while still running and later is the same run: its longer curve is kept).
     """
     out = Path(out)
     runs: dict[str, dict] = {}
@@ -525,9 +526,15 @@ def merge(studies: Sequence[str | Path], out: str | Path) -> dict:
                              f"{first['settings'].get(key, first.get(key))!r} as the first study: its curves "
                              "are not comparable", path)
         for name, run in summary["runs"].items():
-            if name in runs and runs[name] != run:
-                raise AlsegError(f"run {name} is also in an earlier study, with other results", path)
-            runs[name] = run
+            # what was measured, not what a study derived from it with its other runs (AULC over the
+            # rounds every seed finished, labels to 95 % of full)
+            measured = {k: run.get(k) for k in ("strategy", "seed", "curve", "train_size", "test_dice", "external_dice")}
+            if name in runs and runs[name] != measured:
+                shorter, longer = sorted((runs[name], measured), key=lambda r: len((r["curve"] or {}).get("test_dice", [])))
+                if not _earlier_state(shorter, longer):
+                    raise AlsegError(f"run {name} is also in an earlier study, with other results", path)
+                measured = longer  # summarised before and after more rounds: the later state
+            runs[name] = measured
     if first is None:
         raise AlsegError("name at least one comparison summary to merge")
     strategies = list(dict.fromkeys(r["strategy"] for r in runs.values() if r["strategy"] != "full"))
@@ -535,7 +542,7 @@ def merge(studies: Sequence[str | Path], out: str | Path) -> dict:
     full_runs: dict[int, dict] = {}
     train_sizes: dict[int, int] = {}
     for run in sorted(runs.values(), key=lambda r: r["seed"]):
-        extra = {"external_dice": run["external_dice"]} if "external_dice" in run else {}
+        extra = {"external_dice": run["external_dice"]} if run["external_dice"] is not None else {}
         if run["strategy"] == "full":
             full_runs[run["seed"]] = {"test_dice": run["test_dice"], **extra}
         else:
@@ -547,6 +554,16 @@ def merge(studies: Sequence[str | Path], out: str | Path) -> dict:
     return _write_summary(out, summarise(results, full_runs, _mean_size(train_sizes)), preset=first["preset"],
                           split_preset=first["split_preset"], seed_list=seed_list,
                           external=(first["external"] or {}).get("data"), settings=first["settings"])
+
+
+def _earlier_state(shorter: dict, longer: dict) -> bool:
+    """Whether ``shorter`` is the same active run as ``longer`` summarised before its last rounds."""
+    if shorter["curve"] is None or longer["curve"] is None:
+        return False
+    n = len(shorter["curve"]["test_dice"])
+    same = {k: v for k, v in shorter.items() if k not in ("curve", "external_dice")}
+    return same == {k: v for k, v in longer.items() if k not in ("curve", "external_dice")} and all(
+        shorter["curve"][k] == longer["curve"][k][:n] for k in ("expert_labelled", "test_dice"))
 
 
 def summarise(results: dict[str, list[dict]], full_runs: dict[int, dict], train_size: int | None) -> dict:

@@ -145,12 +145,14 @@ def test_summarise_pairs_seeds_and_uses_each_seeds_full_dice():
 
 # --- merging studies made apart ------------------------------------------------------------------------
 
-def _study(folder: Path, seeds: list[int], settings: dict) -> Path:
-    """A study's files as compare writes them, for ``seeds`` of a fixed hand-made set of curves."""
+def _study(folder: Path, seeds: list[int], settings: dict, cut: dict[int, int] | None = None) -> Path:
+    """A study's files as compare writes them, for ``seeds`` of a fixed hand-made set of curves
+    (seed k's curves cut to ``cut[k]`` rounds, as in a study still running)."""
+    cut = cut or {}
     curves = {"random": {0: [0.5, 0.6, 0.7], 1: [0.3, 0.4, 0.5], 2: [0.4, 0.4, 0.6], 3: [0.5, 0.5, 0.5]},
               "ceal": {0: [0.5, 0.7, 0.8], 1: [0.3, 0.5, 0.6], 2: [0.4, 0.45, 0.55], 3: [0.5, 0.6, 0.7]}}
     results = {name: [{"seed": k, "train_size": 37 + 2 * k, "rounds": [{"expert_labelled": x, "test_dice": y}
-                                                                   for x, y in zip([10, 20, 30], by_seed[k])]}
+                                                                   for x, y in zip([10, 20, 30], by_seed[k][:cut.get(k)])]}
                       for k in seeds] for name, by_seed in curves.items()}
     full = {k: {"test_dice": 0.6 + 0.05 * k} for k in seeds}
     sizes = [37 + 2 * k for k in seeds]  # each seed's split has its own size; compare takes the mean
@@ -170,6 +172,11 @@ def test_merge_of_studies_made_apart_is_the_whole_study(tmp_path):
         assert merged[key] == whole[key]
     assert json.loads((tmp_path / "merged" / "compare.json").read_text())["runs"] == whole["runs"]
     assert (tmp_path / "merged" / "compare.csv").read_text() == (tmp_path / "whole" / "compare.csv").read_text()
+    # a study summarised while seed 1 had 2 rounds: there seed 0's AULC was taken over 2 rounds and
+    # seed 1's curve is shorter; both are the runs of the finished study, which merge keeps
+    early = _study(tmp_path / "early", [0, 1], settings, cut={1: 2})
+    assert json.loads(early.read_text())["runs"]["ceal-s0"]["aulc"] != whole["runs"]["ceal-s0"]["aulc"]
+    assert merge([early, tmp_path / "whole"], tmp_path / "m2")["strategies"] == whole["strategies"]
 
 
 def test_merge_refuses_studies_that_do_not_belong_together(tmp_path):
