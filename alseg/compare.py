@@ -500,31 +500,17 @@ def merge(studies: Sequence[str | Path], out: str | Path) -> dict:
     runs: dict[str, dict] = {}
     first: dict | None = None
     for study in studies:
-        path = Path(study) / "compare.json" if Path(study).is_dir() else Path(study)
-        try:
-            summary = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise AlsegError("no such comparison summary (compare.json)", path) from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise AlsegError(f"not a comparison summary: {exc}", path) from None
-        if not isinstance(summary, dict) or not isinstance(summary.get("runs"), dict):
-            raise AlsegError("not a comparison summary (no runs)", path)
-        active = [r for r in summary["runs"].values() if r.get("strategy") != "full"]
-        if "settings" not in summary or any("curve" not in r or "train_size" not in r for r in active):
-            raise AlsegError("made by an earlier alseg that did not record each run's curve and settings; "
-                             "summarise its folder again with the same alseg compare command", path)
-        if first is None:
-            first = summary
+        path, summary = _read_summary(study)
+        first = first or summary
+        # the split preset and every other setting are in "settings" (data.split_preset, ...)
         key = _differing_setting(first["settings"], summary["settings"])
-        if key is None and summary.get("split_preset") != first.get("split_preset"):
-            key = "split_preset"
-        if key is None and bool(summary.get("external")) != bool(first.get("external")):
+        if key is not None:
+            raise AlsegError(f"made with {key} = {summary['settings'].get(key)!r}, not "
+                             f"{first['settings'].get(key)!r} as the first study: its curves are not comparable",
+                             path)
+        if bool(summary.get("external")) != bool(first.get("external")):
             raise AlsegError("scored on an external dataset where the first study was not, or the other way "
                              "round: give studies made alike", path)
-        if key is not None:
-            raise AlsegError(f"made with {key} = {summary['settings'].get(key, summary.get(key))!r}, not "
-                             f"{first['settings'].get(key, first.get(key))!r} as the first study: its curves "
-                             "are not comparable", path)
         for name, run in summary["runs"].items():
             # what was measured, not what a study derived from it with its other runs (AULC over the
             # rounds every seed finished, labels to 95 % of full)
@@ -554,6 +540,24 @@ def merge(studies: Sequence[str | Path], out: str | Path) -> dict:
     return _write_summary(out, summarise(results, full_runs, _mean_size(train_sizes)), preset=first["preset"],
                           split_preset=first["split_preset"], seed_list=seed_list,
                           external=(first["external"] or {}).get("data"), settings=first["settings"])
+
+
+def _read_summary(study: str | Path) -> tuple[Path, dict]:
+    """A study's compare.json (the file, or a folder holding it), checked to be one merge can use."""
+    path = Path(study) / "compare.json" if Path(study).is_dir() else Path(study)
+    try:
+        summary = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise AlsegError("no such comparison summary (compare.json)", path) from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AlsegError(f"not a comparison summary: {exc}", path) from None
+    if not isinstance(summary, dict) or not isinstance(summary.get("runs"), dict):
+        raise AlsegError("not a comparison summary (no runs)", path)
+    active = [r for r in summary["runs"].values() if r.get("strategy") != "full"]
+    if "settings" not in summary or any("curve" not in r or "train_size" not in r for r in active):
+        raise AlsegError("made by an earlier alseg that did not record each run's curve and settings; "
+                         "summarise its folder again with the same alseg compare command", path)
+    return path, summary
 
 
 def _earlier_state(shorter: dict, longer: dict) -> bool:
