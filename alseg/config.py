@@ -13,8 +13,8 @@ Presets say what they use and why:
   designed on): the best validation Dice was highest at 0.1 / 1e-3 on both datasets (LGG, seeds 3
   and 4: 0.640 against 0.584 at the earlier 3e-4, higher on both seeds; ISIC, seed 3: 0.815
   against 0.807) and steady over the last five epochs (spread 0.017 and 0.011); dropout 0.3 was
-  lower at every lr. (0.5 with 1e-3 oscillated at width 16.) The studies in docs/benchmarks.md
-  ran at the earlier 3e-4. ISIC: 20 initial epochs (the paper's), 3 per round. Derived on
+  lower at every lr. (0.5 with 1e-3 oscillated at width 16.) The earlier studies in
+  docs/benchmarks.md ran at 3e-4; those headed "at its current lr 1e-3" at this one. ISIC: 20 initial epochs (the paper's), 3 per round. Derived on
   validation Dice only (``benchmarks/preset_epochs.py --preset quick-isic --epochs 20``, seeds 3-5):
   the best validation Dice within E epochs averaged 0.737 at 5, 0.799 at 10 (the first setting),
   0.816 at 15 and 0.829 at 20, still rising; 20 costs ~3 more minutes a run on 2 cores than 10
@@ -25,7 +25,8 @@ Presets say what they use and why:
   validation Dice within E epochs (what a run keeps) averaged 0.240 at 10, 0.632 at 20, 0.633 at
   30 and 40, 0.644 at 50 (one seed's late spike). 30 keeps a margin over the slowest seed at no
   loss; fewer than 15 risks a model that never left the background. (The first setting, 10, was
-  found wanting on the test split, which settings must not be chosen on.)
+  found wanting on the test split, which settings must not be chosen on.) Checked again at lr
+  1e-3 (seeds 3-5): 0.668 at 20, 0.671 at 30, 0.677 at 50, so 30 stays.
 * ``demo``: the generated lesion-like dataset at 64 px, width 8: a complete run in about two
   minutes on a laptop CPU; its numbers say nothing about real data.
 """
