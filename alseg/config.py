@@ -14,11 +14,14 @@ Presets say what they use and why:
   and 4: 0.640 against 0.584 at the earlier 3e-4, higher on both seeds; ISIC, seed 3: 0.815
   against 0.807) and steady over the last five epochs (spread 0.017 and 0.011); dropout 0.3 was
   lower at every lr. (0.5 with 1e-3 oscillated at width 16.) The earlier studies in
-  docs/benchmarks.md ran at 3e-4; those headed "at its current lr 1e-3" at this one. ISIC: 20 initial epochs (the paper's), 3 per round. Derived on
-  validation Dice only (``benchmarks/preset_epochs.py --preset quick-isic --epochs 20``, seeds 3-5):
-  the best validation Dice within E epochs averaged 0.737 at 5, 0.799 at 10 (the first setting),
-  0.816 at 15 and 0.829 at 20, still rising; 20 costs ~3 more minutes a run on 2 cores than 10
-  for +0.03. LGG: 30 initial epochs, 5 per round: its small
+  docs/benchmarks.md ran at 3e-4; those headed "at its current lr 1e-3" at this one.
+
+  ISIC: 20 initial epochs (the paper's), 3 per round. Derived on validation Dice only
+  (``benchmarks/preset_epochs.py --preset quick-isic --epochs 20``, seeds 3-5): the best
+  validation Dice within E epochs averaged 0.737 at 5, 0.799 at 10 (the first setting), 0.816 at
+  15 and 0.829 at 20, still rising; 20 costs ~3 more minutes a run on 2 cores than 10 for +0.03.
+
+  LGG: 30 initial epochs, 5 per round: its small
   tumours keep the U-Net predicting all-background for the first epochs. Re-derived on
   validation Dice only (``benchmarks/preset_epochs.py``, seeds 3-5, none used in designing the
   preset): the round-0 model left the all-background phase at epochs 12, 8 and 15; the best
