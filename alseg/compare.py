@@ -264,14 +264,18 @@ def _make_full(cfg: ExperimentConfig, run_dir: Path, reporter: Reporter) -> floa
 
 def _make_active(cfg: ExperimentConfig, strategy: str, run_dir: Path, donor: Path | None,
                  reporter: Reporter) -> dict:
-    """Start, resume or reuse ``strategy``'s run of ``cfg.seed``, adopting round 0 from ``donor``."""
+    """Start, resume or reuse ``strategy``'s run of ``cfg.seed``, adopting round 0 from ``donor``.
+
+    One hold of the run's writer lock covers all three steps, so no other writer can come between."""
     reporter.note(f"{strategy}, seed {cfg.seed}")
     s_cfg = dataclasses.replace(cfg, active=dataclasses.replace(cfg.active, strategy=strategy))
-    if not (run_dir / "run.db").is_file() or RunStore.never_started(RunDir(run_dir)):
-        start_run(s_cfg, run_dir, reporter)
-    if donor is not None and adopt_initial_round(run_dir, donor):
-        reporter.note(f"round 0 adopted from {donor.name} (same data, split, model, training and seed)")
-    return run_active(resume=run_dir, reporter=reporter)
+    run_dir.mkdir(parents=True, exist_ok=True)  # for the lock file; a folder with only that is unstarted
+    with RunDir(run_dir).lock("compare", shared_with_callees=True):
+        if not (run_dir / "run.db").is_file() or RunStore.never_started(RunDir(run_dir)):
+            start_run(s_cfg, run_dir, reporter)
+        if donor is not None and adopt_initial_round(run_dir, donor):
+            reporter.note(f"round 0 adopted from {donor.name} (same data, split, model, training and seed)")
+        return run_active(resume=run_dir, reporter=reporter)
 
 
 def _worker(config: ExperimentConfig, runs: Path, seed: int, strategy: str | None, threads: int, conn,

@@ -12,7 +12,8 @@ fresh one, and the writer lock:
 
 One writer at a time: every command that writes takes :meth:`RunDir.lock`, an OS file lock
 (``flock``) that the kernel releases when the process dies, so a crash never leaves a stale lock.
-A second writer gets one line naming the process that holds it. Readers take no lock.
+A second writer gets one line naming the process that holds it. Readers take no lock. A caller
+that chains writers (``alseg compare``: start, adopt round 0, run) shares its hold with them.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import fcntl
 import os
 import re
 import shutil
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -31,6 +33,8 @@ LOCK_NAME = "lock"
 # Temporaries a writer killed mid-write leaves: `.NAME.tmp-XXXX` of an atomic write (alseg.store),
 # `.RRR.exporting-PID` of a batch export (alseg.annotate.export).
 _TEMPORARY = re.compile(r"^\..+\.(tmp-[^/]+|exporting-\d+)$")
+# Per thread: the directories whose lock this thread holds with ``shared_with_callees``.
+_shared_holds = threading.local()
 
 
 class RunDir:
@@ -122,12 +126,26 @@ class RunDir:
 
     # --- the writer lock ------------------------------------------------------------------------
     @contextmanager
-    def lock(self, command: str):
-        """Hold the directory's writer lock for the ``with`` block (released when the process dies)."""
+    def lock(self, command: str, *, shared_with_callees: bool = False):
+        """Hold the directory's writer lock for the ``with`` block (released when the process dies).
+
+        A second take is refused, even by the same thread, unless the hold was taken with
+        ``shared_with_callees``: then functions called inside the block that take this lock in the
+        same thread join the hold, so one caller can chain writers without a gap between them for
+        another process (``alseg compare`` starts a run, adopts round 0 into it and drives it).
+        """
+        held = _shared_holds.__dict__.setdefault("roots", set())
+        key = self.root.resolve()
+        if key in held:
+            yield self
+            return
         fd = self.acquire(command)
+        if shared_with_callees:
+            held.add(key)
         try:
             yield self
         finally:
+            held.discard(key)
             os.close(fd)  # closing the descriptor releases the flock
 
     def acquire(self, command: str) -> int:
