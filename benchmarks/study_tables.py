@@ -4,7 +4,12 @@ Prints, from the numbers `alseg compare` computed (nothing is recomputed here): 
 label count (mean over seeds and 95 % bootstrap interval), AULC, labels to 95 % of full
 supervision, and the paired differences against random.
 
-    .venv/bin/python benchmarks/study_tables.py OUT/compare.json
+    .venv/bin/python benchmarks/study_tables.py OUT/compare.json [--variant OTHER/compare.json]
+
+With ``--variant``, a study of the same seeds made with one setting changed (compare keeps one
+setting per folder; e.g. ``active: {ceal: {pseudo_skip_empty: true}}``) is paired by seed with the
+first: each of its strategies against the first study's random and its own namesake there, per seed
+(AULC and final test Dice). Pairing needs the same round 0, which is checked (round-0 test Dice).
 """
 from __future__ import annotations
 
@@ -59,5 +64,44 @@ def tables(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def variant_table(base: dict, variant: dict) -> str:
+    """Per-seed differences of ``variant``'s strategies against ``base``'s random and namesakes."""
+    seeds = variant["seed_list"]
+    if any(s not in base["seed_list"] for s in seeds):
+        raise SystemExit(f"the variant's seeds {seeds} are not all in the base study's {base['seed_list']}")
+
+    def run(summary: dict, name: str, seed: int) -> dict:
+        return summary["runs"][f"{name}-s{seed}"]
+
+    head = "".join(f"| seed {k} " for k in seeds) + "| mean |"
+    lines = []
+    for name in variant["strategies"]:
+        for seed in seeds:
+            mine = run(variant, name, seed)
+            theirs = next((r for k, r in base["runs"].items() if k.endswith(f"-s{seed}") and "curve" in r), None)
+            if theirs is None or mine["curve"]["test_dice"][0] != theirs["curve"]["test_dice"][0]:
+                raise SystemExit(f"{name}-s{seed}: round 0 differs from the base study's "
+                                 f"({mine['curve']['test_dice'][0]} vs {theirs and theirs['curve']['test_dice'][0]})")
+        rows = [("AULC", lambda seed: run(variant, name, seed)["aulc"], "{:.3f}")]
+        for ref in ("random", name):
+            if any(f"{ref}-s{seed}" not in base["runs"] for seed in seeds):
+                continue
+            for key, label in (("aulc", "AULC"), ("final_dice", "final Dice")):
+                rows.append((f"{label} - {ref}", lambda seed, ref=ref, key=key:
+                             run(variant, name, seed)[key] - run(base, ref, seed)[key], "{:+.3f}"))
+        lines += ["", f"| {name} (variant) " + head, "| --- |" + " --- |" * (len(seeds) + 1)]
+        for label, value, fmt in rows:
+            values = [value(seed) for seed in seeds]
+            lines.append(f"| {label} | " + " | ".join(fmt.format(v) for v in values)
+                         + f" | {fmt.format(sum(values) / len(values))} |")
+    return "\n".join(lines[1:])
+
+
 if __name__ == "__main__":
-    print(tables(json.load(open(sys.argv[1]))))
+    args = sys.argv[1:]
+    if len(args) == 3 and args[1] == "--variant":
+        print(variant_table(json.load(open(args[0])), json.load(open(args[2]))))
+    elif len(args) == 1:
+        print(tables(json.load(open(args[0]))))
+    else:
+        raise SystemExit(__doc__)
