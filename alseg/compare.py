@@ -270,8 +270,9 @@ def _make_active(cfg: ExperimentConfig, strategy: str, run_dir: Path, donor: Pat
     reporter.note(f"{strategy}, seed {cfg.seed}")
     s_cfg = dataclasses.replace(cfg, active=dataclasses.replace(cfg.active, strategy=strategy))
     run_dir.mkdir(parents=True, exist_ok=True)  # for the lock file; a folder with only that is unstarted
-    with RunDir(run_dir).lock("compare", shared_with_callees=True):
-        if not (run_dir / "run.db").is_file() or RunStore.never_started(RunDir(run_dir)):
+    folder = RunDir(run_dir)
+    with folder.lock("compare", shared_with_callees=True):
+        if not folder.db.is_file() or RunStore.never_started(folder):
             start_run(s_cfg, run_dir, reporter)
         if donor is not None and adopt_initial_round(run_dir, donor):
             reporter.note(f"round 0 adopted from {donor.name} (same data, split, model, training and seed)")
