@@ -132,7 +132,8 @@ def train(data: Path = typer.Option(..., "--data", help="Dataset folder."),
           config: Optional[Path] = typer.Option(None, "--config", help="YAML file overriding the preset."),
           size: Optional[int] = typer.Option(None, help="Working size in pixels (square)."),
           width: Optional[int] = typer.Option(None, help="U-Net base width."),
-          epochs: Optional[int] = typer.Option(None, help="Training epochs."),
+          epochs: Optional[int] = typer.Option(None, help="Training epochs (with --full: the full-supervision "
+                                               "reference's, train.full_epochs in a --config)."),
           batch_size: Optional[int] = typer.Option(None, help="Images per batch."),
           lr: Optional[float] = typer.Option(None, help="Adam learning rate."),
           dropout: Optional[float] = typer.Option(None, help="Dropout rate."),
@@ -155,7 +156,8 @@ def train(data: Path = typer.Option(..., "--data", help="Dataset folder."),
         "data": {"path": str(data), "format": fmt, "size": size, "split_by": split_by,
                  "cache_dir": str(cache_dir) if cache_dir else None},
         "model": {"width": width, "dropout": dropout},
-        "train": {"epochs": epochs, "batch_size": batch_size, "lr": lr, "device": device, "precision": precision},
+        "train": {"full_epochs" if full else "epochs": epochs, "batch_size": batch_size, "lr": lr, "device": device,
+                  "precision": precision},
     })
     result = train_supervised(cfg, out_dir or _default_out("train"), full=full, reporter=RichReporter(quiet=as_json))
 
@@ -418,6 +420,8 @@ def _render_comparison(summary: dict) -> None:
 
     full_text = "-" if r["full_dice"] is None else with_interval(
         r["full_dice"], [r["full"]["test_dice"]["lo"], r["full"]["test_dice"]["hi"]], ".4f")
+    if r["full_dice"] is not None and r["settings"].get("train.full_epochs"):
+        full_text += f" ({r['settings']['train.full_epochs']} epochs)"
     how = "mean [95 % interval over seeds]" if n > 1 else "one seed, no intervals"
     table = Table(title=Text(f"{r['preset']}: {n} seed(s), {how}; full supervision {full_text}"))
     cols = ["strategy", "final labels", "final Dice", "AULC (mean Dice)", "labels to 95% of full",
@@ -472,7 +476,9 @@ def compare(preset: PresetName = typer.Option(..., help="Settings preset shared 
             budget: Optional[float] = typer.Option(None, help="Stop once this fraction is expert-labelled."),
             size: Optional[int] = typer.Option(None, help="Working size in pixels."),
             width: Optional[int] = typer.Option(None, help="U-Net base width."),
-            epochs: Optional[int] = typer.Option(None, help="Initial (and full-supervision) epochs."),
+            epochs: Optional[int] = typer.Option(None, help="Initial epochs."),
+            full_epochs: Optional[int] = typer.Option(None, help="The full-supervision reference's epochs "
+                                                      "(default: the preset's, else --epochs)."),
             round_epochs: Optional[int] = typer.Option(None, help="Retraining epochs per round."),
             mc_passes: Optional[int] = typer.Option(None, help="MC-dropout passes T."),
             device: Optional[str] = typer.Option(None, help="auto, cpu or cuda."),
@@ -496,8 +502,9 @@ def compare(preset: PresetName = typer.Option(..., help="Settings preset shared 
 
     cfg = build_config(preset.value, config, {
         "data": {"path": str(data), "size": size}, "model": {"width": width},
-        "train": {"epochs": epochs, "device": device},
+        "train": {"epochs": epochs, "full_epochs": full_epochs, "device": device},
         "active": {"rounds": rounds, "budget": budget, "round_epochs": round_epochs, "mc_passes": mc_passes}})
+
     def seed_numbers(option: str, text: str) -> list[int]:
         try:
             return [int(k) for k in text.split(",") if k.strip()]

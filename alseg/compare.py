@@ -222,9 +222,16 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def _study_settings(config: dict) -> dict:
-    """What every run of one study shares: its config, flattened, without the per-run keys."""
-    return {k: v for k, v in _flat(config).items() if k not in _PER_RUN}
+_FULL_EPOCHS = "train.full_epochs"
+
+
+def _study_settings(config: dict, full: bool) -> dict:
+    """What every run of one study shares: its config, flattened, without the per-run keys. The
+    full-supervision reference's epoch count is a setting of the reference runs alone (active runs
+    made before it existed lack it), compared as the count they train (None means ``train.epochs``)."""
+    flat = {k: v for k, v in _flat(config).items() if k not in _PER_RUN}
+    full_epochs = flat.pop(_FULL_EPOCHS, None) or flat.get("train.epochs")
+    return {**flat, _FULL_EPOCHS: full_epochs} if full else flat
 
 
 def _differing_setting(want: dict, have: dict) -> str | None:
@@ -235,15 +242,16 @@ def _check_same_settings(runs: Path, config: ExperimentConfig) -> None:
     """Refuse to add runs to a study whose runs were made with other settings (another --config or
     option, or a preset changed since): their curves would not be comparable, and round 0 would
     not be shared."""
-    want = _study_settings(config.to_dict())
     for run_dir in sorted(runs.glob("*-s*")) if runs.is_dir() else ():
         if not (run_dir / "run.db").is_file():
             continue
+        full = run_dir.name.startswith("full-")
         try:
             with RunStore.open_readonly(run_dir) as store:
-                have = _study_settings(store.config())
+                have = _study_settings(store.config(), full)
         except AlsegError:  # being created, or not a run: compare's own checks meet it later
             continue
+        want = _study_settings(config.to_dict(), full)
         key = _differing_setting(want, have)
         if key is not None:
             raise AlsegError(f"this study's runs were made with {key} = {have.get(key)!r}, not "
@@ -466,7 +474,7 @@ def compare(config: ExperimentConfig, out: str | Path, *, strategies: Sequence[s
                 + [f"{name}-s{r['seed']}" for name, per_seed in results.items() for r in per_seed]}
     return _write_summary(out, summarise(results, full_runs, _mean_size(train_sizes)), preset=config.preset,
                           split_preset=config.data.split_preset, seed_list=seed_list, external=external,
-                          settings=_study_settings(config.to_dict()))
+                          settings=_study_settings(config.to_dict(), full))
 
 
 def _mean_size(train_sizes: dict[int, int]) -> int | None:

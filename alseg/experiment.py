@@ -23,7 +23,7 @@ from alseg.progress import SILENT, Reporter, batch_progress, staged
 from alseg.runtime import Normalizer, resolve_device, seed_everything
 from alseg.rundir import RunDir
 from alseg.store import RunStore, atomic_write_text
-from alseg.train import Checkpoint, fit
+from alseg.train import Checkpoint, TrainConfig, fit
 
 
 @dataclass
@@ -100,6 +100,11 @@ def sample_rows(split: Split, labelled_ids) -> list[tuple[str, str, str, str, in
     return rows
 
 
+def _fit_settings(train: TrainConfig, full: bool) -> TrainConfig:
+    """The training settings of a supervised run: the full-supervision reference's own epoch count."""
+    return dataclasses.replace(train, epochs=train.full_epochs or train.epochs) if full else train
+
+
 def train_supervised(config: ExperimentConfig, out: str | Path, *, full: bool = False,
                      reporter: Reporter = SILENT) -> dict:
     """Fit on the split's labelled part (all of train with ``full``); record history and test Dice."""
@@ -124,7 +129,7 @@ def train_supervised(config: ExperimentConfig, out: str | Path, *, full: bool = 
         started = time.perf_counter()
         val_idx = data.indices(split.val)
         result = fit(model, data.images[train_idx], data.masks[train_idx], data.images[val_idx], data.masks[val_idx],
-                     config.train, normalizer,
+                     _fit_settings(config.train, full), normalizer,
                      size=data.size, checkpoint_dir=run_dir.checkpoint_dir(), seed=config.seed,
                      on_epoch=lambda r: (store.add_epoch("initial", 0, r), reporter.epoch("initial", 0, r)),
                      on_batch=batch_progress(reporter),
@@ -137,5 +142,6 @@ def train_supervised(config: ExperimentConfig, out: str | Path, *, full: bool = 
         seconds = time.perf_counter() - started
         store.set_supervised_seconds(seconds)
     return {"run_dir": str(run_dir.root), "labelled": len(labelled), "split": split.counts(), "split_by": split.split_by,
+            "epochs": _fit_settings(config.train, full).epochs,
             "best_epoch": result["best_epoch"], "best_val_dice": result["best_val_dice"],
             "test": evaluation.summary, "seconds": seconds}

@@ -39,6 +39,10 @@ CHECKPOINT_VERSION = 1
 @dataclass
 class TrainConfig:
     epochs: int = 20
+    # The full-supervision reference (`alseg train --full`, `alseg compare --full`) trains on the
+    # whole train split, ~2.7x the images of round 0, and may need more epochs to converge than
+    # round 0 (measured for quick-lgg); None: the same as `epochs`.
+    full_epochs: int | None = None
     batch_size: int = 8
     lr: float = 3e-4
     weight_decay: float = 0.0

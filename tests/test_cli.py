@@ -28,6 +28,16 @@ def test_train_records_history_checkpoints_and_test_dice(lgg_run):
     assert sum(splits.values()) == 360
 
 
+def test_train_full_takes_epochs_as_the_references_count(tmp_path):
+    """`--full --epochs N` trains N epochs on the whole train split, not the preset's full_epochs (70)."""
+    result = run_json("train", "--data", LGG, "--size", "32", "--width", "4", "--epochs", "2", "--full",
+                      "--out", tmp_path / "full")
+    assert result["epochs"] == 2 and result["labelled"] == result["split"]["train"]
+    with sqlite3.connect(tmp_path / "full" / "run.db") as db:
+        assert [e for (e,) in db.execute("SELECT epoch FROM epochs ORDER BY epoch")] == [1, 2]
+    assert "full_epochs: 2" in (tmp_path / "full" / "config.yaml").read_text()
+
+
 def test_evaluate_run_dir_json_keys_and_options(lgg_run, tmp_path):
     out, result = lgg_run
     test = run_json("evaluate", out, "--data", LGG, "--split", "test")

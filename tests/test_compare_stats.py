@@ -207,7 +207,7 @@ def test_compare_reports_intervals_aulc_paired_differences_and_external_dice(tmp
     from alseg.config import build_config
 
     cfg = build_config("quick-lgg", None, {
-        "data": {"path": str(LGG), "size": 32}, "model": {"width": 4}, "train": {"epochs": 2},
+        "data": {"path": str(LGG), "size": 32}, "model": {"width": 4}, "train": {"epochs": 2, "full_epochs": 2},
         "active": {"rounds": 1, "round_epochs": 1, "mc_passes": 3}})
     out = tmp_path / "cmp"
     # a study split over processes: seed 1 alone first (no summary), then the whole study reuses it
@@ -355,7 +355,7 @@ def test_compare_jobs_makes_the_runs_in_worker_processes_and_round_0_once_per_se
     from alseg.config import build_config
 
     cfg = build_config("quick-lgg", None, {
-        "data": {"path": str(LGG), "size": 32}, "model": {"width": 4}, "train": {"epochs": 2},
+        "data": {"path": str(LGG), "size": 32}, "model": {"width": 4}, "train": {"epochs": 2, "full_epochs": 3},
         "active": {"rounds": 1, "round_epochs": 1, "mc_passes": 3}})
     with pytest.raises(AlsegError, match="--jobs must be at least 1"):
         compare(cfg, tmp_path / "none", strategies=["random"], seeds=1, jobs=0)
@@ -383,8 +383,21 @@ def test_compare_jobs_makes_the_runs_in_worker_processes_and_round_0_once_per_se
             assert store.rounds()[0] == rounds[f"random-s{seed}"][0]
     for name in summary["strategies"]:
         assert summary["strategies"][name]["curve"]["n"] == 2
+    # the full-supervision reference trains its own epoch count, round 0 the initial one
+    with RunStore.open_readonly(runs / "full-s0") as full_store, RunStore.open_readonly(runs / "random-s0") as store:
+        assert [e["epoch"] for e in full_store.epochs()] == [1, 2, 3]
+        assert [e["epoch"] for e in store.epochs() if e["phase"] == "initial"] == [1, 2]
+    assert summary["settings"]["train.full_epochs"] == 3
     # runs of other settings (another option, or a preset changed since) never join the study
     import dataclasses
+
+    longer_full = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, full_epochs=4))
+    with pytest.raises(AlsegError, match=r"full-s0: .*made with train.full_epochs = 3, not 4"):
+        compare(longer_full, out, strategies=["random", "ceal"], seeds=2, full=True)
+    # ... a setting of the references alone: the active runs are still this study's without them
+    active_only = compare(longer_full, out, strategies=["random", "ceal"], seeds=2)
+    assert active_only["strategies"] == compare(cfg, out, strategies=["random", "ceal"], seeds=2)["strategies"]
+    assert "train.full_epochs" not in active_only["settings"]
 
     other = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, lr=cfg.train.lr * 3))
     with pytest.raises(AlsegError, match=r"made with train.lr = "):

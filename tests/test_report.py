@@ -69,8 +69,9 @@ def test_tensorboard_events_hold_epochs_and_rounds(lgg_run):
 def test_compare_two_strategies_two_seeds(tmp_path):
     out = tmp_path / "cmp"
     args = ["compare", "--preset", "quick-lgg", "--data", LGG, "--strategies", "ceal,random", "--seeds", "2", "--full",
-            "--rounds", "1", "--out", out, *TINY]
+            "--rounds", "1", "--out", out, *TINY, "--full-epochs", "3"]
     summary = run_json(*args)
+    assert summary["settings"]["train.epochs"] == 2 and summary["settings"]["train.full_epochs"] == 3
     assert set(summary["strategies"]) == {"ceal", "random"} and summary["seeds"] == 2
     assert summary["paper_dice"] == 0.58 and 0 <= summary["full_dice"] <= 1
     for name, s in summary["strategies"].items():
@@ -89,6 +90,7 @@ def test_compare_two_strategies_two_seeds(tmp_path):
     stamps = [p.stat().st_mtime_ns for p in checkpoints]
     text = run_cli(*args).stdout  # finished runs are reused, not redone; the human tables
     assert "AULC" in text and "paired per-seed differences vs random" in text and "2 seeds" in text
+    assert "(3 epochs)" in " ".join(text.split())  # the reference's own epoch count, in the table's title
     assert json.loads((out / "compare.json").read_text())["strategies"] == summary["strategies"]
     assert [p.stat().st_mtime_ns for p in sorted((out / "runs").rglob("*.pt"))] == stamps  # nothing retrained
 
