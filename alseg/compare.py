@@ -238,14 +238,14 @@ def _differing_setting(want: dict, have: dict) -> str | None:
     return next((k for k in sorted(set(want) | set(have)) if want.get(k) != have.get(k)), None)
 
 
-def _check_same_settings(runs: Path, config: ExperimentConfig) -> None:
+def _check_same_settings(runs: Path, config: ExperimentConfig, with_full: bool) -> None:
     """Refuse to add runs to a study whose runs were made with other settings (another --config or
     option, or a preset changed since): their curves would not be comparable, and round 0 would
-    not be shared."""
+    not be shared. The full-supervision references count only when the call uses them."""
     for run_dir in sorted(runs.glob("*-s*")) if runs.is_dir() else ():
-        if not (run_dir / "run.db").is_file():
-            continue
         full = run_dir.name.startswith("full-")
+        if not (run_dir / "run.db").is_file() or (full and not with_full):
+            continue
         try:
             with RunStore.open_readonly(run_dir) as store:
                 have = _study_settings(store.config(), full)
@@ -447,7 +447,7 @@ def compare(config: ExperimentConfig, out: str | Path, *, strategies: Sequence[s
     full_runs: dict[int, dict] = {}
     train_sizes: dict[int, int] = {}  # per seed: a split by patient gives each seed its own
     made = seed_list if only_seeds is None else sorted(set(only_seeds))
-    _check_same_settings(runs, config)
+    _check_same_settings(runs, config, full)
     if jobs > 1:  # make every run in worker processes; the pass below then only collects them
         _make_runs_in_parallel(config, runs, made, strategies, full, jobs, reporter)
     for seed in made:
