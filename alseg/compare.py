@@ -690,6 +690,7 @@ def _figure(figures, path: Path, preset: str, seeds: int, summary: dict, paper: 
         what = "1 seed: no interval"
     figures.learning_curves(path, f"{preset}: test Dice vs expert labels ({what})", curves,
                             train_size=summary["train_size"], full=full_line, paper=paper,
+                            full_epochs=summary["settings"].get("train.full_epochs"),
                             ylabel="test Dice (mean over seeds)")
 
 

@@ -135,14 +135,14 @@ def training_curves(path, title: str, epochs: Sequence[dict], round_epochs: bool
 
 
 def learning_curves(path, title: str, curves: dict[str, dict], *, train_size: int | None = None,
-                    full: tuple[float, ...] | None = None, paper: float | None = None,
-                    ylabel: str = "test Dice (mean over images)") -> Path:
+                    full: tuple[float, ...] | None = None, full_epochs: int | None = None,
+                    paper: float | None = None, ylabel: str = "test Dice (mean over images)") -> Path:
     """Test Dice against expert-labelled images, one line per ``curves[name] = {"x", "mean", "std"}``.
 
     The band around a curve of several seeds (``"n"`` > 1) is its interval ``"lo"``..``"hi"`` when
     the curve has one (the comparison's 95 % bootstrap interval over seeds), else ±1 ``"std"``.
     ``full`` is the full-supervision Dice as ``(mean, std)`` or ``(mean, lo, hi)``; a dotted line
-    marks 95 % of it.
+    marks 95 % of it; ``full_epochs``, when given, is named in its legend entry.
     """
     fig, ax = plt.subplots(figsize=(9, 5.5))
     for name, c in curves.items():
@@ -163,7 +163,9 @@ def learning_curves(path, title: str, curves: dict[str, dict], *, train_size: in
         lo, hi = (full[1], full[2]) if len(full) == 3 else (full[0] - full[1], full[0] + full[1])
         band = lo is not None and hi is not None and hi > lo
         what = (", band: 95 % interval" if len(full) == 3 else ", band: ± std") if band else ""
-        ax.axhline(full[0], color=COLOURS["full"], ls="--", lw=1.2, label=f"full supervision ({full[0]:.3f}{what})")
+        trained = f"{full_epochs} epochs, " if full_epochs else ""
+        ax.axhline(full[0], color=COLOURS["full"], ls="--", lw=1.2,
+                   label=f"full supervision ({trained}{full[0]:.3f}{what})")
         if band:
             ax.axhspan(lo, hi, color="black", alpha=0.07)
         ax.axhline(0.95 * full[0], color=COLOURS["full"], ls=":", lw=0.9, label="95 % of full supervision")
