@@ -52,10 +52,10 @@ def main() -> None:
             with open(args.results, "a") as fh:
                 fh.write(line + "\n")
 
-    def config(seed: int, strategy: str | None = None, epochs: int | None = None):
+    def config(seed: int, strategy: str | None = None, full_epochs: int | None = None):
         return build_config(args.preset, overrides={
             "seed": seed, "data": {"path": args.data, "size": args.size}, "model": {"width": args.width},
-            "train": {"device": args.device, "epochs": epochs},
+            "train": {"device": args.device, "full_epochs": full_epochs},
             "active": {"strategy": strategy, "rounds": args.rounds, "budget": args.budget}})
 
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -68,7 +68,7 @@ def main() -> None:
         if args.full_dice is not None:
             full[seed] = args.full_dice
         else:
-            ref = train_supervised(config(seed, epochs=args.full_epochs), args.out / f"{stamp}-full-s{seed}", full=True)
+            ref = train_supervised(config(seed, full_epochs=args.full_epochs), args.out / f"{stamp}-full-s{seed}", full=True)
             full[seed] = ref["test"]["mean_dice"]
             emit({"job": "full", "preset": args.preset, "seed": seed, "size": args.size, "labelled": ref["labelled"],
                   "test": ref["test"], "best_epoch": ref["best_epoch"], "wall_s": round(time.perf_counter() - t0, 1)})
