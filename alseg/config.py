@@ -40,8 +40,8 @@ Presets say what they use and why:
   --full --epochs 80``, seeds 3-4) its best within E epochs averaged 0.583 at 30, 0.624 at 50 and
   0.664 at 70 and 80 (both seeds' best epochs 68-70); at 30 it was under-trained.
   5 epochs per round (the paper's) kept: on validation Dice (``benchmarks/round_epochs.py``,
-  random, seeds 3-5) 2 / 5 / 10 per round gave 0.595 / 0.579 / 0.601 over the rounds, 10 above 5
-  on every seed by 0.007-0.05, not enough on 3 seeds to change the preset.
+  random, seeds 3-7) 2 / 5 / 10 per round gave 0.458 / 0.449 / 0.464 over the rounds, 10 above 5
+  on every seed but by under 0.01 on four of five: not enough to change the preset.
 * ``demo``: the generated lesion-like dataset at 64 px, width 8: a complete run in about two
   minutes on a laptop CPU; its numbers say nothing about real data.
 """
