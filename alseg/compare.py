@@ -48,6 +48,7 @@ from alseg.active.loop import adopt_initial_round, run_active, start_run
 from alseg.progress import SILENT, Reporter
 from alseg.rundir import LOCK_NAME, RunDir
 from alseg.store import RunStore, atomic_write_bytes, atomic_write_text
+from alseg.train import TrainConfig
 from alseg.active.strategies import strategy_names
 
 BASELINE = "random"
@@ -230,8 +231,8 @@ def _study_settings(config: dict, full: bool) -> dict:
     full-supervision reference's epoch count is a setting of the reference runs alone (active runs
     made before it existed lack it), compared as the count they train (None means ``train.epochs``)."""
     flat = {k: v for k, v in _flat(config).items() if k not in _PER_RUN}
-    full_epochs = flat.pop(_FULL_EPOCHS, None) or flat.get("train.epochs")
-    return {**flat, _FULL_EPOCHS: full_epochs} if full else flat
+    flat.pop(_FULL_EPOCHS, None)
+    return {**flat, _FULL_EPOCHS: TrainConfig(**config["train"]).reference_epochs} if full else flat
 
 
 def _differing_setting(want: dict, have: dict) -> str | None:
@@ -242,6 +243,7 @@ def _check_same_settings(runs: Path, config: ExperimentConfig, with_full: bool) 
     """Refuse to add runs to a study whose runs were made with other settings (another --config or
     option, or a preset changed since): their curves would not be comparable, and round 0 would
     not be shared. The full-supervision references count only when the call uses them."""
+    want = {kind: _study_settings(config.to_dict(), kind) for kind in (False, True)}  # active runs, references
     for run_dir in sorted(runs.glob("*-s*")) if runs.is_dir() else ():
         full = run_dir.name.startswith("full-")
         if not (run_dir / "run.db").is_file() or (full and not with_full):
@@ -251,11 +253,10 @@ def _check_same_settings(runs: Path, config: ExperimentConfig, with_full: bool) 
                 have = _study_settings(store.config(), full)
         except AlsegError:  # being created, or not a run: compare's own checks meet it later
             continue
-        want = _study_settings(config.to_dict(), full)
-        key = _differing_setting(want, have)
+        key = _differing_setting(want[full], have)
         if key is not None:
             raise AlsegError(f"this study's runs were made with {key} = {have.get(key)!r}, not "
-                             f"{want.get(key)!r}; give the settings they were made with (--config, options) "
+                             f"{want[full].get(key)!r}; give the settings they were made with (--config, options) "
                              "or another --out", run_dir)
 
 

@@ -102,7 +102,7 @@ def sample_rows(split: Split, labelled_ids) -> list[tuple[str, str, str, str, in
 
 def _fit_settings(train: TrainConfig, full: bool) -> TrainConfig:
     """The training settings of a supervised run: the full-supervision reference's own epoch count."""
-    return dataclasses.replace(train, epochs=train.full_epochs or train.epochs) if full else train
+    return dataclasses.replace(train, epochs=train.reference_epochs) if full else train
 
 
 def train_supervised(config: ExperimentConfig, out: str | Path, *, full: bool = False,
@@ -128,8 +128,9 @@ def train_supervised(config: ExperimentConfig, out: str | Path, *, full: bool = 
                     normalizer=normalizer.to_dict(), split=split.to_dict(), samples=sample_rows(split, labelled))
         started = time.perf_counter()
         val_idx = data.indices(split.val)
+        settings = _fit_settings(config.train, full)
         result = fit(model, data.images[train_idx], data.masks[train_idx], data.images[val_idx], data.masks[val_idx],
-                     _fit_settings(config.train, full), normalizer,
+                     settings, normalizer,
                      size=data.size, checkpoint_dir=run_dir.checkpoint_dir(), seed=config.seed,
                      on_epoch=lambda r: (store.add_epoch("initial", 0, r), reporter.epoch("initial", 0, r)),
                      on_batch=batch_progress(reporter),
@@ -142,6 +143,6 @@ def train_supervised(config: ExperimentConfig, out: str | Path, *, full: bool = 
         seconds = time.perf_counter() - started
         store.set_supervised_seconds(seconds)
     return {"run_dir": str(run_dir.root), "labelled": len(labelled), "split": split.counts(), "split_by": split.split_by,
-            "epochs": _fit_settings(config.train, full).epochs,
+            "epochs": settings.epochs,
             "best_epoch": result["best_epoch"], "best_val_dice": result["best_val_dice"],
             "test": evaluation.summary, "seconds": seconds}

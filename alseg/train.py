@@ -52,6 +52,11 @@ class TrainConfig:
     # reached a lower validation Dice at both quick presets (docs/benchmarks.md, "Training precision").
     precision: str = "auto"
 
+    @property
+    def reference_epochs(self) -> int:
+        """Epochs the full-supervision reference trains."""
+        return self.full_epochs or self.epochs
+
     def to_dict(self) -> dict:
         return asdict(self)
 
