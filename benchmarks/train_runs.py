@@ -3,7 +3,7 @@
 Owns what `preset_grid.py` and `preset_epochs.py` share: running a list of `alseg train` runs
 `jobs` at a time, each child with `OMP_NUM_THREADS=1` (one process per core is faster on small CPUs:
 `benchmarks/process_split.py`), reusing runs that finished before, and reading a run's per-epoch
-validation Dice from its store.
+validation Dice and training seconds from its store.
 """
 from __future__ import annotations
 
@@ -19,6 +19,12 @@ def val_dice(run: Path) -> list[float | None]:
     """Every epoch's validation Dice of a finished run, in epoch order (None where not measured)."""
     with sqlite3.connect(f"file:{run / 'run.db'}?mode=ro", uri=True) as db:
         return [v for (v,) in db.execute("SELECT val_dice FROM epochs ORDER BY epoch")]
+
+
+def train_seconds(run: Path) -> float:
+    """A finished run's training time: the sum of its epochs' seconds (validation included, evaluation not)."""
+    with sqlite3.connect(f"file:{run / 'run.db'}?mode=ro", uri=True) as db:
+        return float(db.execute("SELECT coalesce(sum(seconds), 0) FROM epochs").fetchone()[0])
 
 
 def finished(run: Path) -> bool:
