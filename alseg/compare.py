@@ -41,14 +41,13 @@ from typing import Sequence
 
 import numpy as np
 
-from alseg.config import PAPER_DICE, ExperimentConfig
+from alseg.config import PAPER_DICE, ExperimentConfig, config_from_dict
 from alseg.errors import AlsegError
 from alseg.experiment import train_supervised
 from alseg.active.loop import adopt_initial_round, run_active, start_run
 from alseg.progress import SILENT, Reporter
 from alseg.rundir import LOCK_NAME, RunDir
 from alseg.store import RunStore, atomic_write_bytes, atomic_write_text
-from alseg.train import TrainConfig
 from alseg.active.strategies import strategy_names
 
 BASELINE = "random"
@@ -232,7 +231,7 @@ def _study_settings(config: dict, full: bool) -> dict:
     made before it existed lack it), compared as the count they train (None means ``train.epochs``)."""
     flat = {k: v for k, v in _flat(config).items() if k not in _PER_RUN}
     flat.pop(_FULL_EPOCHS, None)
-    return {**flat, _FULL_EPOCHS: TrainConfig(**config["train"]).reference_epochs} if full else flat
+    return {**flat, _FULL_EPOCHS: config_from_dict(config).train.reference_epochs} if full else flat
 
 
 def _differing_setting(want: dict, have: dict) -> str | None:

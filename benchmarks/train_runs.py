@@ -7,6 +7,7 @@ validation Dice and training seconds from its store.
 """
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import subprocess
@@ -38,15 +39,25 @@ def finished(run: Path) -> bool:
 def train_all(runs: list[tuple[Path, list[str]]], jobs: int, tag: str) -> None:
     """Train each (run folder, `alseg train` options without `--out`) not finished yet, `jobs` at a time.
 
-    An unfinished run left by an interrupted call is in the way (its checkpoints would mix with a
-    new run's): the script stops and names it. A failed child stops the script with its stderr.
+    A finished run is reused only if it was made with the same options (recorded beside it as
+    ``<run>.options.json``; runs made before that record existed are reused unchecked). An
+    unfinished run left by an interrupted call is in the way (its checkpoints would mix with a new
+    run's): the script stops and names it. A failed child stops the script with its stderr.
     """
     todo = []
     for run, options in runs:
+        made_with = run.with_name(run.name + ".options.json")  # beside the run: `alseg train` wants a new folder
         if finished(run):
+            # Folder names carry only the varied settings; a reused run made with other options
+            # (another --epochs or --lr into the same --out) would be read as this one.
+            earlier = json.loads(made_with.read_text()) if made_with.is_file() else options
+            if earlier != options:
+                sys.exit(f"{run}: made with other options ({' '.join(earlier)}); remove it or give another --out")
             continue
         if run.exists():
             sys.exit(f"{run}: an unfinished run is in the way; remove it and run again")
+        run.parent.mkdir(parents=True, exist_ok=True)
+        made_with.write_text(json.dumps(options) + "\n")
         todo.append((run, [sys.executable, "-m", "alseg", "train", *options, "--out", str(run), "--json"]))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     running: list[tuple[Path, subprocess.Popen, float]] = []
