@@ -9,7 +9,8 @@ Owns the layout of a comparison folder and its summary:
   differences between strategies are paired; round 0 is trained once per seed, by the first
   strategy's run, and adopted by the others (:func:`alseg.active.loop.adopt_initial_round`);
 * ``OUT/runs/full-s<seed>/``: with ``full``, supervised training on the whole train split with the
-  same preset (the full-supervision reference);
+  same preset (the full-supervision reference; one copied from a study of other active-learning
+  settings or initial epochs is reused, as it depends on neither);
 * ``OUT/compare.png``: test Dice against expert labels, each strategy's mean over seeds with a
   band of its 95 % bootstrap interval, the full-supervision line and the paper's reported Dice;
 * ``OUT/compare.json`` and ``OUT/compare.csv``: per strategy, over seeds (mean, 95 % interval and
@@ -234,6 +235,18 @@ def _study_settings(config: dict, full: bool) -> dict:
     return {**flat, _FULL_EPOCHS: config_from_dict(config).train.reference_epochs} if full else flat
 
 
+def _run_settings(config: dict, full: bool) -> dict:
+    """What one run's result depends on, to check that it belongs to this study: an active run,
+    every study setting; a full-supervision reference, all but the active-learning ones and the
+    initial epoch count, which it does not use (it trains its own count, ``train.full_epochs``).
+    So a study at another schedule (initial or per-round epochs, rounds, strategy settings) can
+    take over the references of an earlier one, the most expensive runs of a study."""
+    settings = _study_settings(config, full)
+    if not full:
+        return settings
+    return {k: v for k, v in settings.items() if not k.startswith("active.") and k != "train.epochs"}
+
+
 def _differing_setting(want: dict, have: dict) -> str | None:
     return next((k for k in sorted(set(want) | set(have)) if want.get(k) != have.get(k)), None)
 
@@ -242,14 +255,14 @@ def _check_same_settings(runs: Path, config: ExperimentConfig, with_full: bool) 
     """Refuse to add runs to a study whose runs were made with other settings (another --config or
     option, or a preset changed since): their curves would not be comparable, and round 0 would
     not be shared. The full-supervision references count only when the call uses them."""
-    want = {kind: _study_settings(config.to_dict(), kind) for kind in (False, True)}  # active runs, references
+    want = {kind: _run_settings(config.to_dict(), kind) for kind in (False, True)}  # active runs, references
     for run_dir in sorted(runs.glob("*-s*")) if runs.is_dir() else ():
         full = run_dir.name.startswith("full-")
         if not (run_dir / "run.db").is_file() or (full and not with_full):
             continue
         try:
             with RunStore.open_readonly(run_dir) as store:
-                have = _study_settings(store.config(), full)
+                have = _run_settings(store.config(), full)
         except AlsegError:  # being created, or not a run: compare's own checks meet it later
             continue
         key = _differing_setting(want[full], have)

@@ -409,6 +409,23 @@ def test_compare_jobs_makes_the_runs_in_worker_processes_and_round_0_once_per_se
     for name, expected in rounds.items():
         with RunStore.open_readonly(runs / name) as store:
             assert store.rounds() == expected
+    # a reference uses no active-learning setting and not the initial epoch count: a study at another
+    # schedule takes it over (copied into its folder) instead of training it again ...
+    import shutil
+
+    schedule = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=1),
+                                   active=dataclasses.replace(cfg.active, round_epochs=2))
+    shutil.copytree(runs / "full-s0", tmp_path / "schedule" / "runs" / "full-s0")
+    taken_over = compare(schedule, tmp_path / "schedule", strategies=["random"], seeds=1, full=True)
+    assert taken_over["runs"]["full-s0"]["test_dice"] == summary["runs"]["full-s0"]["test_dice"]
+    with RunStore.open_readonly(tmp_path / "schedule" / "runs" / "full-s0") as full_store:
+        assert [e["epoch"] for e in full_store.epochs()] == [1, 2, 3]  # not trained again
+    with RunStore.open_readonly(tmp_path / "schedule" / "runs" / "random-s0") as store:
+        assert [e["epoch"] for e in store.epochs() if e["phase"] == "initial"] == [1]
+    # ... but not one trained with another setting it does use
+    with pytest.raises(AlsegError, match=r"full-s0: .*made with train.lr = "):
+        compare(dataclasses.replace(schedule, train=dataclasses.replace(schedule.train, lr=cfg.train.lr * 3)),
+                tmp_path / "schedule", strategies=["random"], seeds=1, full=True)
 
 
 def test_compare_workers_stop_when_the_parent_is_killed_outright(tmp_path):
