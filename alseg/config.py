@@ -23,9 +23,10 @@ Presets say what they use and why:
   30; at 3e-4, 0.820 at 20 and 0.835 at both 25 and 30 (its best epochs 24-25). So 1e-3 stays
   (above 3e-4 at 25 and 30 epochs on two seeds of three), and 25 is the smallest count within
   0.01 of the best; 20 stopped on the rising part of the curve. The earlier ISIC studies in
-  docs/benchmarks.md ran at 20 (and 3 per round); the latest at 25 and 6. The full-supervision reference trains 30 epochs: on validation
-  Dice (``preset_epochs.py --full``, seeds 3-4, stopped at 30 for time) its best within E epochs
-  averaged 0.868 at 20, 0.870 at 25 and 0.882 at 30, still rising at 30 on both seeds.
+  docs/benchmarks.md ran at 20 (and 3 per round); the latest at 25 and 6. The full-supervision
+  reference trains 30 epochs: on validation Dice (``preset_epochs.py --full``, seeds 3-4, stopped
+  at 30 for time) its best within E epochs averaged 0.868 at 20, 0.870 at 25 and 0.882 at 30,
+  still rising at 30 on both seeds.
   6 epochs per round, not the first setting's 3: on validation Dice (``benchmarks/round_epochs.py
   --round-epochs 3 6``, random, seeds 3-4) 0.840 at 3 and 0.854 at 6 over the rounds, 6 higher in
   every round of both seeds, for 1.8x the retraining time.
