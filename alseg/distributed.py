@@ -154,10 +154,9 @@ def handler(op: str):
 
 def serve() -> None:
     """On ranks > 0: take part in each step rank 0 announces until it says stop. A failure here
-    ends this process at once (torchrun then stops the group): rank 0 is inside the same step."""
-    import alseg.active.uncertainty  # noqa: F401  (registers "mc")
-    import alseg.train  # noqa: F401  (registers "fit")
-
+    ends this process at once (torchrun then stops the group): rank 0 is inside the same step.
+    The steps' handlers are registered by their modules (``alseg.train``: "fit",
+    ``alseg.active.uncertainty``: "mc"), which the caller has imported: this module imports none."""
     while True:
         op, payload, has_shares = _broadcast(None)
         if op == STOP:

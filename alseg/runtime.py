@@ -47,6 +47,11 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def step_seed(seed: int, round: int, step: int) -> int:
+    """An independent, reproducible seed for one step of one round (the loop's steps, the batch export)."""
+    return int(np.random.SeedSequence([seed, round, step]).generate_state(1)[0])
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
