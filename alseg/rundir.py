@@ -6,6 +6,7 @@ fresh one, and the writer lock:
 * ``run.db``: the store (:mod:`alseg.store`); ``config.yaml``: the effective config;
 * ``checkpoints/round-RRR/{best,last}.pt`` (active runs) or ``checkpoints/{best,last}.pt``
   (supervised runs); ``pseudo/round-RRR.npz``: the pseudo-labels a round trained on;
+  ``pretrain/``: the pre-trained weights and, while it runs, the pre-training's state;
 * ``rounds/RRR/``: the batch exported for the expert (images, predicted masks, uncertainty
   overlays, ``manifest.csv``) and ``rounds/RRR/masks/``, where the expert's masks are expected;
 * ``report/``, ``tensorboard/``; ``.incoming/``: uploads being validated; ``lock``.
@@ -84,6 +85,11 @@ class RunDir:
 
     def checkpoint(self, round: int | None = None, which: str = "best") -> Path:
         return self.checkpoint_dir(round) / f"{which}.pt"
+
+    @property
+    def pretrain_dir(self) -> Path:
+        """``pretrain/``: the self-supervised weights (``pretrained.pt``) and a running pre-training's state."""
+        return self.root / "pretrain"
 
     def pseudo(self, round: int) -> Path:
         return self.root / "pseudo" / f"round-{round:03d}.npz"
@@ -185,7 +191,7 @@ class RunDir:
                     walk(child, deep)
 
         walk(self.root, deep=False)
-        for folder in (self.root / "checkpoints", self.root / "pseudo", self.root / "rounds"):
+        for folder in (self.root / "checkpoints", self.root / "pseudo", self.root / "rounds", self.pretrain_dir):
             if folder.is_dir() and not folder.is_symlink():
                 walk(folder, deep=True)
         if self.incoming.is_dir():  # uploads that were being validated when the server died
