@@ -17,7 +17,13 @@ Tables:
   queued mask arrived, ``done`` once its model is trained and evaluated;
 * ``scores``: (round, id, name, value) rows, so a new score needs no schema change;
 * ``selections``: who was chosen in each round, as expert or pseudo, and why;
-* ``epochs`` and ``evaluations``: training history and Dice summaries.
+* ``epochs`` and ``evaluations``: training history and Dice summaries;
+* ``round_facts``: (round, name, JSON value) rows of what a round decided or found, for example
+  ``model`` (its validation Dice beside the constant masks', :mod:`alseg.active.gate`) and
+  ``gate`` (the pseudo-labels it was allowed and why), so a new fact needs no schema change.
+
+Schema 3 added ``round_facts``; a schema-2 database gets it (and version 3) when opened for
+writing, and reads as having no facts when opened read-only.
 
 Selection, queueing and the round row are one transaction; so is a mask's arrival with its
 label move: a crash can never lose or duplicate a label. An id counts as labelled when its
@@ -44,7 +50,7 @@ import numpy as np
 from alseg.errors import AlsegError
 from alseg.rundir import DB_NAME, LOCK_NAME, RunDir
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -74,7 +80,12 @@ CREATE TABLE evaluations (
     round INTEGER NOT NULL, split TEXT NOT NULL, images INTEGER, mean_dice REAL, median_dice REAL,
     pooled_dice REAL, volume_dice_mean REAL, created REAL, PRIMARY KEY (round, split));
 """
-_TABLES = {"meta", "samples", "masks", "annotations", "epochs", "rounds", "scores", "selections", "evaluations"}
+# Schema 3's addition, which is also the whole migration from schema 2.
+_FACTS_TABLE = """CREATE TABLE round_facts (
+    round INTEGER NOT NULL, name TEXT NOT NULL, value TEXT NOT NULL, PRIMARY KEY (round, name))"""
+_SCHEMA += _FACTS_TABLE + ";\n"
+_TABLES = {"meta", "samples", "masks", "annotations", "epochs", "rounds", "scores", "selections", "evaluations",
+           "round_facts"}
 
 
 def disk_full_error(exc: OSError, path: str | Path, state: str) -> AlsegError | None:
@@ -191,8 +202,19 @@ class RunStore:
         if check != "ok":
             raise sqlite3.DatabaseError(check)
         tables = {r[0] for r in self.conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        self._has_facts = "round_facts" in tables
+        version = self._get("schema_version") if "meta" in tables else None
+        if isinstance(version, int) and version > SCHEMA_VERSION:
+            raise AlsegError(f"run.db has schema {version}, made by a newer alseg (this one reads up to "
+                             f"{SCHEMA_VERSION}); upgrade alseg", self.dir.db)
+        if _TABLES - tables == {"round_facts"} and version == 2:
+            if not self.readonly:  # schema 2 -> 3: one new table, nothing else changed
+                with self.transaction() as c:
+                    c.execute(_FACTS_TABLE)
+                    c.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (json.dumps(SCHEMA_VERSION),))
+                self._has_facts = True
+            return
         if not _TABLES <= tables:
-            version = self._get("schema_version") if "meta" in tables else None
             if version is not None and version < SCHEMA_VERSION:
                 raise AlsegError(f"run.db has schema {version}, made by an older alseg; start a new run",
                                  self.dir.db)
@@ -385,12 +407,28 @@ class RunStore:
         rows = self.conn.execute(f"SELECT {', '.join(keys)} FROM evaluations ORDER BY round, split")
         return [dict(zip(keys, r)) for r in rows]
 
+    def set_round_fact(self, round: int, name: str, value: Any, conn=None) -> None:
+        (conn or self.conn).execute("INSERT OR REPLACE INTO round_facts VALUES (?, ?, ?)",
+                                    (round, name, json.dumps(value)))
+
+    def round_facts(self) -> dict[int, dict[str, Any]]:
+        """Every round's recorded facts: ``{round: {name: value}}`` (empty for a schema-2 database read-only)."""
+        if not getattr(self, "_has_facts", True):
+            return {}
+        out: dict[int, dict[str, Any]] = {}
+        for r, name, value in self.conn.execute("SELECT round, name, value FROM round_facts ORDER BY round, name"):
+            out.setdefault(r, {})[name] = json.loads(value)
+        return out
+
     # --- active-learning rounds ----------------------------------------------------------------
     def record_selection(self, round: int, pool_ids: Sequence[str], scores: Mapping[str, Any] | None,
                          expert: list[str], pseudo: list[str], reasons: dict[str, str], shortfalls: list[str],
-                         keep_pseudo: bool, timings: dict | None = None) -> None:
-        """Atomically: the pool's scores, the selection, the expert ids queued, an ``awaiting`` round row."""
+                         keep_pseudo: bool, timings: dict | None = None, facts: Mapping[str, Any] | None = None) -> None:
+        """Atomically: the pool's scores, the selection, the expert ids queued, an ``awaiting`` round row
+        and the round's ``facts`` (the pseudo-label gate)."""
         with self.transaction() as c:
+            for name, value in (facts or {}).items():
+                self.set_round_fact(round, name, value, c)
             rows = []
             for name, values in (scores or {}).items():
                 if values is None:
@@ -482,9 +520,11 @@ class RunStore:
 
     def finish_round(self, round: int, *, expert_labelled: int, pseudo_labelled: int, pool: int,
                      test_dice: float | None, val_dice: float | None, seconds: float, timings: dict,
-                     latest_checkpoint: str) -> None:
-        """Mark a round done, with the pointer to its model, in one transaction."""
+                     latest_checkpoint: str, facts: Mapping[str, Any] | None = None) -> None:
+        """Mark a round done, with the pointer to its model and its ``facts``, in one transaction."""
         with self.transaction() as c:
+            for name, value in (facts or {}).items():
+                self.set_round_fact(round, name, value, c)
             shortfalls = c.execute("SELECT shortfalls FROM rounds WHERE round = ?", (round,)).fetchone()
             c.execute(
                 "INSERT OR REPLACE INTO rounds VALUES (?, 'done', ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -500,7 +540,10 @@ class RunStore:
             raise AlsegError(f"round {round} is not finished there", donor.run_dir)
         epochs = donor.conn.execute("SELECT * FROM epochs WHERE round = ?", (round,)).fetchall()
         evaluations = donor.conn.execute("SELECT * FROM evaluations WHERE round = ?", (round,)).fetchall()
+        facts = donor.round_facts().get(round, {})
         with self.transaction() as c:
+            for name, value in facts.items():
+                self.set_round_fact(round, name, value, c)
             c.execute("DELETE FROM epochs WHERE round = ?", (round,))  # an interrupted attempt of its own
             c.executemany("INSERT INTO epochs VALUES (?, ?, ?, ?, ?, ?, ?, ?)", epochs)
             c.executemany("INSERT OR REPLACE INTO evaluations VALUES (?, ?, ?, ?, ?, ?, ?, ?)", evaluations)

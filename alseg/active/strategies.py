@@ -43,7 +43,7 @@ whole pool: each pick adds most to the sum, over pool images, of each one's high
 similarity to the labelled set and the picks. It prefers images like many unlabelled ones
 (representative), where k-center's farthest points can be outliers.
 
-The ``select`` contract. ``select(scores, pool, round, rng, *, pseudo_held=0) -> Selection``:
+The ``select`` contract. ``select(scores, pool, round, rng, *, pseudo_held=0, pseudo_limit=None) -> Selection``:
 
 * ``pool``: the n pool ids, in store order; ``round`` >= 1; ``rng``: a seeded generator, the only
   source of randomness (same inputs and seed, same ids);
@@ -54,7 +54,9 @@ The ``select`` contract. ``select(scores, pool, round, rng, *, pseudo_held=0) ->
   one with ``needs_scores`` False (``random``) gets only ``group``: the loop skips the T MC passes
   over the pool (and so records no scores for that round);
 * ``pseudo_held``: pseudo-labels kept from earlier rounds (``keep_pseudo``), which count toward
-  this round's number;
+  this round's number; ``pseudo_limit``: the most pseudo-labels the gate allows this round
+  (:mod:`alseg.active.gate`; None: no limit); ``pseudo_wanted(round, pseudo_held)`` says how many
+  the strategy would take without it (0 for strategies that take none);
 * returns ``Selection``: expert ids and pseudo ids (disjoint, subsets of ``pool``, no repeats),
   a reason per id (the manifest shows it), and shortfalls (notes when a region held too few).
 
@@ -93,6 +95,13 @@ class CealParams:
     pseudo_per_round: int = 20
     pseudo_start_round: int = 1
     pseudo_skip_empty: bool = False  # True: never pseudo-label an image whose predicted mask is empty
+    # The gate (alseg.active.gate, a departure from CEAL): no pseudo-labels from a model whose
+    # validation Dice is below pseudo_min_val_dice or no better than a constant mask (pseudo_gate
+    # false: CEAL's, always), and never more than pseudo_max_pool_fraction of the pool images left
+    # after the expert's batch (1.0: CEAL's, up to the whole pool).
+    pseudo_gate: bool = True
+    pseudo_min_val_dice: float = 0.5
+    pseudo_max_pool_fraction: float = 0.5
 
     @property
     def expert_budget(self) -> int:
@@ -116,8 +125,12 @@ class Strategy:
     needs_scores = True  # False: the loop skips the MC passes and ``scores`` holds only ``group``
 
     def select(self, scores: Mapping[str, np.ndarray], pool: Sequence[str], round: int,
-               rng: np.random.Generator, *, pseudo_held: int = 0) -> Selection:
+               rng: np.random.Generator, *, pseudo_held: int = 0, pseudo_limit: int | None = None) -> Selection:
         raise NotImplementedError
+
+    def pseudo_wanted(self, round: int, pseudo_held: int = 0) -> int:
+        """Pseudo-labels this strategy would take in ``round`` before any gate (0: it takes none)."""
+        return 0
 
 
 class RandomStrategy(Strategy):
@@ -127,7 +140,7 @@ class RandomStrategy(Strategy):
     def __init__(self, budget: int = 35):
         self.budget = budget
 
-    def select(self, scores, pool, round, rng, *, pseudo_held=0):
+    def select(self, scores, pool, round, rng, *, pseudo_held=0, pseudo_limit=None):
         k = min(self.budget, len(pool))
         picked = [pool[i] for i in sorted(rng.choice(len(pool), size=k, replace=False))]
         short = [f"random: pool holds {len(pool)}, wanted {self.budget}"] if k < self.budget else []
@@ -141,7 +154,7 @@ class TopKStrategy(Strategy):
         self.name = {"variance": "uncertainty"}.get(score, score)
         self.score, self.budget = score, budget
 
-    def select(self, scores, pool, round, rng, *, pseudo_held=0):
+    def select(self, scores, pool, round, rng, *, pseudo_held=0, pseudo_limit=None):
         values = np.asarray(scores[self.score], float)
         order = np.argsort(-values, kind="stable")[: self.budget]
         picked = [pool[i] for i in order]
@@ -156,6 +169,9 @@ class CealStrategy(Strategy):
         if params.bins < params.top_bins or params.bins < 2:
             raise AlsegError("CEAL needs at least 2 bins and no more top bins than bins")
         self.p = params
+
+    def pseudo_wanted(self, round: int, pseudo_held: int = 0) -> int:
+        return ceal_pseudo_count(self.p, round, pseudo_held)
 
     def histogram(self, values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(bin of each value, counts per bin, edges): numpy's equal-width histogram, last bin closed."""
@@ -176,7 +192,7 @@ class CealStrategy(Strategy):
                 "uncertain": (float(edges[p.bins - p.top_bins]), float(edges[-1])),
                 "pseudo": (float(edges[modal]), float(edges[modal + 1]))}
 
-    def select(self, scores, pool, round, rng, *, pseudo_held=0):
+    def select(self, scores, pool, round, rng, *, pseudo_held=0, pseudo_limit=None):
         p = self.p
         values = np.asarray(scores["variance"], float)
         bins = _Bins(self, values, rng)
@@ -207,7 +223,7 @@ class CealStrategy(Strategy):
         below = list(range((lo if region else hi) - 1, -1, -1))
         bins.draw("low", p.n_low, region, above + below)
         expert = [pool[i] for i in np.flatnonzero(bins.taken)]
-        pseudo = ceal_pseudo(p, bins, scores, round, pseudo_held)
+        pseudo = ceal_pseudo(p, bins, scores, round, pseudo_held, pseudo_limit)
         return Selection(expert, [pool[i] for i in pseudo], {pool[i]: r for i, r in bins.reasons.items()},
                          bins.shortfalls)
 
@@ -254,16 +270,24 @@ class _Bins:
         return chosen
 
 
-def ceal_pseudo(p: CealParams, bins: _Bins, scores: Mapping[str, np.ndarray], round: int,
-                pseudo_held: int) -> list[int]:
-    """CEAL's pseudo-labels: from the modal bin, widening toward lower uncertainty, then higher.
-
-    ``pseudo_per_round`` x (rounds since ``pseudo_start_round`` + 1) are held in this round; the
-    ``pseudo_held`` kept from earlier rounds count toward it (so with ``keep_pseudo`` each round adds
-    ``pseudo_per_round``, not a triangular number)."""
+def ceal_pseudo_count(p: CealParams, round: int, pseudo_held: int) -> int:
+    """CEAL's pseudo-labels to take in ``round``: ``pseudo_per_round`` x (rounds since
+    ``pseudo_start_round`` + 1) held, less the ``pseudo_held`` kept from earlier rounds (so with
+    ``keep_pseudo`` each round adds ``pseudo_per_round``, not a triangular number)."""
     if round < p.pseudo_start_round or p.pseudo_per_round <= 0:
+        return 0
+    return max(0, p.pseudo_per_round * (round - p.pseudo_start_round + 1) - pseudo_held)
+
+
+def ceal_pseudo(p: CealParams, bins: _Bins, scores: Mapping[str, np.ndarray], round: int,
+                pseudo_held: int, limit: int | None = None) -> list[int]:
+    """CEAL's pseudo-labels (:func:`ceal_pseudo_count` of them, at most ``limit``, the gate's): from the
+    modal bin, widening toward lower uncertainty, then higher."""
+    k = ceal_pseudo_count(p, round, pseudo_held)
+    if limit is not None:
+        k = min(k, limit)
+    if k <= 0:
         return []
-    k = p.pseudo_per_round * (round - p.pseudo_start_round + 1) - pseudo_held
     if p.pseudo_skip_empty and scores.get("foreground") is not None:
         bins.barred[:] = np.asarray(scores["foreground"]) == 0
     modal = bins.modal
@@ -283,6 +307,9 @@ class DiverseStrategy(Strategy):
         self.p, self.budget, self.candidates, self.group_cap = params, budget, candidates, group_cap
         self._ceal = CealStrategy(params)
 
+    def pseudo_wanted(self, round: int, pseudo_held: int = 0) -> int:
+        return ceal_pseudo_count(self.p, round, pseudo_held)
+
     def _greedy(self, fc: np.ndarray, fl: np.ndarray, fp: np.ndarray):
         """``(best, update)`` for the greedy pick among the candidates ``fc`` (labelled ``fl``, pool ``fp``):
         ``best(free)`` the next candidate's index, ``update(j)`` after candidate ``j`` is taken.
@@ -299,7 +326,7 @@ class DiverseStrategy(Strategy):
             np.minimum(nearest, ((fc - fc[j]) ** 2).sum(-1), out=nearest)
         return best, update
 
-    def select(self, scores, pool, round, rng, *, pseudo_held=0):
+    def select(self, scores, pool, round, rng, *, pseudo_held=0, pseudo_limit=None):
         values = np.asarray(scores["variance"], float)
         n = len(values)
         k = min(self.budget, n)
@@ -335,7 +362,7 @@ class DiverseStrategy(Strategy):
             chosen.extend(rest[: k - len(chosen)])
         bins = _Bins(self._ceal, values, rng)
         bins.take(chosen, self.name)
-        pseudo = ceal_pseudo(self.p, bins, scores, round, pseudo_held)
+        pseudo = ceal_pseudo(self.p, bins, scores, round, pseudo_held, pseudo_limit)
         shortfalls += bins.shortfalls
         expert = [pool[i] for i in sorted(chosen)]
         return Selection(expert, [pool[i] for i in pseudo], {pool[i]: r for i, r in bins.reasons.items()}, shortfalls)
@@ -392,6 +419,7 @@ class ReasonSpec:
 # A reason "top <score>" (top-k strategies) is shown as "most uncertain (top <score>)" under "top".
 REASONS: dict[str, ReasonSpec] = {
     "initial": ReasonSpec("initial", "#17becf"), "pseudo": ReasonSpec("pseudo-label", "#ff7f0e"),
+    "cover": ReasonSpec("initial (one per kind of image)", "#17becf"),
     "top": ReasonSpec("most uncertain (top score)", "#d62728"),
 }
 
