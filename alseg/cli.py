@@ -128,10 +128,14 @@ def _default_out(prefix: str) -> Path:
 @app.command()
 def train(data: Path = typer.Option(..., "--data", help="Dataset folder."),
           format: Optional[Format] = typer.Option(None, "--format", help="Override layout detection."),
-          preset: Optional[PresetName] = typer.Option(None, help="Settings preset (default: quick-* for the layout)."),
+          preset: Optional[PresetName] = typer.Option(None, help="Settings preset (default: quick-* for the layout; "
+                                             "for a plain folder chosen by its images, and printed)."),
           config: Optional[Path] = typer.Option(None, "--config", help="YAML file overriding the preset."),
           size: Optional[int] = typer.Option(None, help="Working size in pixels (square)."),
           width: Optional[int] = typer.Option(None, help="U-Net base width."),
+          min_epoch_steps: Optional[int] = typer.Option(None, "--min-epoch-steps", help="At least this many "
+                                                           "optimiser steps an epoch, however few the labelled images "
+                                                           "(default: the preset's; 0: one pass an epoch)."),
           epochs: Optional[int] = typer.Option(None, help="Training epochs (with --full: the full-supervision "
                                                "reference's, train.full_epochs in a --config)."),
           batch_size: Optional[int] = typer.Option(None, help="Images per batch."),
@@ -146,20 +150,23 @@ def train(data: Path = typer.Option(..., "--data", help="Dataset folder."),
           cache_dir: Optional[Path] = typer.Option(None, help="Decoded-pixel cache (default ~/.cache/alseg)."),
           as_json: bool = typer.Option(False, "--json", help="Print the result as JSON.")):
     """Supervised training on a split's labelled part, then Dice on its test split."""
-    from alseg.config import build_config, preset_for_format
+    from alseg.config import build_config, choose_preset
     from alseg.data import detect_format
     from alseg.experiment import train_supervised
 
     fmt = format.value if format else detect_format(data)
-    cfg = build_config(preset.value if preset else preset_for_format(fmt), config, {
+    name, sized, why = choose_preset(preset.value if preset else None, data, fmt)
+    cfg = build_config(name, config, defaults=sized, overrides={
         "seed": seed,
         "data": {"path": str(data), "format": fmt, "size": size, "split_by": split_by,
                  "cache_dir": str(cache_dir) if cache_dir else None},
         "model": {"width": width, "dropout": dropout},
         "train": {"full_epochs" if full else "epochs": epochs, "batch_size": batch_size, "lr": lr, "device": device,
+                  "min_epoch_steps": min_epoch_steps,
                   "precision": precision},
     })
-    result = train_supervised(cfg, out_dir or _default_out("train"), full=full, reporter=RichReporter(quiet=as_json))
+    result = train_supervised(cfg, out_dir or _default_out("train"), full=full, reporter=RichReporter(quiet=as_json),
+                              notes=() if preset else (f"preset {name}: {why}",))
 
     def render(r):
         out.print(_kv_table("test Dice", r["test"]))
@@ -224,11 +231,22 @@ def _rounds_table(status: dict) -> Table:
     return table
 
 
+def _render_model(r: dict) -> None:
+    """The latest model's warning (no better than a constant mask) and the open round's pseudo-label gate."""
+    if r.get("warning"):
+        err.print(f"warning: {r['warning']}", markup=False, highlight=False, soft_wrap=True)
+    gate = r.get("gate")
+    if gate and gate.get("asked"):
+        out.print(f"pseudo-labels, round {r['open_round']}: {gate['reason']}", markup=False, highlight=False,
+                  soft_wrap=True)
+
+
 def _render_status(r: dict) -> None:
     out.print(_rounds_table(r))
     out.print(f"expert-labelled {r['expert_labelled']}, pseudo-labelled {r['pseudo_labelled']}, queued {r['queued']}, "
               f"pool {r['pool']}; expert time {r['expert_seconds'] / 60:.1f} min; stopped: {r['stopped'] or '-'}",
               markup=False, highlight=False)
+    _render_model(r)
 
 
 def _render_run(r: dict) -> None:
@@ -237,7 +255,8 @@ def _render_run(r: dict) -> None:
 
 
 @app.command()
-def run(preset: Optional[PresetName] = typer.Option(None, help="Settings preset (default: quick-* for the layout)."),
+def run(preset: Optional[PresetName] = typer.Option(None, help="Settings preset (default: quick-* for the layout; "
+                                             "for a plain folder chosen by its images, and printed)."),
         data: Optional[Path] = typer.Option(None, "--data", help="Dataset folder."),
         format: Optional[Format] = typer.Option(None, "--format", help="Override layout detection."),
         config: Optional[Path] = typer.Option(None, "--config", help="YAML file overriding the preset."),
@@ -252,9 +271,15 @@ def run(preset: Optional[PresetName] = typer.Option(None, help="Settings preset 
         width: Optional[int] = typer.Option(None, help="U-Net base width."),
         epochs: Optional[int] = typer.Option(None, help="Initial training epochs."),
         round_epochs: Optional[int] = typer.Option(None, help="Retraining epochs per round."),
+        min_epoch_steps: Optional[int] = typer.Option(None, "--min-epoch-steps", help="At least this many "
+                                                         "optimiser steps an epoch, however few the labelled images "
+                                                         "(default: the preset's; 0: one pass an epoch)."),
         mc_passes: Optional[int] = typer.Option(None, help="MC-dropout passes T."),
         from_scratch: bool = typer.Option(False, "--from-scratch", help="Retrain from scratch each round (default: warm start)."),
         keep_pseudo: bool = typer.Option(False, "--keep-pseudo", help="Keep pseudo-labels for good (default: transient)."),
+        pretrain: Optional[bool] = typer.Option(None, "--pretrain/--no-pretrain", help="Pre-train the U-Net on the "
+                                                "train and validation images (no masks) before round 0 (default: "
+                                                "the preset's; off in every preset)."),
         split_by: Optional[str] = typer.Option(None, help="group (default) or sample."),
         device: Optional[str] = typer.Option(None, help="auto, cpu or cuda."),
         cache_dir: Optional[Path] = typer.Option(None, help="Decoded-pixel cache (default ~/.cache/alseg)."),
@@ -264,7 +289,7 @@ def run(preset: Optional[PresetName] = typer.Option(None, help="Settings preset 
 
     The effective config is printed and saved as RUN_DIR/config.yaml.
     """
-    from alseg.config import build_config, preset_for_format
+    from alseg.config import build_config, choose_preset
     from alseg.data import detect_format
     from alseg.active.loop import run_active
 
@@ -279,9 +304,10 @@ def run(preset: Optional[PresetName] = typer.Option(None, help="Settings preset 
 
     if resume is not None:
         changing = {"--preset": preset, "--data": data, "--format": format, "--config": config, "--out": out_dir,
-                    "--strategy": strategy, "--batch-size": batch_size, "--seed": seed, "--size": size, "--width": width, "--epochs": epochs,
+                    "--strategy": strategy, "--batch-size": batch_size, "--seed": seed, "--size": size, "--width": width, "--epochs": epochs, "--min-epoch-steps": min_epoch_steps,
                     "--round-epochs": round_epochs, "--mc-passes": mc_passes, "--from-scratch": from_scratch or None,
-                    "--keep-pseudo": keep_pseudo or None, "--split-by": split_by, "--device": device,
+                    "--keep-pseudo": keep_pseudo or None, "--pretrain/--no-pretrain": pretrain,
+                    "--split-by": split_by, "--device": device,
                     "--cache-dir": cache_dir}
         refused = [flag for flag, value in changing.items() if value is not None]
         if refused:
@@ -300,12 +326,14 @@ def run(preset: Optional[PresetName] = typer.Option(None, help="Settings preset 
         if data is None:
             raise AlsegError("--data PATH is required for a new run (or --resume RUN_DIR)")
         fmt = format.value if format else detect_format(data)
-        cfg = build_config(preset.value if preset else preset_for_format(fmt), config, {
+        name, sized, why = choose_preset(preset.value if preset else None, data, fmt)
+        cfg = build_config(name, config, defaults=sized, overrides={
             "seed": seed,
             "data": {"path": str(data), "format": fmt, "size": size, "split_by": split_by,
                      "cache_dir": str(cache_dir) if cache_dir else None},
             "model": {"width": width},
-            "train": {"epochs": epochs, "device": device},
+            "train": {"epochs": epochs, "device": device, "min_epoch_steps": min_epoch_steps},
+            "pretrain": {"enabled": pretrain},
             "active": {"strategy": strategy.value if strategy else None, "batch_size": batch_size,
                        "rounds": rounds, "budget": budget,
                        "round_epochs": round_epochs, "mc_passes": mc_passes,
@@ -313,7 +341,8 @@ def run(preset: Optional[PresetName] = typer.Option(None, help="Settings preset 
         })
         out = out_dir or _default_out("run")
         _resume_hint(f"alseg run --resume {out}")
-        result = run_active(cfg, out, reporter=with_tensorboard(out, cfg.active.round_epochs))
+        result = run_active(cfg, out, reporter=with_tensorboard(out, cfg.active.round_epochs),
+                            notes=() if preset else (f"preset {name}: {why}",))
     _emit(result, as_json, _render_run)
 
 
@@ -322,8 +351,10 @@ def status(run_dir: Path = typer.Argument(..., help="Run or project directory.")
            as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts.")):
     """Labels (expert, pseudo, queued, pool) and the finished rounds of a run or project; never writes.
 
-    JSON: top-level expert_labelled, pseudo_labelled, queued, pool, expert_seconds, open_round, stopped, and
-    rounds (each with val and test Dice, seconds, expert seconds and the ids the expert labelled).
+    JSON: top-level expert_labelled, pseudo_labelled, queued, pool, expert_seconds, open_round, stopped;
+    model (the latest model's validation Dice beside a constant mask's, useful, warning), warning, gate
+    (the open round's pseudo-label gate: asked, limit, reason); and rounds (each with val and test Dice,
+    seconds, expert seconds, the ids the expert labelled, its model and gate).
     """
     from alseg.active.loop import status as run_status
 
@@ -550,34 +581,44 @@ def init(project: Path = typer.Argument(..., help="Project folder to create (new
                                      "(isic2017, lgg, folder)."),
          masks: Optional[Path] = typer.Option(None, "--masks", help="Masks you already have, paired with a plain "
                                               "images folder by file name (a.png, a_mask.png, a_segmentation.png)."),
-         preset: Optional[PresetName] = typer.Option(None, help="Settings preset (default: quick-* for the layout)."),
+         preset: Optional[PresetName] = typer.Option(None, help="Settings preset (default: quick-* for the layout; "
+                                             "for a plain folder chosen by its images, and printed)."),
          format: Optional[Format] = typer.Option(None, "--format", help="Override layout detection."),
          config: Optional[Path] = typer.Option(None, "--config", help="YAML file overriding the preset."),
          size: Optional[int] = typer.Option(None, help="Working size in pixels."),
          width: Optional[int] = typer.Option(None, help="U-Net base width."),
          epochs: Optional[int] = typer.Option(None, help="Initial training epochs."),
          round_epochs: Optional[int] = typer.Option(None, help="Retraining epochs per round."),
+         min_epoch_steps: Optional[int] = typer.Option(None, "--min-epoch-steps", help="At least this many "
+                                                          "optimiser steps an epoch, however few the labelled images "
+                                                          "(default: the preset's; 0: one pass an epoch)."),
          mc_passes: Optional[int] = typer.Option(None, help="MC-dropout passes T."),
          seed: Optional[int] = typer.Option(None, help="Random seed."),
          pool: str = typer.Option("unmasked", help="unmasked: images without a mask are the pool; split: split like "
                                   "`alseg run` and hide the pool's masks (a rehearsal on a labelled dataset)."),
          cache_dir: Optional[Path] = typer.Option(None, help="Decoded-pixel cache (default ~/.cache/alseg)."),
+         pretrain: bool = typer.Option(True, "--pretrain/--no-pretrain", help="Pre-train the U-Net on all your "
+                                       "images (no masks needed) before the first model, once, cached in the "
+                                       "project; without masks, the first batch then covers the kinds of image."),
          as_json: bool = typer.Option(False, "--json", help="Print the project's status as JSON.")):
     """Create a project over your images, with the masks you already have (zero is fine).
 
     Images with a mask start labelled (a fifth of them validate each round's model); the others are
-    the pool the expert is asked about. Next: `alseg query PROJECT`.
+    the pool the expert is asked about. Without --preset the images choose one: grey images take
+    quick-lgg's settings (128 px), colour ones quick-isic's (96 px), smaller images their own size;
+    it is printed with the reason. Next: `alseg query PROJECT`.
     """
     from alseg.project import init_project
 
     result = init_project(project, images, masks, preset=preset.value if preset else None,
-                          format=format.value if format else None, config_file=config, pool=pool,
+                          format=format.value if format else None, config_file=config, pool=pool, pretrain=pretrain,
                           overrides={"seed": seed, "data": {"size": size, "cache_dir": str(cache_dir) if cache_dir else None},
-                                     "model": {"width": width}, "train": {"epochs": epochs},
+                                     "model": {"width": width}, "train": {"epochs": epochs, "min_epoch_steps": min_epoch_steps},
                                      "active": {"round_epochs": round_epochs, "mc_passes": mc_passes}},
                           reporter=RichReporter(quiet=as_json))
     _emit(result, as_json, lambda r: out.print(
-        f"project {project}: {r['expert_labelled']} labelled, {r['pool']} in the pool. Next: alseg query {project}",
+        f"project {project}: {r['expert_labelled']} labelled, {r['pool']} in the pool; preset {r['preset']} at "
+        f"{r['working_size']} px ({r['preset_reason']}). Next: alseg query {project}",
         markup=False, highlight=False, soft_wrap=True))
 
 
@@ -601,6 +642,7 @@ def query(project: Path = typer.Argument(..., help="Project folder."),
 
     def render(r):
         out.print(_rounds_table(r))
+        _render_model(r)
         b = r.get("batch")
         if b:
             out.print(f"round {b['round']}: {b['images']} images to label, {b['queued']} still queued, in {b['folder']}\n"
@@ -721,6 +763,9 @@ def entry() -> None:
     from alseg import distributed
 
     if distributed.init_from_env() > 0:
+        import alseg.active.uncertainty  # noqa: F401  (registers the "mc" step)
+        import alseg.train  # noqa: F401  (registers the "fit" step)
+
         try:
             distributed.serve()
         except BaseException:  # rank 0 is gone or the group broke: nothing to leave together

@@ -64,6 +64,7 @@ import yaml
 from alseg.errors import AlsegError
 from alseg.model import ModelConfig
 from alseg.active.strategies import CealParams
+from alseg.pretrain import PretrainConfig
 from alseg.train import TrainConfig
 
 
@@ -89,6 +90,9 @@ class ActiveConfig:
     rounds: int = 10
     budget: float | None = None      # stop once this fraction of the train split is expert-labelled
     round_epochs: int = 5
+    # How a project without masks picks its first batch: "random" (spread over groups) or "cover"
+    # (one image per cluster of the pre-trained features, spread over groups; alseg.active.coldstart)
+    initial_selection: str = "random"
     warm_start: bool = True          # retrain from the previous round's model (False: from scratch)
     keep_pseudo: bool = False        # True: pseudo-labels stay for good (the seed paper's literal reading)
     mc_passes: int = 20
@@ -111,6 +115,7 @@ class ExperimentConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     active: ActiveConfig = field(default_factory=ActiveConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -119,13 +124,21 @@ class ExperimentConfig:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
+# Small labelled sets: at least this many optimiser steps an epoch (500 in quick-isic's 25 initial
+# epochs). It binds below 20 x batch = 160 training images: in every lab project, and in
+# quick-lgg's runs (85 labelled at the start: 11 steps an epoch before), not in quick-isic's (461).
+# Chosen on validation Dice (docs/benchmarks.md, "Learning from the first masks").
+MIN_EPOCH_STEPS = 20
+
+
 def _preset(preset: str, size: int, width: int, dropout: float, lr: float, split: str,
-            initial: int, per_round: int, batch: int, rounds: int, full: int | None = None) -> ExperimentConfig:
+            initial: int, per_round: int, batch: int, rounds: int, full: int | None = None,
+            min_epoch_steps: int = MIN_EPOCH_STEPS) -> ExperimentConfig:
     return ExperimentConfig(
         preset=preset,
         data=DataConfig(size=size, split_preset=split),
         model=ModelConfig(width=width, depth=5, dropout=dropout, dropout_scope="all", norm="none"),
-        train=TrainConfig(epochs=initial, batch_size=batch, lr=lr, full_epochs=full),
+        train=TrainConfig(epochs=initial, batch_size=batch, lr=lr, full_epochs=full, min_epoch_steps=min_epoch_steps),
         active=ActiveConfig(round_epochs=per_round, rounds=rounds),
     )
 
@@ -135,7 +148,8 @@ PRESETS: dict[str, ExperimentConfig] = {
     "paper-lgg": _preset("paper-lgg", 256, 64, 0.2, 1e-4, "lgg", 20, 5, 8, 10),
     "quick-isic": _preset("quick-isic", 96, 16, 0.1, 1e-3, "isic", 25, 6, 8, 5, full=30),
     "quick-lgg": _preset("quick-lgg", 128, 16, 0.1, 1e-3, "lgg", 30, 5, 8, 3, full=70),
-    "demo": _preset("demo", 64, 8, 0.1, 1e-3, "default", 8, 3, 8, 3),
+    # generated data, two minutes: its 52 labelled images take 7 steps an epoch, as before
+    "demo": _preset("demo", 64, 8, 0.1, 1e-3, "default", 8, 3, 8, 3, min_epoch_steps=0),
 }
 
 
@@ -144,8 +158,44 @@ PAPER_DICE = {"isic": 0.77, "lgg": 0.58}
 
 
 def preset_for_format(fmt: str | None) -> str:
-    """The quick preset that suits a detected layout, for commands run without ``--preset``."""
-    return {"isic2017": "quick-isic", "lgg": "quick-lgg"}.get(fmt or "", "demo")
+    """The quick preset that suits a detected layout (``folder``: quick-isic, colour photos being the
+    common case), for commands run without ``--preset`` that do not look at the images."""
+    return {"isic2017": "quick-isic", "lgg": "quick-lgg"}.get(fmt or "", "quick-isic")
+
+
+def preset_for_images(fmt: str | None, channels: int, short_side: int) -> tuple[str, int | None, str]:
+    """``(preset, working size or None for the preset's, why)`` for real images without ``--preset``.
+
+    A known layout takes its quick preset. A plain folder goes by its images: grey ones (MRI or CT
+    slices, microscopy) take quick-lgg's settings, whose 128 px keep small structures; colour
+    photos (dermoscopy, endoscopy, histology) quick-isic's 96 px. Images smaller than the preset's
+    working size are not blown up: the size drops to the largest multiple of 16 within their
+    median shorter side (16 at least; the U-Net halves it four times). Never ``demo``: its 64 px
+    and width 8 are for generated data.
+    """
+    if fmt in ("isic2017", "lgg"):
+        return preset_for_format(fmt), None, f"the {fmt} layout"
+    name = "quick-lgg" if channels == 1 else "quick-isic"
+    kind = "grey images" if channels == 1 else "colour images"
+    size = PRESETS[name].data.size
+    why = f"{kind}, median shorter side {short_side} px"
+    if short_side < size:
+        smaller = max(16, short_side // 16 * 16)
+        return name, smaller, f"{why}: {name}'s settings at {smaller} px, not blown up to {size}"
+    return name, None, f"{why}: {name}'s settings at {size} px"
+
+
+def choose_preset(preset: str | None, data_path: str | Path, fmt: str | None) -> tuple[str, dict, str]:
+    """``(preset, config defaults, why)``: the user's preset, or the one :func:`preset_for_images`
+    picks from the dataset's image headers (a working size among the defaults when it picks one)."""
+    if preset:
+        return preset, {}, "as asked (--preset)"
+    from alseg.data.sources import open_dataset
+    from alseg.data.summary import image_facts
+
+    facts = image_facts(open_dataset(data_path, fmt))
+    name, size, why = preset_for_images(fmt, facts["channels"], facts["short_side"])
+    return name, ({"data": {"size": size}} if size else {}), why
 
 
 def _merge(obj: Any, values: dict, where: str) -> Any:
@@ -174,12 +224,15 @@ def config_from_dict(values: dict) -> ExperimentConfig:
 
 
 def build_config(preset: str | None = None, config_file: str | Path | None = None,
-                 overrides: dict | None = None) -> ExperimentConfig:
-    """Preset, then the YAML file, then ``overrides`` (nested dicts; None values are ignored)."""
+                 overrides: dict | None = None, *, defaults: dict | None = None) -> ExperimentConfig:
+    """Preset, then ``defaults`` (a caller's own, e.g. a project's), then the YAML file, then
+    ``overrides`` (nested dicts; None values are ignored)."""
     name = preset or "demo"
     if name not in PRESETS:
         raise AlsegError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
     cfg = copy.deepcopy(PRESETS[name])
+    if defaults:
+        cfg = _merge(cfg, _drop_none(defaults), "")
     if config_file is not None:
         path = Path(config_file)
         try:

@@ -106,15 +106,16 @@ def _fit_settings(train: TrainConfig, full: bool) -> TrainConfig:
 
 
 def train_supervised(config: ExperimentConfig, out: str | Path, *, full: bool = False,
-                     reporter: Reporter = SILENT) -> dict:
-    """Fit on the split's labelled part (all of train with ``full``); record history and test Dice."""
+                     reporter: Reporter = SILENT, notes: tuple[str, ...] = ()) -> dict:
+    """Fit on the split's labelled part (all of train with ``full``); record history and test Dice.
+    ``notes`` are told once the data is valid."""
     run_dir = RunDir.check_new(out)
     prepared = prepare_data(config, reporter)
     config = fitted_config(config, prepared.data)
     data, split = prepared.data, prepared.split
     labelled = split.train if full else split.labelled
     reporter.note(f"effective config ({config.preset}):\n{config.to_yaml()}")
-    for note in split.notes:
+    for note in (*notes, *split.notes):
         reporter.note(note)
     device = resolve_device(config.train.device)
     seed_everything(config.seed)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from alseg.active.loop import AWAITING, ActiveRun, open_active, start_run, status
 from alseg.annotate.ingest import Batch, ingest_folder, latest_batch, submit_mask
-from alseg.config import ExperimentConfig, build_config, config_from_dict
+from alseg.config import ExperimentConfig, build_config, choose_preset, config_from_dict
 from alseg.data.sources import detect_format
 from alseg.errors import AlsegError
 from alseg.progress import SILENT, Reporter
@@ -32,12 +32,16 @@ PROJECT_ROUNDS = 10_000  # a project has no round limit: the lab stops when it l
 
 def init_project(project: str | Path, images: str | Path, masks: str | Path | None = None, *,
                  preset: str | None = None, format: str | None = None, config_file: str | Path | None = None,
-                 overrides: dict | None = None, pool: str = "unmasked", reporter: Reporter = SILENT) -> dict:
+                 overrides: dict | None = None, pool: str = "unmasked", pretrain: bool = True,
+                 reporter: Reporter = SILENT) -> dict:
     """Create a project over ``images`` (any layout the readers know, or a plain folder of images).
 
     ``masks``: a folder of the masks the lab already has, paired with ``images`` by file name.
     ``pool="unmasked"``: images without a mask are the pool; ``pool="split"`` splits as ``alseg run``
-    does and hides the pool's masks (a rehearsal on a labelled dataset).
+    does and hides the pool's masks (a rehearsal on a labelled dataset). Without ``preset`` the
+    images choose one (:func:`alseg.config.preset_for_images`); the result says which and why.
+    ``pretrain``: pre-train on the project's images before round 0 (:mod:`alseg.pretrain`), and
+    let a project without masks choose its first batch to cover the pool in those features.
     """
     if pool not in ("unmasked", "split"):
         raise AlsegError(f"pool must be 'unmasked' or 'split', not {pool!r}")
@@ -59,13 +63,14 @@ def init_project(project: str | Path, images: str | Path, masks: str | Path | No
             (data_path / "images").symlink_to(images.absolute(), target_is_directory=True)
             if masks is not None:
                 (data_path / "masks").symlink_to(Path(masks).absolute(), target_is_directory=True)
-        from alseg.config import preset_for_format
-
         fmt = fmt or detect_format(data_path)
-        cfg = build_config(preset or preset_for_format(fmt), config_file, overrides)
+        name, sized, why = choose_preset(preset, data_path, fmt)
+        lab = {"pretrain": {"enabled": pretrain}, "active": {"initial_selection": "cover" if pretrain else "random"}}
+        cfg = build_config(name, config_file, overrides, defaults={**lab, **sized})
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=str(data_path), format=fmt),
                                   active=dataclasses.replace(cfg.active, rounds=PROJECT_ROUNDS, budget=None))
-        start_run(cfg, run_dir, reporter, annotator="expert", pool=pool)  # checked above, before the links
+        start_run(cfg, run_dir, reporter, annotator="expert", pool=pool,  # checked above, before the links
+                  notes=(f"preset {name}: {why}",))
     except BaseException:
         if created:
             shutil.rmtree(run_dir.root, ignore_errors=True)
@@ -73,7 +78,7 @@ def init_project(project: str | Path, images: str | Path, masks: str | Path | No
             for child in run_dir.root.iterdir():
                 shutil.rmtree(child, ignore_errors=True) if child.is_dir() and not child.is_symlink() else child.unlink()
         raise
-    return status(run_dir.root)
+    return {**status(run_dir.root), "preset": name, "preset_reason": why, "working_size": cfg.data.size}
 
 
 def _has_layout(folder: Path) -> bool:

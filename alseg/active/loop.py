@@ -36,6 +36,8 @@ from pathlib import Path
 import numpy as np
 
 from alseg.active.annotators import make_annotator
+from alseg.active.coldstart import cover_selection
+from alseg.active.gate import ModelHealth, model_health, pseudo_gate
 from alseg.active.strategies import make_strategy
 from alseg.active.uncertainty import bottleneck_features, mc_dropout
 from alseg.config import ExperimentConfig, config_from_dict
@@ -46,18 +48,14 @@ from alseg.faults import point
 from alseg.evaluate import score_model
 from alseg.experiment import data_record, fitted_config, open_run_data, prepare_data, sample_rows
 from alseg.model import UNet
-from alseg.progress import SILENT, Reporter, batch_progress
+from alseg.pretrain import load_into, pretrain
+from alseg.progress import SILENT, Reporter, batch_progress, staged
 from alseg.rundir import RunDir
-from alseg.runtime import Normalizer, resolve_device, seed_everything
+from alseg.runtime import Normalizer, resolve_device, seed_everything, step_seed
 from alseg.store import RunStore, atomic_write_bytes, atomic_write_text
 from alseg.train import Checkpoint, fit
 
 AWAITING = "awaiting labels"
-
-
-def step_seed(seed: int, round: int, step: int) -> int:
-    """An independent, reproducible seed for one step of one round."""
-    return int(np.random.SeedSequence([seed, round, step]).generate_state(1)[0])
 
 
 class ActiveRun:
@@ -112,12 +110,21 @@ class ActiveRun:
         return Checkpoint.load(self.dir.checkpoint(round), device=self.device)
 
     def select_initial(self) -> None:
-        """Round 0 of a project that starts without masks: a random batch, spread over groups."""
+        """Round 0 of a project that starts without masks: a batch spread over groups, at random or
+        covering the pool in the pre-trained features (``active.initial_selection``)."""
         pool = self.pool()
         n = min(self.config.active.expert_batch, len(pool))
         if n < 2:
             raise AlsegError("a project needs at least 2 images in its pool to start without masks", self.dir.root)
         rng = np.random.default_rng(step_seed(self.config.seed, 0, 2))
+        if self.config.active.initial_selection == "cover":
+            features = bottleneck_features(self.fresh_model(), self.data.images, self.data.indices(pool),
+                                           self.normalizer, batch_size=self.config.active.mc_batch_size,
+                                           device=self.device)
+            picked = cover_selection(features, [self.group_of.get(i) for i in pool], n, rng)
+            chosen = [pool[k] for k in sorted(picked)]
+            self.store.open_initial_round(chosen, {i: "cover" for i in chosen})
+            return
         group_of = self.group_of
         by_group: dict[object, list[str]] = {}
         for i in pool:
@@ -163,7 +170,12 @@ class ActiveRun:
         scored = time.perf_counter()
         rng = np.random.default_rng(step_seed(self.config.seed, round, 2))
         held = self.store.counts()["pseudo_labelled"] if a.keep_pseudo else 0
-        sel = self.strategy.select(inputs, pool, round, rng, pseudo_held=held)
+        gate = pseudo_gate(self.strategy.pseudo_wanted(round, held), self.health(round - 1),
+                           len(pool) - min(a.expert_batch, len(pool)), min_val_dice=a.ceal.pseudo_min_val_dice,
+                           max_pool_fraction=a.ceal.pseudo_max_pool_fraction, enabled=a.ceal.pseudo_gate)
+        sel = self.strategy.select(inputs, pool, round, rng, pseudo_held=held, pseudo_limit=gate.limit)
+        if gate.asked:
+            self.reporter.note(f"round {round}: {gate.reason}")
         for text in sel.shortfalls:
             self.reporter.note(f"round {round}: {text}")
         if sel.pseudo_ids and result is None:
@@ -183,7 +195,43 @@ class ActiveRun:
             scores["dice"] = result.dice
         self.store.record_selection(round, pool, scores, sel.expert_ids, sel.pseudo_ids, sel.reasons, sel.shortfalls,
                                     a.keep_pseudo, timings={"score_s": scored - t0,
-                                                            "select_s": time.perf_counter() - scored})
+                                                            "select_s": time.perf_counter() - scored},
+                                    facts={"gate": {**gate.to_dict(), "taken": len(sel.pseudo_ids)}})
+
+    def health(self, round: int) -> ModelHealth | None:
+        """Round ``round``'s model against the constant masks on validation (None before it is trained)."""
+        fact = self.store.round_facts().get(round, {}).get("model")
+        if fact is not None:
+            return ModelHealth(fact["val_dice"], fact["empty_mask_dice"], fact["full_mask_dice"], fact["val_images"])
+        row = next((r for r in self.store.rounds() if r["round"] == round and r["status"] == "done"), None)
+        if row is None:
+            return None
+        val = list(self.split.val)  # a run made before health was recorded: measured now, the same way
+        return model_health(row["val_dice"] if val else None, self.training_masks(val) if val else None)
+
+    def fresh_model(self) -> UNet:
+        """An untrained U-Net, with the pre-trained encoder and decoder when ``pretrain.enabled``."""
+        model = UNet(self.config.model)
+        if self.config.pretrain.enabled:
+            load_into(model, self.pretrained()["weights"])
+        return model
+
+    def pretrained(self) -> dict:
+        """The pre-trained weights (:mod:`alseg.pretrain`): from the run directory, or trained now on
+        the train and validation images (a project's: all of them; never the test split's); a killed
+        pre-training resumes."""
+        p, cfg = self.config.pretrain, self.config
+        split = self.split
+        keep = set(split.train) | set(split.val)
+        ids = [i for i in self.data.ids if i in keep]
+        with staged(self.reporter, "pre-train", p.steps(len(ids))) as advance:
+            result = pretrain(self.data.images[self.data.indices(ids)], cfg.model, self.normalizer, p,
+                              folder=self.dir.pretrain_dir, ids=ids, seed=step_seed(cfg.seed, 0, 8),
+                              device=cfg.train.device, progress=advance)
+        if not result["reused"]:
+            self.reporter.note(f"pre-trained on {result['images']} images: {result['steps']} steps in "
+                               f"{result['seconds']:.0f} s (reconstruction loss {result['loss']:.3f})")
+        return result
 
     def answer(self, round: int) -> bool:
         """Let the annotator answer the queued batch; False when a person has still to label it."""
@@ -251,7 +299,7 @@ class ActiveRun:
         if round > 0 and a.warm_start:
             model = self._load_model(round - 1).model
         else:
-            model = UNet(cfg.model)
+            model = self.fresh_model()
         val_ids = list(split.val)
         val_images = self.data.images[self.data.indices(val_ids)]
         val_masks = self.training_masks(val_ids) if val_ids else None
@@ -275,17 +323,22 @@ class ActiveRun:
         timings = {**self.store.round_timings(round), "train_s": trained - t0,
                    "evaluate_s": time.perf_counter() - trained}
         pool_size = len(self.pool())
+        val_dice = result["best_val_dice"] if val_ids else None
+        health = model_health(val_dice, val_masks)
         row = {"round": round, "expert_labelled": len(expert), "pseudo_labelled": len(pseudo_ids), "pool": pool_size,
                "test": test_summary, "test_dice": test_dice, "val_dice": result["best_val_dice"],
-               "seconds": sum(timings.values())}
+               "seconds": sum(timings.values()), "model": health.to_dict()}
         self.store.finish_round(round, expert_labelled=len(expert), pseudo_labelled=len(pseudo_ids), pool=pool_size,
                                 test_dice=test_dice, val_dice=result["best_val_dice"], seconds=row["seconds"],
-                                timings=timings, latest_checkpoint=self.dir.relative(self.dir.checkpoint(round)))
+                                timings=timings, latest_checkpoint=self.dir.relative(self.dir.checkpoint(round)),
+                                facts={"model": health.to_dict()})
         self.reporter.round(row)
         dice = "-" if test_dice is None else f"{test_dice:.3f}"
         val = "-" if result["best_val_dice"] is None else f"{result['best_val_dice']:.3f}"
         self.reporter.note(f"round {round}: {len(expert)} expert-labelled, {len(pseudo_ids)} pseudo-labelled, "
                            f"pool {pool_size}, validation Dice {val}, test Dice {dice}")
+        if health.warning():
+            self.reporter.note(f"warning: round {round}: {health.warning()}")
         return row
 
     def run(self) -> str:
@@ -310,10 +363,12 @@ class ActiveRun:
 
 
 def start_run(config: ExperimentConfig, out: str | Path | RunDir, reporter: Reporter = SILENT, *,
-              annotator: str = "simulated", pool: str = "split") -> RunDir:
+              annotator: str = "simulated", pool: str = "split", notes: tuple[str, ...] = ()) -> RunDir:
     """Validate the data, create the run directory and record config, split and normalisation at once.
 
     ``out`` given as a :class:`RunDir` was checked by the caller (who may have put files in it).
+    ``notes`` (the caller's, such as why a preset was chosen) are told once the data is valid, so
+    bad input still ends in one line.
     """
     run_dir = out if isinstance(out, RunDir) else _new_or_unstarted(out)
     make_strategy(config.active.strategy, config.active.ceal, config.active.batch_size)  # fail early on a bad name
@@ -321,12 +376,13 @@ def start_run(config: ExperimentConfig, out: str | Path | RunDir, reporter: Repo
     prepared = prepare_data(config, reporter, pool=pool)
     config = fitted_config(config, prepared.data)  # channels decided from the data, recorded once
     split = prepared.split
-    for note in split.notes:
+    for note in (*notes, *split.notes):
         reporter.note(note)
     reporter.note(f"effective config ({config.preset}):\n{config.to_yaml()}")
     data = prepared.data
-    fit_on = split.labelled or split.train  # a project without masks: its pool's pixels
-    normalizer = Normalizer.fit(data.images[data.indices(fit_on)])
+    # every training image's pixels, labelled or not (no mask needed): steadier than a lab's dozen
+    # labelled images, and the same whatever is labelled, so pre-training does not depend on it
+    normalizer = Normalizer.fit(data.images[data.indices(split.train)])
     with RunStore(run_dir, create=True) as store, run_dir.lock("run"):
         atomic_write_text(run_dir.config_file, config.to_yaml())
         point("created")  # killed here, the folder is reused by the same command (`_new_or_unstarted`)
@@ -411,14 +467,15 @@ def extend(store: RunStore, config: ExperimentConfig, *, rounds: int | None = No
 
 def run_active(config: ExperimentConfig | None = None, out: str | Path | None = None, *,
                resume: str | Path | None = None, rounds: int | None = None, budget: float | None = None,
-               reporter: Reporter = SILENT) -> dict:
-    """Start a run in ``out`` (or continue the one in ``resume``) and drive it to its stopping rule."""
+               reporter: Reporter = SILENT, notes: tuple[str, ...] = ()) -> dict:
+    """Start a run in ``out`` (or continue the one in ``resume``) and drive it to its stopping rule;
+    ``notes`` are told once the data is valid (:func:`start_run`)."""
     if resume is not None:
         run_dir = RunDir(resume).require()
     else:
         if config is None or out is None:
             raise AlsegError("a new run needs a config and an output folder")
-        run_dir = start_run(config, out, reporter)
+        run_dir = start_run(config, out, reporter, notes=notes)
     with run_dir.lock("run"), RunStore(run_dir) as store:
         config = extend(store, open_active(store), rounds=rounds, budget=budget)
         if store.annotator() != "simulated":
@@ -432,6 +489,7 @@ def status(run_dir: str | Path) -> dict:
     """Label counts and the finished rounds of a run or project (read-only), as ``alseg status --json``."""
     with RunStore.open_readonly(run_dir) as store:
         seconds = store.expert_seconds()
+        facts = store.round_facts()
         rows = []
         for r in store.rounds():
             if r["status"] != "done":
@@ -443,7 +501,12 @@ def status(run_dir: str | Path) -> dict:
             rows.append({"round": r["round"], "expert_labelled": r["expert_labelled"],
                          "pseudo_labelled": r["pseudo_labelled"], "pool": r["pool"], "test_dice": r["test_dice"],
                          "val_dice": r["val_dice"], "seconds": r["seconds"],
-                         "expert_seconds": seconds.get(r["round"], 0.0), "expert_ids": expert_ids})
+                         "expert_seconds": seconds.get(r["round"], 0.0), "expert_ids": expert_ids,
+                         "model": facts.get(r["round"], {}).get("model"),
+                         "gate": facts.get(r["round"], {}).get("gate")})
         open_round = next((r["round"] for r in store.rounds() if r["status"] == "awaiting"), None)
+        model = rows[-1]["model"] if rows else None
+        gate = facts.get(open_round, {}).get("gate") if open_round is not None else None
         return {**store.counts(), "annotator": store.annotator(), "open_round": open_round,
-                "expert_seconds": sum(seconds.values()), "rounds": rows, "stopped": store.stopped()}
+                "expert_seconds": sum(seconds.values()), "rounds": rows, "stopped": store.stopped(),
+                "model": model, "warning": model["warning"] if model else None, "gate": gate}

@@ -27,6 +27,7 @@ from alseg.active.strategies import reason_label
 from alseg.data.cache import map_to_size
 from alseg.data.imageio import png_bytes, read_image
 from alseg.errors import AlsegError
+from alseg.runtime import step_seed
 
 MANIFEST = "manifest.csv"
 COLUMNS = ("id", "image", "predicted", "uncertainty", "mask", "score", "reason", "width", "height",
@@ -86,7 +87,6 @@ def read_manifest(folder: Path) -> list[BatchItem]:
 
 def export_batch(run, round: int) -> Path:
     """Write the queued batch of ``round`` of an :class:`~alseg.active.loop.ActiveRun`; return its folder."""
-    from alseg.active.loop import step_seed
     from alseg.active.uncertainty import mc_dropout
 
     folder = run.dir.batch(round)
@@ -98,6 +98,10 @@ def export_batch(run, round: int) -> Path:
     scores = store.scores(round)
     samples = {s.id: s for s in run.dataset.samples}
     mc = None
+    # A model no better than a constant mask offers no head start: its masks would cost the expert
+    # more to correct than to draw (alseg.active.gate); the uncertainty overlays still show where it is lost.
+    health = run.health(round - 1) if round > 0 else None
+    head_start = health is not None and health.useful
     if round > 0:
         model = run._load_model(round - 1).model
         mc = mc_dropout(model, data.images, data.indices(ids), run.normalizer, passes=a.mc_passes,
@@ -118,10 +122,11 @@ def export_batch(run, round: int) -> Path:
                    "mask": f"masks/{stem}.png", "score": "", "reason": reason_label(reasons.get(id)),
                    "width": width, "height": height, "uncertainty_scale": ""}
             (tmp / row["image"]).write_bytes(png_bytes(image if image.shape[2] == 3 else image[:, :, 0]))
-            if mc is not None:
+            if mc is not None and head_start:
                 mean = map_to_size(mc.mean[k], width, height)
                 row["predicted"] = f"predicted/{stem}.png"
                 (tmp / row["predicted"]).write_bytes(png_bytes(((mean > 0.5) * 255).astype(np.uint8)))
+            if mc is not None:
                 overlay, scale = uncertainty_overlay(image, np.clip(map_to_size(mc.variance_map[k], width, height), 0, None))
                 row["uncertainty"] = f"uncertainty/{stem}.png"
                 row["uncertainty_scale"] = f"{scale:.6g}"

@@ -165,9 +165,13 @@ def create_app(project, *, max_upload_bytes: int = MAX_UPLOAD_BYTES,
     @app.get("/api/batch")
     def get_batch():
         batch = project.batch()
+        status = project.status()
+        # what the page says about the model: its latest validation Dice against a constant mask
+        # (with a warning when it is no better) and this round's pseudo-label gate
+        model = {"health": status["model"], "warning": status["warning"], "gate": status["gate"]}
         if batch is None:
             return {"round": None, "working_size": project.size, "labelled": 0, "total": 0, "complete": False,
-                    "items": [], "message": "no batch is open: run `alseg query` to choose one"}
+                    "items": [], "message": "no batch is open: run `alseg query` to choose one", "model": model}
         labelled = project.labelled(batch.round)
         items = []
         for it in batch.items:
@@ -180,7 +184,7 @@ def create_app(project, *, max_upload_bytes: int = MAX_UPLOAD_BYTES,
             })
         done = sum(1 for it in items if it["labelled"])
         return {"round": batch.round, "working_size": project.size, "labelled": done, "total": len(items),
-                "complete": done == len(items), "items": items}
+                "complete": done == len(items), "items": items, "model": model}
 
     @app.get("/api/image/{id:path}")
     def get_image(id: str):

@@ -1,10 +1,14 @@
-"""Dataset summary: the counts a user checks before training (``alseg data summary``)."""
+"""Dataset summary: the counts a user checks before training (``alseg data summary``), and the
+image facts a preset is chosen by (:func:`image_facts`)."""
 from __future__ import annotations
 
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
-from alseg.data.imageio import read_image, read_mask
+import numpy as np
+
+from alseg.data.cache import infer_channels
+from alseg.data.imageio import read_header, read_image, read_mask
 from alseg.errors import AlsegError
 from alseg.data.sources import Dataset
 
@@ -37,3 +41,12 @@ def summarize(dataset: Dataset) -> dict:
         "groups": len({s.group for s in dataset.samples if s.group is not None}),
         "image_sizes": dict(sorted(sizes.items())),
     }
+
+
+def image_facts(dataset: Dataset, limit: int = 64) -> dict:
+    """``{"channels", "short_side"}``: 1 or 3 (as the cache will decode them) and the median shorter
+    side in pixels of up to ``limit`` images spread over the dataset, from their headers only."""
+    samples = dataset.samples
+    step = max(1, len(samples) // limit)
+    sides = [min(read_header(s.image)[:2]) for s in samples[::step][:limit]]
+    return {"channels": infer_channels(dataset), "short_side": int(np.median(sides))}

@@ -71,6 +71,7 @@ def make_report(run_dir: str | Path, *, images: int = 4, device: str = "auto", o
         reasons = {r["round"]: store.selection_reasons(r["round"]) for r in rounds}
         supervised_seconds = store.supervised_seconds()
         expert_seconds = store.expert_seconds()
+        facts = store.round_facts()
         data = open_run_data(store, config.data.cache_dir, reporter).data
         last = max((r["round"] for r in rounds), default=0)
         checkpoints = {0: rundir.checkpoint(0 if kind == "active" else None)}
@@ -80,7 +81,7 @@ def make_report(run_dir: str | Path, *, images: int = 4, device: str = "auto", o
     out = _building_folder(target)
     try:
         page = _draw(out, run_dir, config, rounds, evaluations, epochs, split, scores, selections, reasons,
-                     supervised_seconds, expert_seconds, data, checkpoints, images, device, reporter)
+                     supervised_seconds, expert_seconds, data, checkpoints, images, device, reporter, facts)
         _swap_into_place(out, target)
     except BaseException:
         shutil.rmtree(out, ignore_errors=True)
@@ -108,7 +109,7 @@ def _swap_into_place(built: Path, target: Path) -> None:
 
 
 def _draw(out: Path, run_dir: Path, config, rounds, evaluations, epochs, split, scores, selections, reasons,
-          supervised_seconds, expert_seconds, data, checkpoints, images, device, reporter) -> Path:
+          supervised_seconds, expert_seconds, data, checkpoints, images, device, reporter, facts) -> Path:
     from alseg.report import figures
 
     made: list[tuple[str, str, str]] = []  # (section, file, caption)
@@ -180,9 +181,26 @@ def _draw(out: Path, run_dir: Path, config, rounds, evaluations, epochs, split, 
                                     train_size=len(split["train"]))
         made.append(("Learning curve", f.name, "Test Dice after each round against the expert-labelled images."))
     _write_csv(out / "rounds.csv", table)
-    page = _html(run_dir, config, split, made, table)
+    page = _html(run_dir, config, split, made, table, _gate_rows(rounds, facts))
     atomic_write_text(out / "index.html", page)
     return out / "index.html"
+
+
+def _gate_rows(rounds: list[dict], facts: dict) -> list[dict]:
+    """Per finished round: its model against a constant mask on validation, and the pseudo-label gate
+    that the round's selection met (recorded by the loop; rounds from before they were recorded are
+    left out)."""
+    rows = []
+    for r in rounds:
+        model, gate = facts.get(r["round"], {}).get("model"), facts.get(r["round"], {}).get("gate")
+        if model is None and gate is None:
+            continue
+        rows.append({"round": r["round"], "val_dice": model and model["val_dice"],
+                     "constant_dice": model and model["constant_dice"],
+                     "useful": None if model is None else ("yes" if model["useful"] else "no"),
+                     "asked": gate and gate["asked"], "taken": gate and gate["taken"],
+                     "reason": gate["reason"] if gate else "–"})
+    return rows
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:
@@ -199,8 +217,20 @@ def _fmt(v) -> str:
     return f"{v:.4f}" if isinstance(v, float) else str(v)
 
 
-def _html(run_dir: Path, config, split: dict, made: list[tuple[str, str, str]], table: list[dict]) -> str:
+def _html(run_dir: Path, config, split: dict, made: list[tuple[str, str, str]], table: list[dict],
+          gates: list[dict]) -> str:
     e = html.escape
+    gate_table = ""
+    if gates:
+        gate_head = "".join(f"<th>{e(h)}</th>" for h in ("round", "val Dice", "constant mask", "useful",
+                                                           "pseudo-labels asked", "taken", "why"))
+        gate_body = "".join("<tr>" + "".join(f"<td>{e(_fmt(g[k]))}</td>" for k in g) + "</tr>" for g in gates)
+        gate_table = (
+            "<h2>The model and its pseudo-labels</h2><p>Each round's model against the better constant mask "
+            "(all background or all foreground) on the validation images: a model that does not beat it by "
+            "0.05 is not useful, exports no head start and takes no pseudo-labels. Pseudo-labels are drawn by "
+            "the previous round's model only when that model passed the gate, and never more than the stated "
+            f"share of the pool.</p><table><tr>{gate_head}</tr>{gate_body}</table>")
     head = ("<tr>" + "".join(f"<th>{e(h)}</th>" for h in ("round", "expert-labelled", "pseudo-labelled", "pool",
             "test Dice mean", "median", "pooled", "per-volume", "val Dice", "seconds", "expert minutes")) + "</tr>")
     rows = "".join("<tr>" + "".join(f"<td>{_fmt(t[k])}</td>" for k in t) + "</tr>" for t in table)
@@ -230,6 +260,7 @@ figcaption {{ color: #555; font-size: 0.9em; }}
 the best validation Dice of the round's training, and the minutes the expert spent labelling on the review page.
 Also in <a href="rounds.csv">rounds.csv</a>.</p>
 <table>{head}{rows}</table>
+{gate_table}
 {''.join(sections)}
 <p><small>Made by alseg from the run's store; figures are PNG files beside this page.</small></p>
 </body></html>

@@ -66,6 +66,7 @@ async function loadBatch() {
     return;
   }
   const b = state.batch;
+  showModelNote(b.model);
   if (b.round === null) {
     $("round").textContent = "no open batch";
     showEmpty(b.message || "no batch is open");
@@ -78,6 +79,22 @@ async function loadBatch() {
   const first = b.items.findIndex((it) => !it.labelled);
   await select(first >= 0 ? first : 0);
   if (b.complete) say("Every image of this batch is labelled; run `alseg query` for the next batch.", "ok");
+}
+
+// What the model has earned: a warning when it is no better than a constant mask, else its
+// validation Dice; and how many pseudo-labels this round was allowed, and why.
+function showModelNote(model) {
+  const note = $("model-note");
+  const health = model && model.health;
+  if (!health) { note.hidden = true; return; }
+  const parts = [];
+  if (model.warning) parts.push(`Warning: ${model.warning}.`);
+  else parts.push(`The model's validation Dice is ${health.val_dice.toFixed(3)} ` +
+                  `(a constant mask scores ${health.constant_dice.toFixed(3)}).`);
+  if (model.gate && model.gate.asked) parts.push(`Pseudo-labels this round: ${model.gate.reason}.`);
+  note.textContent = parts.join(" ");
+  note.className = model.warning ? "warning" : "";
+  note.hidden = false;
 }
 
 function updateProgress(labelled, total) {
