@@ -1,10 +1,10 @@
 """Shared set-up of the review-server tests (test_server.py, test_browser.py).
 
 One small project with an open batch is built once per test session (about 20 s on CPU) and
-copied for each test that writes. The 1-epoch demo model predicts nothing on the synthetic
-lesions, so the fixture replaces the batch's predicted masks with plausible ones (the true
-mask shifted by 3 px, at the image's size) and leaves one item's prediction empty: then an
-edit, an accept and an undo can be told apart pixel by pixel.
+copied for each test that writes. Its tiny model (200 steps) beats a constant mask, so the batch
+offers predicted masks; the fixture replaces them with known ones (the true mask shifted by 3
+px, at the image's size) and leaves one item's prediction empty: then an edit, an accept and an
+undo can be told apart pixel by pixel.
 """
 from __future__ import annotations
 
@@ -55,14 +55,15 @@ def _build(root: Path) -> tuple[Path, dict[str, np.ndarray]]:
             shutil.copy(path, images / path.name)
             truth_files[path.stem] = (mask_path, (64, 64))
     project = root / "project"
-    overrides = {"data": {"size": 32}, "model": {"width": 4}, "train": {"epochs": 1},
-                 "active": {"round_epochs": 1, "mc_passes": 3}}
+    overrides = {"data": {"size": 32}, "model": {"width": 4}, "train": {"epochs": 1, "min_epoch_steps": 200},
+                 "active": {"round_epochs": 1, "mc_passes": 3}, "pretrain": {"min_steps": 30, "max_steps": 30}}
     init_project(project, images, masks, preset="demo", overrides=overrides)
     query(project, n=BATCH)
     truth: dict[str, np.ndarray] = {}
     with Project(project, command="test") as p:
         batch = p.batch()
         assert batch is not None and len(batch.items) == BATCH
+        assert all(it.predicted for it in batch.items), "the fixture's model earned no head start"
         for k, it in enumerate(batch.items):
             mask_path, size = truth_files[it.id]
             true = np.asarray(Image.open(mask_path).convert("L").resize(size, Image.NEAREST)) >= 128

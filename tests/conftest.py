@@ -13,6 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 ISIC = SHARED / "isic"
 LGG = SHARED / "lgg" / "kaggle_3m"
+UNGATED = ROOT / "tests" / "ceal_ungated.yaml"  # CEAL's pseudo-label rule, for tiny models that earn none
 
 
 @pytest.fixture(scope="session")

@@ -29,10 +29,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import LGG, ROOT
+from conftest import LGG, ROOT, UNGATED
 
+# CEAL's pseudo-label rule (UNGATED): the 2-epoch model earns none, and the kills must meet them
 ARGS = ["run", "--preset", "quick-lgg", "--data", str(LGG), "--rounds", "2", "--size", "32", "--width", "4",
-        "--epochs", "2", "--round-epochs", "1", "--mc-passes", "3", "--seed", "11", "--strategy", "ceal"]
+        "--epochs", "2", "--round-epochs", "1", "--mc-passes", "3", "--seed", "11", "--strategy", "ceal",
+        "--config", str(UNGATED)]
 WAIT_S = 300  # the longest any one child may take (a whole run takes ~10-30 s here)
 KILLED = -signal.SIGKILL
 
@@ -131,6 +133,7 @@ def _snapshot(out: Path) -> dict:
             "evaluations": "SELECT round, split, images, mean_dice, median_dice, pooled_dice, volume_dice_mean "
                            "FROM evaluations ORDER BY round, split",
             "meta": "SELECT key, value FROM meta ORDER BY key",
+            "round_facts": "SELECT round, name, value FROM round_facts ORDER BY round, name",
         }
         for name, sql in q.items():
             snap[name] = conn.execute(sql).fetchall()

@@ -14,7 +14,7 @@ from alseg.config import build_config
 from alseg.data import load_cached, open_dataset
 from alseg.active.loop import ActiveRun, run_active
 from alseg.store import RunStore
-from conftest import ISIC, LGG, run_json
+from conftest import ISIC, LGG, UNGATED, run_json
 
 TINY = ["--size", "32", "--width", "4", "--epochs", "2", "--round-epochs", "1", "--mc-passes", "3"]
 
@@ -27,8 +27,12 @@ def _tiny_config(data, preset="quick-lgg", epochs=2, **active):
 
 @pytest.mark.parametrize("dataset,preset", [(LGG, "quick-lgg"), (ISIC, "quick-isic")])
 def test_two_round_ceal_run_on_real_data(tmp_path, dataset, preset):
+    """CEAL's own counts (the pseudo-label gate off: a 2-epoch model would not earn any)."""
     out = tmp_path / "run"
-    result = run_json("run", "--preset", preset, "--data", dataset, "--rounds", "2", "--out", out, *TINY)
+    ceal = tmp_path / "ceal.yaml"
+    ceal.write_text("active:\n  ceal:\n    pseudo_gate: false\n")
+    result = run_json("run", "--preset", preset, "--data", dataset, "--rounds", "2", "--out", out, *TINY,
+                      "--config", ceal)
     rounds = result["rounds"]
     assert [r["round"] for r in rounds] == [0, 1, 2] and result["stopped"] == "reached 2 rounds"
     r0, r1, r2 = rounds
@@ -37,7 +41,17 @@ def test_two_round_ceal_run_on_real_data(tmp_path, dataset, preset):
         assert len(after["expert_ids"]) == 35
         assert after["expert_labelled"] == before["expert_labelled"] + 35
         assert after["pool"] == before["pool"] - 35  # transient pseudo-labels stay in the pool
-    assert (r1["pseudo_labelled"], r2["pseudo_labelled"]) == (20, 40)
+    # 20 x round, but never more than half the pool left after the expert's batch: on LGG's small
+    # pool the cap bites in round 2 (CEAL would take all 40 and, a round later, the whole pool)
+    left = r1["pool"] - 35
+    capped = min(40, left // 2)
+    assert (r1["pseudo_labelled"], r2["pseudo_labelled"]) == (20, capped)
+    assert r1["gate"] == {"asked": 20, "limit": 20, "pool_left": r0["pool"] - 35, "taken": 20,
+                          "reason": "20 of 20 pseudo-labels: the Dice gate is off"}
+    assert r2["gate"]["limit"] == r2["gate"]["taken"] == capped and r2["gate"]["asked"] == 40
+    if preset == "quick-lgg":
+        assert capped < 40 and r2["gate"]["reason"] == (f"{capped} of 40 pseudo-labels: the Dice gate is off, "
+                                                        f"at most 50% of the pool left")
     all_expert = [i for r in rounds for i in r["expert_ids"]]
     assert len(all_expert) == len(set(all_expert))
     assert all(0 <= r["test_dice"] <= 1 for r in rounds)
@@ -174,7 +188,7 @@ def test_diverse_strategy_runs_with_a_feature_pass_and_caps_patients(tmp_path):
     over a quarter of the batch, CEAL's pseudo-labels, and `--batch-size` honoured."""
     out = tmp_path / "run"
     result = run_json("run", "--preset", "quick-lgg", "--data", LGG, "--rounds", "1", "--strategy", "diverse",
-                      "--batch-size", "12", "--out", out, *TINY)
+                      "--batch-size", "12", "--out", out, *TINY, "--config", UNGATED)
     r1 = result["rounds"][1]
     assert len(r1["expert_ids"]) == 12 and r1["pseudo_labelled"] == 20
     data = load_cached(open_dataset(LGG), 32)

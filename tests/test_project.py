@@ -26,7 +26,7 @@ from alseg.store import RunStore
 from conftest import ISIC, LGG, run_cli, run_json
 
 TINY = {"data": {"size": 32}, "model": {"width": 4}, "train": {"epochs": 2},
-        "active": {"round_epochs": 1, "mc_passes": 3}}
+        "active": {"round_epochs": 1, "mc_passes": 3}, "pretrain": {"min_steps": 30, "max_steps": 30}}
 
 
 def _manifest(batch: dict) -> list[dict]:
@@ -49,7 +49,7 @@ def test_project_selects_exactly_what_alseg_run_selects(tmp_path):
     reference = run_json("run", *args, "--out", tmp_path / "run")
     masks = {s.id: s.mask for s in open_dataset(LGG).samples}
     project = tmp_path / "project"
-    init_project(project, LGG, preset="quick-lgg", pool="split",
+    init_project(project, LGG, preset="quick-lgg", pool="split", pretrain=False,  # as `alseg run` by default
                  overrides={"seed": 3, **TINY, "train": {"epochs": 2}})
     chosen = []
     for round in (1, 2):
@@ -141,7 +141,7 @@ def _truth(src: Path) -> dict[str, Path]:
 def test_project_without_masks_starts_with_a_random_initial_batch(synthetic, tmp_path):
     images, _ = _plain_folders(synthetic, tmp_path, 0)
     project = tmp_path / "p"
-    created = init_project(project, images, preset="demo", overrides=TINY)
+    created = init_project(project, images, preset="demo", overrides=TINY, pretrain=False)
     assert (created["expert_labelled"], created["pool"]) == (0, 40)
     first = query(project, n=10)
     batch = first["batch"]
