@@ -7,7 +7,8 @@ from alseg.data import CachedData, Dataset, Sample, detect_format, load_cached, 
 from alseg.data.splits import Split, make_split
 from alseg.errors import AlsegError
 from alseg.evaluate import evaluate, score_model
-from alseg.experiment import prepare_data, train_supervised
+from alseg.experiment import train_supervised
+from alseg.rundata import prepare_data
 from alseg.active.loop import run_active, status
 from alseg.report import make_report
 from alseg.compare import compare

@@ -1,103 +1,22 @@
-"""Supervised experiments: data -> cache -> split -> fit -> test Dice, recorded in a run directory.
-
-Owns the glue that :mod:`alseg.active.loop` also starts from: :func:`prepare_data` turns a
-:class:`~alseg.config.DataConfig` into decoded pixels and a split; :func:`train_supervised`
-is ``alseg train``. Data is validated completely before the run directory is created, so bad
-input leaves nothing behind.
+"""Supervised experiments (``alseg train``): data -> cache -> split -> fit -> test Dice, recorded in a
+run directory. The data comes from :mod:`alseg.rundata`, validated completely before the run
+directory is created, so bad input leaves nothing behind.
 """
 from __future__ import annotations
 
 import dataclasses
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from alseg.config import ExperimentConfig
-from alseg.data.cache import CachedData, load_cached
-from alseg.data.sources import Dataset, open_dataset
-from alseg.data.splits import Split, make_project_split, make_split
-from alseg.errors import AlsegError
 from alseg.evaluate import score_model
 from alseg.model import UNet
-from alseg.progress import SILENT, Reporter, batch_progress, staged
+from alseg.progress import SILENT, Reporter, batch_progress
+from alseg.rundata import data_record, fitted_config, prepare_data, sample_rows
 from alseg.runtime import Normalizer, resolve_device, seed_everything
 from alseg.rundir import RunDir
 from alseg.store import RunStore, atomic_write_text
 from alseg.train import Checkpoint, TrainConfig, fit
-
-
-@dataclass
-class ExperimentData:
-    dataset: Dataset
-    data: CachedData
-    split: Split
-
-
-def prepare_data(config: ExperimentConfig, reporter: Reporter = SILENT, *, pool: str = "split") -> ExperimentData:
-    """Open, decode (cached) and split the configured dataset; check every split before anything is written.
-
-    ``pool="split"`` (experiments): images with masks are split and 37.5 % of train starts labelled,
-    the rest is the pool whose masks the simulated annotator reveals. ``pool="unmasked"`` (a lab's
-    project): the images the user has masks for are the labelled set (and validation), every
-    image without a mask is the pool.
-    """
-    dc = config.data
-    if not dc.path:
-        raise AlsegError("no dataset given (--data PATH)")
-    dataset = open_dataset(dc.path, dc.format)
-    with staged(reporter, "decode", len(dataset.samples)) as advance:
-        data = load_cached(dataset, dc.size, cache_dir=dc.cache_dir, progress=advance)
-    seed = config.seed if dc.split_seed is None else dc.split_seed
-    if pool == "unmasked":
-        split = make_project_split(data.ids, has_mask=data.has_mask, groups=data.groups, seed=seed,
-                                   split_by=dc.split_by)
-        return ExperimentData(dataset, data, split)
-    split = make_split(data.ids, has_mask=data.has_mask, positive=data.positive, groups=data.groups,
-                       subsets=data.subsets, preset=dc.split_preset, split_by=dc.split_by, seed=seed,
-                       labelled_fraction=dc.labelled_fraction, test_source=dc.test_source)
-    for name in ("train", "val", "test"):
-        if not getattr(split, name):
-            groups = {g for g in data.groups if g is not None}
-            where = dataset.root / "groups.csv" if (dataset.root / "groups.csv").is_file() else dataset.root
-            why = (f"{len(groups)} group(s) cannot fill train, validation and test; give at least 3 groups "
-                   "or use --split-by sample") if split.split_by == "group" else "too few images with masks"
-            raise AlsegError(f"the {name} split would be empty: {why}", where)
-    return ExperimentData(dataset, data, split)
-
-
-def open_run_data(store: RunStore, cache_dir: str | Path | None = None, reporter: Reporter = SILENT) -> ExperimentData:
-    """The dataset a run was made on and its decoded pixels (from the cache, or decoded again)."""
-    info = store.data_info()
-    dataset = open_dataset(info["path"], info["format"])
-    with staged(reporter, "decode", len(dataset.samples)) as advance:
-        data = load_cached(dataset, info["size"], channels=info["channels"], cache_dir=cache_dir, progress=advance)
-    missing = set(store.sample_ids()) - set(data.ids)  # every split: train, validation and test
-    if missing:
-        first = sorted(missing)[0]
-        raise AlsegError(f"the dataset no longer holds {len(missing)} of the run's samples (e.g. {first!r}); "
-                         "restore them to resume", info["path"])
-    return ExperimentData(dataset, data, Split.from_dict(store.split()))
-
-
-def fitted_config(config: ExperimentConfig, data: CachedData) -> ExperimentConfig:
-    """The config with the model's input channels set from the decoded data."""
-    return dataclasses.replace(config, model=dataclasses.replace(config.model, in_channels=data.channels))
-
-
-def data_record(prepared: ExperimentData) -> dict:
-    data = prepared.data
-    return {"path": str(prepared.dataset.root), "format": prepared.dataset.format, "size": data.size,
-            "channels": data.channels, "cache": str(data.path)}
-
-
-def sample_rows(split: Split, labelled_ids) -> list[tuple[str, str, str, str, int | None]]:
-    """The store's sample rows (id, split, state, origin, round) for a fresh run."""
-    labelled = set(labelled_ids)
-    rows = [(i, "train", "labelled" if i in labelled else "pool", "initial" if i in labelled else "none",
-             0 if i in labelled else None) for i in split.train]
-    rows += [(i, "val", "labelled", "initial", 0) for i in split.val]
-    rows += [(i, "test", "labelled", "initial", 0) for i in split.test]
-    return rows
 
 
 def _fit_settings(train: TrainConfig, full: bool) -> TrainConfig:

@@ -12,13 +12,17 @@ Variants (each a set of config overrides on the preset; ``today`` undoes this wo
 
 * ``today``: the presets before this work: epochs only (16 images at batch 8 are 2 steps an
   epoch), no warm-up, standard augmentation, no pre-training;
-* ``steps``: + a floor of 20 optimiser steps an epoch (``train.min_epoch_steps``; 500 in quick-isic's 25
-  epochs) and a 50-step warm-up;
+* ``steps``: + at least 20 optimiser steps an epoch (``train.min_epoch_steps``; 500 in
+  quick-isic's 25 epochs);
+* ``warmup``: ``steps`` + a 50-step linear warm-up of the learning rate;
 * ``pretrain``: ``steps`` + self-supervised pre-training on the train and validation images
   (``alseg.pretrain``, inpainting), once per dataset and seed, shared by every n;
 * ``denoise``: ``steps`` + pre-training by denoising instead (the method comparison);
 * ``strong``: ``pretrain`` + stronger augmentation (``train.augment_strength: strong``);
-* ``all``: the presets as they are now (every piece this work kept).
+* ``all``: the preset as it is now, with pre-training on (what a lab's project runs).
+
+Variants whose effective settings are the same (``all`` and the one it was chosen from) are
+trained once: the runs are deterministic, so the result is shared and the summary says so.
 
 ``--head-start`` also builds, per dataset and seed, a project of 20 masks and 200 unlabelled
 train images for ``today`` and ``all``, asks ``alseg query -n 10`` for its first batch and scores
@@ -36,6 +40,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -49,16 +54,17 @@ DATA = {"isic": ROOT.parent / "shared" / "data" / "isic", "lgg": ROOT.parent / "
 PRESET = {"isic": "quick-isic", "lgg": "quick-lgg"}
 TODAY = {"train": {"min_epoch_steps": 0, "warmup_steps": 0, "augment_strength": "standard"},
          "pretrain": {"enabled": False}}
-STEPS = {"train": {"min_epoch_steps": 20, "warmup_steps": 50, "augment_strength": "standard"},
+STEPS = {"train": {"min_epoch_steps": 20, "warmup_steps": 0, "augment_strength": "standard"},
          "pretrain": {"enabled": False}}
+INPAINT = {"enabled": True, "method": "inpaint"}
 VARIANTS = {
     "today": TODAY,
     "steps": STEPS,
-    "pretrain": {**STEPS, "pretrain": {"enabled": True, "method": "inpaint"}},
+    "warmup": {**STEPS, "train": {**STEPS["train"], "warmup_steps": 50}},
+    "pretrain": {**STEPS, "pretrain": INPAINT},
     "denoise": {**STEPS, "pretrain": {"enabled": True, "method": "denoise"}},
-    "strong": {"train": {**STEPS["train"], "augment_strength": "strong"},
-               "pretrain": {"enabled": True, "method": "inpaint"}},
-    "all": {},
+    "strong": {"train": {**STEPS["train"], "augment_strength": "strong"}, "pretrain": INPAINT},
+    "all": {"pretrain": {"enabled": True}},
 }
 
 
@@ -163,6 +169,7 @@ def head_start(job: dict) -> dict:
     pool = [rest[k] for k in sorted(rng.choice(len(rest), 200, replace=False))]
     samples = {s.id: s for s in open_dataset(DATA[job["dataset"]]).samples}
     root = Path(job["out"]) / "head-start" / f"{job['dataset']}-{job['variant']}-s{job['seed']}"
+    shutil.rmtree(root, ignore_errors=True)  # an interrupted attempt
     images, masks = root / "images", root / "masks"
     images.mkdir(parents=True)
     masks.mkdir()
@@ -175,27 +182,57 @@ def head_start(job: dict) -> dict:
         if s.group is not None:
             groups.append(f"{i}{s.image.suffix},{s.group}")
     if len(groups) > 1:
-        (images / "groups.csv").write_text("\n".join(groups) + "\n")  # LGG: patients stay together
+        (root / "groups.csv").write_text("\n".join(groups) + "\n")  # LGG: patients stay together
     project = root / "project"
     t0 = time.time()
-    init_project(project, images, masks, preset=PRESET[job["dataset"]], pretrain=cfg.pretrain.enabled,
+    # root is a folder layout (images/, masks/, groups.csv): images without a mask are the pool
+    init_project(project, root, preset=PRESET[job["dataset"]], pretrain=cfg.pretrain.enabled,
                  overrides={**VARIANTS[job["variant"]], "seed": job["seed"],
                             "train": {**VARIANTS[job["variant"]].get("train", {}), "device": "cpu"}})
     result = query(project, n=10)
     seconds = time.time() - t0
     folder = Path(result["batch"]["folder"])
-    dices = []
     with open(folder / "manifest.csv", newline="") as fh:
-        for row in csv.DictReader(fh):
-            truth = read_mask(samples[row["id"]].mask)
-            if row["predicted"]:
-                pred = np.asarray(Image.open(folder / row["predicted"]).convert("L")) >= 128
-            else:
-                pred = np.zeros_like(truth)
-            dices.append(float(dice_per_image(pred[None], truth[None])[0]))
+        rows = list(csv.DictReader(fh))
+    predicted = _predicted_masks(project, rows, folder)
+    dices = [float(dice_per_image(predicted[r["id"]][None], read_mask(samples[r["id"]].mask)[None])[0]) for r in rows]
+    offered = all(r["predicted"] for r in rows)
     return {**job, "kind": "head_start", "dice": dices, "median_dice": float(np.median(dices)),
-            "accept_share": float(np.mean(np.array(dices) >= 0.9)), "offered": result["warning"] is None,
-            "round0_val_dice": result["rounds"][0]["val_dice"], "wall_seconds": seconds}
+            "accept_share": float(np.mean(np.array(dices) >= 0.9)), "offered": offered,
+            "round0_val_dice": result["rounds"][0]["val_dice"], "warning": result["warning"], "wall_seconds": seconds}
+
+
+def _predicted_masks(project: Path, rows: list[dict], folder: Path) -> dict:
+    """Each batch image's predicted mask at its own size: the exported file, or, where the batch offers
+    none (a model no better than a constant mask), what the export made before the gate existed (the
+    thresholded MC mean of round 0's model with the export's seed), so ``today`` is scored as it was."""
+    import numpy as np
+    from PIL import Image
+
+    from alseg.active.uncertainty import mc_dropout
+    from alseg.config import config_from_dict
+    from alseg.data.cache import map_to_size
+    from alseg.rundata import open_run_data
+    from alseg.runtime import Normalizer, step_seed
+    from alseg.store import RunStore
+    from alseg.train import Checkpoint
+
+    out = {r["id"]: np.asarray(Image.open(folder / r["predicted"]).convert("L")) >= 128
+           for r in rows if r["predicted"]}
+    missing = [r for r in rows if not r["predicted"]]
+    if missing:
+        with RunStore.open_readonly(project) as store:
+            cfg = config_from_dict(store.config())
+            data = open_run_data(store).data
+            normalizer = Normalizer.from_dict(store.normalizer())
+        model = Checkpoint.load(project / "checkpoints" / "round-000" / "best.pt").model
+        a = cfg.active
+        mc = mc_dropout(model, data.images, data.indices([r["id"] for r in missing]), normalizer, passes=a.mc_passes,
+                        batch_size=a.mc_batch_size, precision=a.mc_precision, seed=step_seed(cfg.seed, 1, 6),
+                        keep_maps=True)
+        for k, r in enumerate(missing):
+            out[r["id"]] = map_to_size(mc.mean[k], int(r["width"]), int(r["height"])) > 0.5
+    return out
 
 
 def _result_path(out: Path, job: dict) -> Path:
@@ -222,27 +259,48 @@ def main() -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result) + "\n")
         return
-    jobs = [{"dataset": args.dataset, "variant": v, "n": n, "seed": s, "out": str(args.out)}
-            for s in args.seeds for v in args.variants for n in args.counts]
-    # the pre-training of a (dataset, seed, method) runs once: the first job of each goes first, alone
-    pre = {}
+    same = canonical(args.dataset)
+    jobs = []
+    for seed in args.seeds:
+        for variant in dict.fromkeys(same[v] for v in args.variants):
+            jobs += [{"dataset": args.dataset, "variant": variant, "n": n, "seed": seed, "out": str(args.out)}
+                     for n in args.counts]
+    # each (seed, pre-training method) is pre-trained once: its first job goes first, then the rest share it
+    first: dict = {}
     for job in jobs:
-        method = VARIANTS[job["variant"]].get("pretrain", {}).get("method") if job["variant"] != "today" else None
-        if job["variant"] in ("pretrain", "denoise", "strong", "all"):
-            pre.setdefault((job["seed"], method), job)
-    first = list(pre.values())
-    rest = [j for j in jobs if j not in first]
+        method = _pretrain_method(args.dataset, job["variant"])
+        if method:
+            first.setdefault((job["seed"], method), job)
+    rest = [j for j in jobs if j not in first.values()]
     if args.head_start:
-        rest += [{**j, "n": 20, "variant": v, "head_start": True} for v in ("today", "all")
-                 for j in [{"dataset": args.dataset, "seed": s, "out": str(args.out)} for s in args.seeds]]
-    _run_children(first, args.jobs)
+        rest += [{"dataset": args.dataset, "variant": same[v], "n": 20, "seed": s, "out": str(args.out),
+                  "head_start": True} for s in args.seeds for v in ("today", "all")]
+    _run_children(list(first.values()), args.jobs)
     _run_children(rest, args.jobs)
-    summary = summarize(args.out, args.dataset)
+    summary = summarize(args.out, args.dataset, args.variants, args.counts, args.seeds)
     text = json.dumps(summary, indent=2)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(text + "\n")
     print(text)
+
+
+def canonical(dataset: str) -> dict[str, str]:
+    """Each variant's first variant (in ``VARIANTS`` order) with the same effective settings."""
+    seen: dict[str, str] = {}
+    out = {}
+    for name in VARIANTS:
+        cfg = _config(dataset, name, 0).to_dict()
+        if not cfg["pretrain"]["enabled"]:  # pre-training settings count only when it runs
+            cfg["pretrain"] = {"enabled": False}
+        key = json.dumps(cfg, sort_keys=True)
+        out[name] = seen.setdefault(key, name)
+    return out
+
+
+def _pretrain_method(dataset: str, variant: str) -> str | None:
+    p = _config(dataset, variant, 0).pretrain
+    return p.method if p.enabled else None
 
 
 def _run_children(jobs: list[dict], parallel: int) -> None:
@@ -269,34 +327,46 @@ def _run_children(jobs: list[dict], parallel: int) -> None:
                 sys.exit(f"{job} failed: {proc.stderr.read()[-3000:]}")
 
 
-def summarize(out: Path, dataset: str) -> dict:
-    """Per variant and n: mean (and per-seed) test and validation Dice, seconds; head-start figures."""
+def summarize(out: Path, dataset: str, variants: list[str], counts: list[int], seeds: list[int]) -> dict:
+    """Per variant and n: per-seed and mean test and validation Dice, steps and seconds; the
+    pre-trainings' cost; the head-start figures. A variant trained as another is marked ``same_as``."""
     import numpy as np
 
-    runs = [json.loads(p.read_text()) for p in sorted((out / "results").glob(f"run-{dataset}-*.json"))]
-    heads = [json.loads(p.read_text()) for p in sorted((out / "results").glob(f"head-{dataset}-*.json"))]
+    same = canonical(dataset)
+
+    def load(kind: str, variant: str, n: int, seed: int) -> dict | None:
+        path = _result_path(out, {"dataset": dataset, "variant": same[variant], "n": n, "seed": seed,
+                                  "head_start": kind == "head"})
+        return json.loads(path.read_text()) if path.is_file() else None
+
     table: dict = {}
-    for r in runs:
-        cell = table.setdefault(r["variant"], {}).setdefault(str(r["n"]), {"seeds": []})
-        cell["seeds"].append(r["seed"])
-        for key in ("best_test_dice", "best_val_dice", "last_test_dice", "last_val_dice", "cpu_seconds", "steps"):
-            cell.setdefault(key, []).append(r[key])
-    for variant in table.values():
-        for cell in variant.values():
-            for key in [k for k in cell if k != "seeds"]:
+    pretraining: dict = {}
+    for variant in variants:
+        table[variant] = {"same_as": same[variant]} if same[variant] != variant else {}
+        for n in counts:
+            rows = [r for r in (load("run", variant, n, s) for s in seeds) if r]
+            if not rows:
+                continue
+            cell = {"seeds": [r["seed"] for r in rows]}
+            for key in ("best_test_dice", "best_val_dice", "last_test_dice", "last_val_dice", "cpu_seconds", "steps"):
+                cell[key] = [round(r[key], 4) for r in rows]
                 cell[f"mean_{key}"] = round(float(np.mean(cell[key])), 4)
-    pretraining = {}
-    for r in runs:
-        if r.get("pretrain") and not r["pretrain"]["reused"]:
-            pretraining[f"{r['variant']}-s{r['seed']}"] = r["pretrain"]
+            table[variant][str(n)] = cell
+            for r in rows:
+                if r.get("pretrain") and not r["pretrain"]["reused"]:
+                    pretraining[f"{_pretrain_method(dataset, variant)}-s{r['seed']}"] = r["pretrain"]
     head = {}
-    for h in heads:
-        cell = head.setdefault(h["variant"], {"seeds": [], "median_dice": [], "accept_share": [], "offered": []})
-        for key in ("median_dice", "accept_share", "offered"):
-            cell[key].append(h[key])
-        cell["seeds"].append(h["seed"])
-    return {"dataset": dataset, "preset": PRESET[dataset], "machine": machine_info(), "variants": VARIANTS,
-            "dice": table, "pretraining": pretraining, "head_start": head}
+    for variant in ("today", "all"):
+        rows = [h for h in (load("head", variant, 20, s) for s in seeds) if h]
+        if rows:
+            head[variant] = {"seeds": [h["seed"] for h in rows], "median_dice": [h["median_dice"] for h in rows],
+                             "accept_share": [h["accept_share"] for h in rows],
+                             "offered": [h["offered"] for h in rows],
+                             "mean_median_dice": round(float(np.mean([h["median_dice"] for h in rows])), 4),
+                             "mean_accept_share": round(float(np.mean([h["accept_share"] for h in rows])), 4)}
+    return {"dataset": dataset, "preset": PRESET[dataset], "machine": machine_info(),
+            "variants": {v: VARIANTS[v] for v in variants}, "dice": table, "pretraining": pretraining,
+            "head_start": head}
 
 
 if __name__ == "__main__":

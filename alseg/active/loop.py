@@ -46,7 +46,7 @@ from alseg.data.splits import Split, carve_validation
 from alseg.errors import AlsegError
 from alseg.faults import point
 from alseg.evaluate import score_model
-from alseg.experiment import data_record, fitted_config, open_run_data, prepare_data, sample_rows
+from alseg.rundata import data_record, fitted_config, open_run_data, prepare_data, sample_rows
 from alseg.model import UNet
 from alseg.pretrain import load_into, pretrain
 from alseg.progress import SILENT, Reporter, batch_progress, staged

@@ -20,7 +20,7 @@ import numpy as np
 
 from alseg.config import config_from_dict
 from alseg.errors import AlsegError
-from alseg.experiment import open_run_data
+from alseg.rundata import open_run_data
 from alseg.metrics import dice_per_image
 from alseg.progress import SILENT, Reporter
 from alseg.runtime import resolve_device
