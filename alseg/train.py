@@ -56,10 +56,16 @@ class TrainConfig:
     min_epoch_steps: int = 0
     # Linear learning-rate warm-up over the first warmup_steps optimiser steps of a fit.
     warmup_steps: int = 0
+    # dice_bce (per-image soft Dice + BCE), batch_dice_bce (Dice over the batch + BCE) or bce
+    loss: str = "dice_bce"
     device: str = "auto"
     # auto: bf16 on CUDA, fp32 on CPU. bf16 trains ~1.75x faster on CPUs with bf16 instructions but
     # reached a lower validation Dice at both quick presets (docs/benchmarks.md, "Training precision").
     precision: str = "auto"
+
+    def __post_init__(self):
+        if self.loss not in LOSSES:
+            raise AlsegError(f"train.loss must be one of {', '.join(LOSSES)}, not {self.loss!r}")
 
     @property
     def reference_epochs(self) -> int:
@@ -108,12 +114,30 @@ class Checkpoint:
 
 
 def dice_bce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """BCE + soft Dice per image (smoothed by 1), averaged over the batch."""
     logits = logits.float()
     bce = F.binary_cross_entropy_with_logits(logits, target)
     prob = torch.sigmoid(logits).flatten(1)
     t = target.flatten(1)
     dice = (2 * (prob * t).sum(1) + 1) / (prob.sum(1) + t.sum(1) + 1)
     return bce + (1 - dice).mean()
+
+
+def batch_dice_bce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """BCE + soft Dice over the whole batch as one volume (nnU-Net's batch Dice): a small lesion is
+    not one image's whole Dice term, and an empty mask does not pull its image toward 1 on its own."""
+    logits = logits.float()
+    bce = F.binary_cross_entropy_with_logits(logits, target)
+    prob = torch.sigmoid(logits)
+    dice = (2 * (prob * target).sum() + 1) / (prob.sum() + target.sum() + 1)
+    return bce + (1 - dice)
+
+
+def bce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.binary_cross_entropy_with_logits(logits.float(), target)
+
+
+LOSSES = {"dice_bce": dice_bce_loss, "batch_dice_bce": batch_dice_bce_loss, "bce": bce_loss}
 
 
 AUGMENT_RANGES = {  # rotation (degrees), scale, contrast and brightness (+-), gamma, per-channel gain (+-)
@@ -309,7 +333,7 @@ def _train_epoch(net, opt, scaler, x_all: torch.Tensor, y_all: torch.Tensor, con
             xb = xb.contiguous(memory_format=torch.channels_last)
         with autocast(device, dtype):
             logits = net(xb)
-        loss = dice_bce_loss(logits, yb)
+        loss = LOSSES[config.loss](logits, yb)
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss * weight).backward()
         scaler.step(opt)

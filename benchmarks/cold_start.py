@@ -19,6 +19,11 @@ Variants (each a set of config overrides on the preset; ``today`` undoes this wo
   (``alseg.pretrain``, inpainting), once per dataset and seed, shared by every n;
 * ``denoise``: ``steps`` + pre-training by denoising instead (the method comparison);
 * ``strong``: ``pretrain`` + stronger augmentation (``train.augment_strength: strong``);
+* ``cover``: ``pretrain``, but the n masks are those a project without masks would ask for first:
+  one per k-means cluster of the pre-trained features, spread over patients (``alseg.active.coldstart``),
+  against ``pretrain``'s random n;
+* ``batchdice``, ``bce``: ``steps`` with another loss (``train.loss``): soft Dice over the batch +
+  BCE, or BCE alone, against the presets' per-image soft Dice + BCE;
 * ``all``: the preset as it is now, with pre-training on (what a lab's project runs).
 
 Variants whose effective settings are the same (``all`` and the one it was chosen from) are
@@ -64,8 +69,12 @@ VARIANTS = {
     "pretrain": {**STEPS, "pretrain": INPAINT},
     "denoise": {**STEPS, "pretrain": {"enabled": True, "method": "denoise"}},
     "strong": {"train": {**STEPS["train"], "augment_strength": "strong"}, "pretrain": INPAINT},
+    "batchdice": {**STEPS, "train": {**STEPS["train"], "loss": "batch_dice_bce"}},
+    "bce": {**STEPS, "train": {**STEPS["train"], "loss": "bce"}},
+    "cover": {**STEPS, "pretrain": INPAINT},
     "all": {"pretrain": {"enabled": True}},
 }
+COVER = {"cover"}  # variants whose n masks are chosen to cover the pool (the rest: at random)
 
 
 def _config(dataset: str, variant: str, seed: int):
@@ -89,15 +98,22 @@ def _fixed(dataset: str, size: int):
     return data, split
 
 
-def labelled_subset(split, data, n: int, seed: int) -> tuple[list[str], list[str]]:
-    """``(train ids, validation ids)``: n random train-split images, a fifth of them for validation."""
+def labelled_subset(split, data, n: int, seed: int, features=None) -> tuple[list[str], list[str]]:
+    """``(train ids, validation ids)``: n train-split images, a fifth of them for validation. At random,
+    or with ``features`` (one row per train-split image) one per k-means cluster, as a project without
+    masks picks its first batch (``alseg.active.coldstart``)."""
     import numpy as np
 
+    from alseg.active.coldstart import cover_selection
     from alseg.data.splits import carve_validation
 
     rng = np.random.default_rng(1000 + seed)
-    chosen = [split.train[i] for i in sorted(rng.choice(len(split.train), n, replace=False))]
     group_of = dict(zip(data.ids, data.groups))
+    if features is None:
+        chosen = [split.train[i] for i in sorted(rng.choice(len(split.train), n, replace=False))]
+    else:
+        picked = cover_selection(features, [group_of[i] for i in split.train], n, rng)
+        chosen = [split.train[i] for i in sorted(picked)]
     val = carve_validation(chosen, [group_of[i] for i in chosen], seed)
     return [i for i in chosen if i not in set(val)], val
 
@@ -106,6 +122,7 @@ def one_run(job: dict) -> dict:
     """Train one (dataset, variant, n, seed) model in this process; its Dice and seconds."""
     import torch
 
+    from alseg.active.uncertainty import bottleneck_features
     from alseg.metrics import dice_per_image
     from alseg.model import UNet
     from alseg.pretrain import load_into, pretrain
@@ -116,7 +133,6 @@ def one_run(job: dict) -> dict:
     cfg = _config(job["dataset"], job["variant"], job["seed"])
     data, split = _fixed(job["dataset"], cfg.data.size)
     cfg.model = type(cfg.model)(**{**cfg.model.to_dict(), "in_channels": data.channels})
-    train_ids, val_ids = labelled_subset(split, data, job["n"], job["seed"])
     normalizer = Normalizer.fit(data.images[data.indices(list(split.train))])  # as the loop: every train image
     seed_everything(job["seed"])
     model = UNet(cfg.model)
@@ -128,6 +144,10 @@ def one_run(job: dict) -> dict:
                        ids=ids, seed=job["seed"], device="cpu")
         load_into(model, pre["weights"])
         pretrain_facts = {k: pre[k] for k in ("steps", "seconds", "images", "reused")}
+    features = None
+    if job["variant"] in COVER:  # the first batch chosen in the pre-trained features, as the loop does
+        features = bottleneck_features(model, data.images, data.indices(list(split.train)), normalizer)
+    train_ids, val_ids = labelled_subset(split, data, job["n"], job["seed"], features)
     ti, vi = data.indices(train_ids), data.indices(val_ids)
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.process_time()
@@ -250,6 +270,7 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=os.cpu_count())
     ap.add_argument("--out", type=Path, default=Path("/tmp/alseg-cold-start"))
     ap.add_argument("--json", type=Path, default=None, help="Also write the summary here.")
+    ap.add_argument("--markdown", action="store_true", help="Print the summary's tables as Markdown (docs).")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # a child: one job as JSON
     args = ap.parse_args()
     if args.one:
@@ -258,6 +279,9 @@ def main() -> None:
         path = _result_path(Path(job["out"]), job)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result) + "\n")
+        return
+    if args.markdown:  # the tables of what has run, nothing trained
+        print(markdown(summarize(args.out, args.dataset, args.variants, args.counts, args.seeds)))
         return
     same = canonical(args.dataset)
     jobs = []
@@ -293,7 +317,7 @@ def canonical(dataset: str) -> dict[str, str]:
         cfg = _config(dataset, name, 0).to_dict()
         if not cfg["pretrain"]["enabled"]:  # pre-training settings count only when it runs
             cfg["pretrain"] = {"enabled": False}
-        key = json.dumps(cfg, sort_keys=True)
+        key = json.dumps([cfg, name in COVER], sort_keys=True)
         out[name] = seen.setdefault(key, name)
     return out
 
@@ -367,6 +391,31 @@ def summarize(out: Path, dataset: str, variants: list[str], counts: list[int], s
     return {"dataset": dataset, "preset": PRESET[dataset], "machine": machine_info(),
             "variants": {v: VARIANTS[v] for v in variants}, "dice": table, "pretraining": pretraining,
             "head_start": head}
+
+
+def markdown(summary: dict) -> str:
+    """Test Dice (and validation-split Dice) by variant and label count: mean over seeds [per seed]."""
+    counts = sorted({int(n) for v in summary["dice"].values() for n in v if n != "same_as"})
+    lines = ["| variant | " + " | ".join(f"{n} masks" for n in counts) + " |", "| --- |" + " --- |" * len(counts)]
+    for key, label in (("best_test_dice", "test"), ("best_val_dice", "validation split")):
+        for variant, cells in summary["dice"].items():
+            name = variant + (f" (= {cells['same_as']})" if "same_as" in cells else "")
+            row = []
+            for n in counts:
+                c = cells.get(str(n))
+                row.append("-" if c is None else f"{c['mean_' + key]:.3f} [{', '.join(f'{v:.3f}' for v in c[key])}]")
+            lines.append(f"| {name}, {label} | " + " | ".join(row) + " |")
+    lines.append("")
+    lines.append("| variant | " + " | ".join(f"{n} masks" for n in counts) + " |")
+    lines.append("| --- |" + " --- |" * len(counts))
+    for variant, cells in summary["dice"].items():
+        row = [("-" if cells.get(str(n)) is None else
+                f"{cells[str(n)]['mean_steps']:.0f} steps, {cells[str(n)]['mean_cpu_seconds']:.0f} s") for n in counts]
+        lines.append(f"| {variant} | " + " | ".join(row) + " |")
+    for variant, h in summary["head_start"].items():
+        lines.append(f"\nhead start, {variant}: median Dice per seed {[round(v, 3) for v in h['median_dice']]}, "
+                     f"share >= 0.9 {[round(v, 2) for v in h['accept_share']]}, offered {h['offered']}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -181,6 +181,11 @@ def test_page_opens_the_batch(page):
     first = page.batch.items[0]
     assert page.text("progress") == f"0 of {BATCH} labelled"
     assert "round 1" in page.text("round")
+    # what the model has earned, from the store: its validation Dice beside a constant mask's, no warning
+    health = page.p.status()["model"]
+    assert health["useful"] and page.el("model-note").is_displayed()
+    assert page.text("model-note").startswith(f"The model's validation Dice is {health['val_dice']:.3f} "
+                                              f"(a constant mask scores {health['constant_dice']:.3f}).")
     names = [li.get_attribute("data-id") for li in page.d.find_elements("css selector", "#items li")]
     assert names == [it.id for it in page.batch.items]
     size = page.d.execute_script("const c = document.getElementById('mask'); return [c.width, c.height];")

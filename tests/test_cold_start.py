@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from alseg.active.coldstart import cover_selection
-from alseg.active.gate import constant_mask_dice, model_health, pseudo_gate
+from alseg.active.gate import ModelHealth, constant_mask_dice, model_health, pseudo_gate
 from alseg.config import preset_for_images
 from alseg.data import open_dataset
 from alseg.data.synthetic import make_synthetic
@@ -98,6 +98,7 @@ def test_constant_masks_and_the_gate_rules():
     assert not weak.useful and "no better than an all-background mask" in weak.warning()
     good = model_health(0.70, masks)
     assert good.useful and good.warning() is None
+    assert ModelHealth.from_dict(json.loads(json.dumps(weak.to_dict()))) == weak  # as the store keeps it
     assert pseudo_gate(20, weak, 100, min_val_dice=0.5, max_pool_fraction=0.5).limit == 0
     assert pseudo_gate(20, model_health(0.58, masks), 100, min_val_dice=0.6, max_pool_fraction=0.5).limit == 0
     capped = pseudo_gate(60, good, 100, min_val_dice=0.5, max_pool_fraction=0.5)

@@ -18,7 +18,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from annotate_fixtures import BATCH, ThreadServer, build_project, copy_project, decode, png, predicted
+from annotate_fixtures import BATCH, NON_SQUARE, ThreadServer, build_project, copy_project, decode, png, predicted
 from alseg.annotate.server import LOOPBACK_HOSTS, create_app, serve
 from alseg.errors import AlsegError
 from alseg.project import Project
@@ -179,7 +179,7 @@ def test_oversized_upload_is_413(opened, project_dir):
 
 @pytest.mark.parametrize("case", ["truncated", "not-png", "gradient", "wrong-size", "empty", "colour", "no-body"])
 def test_invalid_masks_are_refused_with_the_reason(client, opened, project_dir, case):
-    item = _items(opened)[0]  # 80 x 56
+    item = next(it for it in _items(opened) if (it.width, it.height) == NON_SQUARE)  # 80 x 56
     good = _blob(item)
     body, expect = {
         "truncated": (png(good)[: len(png(good)) // 2], "unreadable image"),

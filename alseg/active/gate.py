@@ -47,11 +47,16 @@ class ModelHealth:
         which = "all-background" if self.empty_mask_dice >= self.full_mask_dice else "all-foreground"
         return (f"the model is no better than an {which} mask on validation (Dice {self.val_dice:.3f} against "
                 f"{self.constant_dice:.3f}): its masks are no head start and it takes no pseudo-labels; label "
-                "more images, keep pre-training on (pretrain.enabled), or train more steps (train.min_steps)")
+                "more images, keep pre-training on (pretrain.enabled), or train more steps (--min-epoch-steps)")
 
     def to_dict(self) -> dict:
         return {**asdict(self), "constant_dice": self.constant_dice, "useful": self.useful,
                 "warning": self.warning()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelHealth":
+        """Back from :meth:`to_dict` (the store's record); the derived fields are derived again."""
+        return cls(d["val_dice"], d["empty_mask_dice"], d["full_mask_dice"], d["val_images"])
 
 
 def constant_mask_dice(masks: np.ndarray) -> tuple[float, float]:

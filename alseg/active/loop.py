@@ -202,7 +202,7 @@ class ActiveRun:
         """Round ``round``'s model against the constant masks on validation (None before it is trained)."""
         fact = self.store.round_facts().get(round, {}).get("model")
         if fact is not None:
-            return ModelHealth(fact["val_dice"], fact["empty_mask_dice"], fact["full_mask_dice"], fact["val_images"])
+            return ModelHealth.from_dict(fact)
         row = next((r for r in self.store.rounds() if r["round"] == round and r["status"] == "done"), None)
         if row is None:
             return None

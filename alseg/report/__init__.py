@@ -244,7 +244,9 @@ def _html(run_dir: Path, config, split: dict, made: list[tuple[str, str, str]], 
              f"data {e(str(config.data.path))} at {config.data.size} px; U-Net width {config.model.width}, depth "
              f"{config.model.depth}, dropout {config.model.dropout}; split by {e(split['split_by'])}: train "
              f"{len(split['train'])} (labelled {len(split['labelled'])}), val {len(split['val'])}, test {len(split['test'])}; "
-             f"T = {a.mc_passes} MC passes; {a.round_epochs} epochs per round.")
+             f"T = {a.mc_passes} MC passes; {a.round_epochs} epochs per round, at least "
+             f"{config.train.min_epoch_steps} optimiser steps an epoch; self-supervised pre-training "
+             f"{'(' + config.pretrain.method + ')' if config.pretrain.enabled else 'off'}.")
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>alseg report: {e(run_dir.name)}</title>
 <style>
