@@ -133,12 +133,13 @@ MIN_EPOCH_STEPS = 20
 
 def _preset(preset: str, size: int, width: int, dropout: float, lr: float, split: str,
             initial: int, per_round: int, batch: int, rounds: int, full: int | None = None,
-            min_epoch_steps: int = MIN_EPOCH_STEPS) -> ExperimentConfig:
+            min_epoch_steps: int = MIN_EPOCH_STEPS, augment: str = "standard") -> ExperimentConfig:
     return ExperimentConfig(
         preset=preset,
         data=DataConfig(size=size, split_preset=split),
         model=ModelConfig(width=width, depth=5, dropout=dropout, dropout_scope="all", norm="none"),
-        train=TrainConfig(epochs=initial, batch_size=batch, lr=lr, full_epochs=full, min_epoch_steps=min_epoch_steps),
+        train=TrainConfig(epochs=initial, batch_size=batch, lr=lr, full_epochs=full, min_epoch_steps=min_epoch_steps,
+                          augment_strength=augment),
         active=ActiveConfig(round_epochs=per_round, rounds=rounds),
     )
 
@@ -146,8 +147,10 @@ def _preset(preset: str, size: int, width: int, dropout: float, lr: float, split
 PRESETS: dict[str, ExperimentConfig] = {
     "paper-isic": _preset("paper-isic", 256, 64, 0.2, 1e-4, "isic", 20, 5, 8, 10),
     "paper-lgg": _preset("paper-lgg", 256, 64, 0.2, 1e-4, "lgg", 20, 5, 8, 10),
-    "quick-isic": _preset("quick-isic", 96, 16, 0.1, 1e-3, "isic", 25, 6, 8, 5, full=30),
-    "quick-lgg": _preset("quick-lgg", 128, 16, 0.1, 1e-3, "lgg", 30, 5, 8, 3, full=70),
+    # strong augmentation: on validation Dice at 10-40 ISIC masks it beat the standard ranges by 0.06 /
+    # 0.02 / 0.00 (docs/benchmarks.md, "Learning from the first masks"); the paper presets keep theirs
+    "quick-isic": _preset("quick-isic", 96, 16, 0.1, 1e-3, "isic", 25, 6, 8, 5, full=30, augment="strong"),
+    "quick-lgg": _preset("quick-lgg", 128, 16, 0.1, 1e-3, "lgg", 30, 5, 8, 3, full=70, augment="strong"),
     # generated data, two minutes: its 52 labelled images take 7 steps an epoch, as before
     "demo": _preset("demo", 64, 8, 0.1, 1e-3, "default", 8, 3, 8, 3, min_epoch_steps=0),
 }

@@ -122,6 +122,8 @@ def one_run(job: dict) -> dict:
     """Train one (dataset, variant, n, seed) model in this process; its Dice and seconds."""
     import torch
 
+    import numpy as np
+
     from alseg.active.uncertainty import bottleneck_features
     from alseg.metrics import dice_per_image
     from alseg.model import UNet
@@ -149,21 +151,39 @@ def one_run(job: dict) -> dict:
         features = bottleneck_features(model, data.images, data.indices(list(split.train)), normalizer)
     train_ids, val_ids = labelled_subset(split, data, job["n"], job["seed"], features)
     ti, vi = data.indices(train_ids), data.indices(val_ids)
+
+    def split_dice(net, part: str, most: int | None = None) -> float:
+        ids = list(getattr(split, part))
+        if most is not None and len(ids) > most:  # evenly spread, the same every epoch
+            ids = [ids[int(k)] for k in np.linspace(0, len(ids) - 1, most).round()]
+        idx = data.indices(ids)
+        probs = predict_probs(net, data.images[idx], normalizer)
+        return float(dice_per_image(probs > 0.5, data.masks[idx] > 0).mean())
+
+    # every epoch's model on (up to 100 images of) the validation and test splits, outside the timed
+    # training, so that rules for which epoch to keep can be compared afterwards, on the validation split
+    epochs: list[dict] = []
+    spent = [0.0]
+
+    def on_epoch(record: dict) -> None:
+        t = time.process_time()
+        epochs.append({"epoch": record["epoch"], "small_val_dice": record["val_dice"],
+                       "val_dice": split_dice(model, "val", 100), "test_dice": split_dice(model, "test", 100)})
+        spent[0] += time.process_time() - t
+
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.process_time()
         result = fit(model, data.images[ti], data.masks[ti], data.images[vi], data.masks[vi], cfg.train, normalizer,
-                     size=data.size, checkpoint_dir=tmp, seed=job["seed"])
-        seconds = time.process_time() - t0
+                     size=data.size, checkpoint_dir=tmp, seed=job["seed"], on_epoch=on_epoch)
+        seconds = time.process_time() - t0 - spent[0]
         scores = {}
         for which in ("best", "last"):
             ckpt = Checkpoint.load(Path(tmp) / f"{which}.pt")
             for part in ("val", "test"):
-                idx = data.indices(list(getattr(split, part)))
-                probs = predict_probs(ckpt.model, data.images[idx], normalizer)
-                scores[f"{which}_{part}_dice"] = float(dice_per_image(probs > 0.5, data.masks[idx] > 0).mean())
+                scores[f"{which}_{part}_dice"] = split_dice(ckpt.model, part)
     return {**job, "train_images": len(train_ids), "val_images": len(val_ids), "best_epoch": result["best_epoch"],
             "small_val_dice": result["best_val_dice"], "steps": cfg.train.epochs * epoch_steps(len(train_ids), cfg.train),
-            "cpu_seconds": seconds, "pretrain": pretrain_facts, **scores}
+            "cpu_seconds": seconds, "pretrain": pretrain_facts, "epochs": epochs, **scores}
 
 
 def head_start(job: dict) -> dict:
