@@ -599,7 +599,7 @@ def init(project: Path = typer.Argument(..., help="Project folder to create (new
          cache_dir: Optional[Path] = typer.Option(None, help="Decoded-pixel cache (default ~/.cache/alseg)."),
          pretrain: bool = typer.Option(True, "--pretrain/--no-pretrain", help="Pre-train the U-Net on all your "
                                        "images (no masks needed) before the first model, once, cached in the "
-                                       "project; without masks, the first batch then covers the kinds of image."),
+                                       "project."),
          as_json: bool = typer.Option(False, "--json", help="Print the project's status as JSON.")):
     """Create a project over your images, with the masks you already have (zero is fine).
 

@@ -65,7 +65,9 @@ def init_project(project: str | Path, images: str | Path, masks: str | Path | No
                 (data_path / "masks").symlink_to(Path(masks).absolute(), target_is_directory=True)
         fmt = fmt or detect_format(data_path)
         name, sized, why = choose_preset(preset, data_path, fmt)
-        lab = {"pretrain": {"enabled": pretrain}, "active": {"initial_selection": "cover" if pretrain else "random"}}
+        # the first batch stays random (active.initial_selection): covering the pool in the pre-trained
+        # features scored below random on validation Dice (docs/benchmarks.md, "Learning from the first masks")
+        lab = {"pretrain": {"enabled": pretrain}}
         cfg = build_config(name, config_file, overrides, defaults={**lab, **sized})
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=str(data_path), format=fmt),
                                   active=dataclasses.replace(cfg.active, rounds=PROJECT_ROUNDS, budget=None))

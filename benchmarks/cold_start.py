@@ -240,9 +240,37 @@ def head_start(job: dict) -> dict:
     predicted = _predicted_masks(project, rows, folder)
     dices = [float(dice_per_image(predicted[r["id"]][None], read_mask(samples[r["id"]].mask)[None])[0]) for r in rows]
     offered = all(r["predicted"] for r in rows)
-    return {**job, "kind": "head_start", "dice": dices, "median_dice": float(np.median(dices)),
+    return {**job, "kind": "head_start", "dice": dices, "reasons": [r["reason"] for r in rows],
+            "median_dice": float(np.median(dices)),
             "accept_share": float(np.mean(np.array(dices) >= 0.9)), "offered": offered,
-            "round0_val_dice": result["rounds"][0]["val_dice"], "warning": result["warning"], "wall_seconds": seconds}
+            "round0_val_dice": result["rounds"][0]["val_dice"], "warning": result["warning"], "wall_seconds": seconds,
+            **pool_head_start(job)}
+
+
+def pool_head_start(job: dict) -> dict:
+    """What round 0's model of a head-start project predicts (dropout off) for every one of its 200 pool
+    images, at the working size: the head start a random batch would offer, beside CEAL's batch, which
+    holds by design the images the model does worst on."""
+    import numpy as np
+
+    from alseg.metrics import dice_per_image
+    from alseg.runtime import Normalizer
+    from alseg.store import RunStore
+    from alseg.train import Checkpoint, predict_probs
+
+    cfg = _config(job["dataset"], job["variant"], job["seed"])
+    data, split = _fixed(job["dataset"], cfg.data.size)
+    train_ids, val_ids = labelled_subset(split, data, 20, job["seed"])
+    labelled = set(train_ids) | set(val_ids)
+    rng = np.random.default_rng(2000 + job["seed"])  # the pool head_start built
+    rest = [i for i in split.train if i not in labelled]
+    pool = data.indices([rest[k] for k in sorted(rng.choice(len(rest), 200, replace=False))])
+    project = Path(job["out"]) / "head-start" / f"{job['dataset']}-{job['variant']}-s{job['seed']}" / "project"
+    with RunStore.open_readonly(project) as store:
+        normalizer = Normalizer.from_dict(store.normalizer())
+    model = Checkpoint.load(project / "checkpoints" / "round-000" / "best.pt").model
+    dices = dice_per_image(predict_probs(model, data.images[pool], normalizer) > 0.5, data.masks[pool] > 0)
+    return {"pool_median_dice": float(np.median(dices)), "pool_accept_share": float(np.mean(dices >= 0.9))}
 
 
 def _predicted_masks(project: Path, rows: list[dict], folder: Path) -> dict:
@@ -424,7 +452,14 @@ def summarize(out: Path, dataset: str, variants: list[str], counts: list[int], s
                              "accept_share": [h["accept_share"] for h in rows],
                              "offered": [h["offered"] for h in rows],
                              "mean_median_dice": round(float(np.mean([h["median_dice"] for h in rows])), 4),
-                             "mean_accept_share": round(float(np.mean([h["accept_share"] for h in rows])), 4)}
+                             "mean_accept_share": round(float(np.mean([h["accept_share"] for h in rows])), 4),
+                             "pool_median_dice": [round(h["pool_median_dice"], 4) for h in rows],
+                             "pool_accept_share": [round(h["pool_accept_share"], 4) for h in rows],
+                             # CEAL asks for the images the model misses on purpose: its head start by reason
+                             "median_dice_by_reason": {
+                                 reason: round(float(np.median([d for h in rows for d, r in zip(h["dice"], h["reasons"])
+                                                                if r == reason])), 4)
+                                 for reason in sorted({r for h in rows for r in h["reasons"]})}}
     return {"dataset": dataset, "preset": PRESET[dataset], "machine": machine_info(),
             "variants": {v: VARIANTS[v] for v in variants}, "dice": table, "pretraining": pretraining,
             "head_start": head}

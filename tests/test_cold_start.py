@@ -243,8 +243,14 @@ def test_cover_selection_takes_every_kind_once_and_spreads_over_groups():
     assert cover_selection(x, groups, 8, np.random.default_rng(1)) == spread  # seeded
 
 
-def test_a_project_without_masks_starts_with_a_batch_that_covers_the_pool(tmp_path):
-    project = _synthetic_project(tmp_path, "cold", 0, overrides=TINY)
+def test_a_project_without_masks_can_start_with_a_batch_that_covers_the_pool(tmp_path):
+    cover = {**TINY, "active": {**TINY["active"], "initial_selection": "cover"}}
+    project = _synthetic_project(tmp_path, "cold", 0, overrides=cover)
+    with RunStore.open_readonly(project) as store:  # random unless asked: cover measured below random
+        assert store.config()["active"]["initial_selection"] == "cover"
+    default = _synthetic_project(tmp_path, "cold-default", 0, overrides=TINY)
+    with RunStore.open_readonly(default) as store:
+        assert store.config()["active"]["initial_selection"] == "random"
     first = query(project, n=6)
     assert {r["reason"] for r in _manifest(first["batch"])} == {"initial (one per kind of image)"}
     assert (project / "pretrain" / "pretrained.pt").is_file()
