@@ -49,6 +49,10 @@ Presets say what they use and why:
   (our choice) kept: on validation Dice (``preset_grid.py --batch-sizes 4 8 16``, seeds 3-4)
   0.590 / 0.640 / 0.581, 8 best on both seeds. ISIC keeps 8 too: at its 25 epochs batch 4 was
   0.843 against 0.839 (seeds 3-4; one seed up, one down), within the 0.01 tolerance.
+
+  Both quick presets since issue 28: at least 20 optimiser steps an epoch and the strong
+  augmentation ranges, chosen on validation Dice with 10-80 masks (``benchmarks/cold_start.py``,
+  docs/benchmarks.md, "Learning from the first masks"); the figures above predate them.
 * ``demo``: the generated lesion-like dataset at 64 px, width 8: a complete run in about two
   minutes on a laptop CPU; its numbers say nothing about real data.
 """

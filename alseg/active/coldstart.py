@@ -1,4 +1,4 @@
-"""The first batch of a project without masks: images that cover the pool, not a random handful.
+"""The "cover" first batch of a project without masks: images that cover the pool (an option).
 
 Pure: features, groups and a seeded generator in, indices out. The loop passes the pre-trained
 U-Net's bottleneck features (:mod:`alseg.pretrain`), so "alike" means alike to a network that
@@ -10,6 +10,10 @@ every kind of image the pool holds gets one example, the rare kinds too, where a
 takes mostly the common kind. With groups (patients), no group gives more than
 ``ceil(n / groups)`` images while others have some to give: a cluster whose nearest members are
 all from full groups gives its nearest member from another group.
+
+Measured against random masks on ISIC (docs/benchmarks.md, "Learning from the first masks") it
+scored lower on validation Dice, so it is an option (``active.initial_selection: cover``), not the
+default.
 """
 from __future__ import annotations
 
