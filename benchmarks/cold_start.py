@@ -189,6 +189,17 @@ def one_run(job: dict) -> dict:
             "cpu_seconds": seconds, "pretrain": pretrain_facts, "epochs": epochs, **scores}
 
 
+def head_start_ids(split, data, seed: int) -> tuple[set[str], list[str]]:
+    """A head-start project's 20 masked images and its pool of 200 other train-split images."""
+    import numpy as np
+
+    train_ids, val_ids = labelled_subset(split, data, 20, seed)
+    labelled = set(train_ids) | set(val_ids)
+    rest = [i for i in split.train if i not in labelled]
+    rng = np.random.default_rng(2000 + seed)
+    return labelled, [rest[k] for k in sorted(rng.choice(len(rest), 200, replace=False))]
+
+
 def head_start(job: dict) -> dict:
     """A 20-mask project's first exported batch against the truth (see the module docstring)."""
     import csv
@@ -205,11 +216,7 @@ def head_start(job: dict) -> dict:
     torch.set_num_threads(1)
     cfg = _config(job["dataset"], job["variant"], job["seed"])
     data, split = _fixed(job["dataset"], cfg.data.size)
-    train_ids, val_ids = labelled_subset(split, data, 20, job["seed"])
-    labelled = set(train_ids) | set(val_ids)
-    rng = np.random.default_rng(2000 + job["seed"])
-    rest = [i for i in split.train if i not in labelled]
-    pool = [rest[k] for k in sorted(rng.choice(len(rest), 200, replace=False))]
+    labelled, pool = head_start_ids(split, data, job["seed"])
     samples = {s.id: s for s in open_dataset(DATA[job["dataset"]]).samples}
     root = Path(job["out"]) / "head-start" / f"{job['dataset']}-{job['variant']}-s{job['seed']}"
     shutil.rmtree(root, ignore_errors=True)  # an interrupted attempt
@@ -260,11 +267,7 @@ def pool_head_start(job: dict) -> dict:
 
     cfg = _config(job["dataset"], job["variant"], job["seed"])
     data, split = _fixed(job["dataset"], cfg.data.size)
-    train_ids, val_ids = labelled_subset(split, data, 20, job["seed"])
-    labelled = set(train_ids) | set(val_ids)
-    rng = np.random.default_rng(2000 + job["seed"])  # the pool head_start built
-    rest = [i for i in split.train if i not in labelled]
-    pool = data.indices([rest[k] for k in sorted(rng.choice(len(rest), 200, replace=False))])
+    pool = data.indices(head_start_ids(split, data, job["seed"])[1])
     project = Path(job["out"]) / "head-start" / f"{job['dataset']}-{job['variant']}-s{job['seed']}" / "project"
     with RunStore.open_readonly(project) as store:
         normalizer = Normalizer.from_dict(store.normalizer())
