@@ -704,6 +704,28 @@ def serve(project: Path = typer.Argument(..., help="Project folder."),
         text, markup=False, highlight=False, soft_wrap=True))
 
 
+@app.command()
+def token(project: Path = typer.Argument(..., help="Project folder."),
+          name: str = typer.Argument(..., help="The annotator's name (recorded with every mask they submit)."),
+          as_json: bool = typer.Option(False, "--json", help="Print the name and token as JSON.")):
+    """Make a token for an annotator of the review page (replacing that name's earlier token).
+
+    The token is printed once; the project keeps only its hash (PROJECT/annotators.json). With
+    tokens made, `alseg serve` asks every request for one, on any address; off this machine
+    (--host other than 127.0.0.1) it always does. Give each expert the page's address with their
+    token: http://HOST:PORT/?token=TOKEN. Run it while `alseg serve` is stopped.
+    """
+    from alseg.annotate.auth import Annotators
+    from alseg.rundir import RunDir
+
+    run_dir = RunDir(project).require()
+    with run_dir.lock("token"):
+        secret = Annotators.load(run_dir.root).add(name)
+    _emit({"annotator": name, "token": secret}, as_json, lambda r: out.print(
+        f"token for {name}: {secret}\nopen the page at http://HOST:PORT/?token={secret} (only its hash is kept)",
+        markup=False, highlight=False, soft_wrap=True))
+
+
 _RESUME_HINT: list[str] = []
 
 
