@@ -13,5 +13,7 @@ class AlsegError(Exception):
 
     def __init__(self, problem: str, path: str | Path | None = None):
         self.problem = problem
-        self.path = None if path is None else str(path)
+        # a file name that is not valid UTF-8 (undecodable bytes kept as surrogates) is shown with
+        # U+FFFD in their place: the line must print on any terminal
+        self.path = None if path is None else str(path).encode("utf-8", "surrogateescape").decode("utf-8", "replace")
         super().__init__(f"{self.path}: {problem}" if self.path else problem)

@@ -90,7 +90,7 @@ def _cached(tmp_path):
 
 
 @pytest.mark.parametrize("damage", ["truncate-images", "truncate-masks", "garbage-meta", "meta-missing",
-                                    "meta-other-fingerprint"])
+                                    "meta-other-fingerprint", "overwritten-same-size"])
 def test_damaged_cache_is_rebuilt_and_noted(tmp_path, damage):
     root, cache, first = _cached(tmp_path)
     expected = np.array(first.images)
@@ -106,6 +106,10 @@ def test_damaged_cache_is_rebuilt_and_noted(tmp_path, damage):
         (folder / "meta.json").write_bytes(b"\x00{garbage")
     elif damage == "meta-missing":
         (folder / "meta.json").unlink()
+    elif damage == "overwritten-same-size":  # a few pixels changed in place: shapes and byte sizes still agree
+        with open(folder / "images.npy", "r+b") as fh:
+            fh.seek(-7, os.SEEK_END)
+            fh.write(bytes(255 - b for b in np.asarray(expected).reshape(-1)[-7:]))
     else:
         text = (folder / "meta.json").read_text()
         (folder / "meta.json").write_text(text.replace('"fingerprint": "', '"fingerprint": "0'))
@@ -313,3 +317,53 @@ def test_per_image_csv_quotes_ids_and_is_written_atomically(tmp_path):
     assert rows == [["id", "dice"], ["plain", "1.000000"], ["with,comma", "0.500000"],
                     ['with "quote"', "0.250000"], ["new\nline", "0.333333"]]
     assert [p.name for p in path.parent.iterdir()] == ["per_image.csv"]
+
+
+# ----------------------------------------------------------------------------- EXIF orientation, file names
+
+def _exif_photo(path, arr: np.ndarray, orientation: int) -> None:
+    """Save ``arr`` as a JPEG whose pixels are stored as a camera would for ``orientation``."""
+    from PIL import ImageOps
+
+    stored = Image.fromarray(arr)
+    # the inverse of what a viewer applies: the viewer's exif_transpose must give ``arr`` back
+    inverse = {6: Image.Transpose.ROTATE_90, 8: Image.Transpose.ROTATE_270, 3: Image.Transpose.ROTATE_180}[orientation]
+    stored = stored.transpose(inverse)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    stored.save(path, quality=100, subsampling=0, exif=exif)
+    with Image.open(path) as check:  # what every viewer shows
+        shown = np.asarray(ImageOps.exif_transpose(check))
+    assert shown.shape == arr.shape
+
+
+@pytest.mark.parametrize("orientation", [6, 8, 3])
+def test_exif_rotated_photo_is_read_as_viewers_show_it_and_fits_its_mask(tmp_path, orientation):
+    h, w = 48, 80  # non-square: a sideways decode cannot pass the size check
+    photo = np.zeros((h, w, 3), np.uint8)
+    photo[10:30, 5:40] = 220  # a bright lesion where the mask says, as a viewer shows the photo
+    root = tmp_path / "ds"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    _exif_photo(root / "images" / "p.jpg", photo, orientation)
+    mask = np.zeros((h, w), np.uint8)
+    mask[10:30, 5:40] = 255
+    Image.fromarray(mask).save(root / "masks" / "p.png")
+    assert read_header(root / "images" / "p.jpg")[:2] == (w, h)
+    decoded = read_image(root / "images" / "p.jpg")
+    assert decoded.shape == (h, w, 3)
+    assert decoded[10:30, 5:40].mean() > 200 and decoded[35:, 50:].mean() < 20
+    cached = load_cached(open_dataset(root), 32, cache_dir=tmp_path / "cache")
+    assert cached.orig_sizes == [(w, h)]
+    img, m = np.asarray(cached.images[0]).mean(axis=2), np.asarray(cached.masks[0]) > 0
+    assert img[m].mean() > 150 and img[~m].mean() < 60, "the mask does not sit on the lesion"
+
+
+def test_a_file_name_that_is_not_utf8_is_one_line(tmp_path):
+    root = _folder(tmp_path / "ds", {"a.png": _rgb(1)})
+    bad = os.fsdecode(b"b\xff\xfe.png")
+    Image.fromarray(_rgb(2)).save(root / "images" / bad)
+    Image.fromarray(_mask()).save(root / "masks" / bad)
+    with pytest.raises(AlsegError, match="not valid UTF-8") as info:
+        open_dataset(root)
+    str(info.value).encode("utf-8")  # the line prints on any terminal

@@ -39,7 +39,8 @@ from alseg.data.imageio import read_header, read_image, read_mask
 from alseg.data.sources import Dataset
 from alseg.errors import AlsegError
 
-CACHE_VERSION = 3  # 3: meta.json carries the full fingerprint, checked on open
+CACHE_VERSION = 4  # 3: meta.json carries the full fingerprint, checked on open; 4: EXIF orientation, chunk checksums
+CHECK_CHUNK = 16 * 1024 * 1024  # bytes per checksum of a cache file
 ProgressFn = Callable[[int, int], None]
 NoteFn = Callable[[str], None]
 _BUILDING = re.compile(r"^\.building-(?P<pid>\d+)@(?P<host>[^-]*)-")
@@ -91,8 +92,8 @@ def fingerprint(dataset: Dataset, size: int, channels: int) -> str:
                 st = p.stat()
             except OSError:
                 raise AlsegError("file not found", p) from None
-            h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}".encode())
-        h.update(f"{s.id}|{s.group}|{s.subset}".encode())
+            h.update(os.fsencode(p) + f"|{st.st_size}|{st.st_mtime_ns}".encode())
+        h.update(f"{s.id}|{s.group}|{s.subset}".encode("utf-8", "surrogateescape"))
     return h.hexdigest()
 
 
@@ -280,6 +281,7 @@ def _build(dataset: Dataset, size: int, channels: int, fp: str, final: Path, pro
             "groups": [s.group for s in dataset.samples],
             "subsets": [s.subset for s in dataset.samples],
             "orig_sizes": orig,
+            "checksums": {name: _checksums(tmp / name) for name in ("images.npy", "masks.npy")},
         }
         (tmp / "meta.json").write_text(json.dumps(meta))
         try:
@@ -296,7 +298,18 @@ def _build(dataset: Dataset, size: int, channels: int, fp: str, final: Path, pro
         raise
 
 
-def _npy(path: Path, shape: tuple[int, ...]) -> np.ndarray:
+def _checksums(path: Path) -> list[int]:
+    """CRC-32 of each ``CHECK_CHUNK`` of a file: a cache file changed in place, at the same size, shows."""
+    import zlib
+
+    sums = []
+    with path.open("rb") as fh:
+        while chunk := fh.read(CHECK_CHUNK):
+            sums.append(zlib.crc32(chunk))
+    return sums
+
+
+def _npy(path: Path, shape: tuple[int, ...], checksums: list[int] | None = None) -> np.ndarray:
     """Memory-map ``path``, raising :class:`_Damaged` unless it is a whole uint8 array of ``shape``."""
     try:
         with path.open("rb") as fh:
@@ -312,6 +325,8 @@ def _npy(path: Path, shape: tuple[int, ...]) -> np.ndarray:
         actual = path.stat().st_size
         if actual != expected:
             raise _Damaged(f"{path.name} is {actual} bytes, expected {expected}")
+        if checksums is not None and _checksums(path) != checksums:
+            raise _Damaged(f"{path.name} was changed after it was built (checksums differ)")
         return np.load(path, mmap_mode="r")
     except _Damaged:
         raise
@@ -337,12 +352,13 @@ def _open(folder: Path, fp: str, n: int) -> CachedData:
         if any(not isinstance(v, list) or len(v) != n for v in lists.values()):
             raise _Damaged(f"meta.json does not list {n} samples")
         orig_sizes = [(int(w), int(h)) for w, h in meta["orig_sizes"]]
+        sums = {k: [int(c) for c in meta["checksums"][k]] for k in ("images.npy", "masks.npy")}
     except (KeyError, TypeError, ValueError) as exc:
         raise _Damaged(f"meta.json lacks or mangles {exc}") from None
     return CachedData(
         ids=meta["ids"],
-        images=_npy(folder / "images.npy", (n, size, size, channels)),
-        masks=_npy(folder / "masks.npy", (n, size, size)),
+        images=_npy(folder / "images.npy", (n, size, size, channels), sums["images.npy"]),
+        masks=_npy(folder / "masks.npy", (n, size, size), sums["masks.npy"]),
         has_mask=np.array(meta["has_mask"], bool),
         positive=np.array(meta["positive"], bool),
         groups=meta["groups"],

@@ -9,6 +9,10 @@ edges from resampling or JPEG); those are binarised at >= 128. Anything else (la
 such as {0, 1, 2}, soft probability maps) is rejected. Colour masks are accepted only when
 their channels are equal.
 
+Orientation: photos (phones, dermatoscopes) often store their pixels sideways with an EXIF
+Orientation tag that every viewer applies; so does every reader here, images and masks alike,
+so a mask drawn on the image as a viewer shows it fits the decoded image.
+
 Size limit: any image over ``PIL.Image.MAX_IMAGE_PIXELS`` pixels is refused before its pixels
 are decoded, TIFF included (a small compressed file can expand to gigabytes), with one
 ``AlsegError`` rather than Pillow's ``DecompressionBombWarning``.
@@ -23,7 +27,7 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from alseg.errors import AlsegError
 
@@ -34,6 +38,17 @@ _GREY_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"
 # Image.open warns through the process-wide warnings filters; the lock keeps this module's
 # temporary filter (see _open_pil) from interleaving between decoding threads.
 _PIL_OPEN_LOCK = threading.Lock()
+_EXIF_ORIENTATION = 0x0112
+_TRANSPOSED = {5, 6, 7, 8}  # orientations that swap width and height
+
+
+def _orientation(im: Image.Image) -> int:
+    """The EXIF Orientation tag of an opened image (1, upright, when absent or unreadable)."""
+    try:
+        value = im.getexif().get(_EXIF_ORIENTATION, 1)
+    except Exception:  # a damaged EXIF block is no reason to refuse the pixels
+        return 1
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
 
 
 @contextmanager
@@ -139,6 +154,8 @@ def read_header(path: str | Path) -> tuple[int, int, int]:
         else:
             with _open_pil(path) as im:
                 (width, height), channels = im.size, 1 if im.mode in _GREY_MODES else 3
+                if _orientation(im) in _TRANSPOSED:
+                    width, height = height, width
     return width, height, channels
 
 
@@ -153,6 +170,8 @@ def _read_raw(path: Path) -> np.ndarray:
         else:
             with _open_pil(path) as im:
                 im.load()
+                if _orientation(im) != 1:
+                    im = ImageOps.exif_transpose(im)
                 if im.mode in ("P", "PA", "CMYK", "YCbCr", "LAB", "HSV", "RGBA", "LA", "1"):
                     im = im.convert("RGB" if im.mode not in ("LA", "1") else "L")
                 arr = np.asarray(im)

@@ -93,6 +93,12 @@ def open_dataset(path: str | Path, format: str | None = None) -> Dataset:
         raise AlsegError("no such folder", root)
     reader = {"isic2017": _read_isic2017, "lgg": _read_lgg, "folder": _read_folder}[fmt]
     samples = reader(root)
+    for s in samples:  # ids become database keys and file names: they must be text
+        for file in (s.image, s.mask):
+            try:
+                None if file is None else str(file).encode("utf-8")
+            except UnicodeEncodeError:
+                raise AlsegError("file name is not valid UTF-8; rename the file", file) from None
     if not samples:
         raise AlsegError(f"no images found for format {fmt}", root)
     ids = [s.id for s in samples]
