@@ -87,6 +87,27 @@ def seeded_dropout(generators: Sequence[torch.Generator]):
         _ROW_GENERATORS.reset(token)
 
 
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def pass_seed(seed: int, key: int, t: int) -> int:
+    """The dropout seed of row ``key`` in pass (or training step) ``t`` of a stream seeded with ``seed``."""
+    return _splitmix64(_splitmix64(_splitmix64(seed & _MASK64) ^ (key & _MASK64)) ^ t) >> 1  # torch wants < 2^63
+
+
+def pass_generators(seed: int, keys, t: int, device: torch.device | str = "cpu") -> list[torch.Generator]:
+    """One generator per key (an image in MC scoring, a batch row in training) for pass or step ``t``:
+    what :func:`seeded_dropout` takes."""
+    return [torch.Generator(device=device).manual_seed(pass_seed(seed, int(k), t)) for k in keys]
+
+
 class RowSeededDropout(nn.Dropout):
     """``nn.Dropout`` that, inside :func:`seeded_dropout`, draws each batch row's mask from its own generator.
 

@@ -29,11 +29,12 @@ import torch.nn.functional as F
 from alseg import distributed
 from alseg.errors import AlsegError
 from alseg.metrics import dice_per_image
-from alseg.model import ModelConfig, UNet
+from alseg.model import ModelConfig, UNet, pass_generators, seeded_dropout
 from alseg.runtime import Normalizer, autocast, resolve_device, resolve_precision, to_unit
 from alseg.store import atomic_torch_save
 
 CHECKPOINT_VERSION = 1
+TRAIN_KEYS = 1 << 32  # dropout keys of training rows start here (MC scoring's are image indices)
 
 
 @dataclass
@@ -229,8 +230,6 @@ def fit(model: UNet, train_images: np.ndarray, train_masks: np.ndarray, val_imag
     rank, world = distributed.rank_and_world()
     writer = rank == 0
     device = distributed.local_device(resolve_device(config.device))
-    if world > 1:  # each rank its own reproducible dropout stream (the serving ranks are seeded nowhere else)
-        torch.manual_seed(int(np.random.SeedSequence([seed, rank]).generate_state(1)[0]))
     dtype = resolve_precision(config.precision, device)
     model.to(device)
     if device.type == "cpu":  # 10-17 % faster training steps on the CPU (docs/benchmarks.md, "Training speed")
@@ -259,7 +258,7 @@ def fit(model: UNet, train_images: np.ndarray, train_masks: np.ndarray, val_imag
         t0 = time.perf_counter()
         model.train()
         loss_sum, dices = _train_epoch(net, opt, scaler, x_all, y_all, config, normalizer, gen, (device, dtype),
-                                       (rank, world), on_batch, steps, schedule)
+                                       (rank, world), on_batch, steps, schedule, (seed, (epoch - 1) * steps))
         if world > 1:
             shares = distributed.all_gather((loss_sum, dices))
             loss_sum, dices = sum(s[0] for s in shares), [d for s in shares for d in s[1]]
@@ -315,9 +314,15 @@ def _batch_order(n: int, steps: int, batch_size: int, gen: torch.Generator) -> t
 
 def _train_epoch(net, opt, scaler, x_all: torch.Tensor, y_all: torch.Tensor, config: TrainConfig,
                  normalizer: Normalizer, gen: torch.Generator, where: tuple, ranks: tuple[int, int],
-                 on_batch: BatchCallback | None, steps: int, schedule: _Schedule) -> tuple[float, list[float]]:
-    """``steps`` batches of the training images; this rank's loss sum and per-image train Dice."""
+                 on_batch: BatchCallback | None, steps: int, schedule: _Schedule,
+                 dropout: tuple[int, int]) -> tuple[float, list[float]]:
+    """``steps`` batches of the training images; this rank's loss sum and per-image train Dice.
+
+    ``dropout`` = (seed, steps before this epoch): row ``j`` of the whole batch of global step ``t``
+    draws its dropout masks from a generator seeded by (seed, j, t), whichever rank trains it, so a
+    run trains the same in any number of processes, up to float rounding of the gradient sum."""
     (device, dtype), (rank, world) = where, ranks
+    dropout_seed, steps_before = dropout
     order = _batch_order(len(x_all), steps, config.batch_size, gen)
     loss_sum, dices = 0.0, []
     for step in range(steps):
@@ -327,11 +332,15 @@ def _train_epoch(net, opt, scaler, x_all: torch.Tensor, y_all: torch.Tensor, con
         yb = y_all[idx].unsqueeze(1).float()
         if config.augment:  # the whole batch on every rank: the generator stays in step everywhere
             xb, yb = augment(xb, yb, gen, config.augment_strength)
+        rows = torch.arange(len(xb))
         xb, yb, weight = _rank_share(xb, yb, rank, world)
+        rows = _rank_share(rows, rows, rank, world)[0]
         xb = normalizer.standardize(xb)
         if device.type == "cpu":
             xb = xb.contiguous(memory_format=torch.channels_last)
-        with autocast(device, dtype):
+        # keys past 2^32 keep training's streams apart from MC scoring's (keyed by image index)
+        generators = pass_generators(dropout_seed, (TRAIN_KEYS + int(r) for r in rows), steps_before + step, device)
+        with autocast(device, dtype), seeded_dropout(generators):
             logits = net(xb)
         loss = LOSSES[config.loss](logits, yb)
         opt.zero_grad(set_to_none=True)

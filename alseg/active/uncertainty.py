@@ -32,7 +32,7 @@ import torch
 from alseg import distributed
 from alseg.errors import AlsegError
 from alseg.metrics import dice_per_image
-from alseg.model import UNet, seeded_dropout, set_mc_dropout
+from alseg.model import UNet, pass_generators, pass_seed, seeded_dropout, set_mc_dropout  # noqa: F401 (pass_seed: API)
 from alseg.progress import SILENT, Reporter
 from alseg.runtime import Normalizer, autocast, resolve_precision
 
@@ -97,26 +97,6 @@ def edt_weight(mask: np.ndarray) -> np.ndarray:
         return np.zeros(mask.shape, np.float32)
     d = distance_transform_edt(mask).astype(np.float32)
     return d / d.max()
-
-
-_MASK64 = (1 << 64) - 1
-
-
-def _splitmix64(x: int) -> int:
-    x = (x + 0x9E3779B97F4A7C15) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return x ^ (x >> 31)
-
-
-def pass_seed(seed: int, key: int, t: int) -> int:
-    """The dropout seed of image ``key``'s pass ``t`` in a scoring pass seeded with ``seed``."""
-    return _splitmix64(_splitmix64(_splitmix64(seed & _MASK64) ^ (key & _MASK64)) ^ t) >> 1  # torch wants < 2^63
-
-
-def pass_generators(seed: int, keys, t: int, device: torch.device | str = "cpu") -> list[torch.Generator]:
-    """One generator per image ``keys[i]`` for pass ``t``: what :func:`seeded_dropout` takes."""
-    return [torch.Generator(device=device).manual_seed(pass_seed(seed, int(k), t)) for k in keys]
 
 
 _FIELDS = (*SCORE_NAMES, "foreground")
