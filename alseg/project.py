@@ -6,6 +6,11 @@ The workflow, each step a function here and a command of the CLI:
 exports ``rounds/RRR/``) -> the expert labels (files or the review page) -> ``ingest`` (or the
 page's submit) -> ``query`` ...
 
+Any image the expert labelled can be corrected later (every version is kept) and the latest
+version undone (:func:`undo`, :meth:`Project.undo`); several annotators may label, the first to
+label an image owning it (:mod:`alseg.annotate.ingest`); :func:`export_effort` writes what the
+labelling cost (:mod:`alseg.annotate.effort`).
+
 A project is a run directory whose annotator is a person: it walks the same durable steps as
 ``alseg run`` (:mod:`alseg.active.loop`) and stops at *awaiting labels*. Every function that
 writes holds the directory's writer lock; :class:`Project` holds it for as long as it is open
@@ -19,13 +24,16 @@ import threading
 from pathlib import Path
 
 from alseg.active.loop import AWAITING, ActiveRun, open_active, start_run, status
-from alseg.annotate.ingest import Batch, ingest_folder, latest_batch, submit_mask
+from alseg.annotate.effort import write_effort_csv
+from alseg.annotate.export import BatchItem
+from alseg.annotate.ingest import (Batch, batch_of, exported_rounds, find_item, ingest_folder, latest_batch,
+                                   submit_mask)
 from alseg.config import ExperimentConfig, build_config, choose_preset, config_from_dict
 from alseg.data.sources import detect_format
 from alseg.errors import AlsegError
 from alseg.progress import SILENT, Reporter
 from alseg.rundir import RunDir
-from alseg.store import RunStore, atomic_write_text
+from alseg.store import DEFAULT_ANNOTATOR, RunStore, atomic_write_text
 
 PROJECT_ROUNDS = 10_000  # a project has no round limit: the lab stops when it likes
 
@@ -130,13 +138,65 @@ def _with_batch(config: ExperimentConfig, n: int | None, strategy: str | None) -
     return dataclasses.replace(config, active=active)
 
 
-def ingest(project: str | Path, folder: str | Path | None = None, *, allow_empty: bool = False) -> dict:
-    """Validate and store the expert's masks for the batch (default folder: the batch's ``masks/``)."""
+def ingest(project: str | Path, folder: str | Path | None = None, *, allow_empty: bool = False,
+           round: int | None = None) -> dict:
+    """Validate and store the expert's masks (default folder: the batch's ``masks/``).
+
+    ``folder`` may also be another tool's export (:func:`alseg.annotate.exchange.masks_from_exchange`:
+    a CVAT Segmentation mask 1.1 zip, a Label Studio JSON, a COCO JSON, an ``alseg export`` folder):
+    its masks, named after their images, pass the same checks as files.
+    ``round``: match the files against that round's batch (corrections of a past round); without it,
+    the open batch's names first, then any expert-labelled image of an exported round."""
     run_dir = RunDir(project).require()
     with run_dir.lock("ingest"), RunStore(run_dir) as store:
         config = _open_project(store)
-        return ingest_folder(store, store.data_info()["size"], folder, allow_empty=allow_empty) | {
-            "working_size": config.data.size}
+        size = store.data_info()["size"]
+        if folder is not None and _is_exchange(Path(folder)):
+            result = _ingest_exchange(store, size, Path(folder), allow_empty=allow_empty, round=round)
+        else:
+            result = ingest_folder(store, size, folder, allow_empty=allow_empty, round=round)
+        return result | {"working_size": config.data.size}
+
+
+def _is_exchange(path: Path) -> bool:
+    from alseg.annotate.exchange import MARKER
+
+    return path.is_file() or (path.is_dir() and (path / MARKER).is_file())
+
+
+def _ingest_exchange(store: RunStore, size: int, source: Path, **options) -> dict:
+    """Another tool's masks, written as PNG files named after their images, through :func:`ingest_folder`."""
+    import tempfile
+
+    from alseg.annotate.exchange import masks_from_exchange
+    from alseg.store import mask_png
+
+    masks = masks_from_exchange(source)
+    store.dir.incoming.mkdir(exist_ok=True)
+    unusable = [name for name in masks if not name or "/" in name or "\\" in name or name.startswith(".")]
+    with tempfile.TemporaryDirectory(prefix="exchange-", dir=store.dir.incoming) as tmp:
+        for name, mask in masks.items():
+            if name not in unusable:
+                (Path(tmp) / f"{name}.png").write_bytes(mask_png(mask))
+        result = ingest_folder(store, size, tmp, **options)
+        result["invalid"] += [{"file": f"{tmp}/{name}", "problem": "names no image of the batch (see manifest.csv)"}
+                              for name in unusable]
+        for bad in result["invalid"]:  # name the user's file and the entry in it, not the temporary copy
+            bad["file"] = f"{source} [{Path(bad['file']).stem}]"
+    return result
+
+
+def undo(project: str | Path, id: str, annotator: str = DEFAULT_ANNOTATOR) -> dict:
+    """Undo ``annotator``'s latest mask of ``id`` (:meth:`RunStore.undo_mask`), holding the writer lock."""
+    with Project(project, command="undo") as p:
+        return p.undo(id, annotator=annotator)
+
+
+def export_effort(project: str | Path, csv_path: str | Path) -> dict:
+    """Write the expert's effort, one row per annotation event, to ``csv_path`` (reads only)."""
+    with RunStore.open_readonly(project) as store:
+        rows = write_effort_csv(store, csv_path)
+    return {"path": str(csv_path), "rows": rows}
 
 
 class Project:
@@ -173,27 +233,77 @@ class Project:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def batch(self) -> Batch | None:
+    def batch(self, round: int | None = None) -> Batch | None:
+        """The batch of ``round``, or the latest batch (open or labelled) when None."""
         with self._lock:
-            return latest_batch(self.store)
+            return latest_batch(self.store) if round is None else batch_of(self.store, round)
+
+    def rounds(self) -> list[dict]:
+        """Every exported batch, oldest first: ``{round, total, labelled, open}`` (open: awaiting labels)."""
+        with self._lock:
+            out = []
+            for r in exported_rounds(self.store):
+                total = len(self.store.selection(r, "expert"))
+                out.append({"round": r, "total": total, "labelled": total - len(self.store.queued(r)),
+                            "open": self.store.round_status(r) == "awaiting"})
+            return out
+
+    def item(self, id: str, round: int | None = None) -> tuple[Batch, BatchItem]:
+        """The batch and item of ``id``: in ``round``'s batch, or the open batch first, then the round that
+        selected it. AlsegError when there is none."""
+        with self._lock:
+            return self._item(id, round)
+
+    def _item(self, id: str, round: int | None) -> tuple[Batch, BatchItem]:
+        if round is None:
+            return find_item(self.store, id)
+        batch = batch_of(self.store, round)
+        if batch is None:
+            raise AlsegError(f"round {round} has no exported batch", id)
+        return batch, batch.item(id)
 
     def labelled(self, round: int) -> set[str]:
         with self._lock:
             queued = set(self.store.queued(round))
             return {i for i in self.store.selection(round, "expert") if i not in queued}
 
-    def submit(self, id: str, data: bytes, *, seconds: float | None = None, allow_empty: bool = False) -> dict:
+    def submit(self, id: str, data: bytes, *, round: int | None = None, seconds: float | None = None,
+               allow_empty: bool = False, annotator: str = DEFAULT_ANNOTATOR, effort: dict | None = None,
+               replace: bool = False) -> dict:
+        """Validate and store ``annotator``'s mask of ``id`` (:func:`alseg.annotate.ingest.submit_mask`);
+        raises :class:`~alseg.annotate.ingest.NeedsConfirm` when it would replace a different mask and
+        ``replace`` is false."""
         with self._lock:
-            return submit_mask(self.store, self.size, id, data, seconds=seconds, allow_empty=allow_empty)
+            return submit_mask(self.store, self.size, id, data, seconds=seconds, allow_empty=allow_empty,
+                               round=round, annotator=annotator, effort=effort, replace=replace)
 
-    def record_time(self, id: str, seconds: float, action: str = "skip") -> None:
+    def undo(self, id: str, *, annotator: str = DEFAULT_ANNOTATOR) -> dict:
+        """Undo ``annotator``'s latest mask of ``id``, with the open batch's progress."""
         with self._lock:
-            latest_batch(self.store).item(id)
-            self.store.record_expert_time(id, seconds, action)
+            result = self.store.undo_mask(id, annotator)
+            batch = latest_batch(self.store)
+            if batch is None:
+                return result
+            queued = self.store.queued(batch.round)
+            return {**result, "item_round": result["round"], "round": batch.round,
+                    "labelled": len(batch.items) - len(queued), "total": len(batch.items), "queued": queued,
+                    "complete": not queued}
 
-    def stored_mask(self, id: str):
+    def history(self, id: str) -> list[dict]:
+        """Every version of ``id``'s mask, oldest first (:meth:`RunStore.history`)."""
         with self._lock:
-            return self.store.mask(id)
+            return self.store.history(id)
+
+    def record_time(self, id: str, seconds: float, action: str = "skip", *, annotator: str = DEFAULT_ANNOTATOR,
+                    active_seconds: float | None = None, round: int | None = None) -> None:
+        with self._lock:
+            self._item(id, round)
+            self.store.record_expert_time(id, seconds, action, annotator=annotator, active_seconds=active_seconds)
+
+    def stored_mask(self, id: str, version: int | None = None):
+        """The mask of ``id`` that trains, or its version ``version`` (bool array), or None."""
+        with self._lock:
+            return self.store.mask(id) if version is None else self.store.mask_version(id, version)
 
     def status(self) -> dict:
         with self._lock:

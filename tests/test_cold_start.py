@@ -24,7 +24,7 @@ from alseg.data.synthetic import make_synthetic
 from alseg.errors import AlsegError
 from alseg.evaluate import evaluate
 from alseg.project import init_project, query
-from alseg.store import RunStore
+from alseg.store import SCHEMA_VERSION, RunStore
 from alseg.train import TrainConfig, _Schedule, epoch_steps
 from conftest import ISIC, LGG, ROOT, run_cli, run_json
 
@@ -298,8 +298,8 @@ def test_a_schema_2_store_is_migrated_when_written_and_read_without_facts(tmp_pa
     assert run_json("status", project)["warning"] is None
     query(project, n=4)  # writes: migrates, then records round 0's model
     with RunStore.open_readonly(project) as store:
-        assert store._get("schema_version") == 3 and "model" in store.round_facts()[0]
+        assert store._get("schema_version") == SCHEMA_VERSION and "model" in store.round_facts()[0]
     with sqlite3.connect(db) as conn:
-        conn.execute("UPDATE meta SET value = '4' WHERE key = 'schema_version'")
-    with pytest.raises(AlsegError, match="schema 4, made by a newer alseg"):
+        conn.execute(f"UPDATE meta SET value = '{SCHEMA_VERSION + 1}' WHERE key = 'schema_version'")
+    with pytest.raises(AlsegError, match=f"schema {SCHEMA_VERSION + 1}, made by a newer alseg"):
         RunStore.open_readonly(project)

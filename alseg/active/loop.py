@@ -486,9 +486,13 @@ def run_active(config: ExperimentConfig | None = None, out: str | Path | None = 
 
 
 def status(run_dir: str | Path) -> dict:
-    """Label counts and the finished rounds of a run or project (read-only), as ``alseg status --json``."""
+    """Label counts and the finished rounds of a run or project (read-only), as ``alseg status --json``.
+
+    ``effort``: the expert's effort per round and selection reason (``rounds``) and over all (``totals``),
+    as :meth:`RunStore.effort_by_round`; ``agreement``: second readings against the owners' masks."""
     with RunStore.open_readonly(run_dir) as store:
         seconds = store.expert_seconds()
+        active = store.expert_active_seconds()
         facts = store.round_facts()
         rows = []
         for r in store.rounds():
@@ -501,12 +505,16 @@ def status(run_dir: str | Path) -> dict:
             rows.append({"round": r["round"], "expert_labelled": r["expert_labelled"],
                          "pseudo_labelled": r["pseudo_labelled"], "pool": r["pool"], "test_dice": r["test_dice"],
                          "val_dice": r["val_dice"], "seconds": r["seconds"],
-                         "expert_seconds": seconds.get(r["round"], 0.0), "expert_ids": expert_ids,
+                         "expert_seconds": seconds.get(r["round"], 0.0),
+                         "expert_active_seconds": active.get(r["round"], 0.0), "expert_ids": expert_ids,
                          "model": facts.get(r["round"], {}).get("model"),
                          "gate": facts.get(r["round"], {}).get("gate")})
         open_round = next((r["round"] for r in store.rounds() if r["status"] == "awaiting"), None)
         model = rows[-1]["model"] if rows else None
         gate = facts.get(open_round, {}).get("gate") if open_round is not None else None
+        effort = {"rounds": store.effort_by_round(), "totals": store.effort_totals()}
         return {**store.counts(), "annotator": store.annotator(), "open_round": open_round,
-                "expert_seconds": sum(seconds.values()), "rounds": rows, "stopped": store.stopped(),
-                "model": model, "warning": model["warning"] if model else None, "gate": gate}
+                "expert_seconds": sum(seconds.values()), "expert_active_seconds": sum(active.values()),
+                "rounds": rows, "stopped": store.stopped(), "model": model,
+                "warning": model["warning"] if model else None, "gate": gate, "effort": effort,
+                "agreement": store.agreement()}

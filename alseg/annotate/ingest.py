@@ -2,22 +2,41 @@
 
 Every mask, from a folder (``alseg ingest``) or from the review page, passes the same checks:
 
-* it names an id of the batch (by the manifest's mask or image file name, or the id itself, with
-  an optional ``_mask`` / ``_segmentation`` suffix); ids are looked up, never joined into paths;
+* it names an id of an exported batch (by the manifest's mask or image file name, or the id itself,
+  with an optional ``_mask`` / ``_segmentation`` suffix); ids are looked up, never joined into paths;
 * it decodes and is binary (:func:`alseg.data.imageio.read_mask`: 0/255 or 0/1; a 0/255 mask may
   carry up to 1 % grey edge pixels, binarised at 128);
 * it has the image's original size or the working size;
 * it is not empty, unless the expert says so (``allow_empty``: a slice without a lesion);
 * a file in the folder that is a link leading out of it is refused.
 
-A valid mask is stored with its label move in one transaction (:meth:`RunStore.store_mask`); an
-invalid one is listed with its problem and its image stays queued. The same mask twice changes
-nothing; a different mask for an expert-labelled id replaces it and the change is recorded.
+Any image the expert labelled, in any exported round, can be corrected, not only the open batch's:
+the open batch is searched first, then the batch of the round that selected the id
+(:func:`find_item`). The lab's initial masks (no batch) are not corrected here: they train from the
+dataset's files, so a correction is made there.
+
+A valid mask is stored with its label move in one transaction (:meth:`RunStore.store_version`);
+an invalid one is listed with its problem and its image stays queued. Every version is kept, so
+:meth:`RunStore.undo_mask` can go back. The same mask twice changes nothing. The page asks first:
+a different mask for an image whose current mask (of the same annotator's role) exists raises
+:class:`NeedsConfirm` unless ``replace``; a file in the folder replaces without a question (the
+expert put it there) and is reported as ``replaced``.
+
+Several annotators (the store's rule): the first annotator whose mask is stored owns the image and
+their versions train; another annotator's mask is stored beside as a second reading (outcome
+``second``, no question asked), for :meth:`RunStore.agreement`. Files act for the owner unless an
+annotator is named.
+
+Effort: the page may send what it measured (``active_seconds``, ``strokes``, ``clicks``); the
+store adds the pixels changed from the previous version and from the batch's predicted mask.
 """
 from __future__ import annotations
 
+import hashlib
+import math
 import os
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,14 +46,26 @@ from alseg.annotate.export import BatchItem, read_manifest
 from alseg.data.imageio import read_mask
 from alseg.data.sources import IMAGE_SUFFIXES
 from alseg.errors import AlsegError
-from alseg.store import RunStore
+from alseg.store import DEFAULT_ANNOTATOR, RunStore, mask_png
 
 MASK_SUFFIXES = ("_mask", "_segmentation")
+EFFORT_TYPES = {"active_seconds": float, "strokes": int, "clicks": int}
+MAX_EFFORT_SECONDS = 86400.0
+
+
+class NeedsConfirm(AlsegError):
+    """A mask that would replace a different current mask, sent without ``replace``: the page asks first.
+
+    ``current``: the version it would replace (``version``, ``annotator``, ``at``, ``sha256``, ``role``)."""
+
+    def __init__(self, problem: str, id: str, current: dict):
+        super().__init__(problem, id)
+        self.current = current
 
 
 @dataclass
 class Batch:
-    """The latest exported batch of a project: its round and items."""
+    """An exported batch of a project: its round and items."""
 
     round: int
     folder: Path
@@ -44,18 +75,39 @@ class Batch:
         for it in self.items:
             if it.id == id:
                 return it
-        raise AlsegError("not an image of the open batch", id)
+        raise AlsegError(f"not an image of round {self.round}'s batch", id)
+
+
+def batch_of(store: RunStore, round: int) -> Batch | None:
+    """The batch exported for ``round`` (``rounds/RRR/manifest.csv``), or None."""
+    folder = store.dir.batch(round)
+    if not (folder / "manifest.csv").is_file():
+        return None
+    return Batch(round, folder, read_manifest(folder))
+
+
+def exported_rounds(store: RunStore) -> list[int]:
+    """The rounds that queued images for the expert and whose batch is exported, oldest first."""
+    return [r["round"] for r in store.rounds()
+            if store.selection(r["round"], "expert") and (store.dir.batch(r["round"]) / "manifest.csv").is_file()]
 
 
 def latest_batch(store: RunStore) -> Batch | None:
     """The batch of the latest round that queued images for the expert (open or labelled), if exported."""
     rounds = [r["round"] for r in store.rounds() if store.selection(r["round"], "expert")]
-    for round in sorted(rounds, reverse=True):
-        folder = store.dir.batch(round)
-        if (folder / "manifest.csv").is_file():
-            return Batch(round, folder, read_manifest(folder))
-        return None
-    return None
+    return batch_of(store, max(rounds)) if rounds else None
+
+
+def find_item(store: RunStore, id: str) -> tuple[Batch, BatchItem]:
+    """The batch item of ``id``: in the open (latest) batch, else in the batch of the round that selected it."""
+    latest = latest_batch(store)
+    if latest is not None and any(it.id == id for it in latest.items):
+        return latest, latest.item(id)
+    for round in sorted(store.selected_rounds(id), reverse=True):
+        batch = batch_of(store, round)
+        if batch is not None and any(it.id == id for it in batch.items):
+            return batch, batch.item(id)
+    raise AlsegError("not an image of any exported batch", id)
 
 
 def validate_mask(path: Path, item: BatchItem, size: int, allow_empty: bool) -> np.ndarray:
@@ -71,11 +123,50 @@ def validate_mask(path: Path, item: BatchItem, size: int, allow_empty: bool) -> 
     return mask
 
 
-def _match(stem: str, batch: Batch) -> BatchItem | None:
-    names: dict[str, BatchItem] = {}
+def predicted_mask(batch: Batch, item: BatchItem) -> np.ndarray | None:
+    """The batch's predicted mask of ``item`` (the head start the expert corrected), or None.
+
+    A missing or unreadable file, or one outside the batch folder, gives None: it only feeds the effort
+    figures, never decides whether a mask is stored."""
+    if not item.predicted:
+        return None
+    folder = batch.folder.resolve()
+    try:
+        path = (folder / item.predicted).resolve(strict=True)
+        if not path.is_relative_to(folder):
+            return None
+        return read_mask(path)
+    except (AlsegError, OSError, RuntimeError):
+        return None
+
+
+def check_effort(effort: dict | None, id: str) -> dict:
+    """The page's effort figures, checked: ``active_seconds`` (0-86400), ``strokes``, ``clicks`` (counts)."""
+    out = {}
+    for key, value in (effort or {}).items():
+        if key not in EFFORT_TYPES:
+            raise AlsegError(f"unknown effort figure {key!r} (known: {', '.join(EFFORT_TYPES)})", id)
+        if value is None:
+            continue
+        kind = EFFORT_TYPES[key]
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+        if ok and kind is int:
+            ok = float(value).is_integer()
+        if not ok or (key == "active_seconds" and value > MAX_EFFORT_SECONDS):
+            limit = f"a number from 0 to {MAX_EFFORT_SECONDS:.0f}" if kind is float else "a whole number >= 0"
+            raise AlsegError(f"effort {key} must be {limit}, not {value!r}", id)
+        out[key] = kind(value)
+    return out
+
+
+def _names(batch: Batch, names: dict[str, BatchItem], only: set[str] | None = None) -> None:
     for it in batch.items:
-        for name in (Path(it.mask).stem, Path(it.image).stem, it.id):
-            names.setdefault(name, it)
+        if only is None or it.id in only:
+            for name in (Path(it.mask).stem, Path(it.image).stem, it.id):
+                names.setdefault(name, (batch, it))
+
+
+def _match(stem: str, names: dict) -> tuple[Batch, BatchItem] | None:
     if stem in names:
         return names[stem]
     for suffix in MASK_SUFFIXES:
@@ -84,15 +175,37 @@ def _match(stem: str, batch: Batch) -> BatchItem | None:
     return None
 
 
-def ingest_folder(store: RunStore, size: int, folder: str | Path | None = None, *, allow_empty: bool = False) -> dict:
-    """Validate and store every mask file in ``folder`` (default: the batch's ``masks/``)."""
-    batch = latest_batch(store)
+def ingest_folder(store: RunStore, size: int, folder: str | Path | None = None, *, allow_empty: bool = False,
+                  round: int | None = None, annotator: str | None = None) -> dict:
+    """Validate and store every mask file in ``folder`` (default: the batch's ``masks/``).
+
+    ``round``: names are matched against that round's batch only (default folder: its ``masks/``).
+    Without it, against the open (latest) batch, then against the images the expert labelled in every
+    other exported round (a correction; the open batch's names win a clash). ``annotator`` None: each
+    file stands for the image's owner. A file that differs from the current mask replaces it (the
+    earlier version is kept). The result's progress (``round``, ``queued``, ...) is the open batch's;
+    ``rounds`` says which round each stored id belongs to.
+    """
+    latest = latest_batch(store)
+    if round is not None:
+        batch = batch_of(store, round)
+        if batch is None:
+            raise AlsegError(f"round {round} has no exported batch", store.dir.batch(round))
+    else:
+        batch = latest
     if batch is None:
         raise AlsegError("no batch to ingest: run `alseg query` first", store.run_dir)
     folder = Path(folder) if folder is not None else batch.folder / "masks"
     if not folder.is_dir():
         raise AlsegError("no such folder", folder)
-    result: dict = {"round": batch.round, "stored": [], "replaced": [], "unchanged": [], "invalid": []}
+    names: dict[str, tuple[Batch, BatchItem]] = {}
+    _names(batch, names)
+    if round is None:
+        expert = set(store.expert_ids())
+        for r in sorted(exported_rounds(store), reverse=True):
+            if r != batch.round:
+                _names(batch_of(store, r), names, only=expert)
+    result: dict = {"stored": [], "replaced": [], "unchanged": [], "second": [], "invalid": [], "rounds": {}}
     real_folder = folder.resolve()
     for path in sorted(folder.iterdir()):
         if path.name.startswith(".") or path.is_dir() or path.suffix.lower() not in IMAGE_SUFFIXES:
@@ -100,24 +213,41 @@ def ingest_folder(store: RunStore, size: int, folder: str | Path | None = None, 
         try:
             if path.is_symlink() and not path.resolve().is_relative_to(real_folder):
                 raise AlsegError("is a link that leads out of the folder; copy the file instead", path)
-            item = _match(path.stem, batch)
-            if item is None:
+            found = _match(path.stem, names)
+            if found is None:
                 raise AlsegError("names no image of the batch (see manifest.csv)", path)
+            item_batch, item = found
             mask = validate_mask(path, item, size, allow_empty)
-            outcome = store.store_mask(item.id, mask, source="files")
-            result[outcome].append(item.id)
+            stored = store.store_version(item.id, mask, source="files", annotator=annotator,
+                                         predicted=predicted_mask(item_batch, item))
+            result[stored["outcome"]].append(item.id)
+            result["rounds"][item.id] = item_batch.round
         except AlsegError as exc:
             result["invalid"].append({"file": str(path), "problem": exc.problem})
-    return _with_progress(store, batch, result)
+    return _with_progress(store, latest if latest is not None else batch, result)
 
 
 def submit_mask(store: RunStore, size: int, id: str, data: bytes, *, seconds: float | None = None,
-                allow_empty: bool = False, source: str = "page") -> dict:
-    """Validate one uploaded mask (PNG bytes) for batch image ``id`` and store it."""
-    batch = latest_batch(store)
-    if batch is None:
+                allow_empty: bool = False, source: str = "page", round: int | None = None,
+                annotator: str = DEFAULT_ANNOTATOR, effort: dict | None = None, replace: bool = False) -> dict:
+    """Validate one uploaded mask (PNG bytes) for image ``id`` and store it as ``annotator``'s.
+
+    ``round``: the batch to look ``id`` up in (default: the open batch, then the round that selected it).
+    Raises :class:`NeedsConfirm` when it would replace a different current mask and ``replace`` is false.
+    Returns ``{id, outcome: stored|replaced|unchanged|second, version, changed_previous, changed_prediction,
+    accepted, item_round}`` with the open batch's progress (``round``, ``labelled``, ``total``, ``queued``,
+    ``complete``).
+    """
+    if round is not None:
+        batch = batch_of(store, round)
+        if batch is None:
+            raise AlsegError(f"round {round} has no exported batch", id)
+        item = batch.item(id)
+    elif latest_batch(store) is None:
         raise AlsegError("no batch is open", store.run_dir)
-    item = batch.item(id)
+    else:
+        batch, item = find_item(store, id)
+    effort = check_effort(effort, id)
     store.dir.incoming.mkdir(exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix="upload-", suffix=".png", dir=store.dir.incoming)
     try:
@@ -129,8 +259,36 @@ def submit_mask(store: RunStore, size: int, id: str, data: bytes, *, seconds: fl
             raise AlsegError(exc.problem, id) from None
     finally:
         Path(tmp).unlink(missing_ok=True)
-    outcome = store.store_mask(item.id, mask, source=source, seconds=seconds)
-    return _with_progress(store, batch, {"id": id, "outcome": outcome})
+    if not replace:
+        current = store.current_version(item.id, annotator)
+        if current is not None and current["sha256"] != sha256_of(mask):
+            raise NeedsConfirm(f"already labelled ({describe_version(current)}); replace it?", item.id, current)
+    stored = store.store_version(item.id, mask, source=source, seconds=seconds, annotator=annotator, effort=effort,
+                                 predicted=predicted_mask(batch, item))
+    result = {"id": item.id, "outcome": stored["outcome"], "version": stored["version"],
+              "changed_previous": stored["changed_previous"], "changed_prediction": stored["changed_prediction"],
+              "accepted": stored["accepted"], "item_round": batch.round}
+    return _with_progress(store, latest_batch(store), result)
+
+
+def sha256_of(mask: np.ndarray) -> str:
+    """The sha256 the store gives ``mask`` (of its 0/255 PNG)."""
+    return hashlib.sha256(mask_png(mask)).hexdigest()
+
+
+def describe_version(current: dict, now: float | None = None) -> str:
+    """``version 2, by alice, 3 min ago`` (what the question shows)."""
+    ago = max(0.0, (time.time() if now is None else now) - current["at"])
+    if ago < 60:
+        when = "just now" if ago < 5 else f"{ago:.0f} s ago"
+    elif ago < 3600:
+        when = f"{ago / 60:.0f} min ago"
+    elif ago < 2 * 86400:
+        when = f"{ago / 3600:.0f} h ago"
+    else:
+        when = f"{ago / 86400:.0f} days ago"
+    version = f"version {current['version']}, " if current.get("version") else ""
+    return f"{version}by {current['annotator']}, {when}"
 
 
 def _with_progress(store: RunStore, batch: Batch, result: dict) -> dict:
