@@ -89,15 +89,16 @@ def test_batch_lists_the_open_batch(client, opened):
     assert (80, 56) in sizes  # a non-square image is in the batch
 
 
-def test_files_are_pngs_of_the_image_size(client, opened):
+def test_files_have_their_real_type_and_the_image_size(client, opened):
     batch = opened.batch()
     for it in batch.items:
-        for kind in ("image", "predicted", "uncertainty"):
+        for kind, media, fmt in (("image", "image/png", "PNG"), ("predicted", "image/png", "PNG"),
+                                 ("uncertainty", "image/jpeg", "JPEG")):
             res = client.get(f"/api/{kind}/{it.id}")
-            assert res.status_code == 200 and res.headers["content-type"] == "image/png", (kind, res.text[:100])
+            assert res.status_code == 200 and res.headers["content-type"] == media, (kind, res.text[:100])
             with Image.open(io.BytesIO(res.content)) as im:
                 im.load()
-                assert im.format == "PNG" and im.size == (it.width, it.height), (kind, it.id)
+                assert im.format == fmt and im.size == (it.width, it.height), (kind, it.id)
             assert res.content == (batch.folder / getattr(it, kind)).read_bytes()
         assert client.get(f"/api/mask/{it.id}").status_code == 404  # nothing stored yet
     page = client.get("/")
@@ -233,10 +234,10 @@ def test_valid_upload_is_stored_exactly(client, opened, project_dir):
     assert np.array_equal(decode(client.get(f"/api/mask/{item.id}").content) > 127, sent)
     listed = client.get("/api/batch").json()
     assert listed["labelled"] == 1 and [it["labelled"] for it in listed["items"]][0] is True
-    # the same again changes nothing; POST works as PUT; a different mask replaces it
+    # the same again changes nothing; POST works as PUT; a different mask replaces it once confirmed
     assert client.post(f"/api/mask/{item.id}", content=png(sent)).json()["outcome"] == "unchanged"
     other = _blob(item, seed=2)
-    assert client.put(f"/api/mask/{item.id}", content=png(other)).json()["outcome"] == "replaced"
+    assert client.put(f"/api/mask/{item.id}?replace=1", content=png(other)).json()["outcome"] == "replaced"
     # a mask at the working size is accepted too (0/1 values)
     second = items[1]
     small = np.zeros((32, 32), np.uint8)
@@ -277,7 +278,7 @@ def test_concurrent_uploads_of_one_image_leave_the_last_complete_mask(opened):
             def send(k):
                 with httpx.Client(base_url=server.url, timeout=30) as c:
                     barrier.wait()
-                    results[k] = c.put(f"/api/mask/{item.id}", content=bodies[k]).status_code
+                    results[k] = c.put(f"/api/mask/{item.id}?replace=1", content=bodies[k]).status_code
 
             threads = [threading.Thread(target=send, args=(k,)) for k in (0, 1)]
             for t in threads:
@@ -446,3 +447,133 @@ def test_no_open_batch_is_reported(tmp_path, template):
             it = p.batch().items[0]
             assert np.array_equal(decode(c.get(f"/api/mask/{it.id}").content) > 127, truth[it.id])
             assert predicted(p.batch(), it).shape == truth[it.id].shape
+
+
+# ------------------------------------------------------------------ the workplace: rounds, replace, undo, tokens
+def test_thumbnails_are_small_cached_jpegs(client, opened):
+    batch = opened.batch()
+    for it in batch.items:
+        res = client.get(f"/api/thumb/{it.id}?round={batch.round}")
+        assert res.status_code == 200 and res.headers["content-type"] == "image/jpeg"
+        assert "max-age" in res.headers["cache-control"]
+        with Image.open(io.BytesIO(res.content)) as im:
+            assert im.format == "JPEG" and max(im.size) <= 192
+            assert im.size[0] / im.size[1] == pytest.approx(it.width / it.height, rel=0.05)
+        cached = batch.folder / "thumbs" / f"{Path(it.image).stem}.jpg"
+        assert cached.read_bytes() == res.content
+    assert client.get("/api/thumb/nope").status_code == 404
+
+
+def test_a_large_jpeg_thumbnail_is_small_and_a_jpeg_source_stays_jpeg(tmp_path):
+    from alseg.annotate.export import image_file
+    from alseg.annotate.server import thumbnail_jpeg
+    from alseg.data.imageio import read_image
+
+    rng = np.random.default_rng(0)
+    photo = tmp_path / "photo.jpg"
+    pixels = (rng.random((1500, 2400, 3)) * 255).astype(np.uint8)
+    Image.fromarray(pixels).save(photo, quality=85)
+    with Image.open(io.BytesIO(thumbnail_jpeg(photo))) as im:
+        assert im.format == "JPEG" and im.size == (192, 120)
+    assert image_file(photo, read_image(photo)) == (".jpg", photo.read_bytes())  # the bytes, not a re-encode
+    rotated = tmp_path / "rotated.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored sideways: the pixels as decoded (upright) are re-encoded, without the tag
+    Image.fromarray(pixels[:64, :96]).save(rotated, exif=exif)
+    decoded = read_image(rotated)
+    suffix, data = image_file(rotated, decoded)
+    with Image.open(io.BytesIO(data)) as im:
+        assert suffix == ".jpg" and im.format == "JPEG" and im.getexif().get(0x0112) is None
+        assert im.size == (decoded.shape[1], decoded.shape[0])
+    flat = tmp_path / "scan.png"
+    Image.fromarray(pixels[:64, :64, 0]).save(flat)
+    assert image_file(flat, read_image(flat))[0] == ".png"
+
+
+def test_batch_lists_rounds_annotator_and_thumbs(client, opened):
+    data = client.get("/api/batch").json()
+    assert data["rounds"] == opened.rounds() and data["rounds"][-1]["round"] == 1
+    assert (data["annotator"], data["job"], data["next_mode"], data["latest"]) == ("local", None, "button", True)
+    assert all(it["urls"]["thumb"].startswith(f"/api/thumb/{it['id']}?round=1") for it in data["items"])
+    assert client.get("/api/batch?round=1").json()["items"] == data["items"]
+    assert client.get("/api/batch?round=7").status_code == 404
+    assert client.get(f"/api/image/{data['items'][0]['id']}?round=7").status_code == 404
+
+
+def test_a_replace_needs_confirmation_and_undo_restores(client, opened):
+    it = _items(opened)[0]
+    first, second = _blob(it, 1), _blob(it, 2)
+    res = client.put(f"/api/mask/{it.id}?round=1&seconds=3&active_seconds=2&strokes=4&clicks=1", content=png(first))
+    assert res.status_code == 200 and res.json()["outcome"] == "stored"
+    res = client.put(f"/api/mask/{it.id}?round=1", content=png(second))
+    assert res.status_code == 409 and res.json()["confirm"] is True and res.json()["id"] == it.id
+    assert np.array_equal(opened.stored_mask(it.id), first)
+    res = client.put(f"/api/mask/{it.id}?round=1&replace=1", content=png(second))
+    assert res.status_code == 200 and res.json()["outcome"] == "replaced"
+    history = client.get(f"/api/history/{it.id}").json()["history"]
+    assert [h["version"] for h in history] == [1, 2] and [h["current"] for h in history] == [False, True]
+    assert (history[0]["active_seconds"], history[0]["strokes"], history[0]["clicks"]) == (2, 4, 1)
+    assert np.array_equal(decode(client.get(f"/api/mask/{it.id}?version=1").content) > 127, first)
+    assert client.get(f"/api/mask/{it.id}?version=9").status_code == 404
+    labelled = client.get("/api/batch").json()["items"][0]
+    assert labelled["labelled"] and labelled["labelled_by"] == "local"
+    assert client.post(f"/api/undo/{it.id}").status_code == 200
+    assert np.array_equal(opened.stored_mask(it.id), first)
+    assert client.post(f"/api/undo/{it.id}").status_code == 200
+    assert opened.stored_mask(it.id) is None and client.get("/api/batch").json()["labelled"] == 0
+    assert client.post(f"/api/undo/{it.id}").status_code == 409  # nothing left to undo
+
+
+def test_bad_effort_figures_are_refused(client, opened):
+    it = _items(opened)[0]
+    for query in ("active_seconds=-1", "active_seconds=nan", "strokes=-2", "clicks=abc"):
+        res = client.put(f"/api/mask/{it.id}?{query}", content=png(_blob(it)))
+        assert res.status_code == 422, query
+    assert opened.stored_mask(it.id) is None
+
+
+def test_tokens_name_the_annotator_and_are_required(opened):
+    from alseg.annotate.auth import Annotators
+
+    annotators = Annotators()
+    token = annotators.add("bea")
+    it = _items(opened)[0]
+    with TestClient(create_app(opened, annotators=annotators)) as c:
+        assert c.get("/api/batch").status_code == 401
+        assert c.put(f"/api/mask/{it.id}", content=png(_blob(it))).status_code == 401
+        assert c.get("/api/batch", headers={"Authorization": "Bearer wrong-token-wrong"}).status_code == 401
+        auth = {"Authorization": f"Bearer {token}"}
+        assert c.get("/api/batch", headers=auth).json()["annotator"] == "bea"
+        assert c.put(f"/api/mask/{it.id}", content=png(_blob(it)), headers=auth).status_code == 200
+    assert [h["annotator"] for h in opened.history(it.id)] == ["bea"]
+
+
+def test_without_a_turnover_the_next_round_is_refused(client):
+    res = client.post("/api/next")
+    assert res.status_code == 409 and "alseg query" in res.json()["error"]
+    assert client.get("/api/job").status_code == 404
+    assert client.get("/api/batch").json()["can_start_next"] is False
+
+
+def test_serve_off_loopback_makes_a_token_and_prints_the_reachable_url(project_dir):
+    from alseg.annotate.auth import Annotators, reachable_host
+
+    code = ("import sys; from alseg.annotate.server import serve; "
+            "serve(sys.argv[1], host='0.0.0.0', port=0, log=lambda t: print(t, flush=True), annotator='carla')")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(project_dir)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        first = proc.stdout.readline()
+        url = re.search(r"(http://\S+)/\?token=(\S+) ", first)
+        assert url, first + proc.stdout.read()
+        assert "127.0.0.1" not in url.group(1) and reachable_host("0.0.0.0") in url.group(1)
+        assert Annotators.load(project_dir).name_for(url.group(2)) == "carla"
+        port = int(url.group(1).rsplit(":", 1)[1])
+        status, _ = _raw(port, "GET /api/batch HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert status == 401
+        status, body = _raw(port, f"GET /api/batch HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {url.group(2)}\r\n"
+                                  "Connection: close\r\n\r\n")
+        assert status == 200 and b'"annotator":"carla"' in body
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(30)

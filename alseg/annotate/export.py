@@ -1,10 +1,12 @@
 """Export of a batch for the expert: ``RUN_DIR/rounds/RRR/``.
 
-For each queued image: the image at its original size (PNG, so any browser shows it), the
-model's predicted mask as a head start (0/255 PNG at the original size, the thresholded MC mean
+For each queued image: the image at its original size (a JPEG source stays JPEG, its bytes
+copied when the browser would show them as decoded; anything else becomes PNG, so any browser
+shows it), the model's predicted mask as a head start (0/255 PNG at the original size, the thresholded MC mean
 of the model that chose the batch), an uncertainty overlay a person can read (the image under a
 magma colour map of the per-pixel MC variance, each image scaled to its own 99.5th percentile so
-its structure shows; the scale is in the manifest) and ``manifest.csv`` (id, file names, score,
+its structure shows; the scale is in the manifest; a JPEG at quality 90, as a photograph-like
+picture it is several times smaller than a PNG) and ``manifest.csv`` (id, file names, score,
 why it was chosen). ``masks/`` is where the expert's masks are expected.
 
 The folder is written under a temporary name and renamed when complete, so a crash never leaves
@@ -30,6 +32,8 @@ from alseg.errors import AlsegError
 from alseg.runtime import step_seed
 
 MANIFEST = "manifest.csv"
+JPEG_SUFFIXES = (".jpg", ".jpeg")
+OVERLAY_QUALITY = 90
 COLUMNS = ("id", "image", "predicted", "uncertainty", "mask", "score", "reason", "width", "height",
            "uncertainty_scale")
 @dataclass(frozen=True)
@@ -71,6 +75,34 @@ def uncertainty_overlay(image: np.ndarray, variance: np.ndarray) -> tuple[np.nda
     colour = colormaps["magma"](level)[:, :, :3] * 255
     alpha = (0.25 + 0.65 * level)[:, :, None]  # the image shows through where the model is sure
     return (rgb * (1 - alpha) + colour * alpha).round().astype(np.uint8), scale
+
+
+def image_file(source: Path, image: np.ndarray) -> tuple[str, bytes]:
+    """The batch's copy of an image: ``(suffix, bytes)``.
+
+    A JPEG source stays JPEG: its own bytes when a browser shows it as :func:`read_image` decodes
+    it (8-bit grey or RGB, no EXIF rotation), else the decoded pixels re-encoded at quality 95.
+    Other sources become PNG (lossless, shown by every browser).
+    """
+    pixels = image if image.shape[2] == 3 else image[:, :, 0]
+    if source.suffix.lower() not in JPEG_SUFFIXES:
+        return ".png", png_bytes(pixels)
+    from PIL import Image
+
+    with Image.open(source) as im:
+        as_shown = im.format == "JPEG" and im.mode in ("L", "RGB") and im.getexif().get(0x0112, 1) == 1
+    if as_shown:
+        return ".jpg", source.read_bytes()
+    return ".jpg", jpeg_bytes(pixels, 95)
+
+
+def jpeg_bytes(arr: np.ndarray, quality: int) -> bytes:
+    """``arr`` (H x W or H x W x 3 uint8) encoded as JPEG."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
 
 
 def read_manifest(folder: Path) -> list[BatchItem]:
@@ -118,19 +150,20 @@ def export_batch(run, round: int) -> Path:
             image = read_image(samples[id].image)
             height, width = image.shape[:2]
             stem = file_stem(id, taken)
-            row = {"id": id, "image": f"images/{stem}.png", "predicted": "", "uncertainty": "",
+            suffix, image_data = image_file(Path(samples[id].image), image)
+            row = {"id": id, "image": f"images/{stem}{suffix}", "predicted": "", "uncertainty": "",
                    "mask": f"masks/{stem}.png", "score": "", "reason": reason_label(reasons.get(id)),
                    "width": width, "height": height, "uncertainty_scale": ""}
-            (tmp / row["image"]).write_bytes(png_bytes(image if image.shape[2] == 3 else image[:, :, 0]))
+            (tmp / row["image"]).write_bytes(image_data)
             if mc is not None and head_start:
                 mean = map_to_size(mc.mean[k], width, height)
                 row["predicted"] = f"predicted/{stem}.png"
                 (tmp / row["predicted"]).write_bytes(png_bytes(((mean > 0.5) * 255).astype(np.uint8)))
             if mc is not None:
                 overlay, scale = uncertainty_overlay(image, np.clip(map_to_size(mc.variance_map[k], width, height), 0, None))
-                row["uncertainty"] = f"uncertainty/{stem}.png"
+                row["uncertainty"] = f"uncertainty/{stem}.jpg"
                 row["uncertainty_scale"] = f"{scale:.6g}"
-                (tmp / row["uncertainty"]).write_bytes(png_bytes(overlay))
+                (tmp / row["uncertainty"]).write_bytes(jpeg_bytes(overlay, OVERLAY_QUALITY))
             if scores.get(id, {}).get("variance") is not None:
                 row["score"] = f"{scores[id]['variance']:.6g}"
             rows.append(row)

@@ -1,18 +1,30 @@
-"""The review server: a local web page on which the expert corrects the open batch's predicted masks.
+"""The review server: the expert's whole workplace for a project's batches, past and open.
 
 ``alseg serve PROJECT`` opens the project (holding its writer lock for the server's lifetime),
-serves the page shipped in ``alseg/annotate/static/`` and a small JSON API:
+serves the page shipped in ``alseg/annotate/static/`` and a small JSON API. Every ``{id}`` route
+takes ``?round=R`` (default: the latest batch) and finds the item in any exported round, so past
+rounds can be reopened and corrected.
 
 ======  ==============================  =====================================================
-GET     ``/api/batch``                  the open batch: round, progress, items and their URLs
-GET     ``/api/image/{id}``             the image (PNG, original size)
+GET     ``/api/batch``                  a batch (``?round=R``, default latest): round, progress,
+                                        items and their URLs, ``rounds``, ``annotator``,
+                                        ``job`` (the next round's worker), ``next_mode``
+GET     ``/api/image/{id}``             the image (its real type: JPEG stays JPEG, else PNG)
+GET     ``/api/thumb/{id}``             a JPEG at most 192 px on its long side, cached under
+                                        ``rounds/RRR/thumbs/``
 GET     ``/api/predicted/{id}``         the model's predicted mask (0/255 PNG, original size)
-GET     ``/api/uncertainty/{id}``       the uncertainty overlay (PNG)
-GET     ``/api/mask/{id}``              the stored expert mask (0/255 PNG), 404 if none
+GET     ``/api/uncertainty/{id}``       the uncertainty overlay (JPEG; PNG in older batches)
+GET     ``/api/mask/{id}``              the stored expert mask (0/255 PNG; ``?version=N``), 404 if none
 PUT     ``/api/mask/{id}``              store a mask: body PNG bytes; query ``seconds``,
-                                        ``allow_empty``; also POST
+                                        ``active_seconds``, ``strokes``, ``clicks``,
+                                        ``allow_empty``, ``replace``; also POST. 409 with
+                                        ``"confirm": true`` when it would replace another mask
+POST    ``/api/undo/{id}``              withdraw the latest submit (the previous version is current)
+GET     ``/api/history/{id}``           every stored version of the image's mask, who and when
 POST    ``/api/skip/{id}``              record the expert's ``seconds`` on an image, not labelled
 POST    ``/api/time/{id}``              record ``seconds`` of viewing (``action=view``)
+POST    ``/api/next``                   train on the labelled batch and export the next (202)
+GET     ``/api/job``                    that worker's state
 GET     ``/api/status``                 the project's status (as ``alseg status --json``)
 ======  ==============================  =====================================================
 
@@ -21,11 +33,14 @@ never joined into paths; only the files the batch's manifest records are served,
 they resolve inside the batch folder; every upload is size-capped (413 before it is read whole)
 and validated by :meth:`alseg.project.Project.submit`, which stores it atomically. Requests
 whose ``Origin`` is another site are refused (no cross-site submits), and on a loopback address
-so are requests for another ``Host`` (DNS rebinding).
+so are requests for another ``Host`` (DNS rebinding). With annotators (tokens,
+:mod:`alseg.annotate.auth`) every request needs a token and each submit is recorded under its
+annotator's name; :func:`serve` requires them off loopback.
 """
 from __future__ import annotations
 
 import ipaddress
+import io
 import math
 import socket
 import threading
@@ -39,13 +54,13 @@ from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from alseg.annotate.auth import DEFAULT_ANNOTATOR, TokenGuard
 from alseg.errors import AlsegError
 
 STATIC = Path(__file__).resolve().parent / "static"
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 MAX_SECONDS = 24 * 3600.0  # one recorded stretch of expert time; more is a clock gone wrong
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
-_KINDS = ("image", "predicted", "uncertainty")
 _SECURITY_HEADERS = [
     (b"x-content-type-options", b"nosniff"),
     (b"referrer-policy", b"no-referrer"),
@@ -56,12 +71,13 @@ _SECURITY_HEADERS = [
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, error: str, id: str | None = None):
-        self.status, self.error, self.id = status, error, id
+    def __init__(self, status: int, error: str, id: str | None = None, extra: dict | None = None):
+        self.status, self.error, self.id, self.extra = status, error, id, extra
 
 
-def _error(status: int, error: str, id: str | None = None) -> JSONResponse:
+def _error(status: int, error: str, id: str | None = None, extra: dict | None = None) -> JSONResponse:
     body = {"error": error} if id is None else {"error": error, "id": id}
+    body.update(extra or {})
     return JSONResponse(body, status_code=status, headers={"Cache-Control": "no-store"})
 
 
@@ -103,19 +119,35 @@ def _hostname(host: str) -> str:
     return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
 
 
+THUMB_SIDE = 192
+THUMB_QUALITY = 80
+_MEDIA = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg"}
+NEXT_MODES = ("button", "auto")
+
+
 def create_app(project, *, max_upload_bytes: int = MAX_UPLOAD_BYTES,
-               allowed_hosts: tuple[str, ...] | None = None) -> FastAPI:
+               allowed_hosts: tuple[str, ...] | None = None, annotators=None,
+               default_annotator: str = DEFAULT_ANNOTATOR, turnover=None, next_mode: str = "button") -> FastAPI:
     """The review app over an open :class:`alseg.project.Project` (which the caller closes).
 
     ``allowed_hosts``: the Host names served (``None``: any; :func:`serve` passes the loopback
-    names when it binds a loopback address).
+    names when it binds a loopback address). ``annotators``: an :class:`alseg.annotate.auth.Annotators`
+    (every request then needs a token) or ``None`` (every request is ``default_annotator``'s).
+    ``turnover``: an :class:`alseg.annotate.turnover.Turnover` that makes the next round
+    (``None``: the page cannot, and says to run ``alseg query`` with the server stopped).
+    ``next_mode``: ``"button"`` (the expert starts the next round) or ``"auto"`` (the submit that
+    completes the latest batch starts it).
     """
+    if next_mode not in NEXT_MODES:
+        raise AlsegError(f"next_mode must be one of {', '.join(NEXT_MODES)}, not {next_mode!r}")
     app = FastAPI(title="alseg review", docs_url=None, redoc_url=None, openapi_url="/api/openapi.json")
+    # the last added runs first: Host and Origin are checked before the token
+    app.add_middleware(TokenGuard, annotators=annotators, default_annotator=default_annotator)
     app.add_middleware(_Guard, allowed_hosts=allowed_hosts)
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
-        return _error(exc.status, exc.error, exc.id)
+        return _error(exc.status, exc.error, exc.id, exc.extra)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
@@ -129,21 +161,20 @@ def create_app(project, *, max_upload_bytes: int = MAX_UPLOAD_BYTES,
             parts.append(f"{where}: {e.get('msg', 'invalid')}")
         return _error(422, "; ".join(parts) or "invalid request")
 
-    def open_batch():
-        batch = project.batch()
-        if batch is None:
-            raise ApiError(404, "no batch is open: run `alseg query` first")
-        return batch
+    def annotator_of(request: Request) -> str:
+        return getattr(request.state, "annotator", None) or default_annotator
 
-    def lookup(id: str):
-        batch = open_batch()
-        for item in batch.items:
-            if item.id == id:
-                return batch, item
-        raise ApiError(404, "not an image of the open batch", id)
+    def job() -> dict | None:
+        return turnover.state() if turnover is not None else None
 
-    def batch_file(id: str, kind: str) -> FileResponse:
-        batch, item = lookup(id)
+    def lookup(id: str, round: int | None):
+        try:
+            return project.item(id, round=round)
+        except AlsegError as exc:
+            raise ApiError(404, exc.problem, id) from None
+
+    def batch_path(id: str, kind: str, round: int | None) -> tuple[Path, object, object]:
+        batch, item = lookup(id, round)
         name = getattr(item, kind)
         if not name:
             raise ApiError(404, f"this image has no {kind} file", id)
@@ -154,64 +185,111 @@ def create_app(project, *, max_upload_bytes: int = MAX_UPLOAD_BYTES,
             raise ApiError(404, f"the {kind} file is missing", id) from None
         if not path.is_relative_to(folder) or not path.is_file():
             raise ApiError(404, f"the {kind} file is not inside the batch folder", id)
-        media = "image/png" if path.suffix.lower() == ".png" else "application/octet-stream"
-        return FileResponse(path, media_type=media, headers={"Cache-Control": "no-cache"})
+        return path, batch, item
 
-    def check_seconds(seconds: float | None) -> float | None:
+    def batch_file(id: str, kind: str, round: int | None) -> FileResponse:
+        path, _, _ = batch_path(id, kind, round)
+        media = _MEDIA.get(path.suffix.lower(), "application/octet-stream")
+        # an exported batch's files never change; no-cache still revalidates (ETag) in case they do
+        return FileResponse(path, media_type=media, headers={"Cache-Control": "private, no-cache"})
+
+    def check_seconds(seconds: float | None, name: str = "seconds") -> float | None:
         if seconds is not None and not (math.isfinite(seconds) and 0 <= seconds <= MAX_SECONDS):
-            raise ApiError(422, f"seconds must be a number from 0 to {MAX_SECONDS:.0f}")
+            raise ApiError(422, f"{name} must be a number from 0 to {MAX_SECONDS:.0f}")
         return seconds
 
+    def check_count(value: int | None, name: str) -> int | None:
+        if value is not None and not 0 <= value <= 1_000_000:
+            raise ApiError(422, f"{name} must be a count from 0 to 1000000")
+        return value
+
+    def labelled_by(id: str) -> str | None:
+        current = [h for h in project.history(id) if h.get("current") and h.get("role", "owner") == "owner"]
+        return current[-1].get("annotator") if current else None
+
     @app.get("/api/batch")
-    def get_batch():
-        batch = project.batch()
+    def get_batch(request: Request, round: int | None = None):
+        batch = project.batch(round)
         status = project.status()
         # what the page says about the model: its latest validation Dice against a constant mask
         # (with a warning when it is no better) and this round's pseudo-label gate
         model = {"health": status["model"], "warning": status["warning"], "gate": status["gate"]}
+        common = {"rounds": project.rounds(), "annotator": annotator_of(request), "job": job(),
+                  "next_mode": next_mode, "can_start_next": turnover is not None, "model": model,
+                  "working_size": project.size}
         if batch is None:
-            return {"round": None, "working_size": project.size, "labelled": 0, "total": 0, "complete": False,
-                    "items": [], "message": "no batch is open: run `alseg query` to choose one", "model": model}
+            if round is not None:
+                raise ApiError(404, f"round {round} has no exported batch")
+            return {**common, "round": None, "latest": True, "labelled": 0, "total": 0, "complete": False,
+                    "items": [], "message": "no batch is open yet"
+                    + (": start the first one with 'Next batch'" if turnover is not None else
+                       ": run `alseg query` to choose one")}
         labelled = project.labelled(batch.round)
+        latest = project.batch()
         items = []
         for it in batch.items:
             url = lambda kind: f"/api/{kind}/{quote(it.id, safe='')}?round={batch.round}"
+            done = it.id in labelled
             items.append({
                 "id": it.id, "reason": it.reason, "score": it.score, "width": it.width, "height": it.height,
-                "labelled": it.id in labelled, "uncertainty_scale": it.uncertainty_scale,
-                "urls": {"image": url("image"), "predicted": url("predicted") if it.predicted else None,
+                "labelled": done, "labelled_by": labelled_by(it.id) if done else None,
+                "uncertainty_scale": it.uncertainty_scale,
+                "urls": {"image": url("image"), "thumb": url("thumb"),
+                         "predicted": url("predicted") if it.predicted else None,
                          "uncertainty": url("uncertainty") if it.uncertainty else None, "mask": url("mask")},
             })
         done = sum(1 for it in items if it["labelled"])
-        return {"round": batch.round, "working_size": project.size, "labelled": done, "total": len(items),
-                "complete": done == len(items), "items": items, "model": model}
+        return {**common, "round": batch.round, "latest": latest is None or latest.round == batch.round,
+                "labelled": done, "total": len(items), "complete": done == len(items), "items": items}
 
     @app.get("/api/image/{id:path}")
-    def get_image(id: str):
-        return batch_file(id, "image")
+    def get_image(id: str, round: int | None = None):
+        return batch_file(id, "image", round)
 
     @app.get("/api/predicted/{id:path}")
-    def get_predicted(id: str):
-        return batch_file(id, "predicted")
+    def get_predicted(id: str, round: int | None = None):
+        return batch_file(id, "predicted", round)
 
     @app.get("/api/uncertainty/{id:path}")
-    def get_uncertainty(id: str):
-        return batch_file(id, "uncertainty")
+    def get_uncertainty(id: str, round: int | None = None):
+        return batch_file(id, "uncertainty", round)
+
+    @app.get("/api/thumb/{id:path}")
+    def get_thumb(id: str, round: int | None = None):
+        source, batch, item = batch_path(id, "image", round)
+        path = batch.folder / "thumbs" / f"{Path(item.image).stem}.jpg"
+        if not path.is_file() or path.stat().st_mtime < source.stat().st_mtime:
+            from alseg.store import atomic_write_bytes
+
+            # the server holds the writer lock; two requests at once both write whole files
+            atomic_write_bytes(path, thumbnail_jpeg(source))
+        return FileResponse(path, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=86400"})
 
     @app.get("/api/mask/{id:path}")
-    def get_mask(id: str):
+    def get_mask(id: str, round: int | None = None, version: int | None = None):
         from alseg.store import mask_png
 
-        _, item = lookup(id)
-        mask = project.stored_mask(item.id)
+        _, item = lookup(id, round)
+        try:
+            mask = project.stored_mask(item.id, version) if version is not None else project.stored_mask(item.id)
+        except AlsegError as exc:
+            raise ApiError(404, exc.problem, id) from None
         if mask is None:
-            raise ApiError(404, "no mask is stored for this image yet", id)
+            raise ApiError(404, "no mask is stored for this image yet" if version is None
+                           else f"no version {version} of this image's mask", id)
         return Response(mask_png(mask), media_type="image/png", headers={"Cache-Control": "no-store"})
 
     @app.api_route("/api/mask/{id:path}", methods=["PUT", "POST"])
-    async def put_mask(id: str, request: Request, seconds: float | None = None, allow_empty: bool = False):
+    async def put_mask(id: str, request: Request, round: int | None = None, seconds: float | None = None,
+                       active_seconds: float | None = None, strokes: int | None = None, clicks: int | None = None,
+                       allow_empty: bool = False, replace: bool = False):
+        from alseg.annotate.ingest import NeedsConfirm
+
         check_seconds(seconds)
-        _, item = await run_in_threadpool(lookup, id)
+        check_seconds(active_seconds, "active_seconds")
+        check_count(strokes, "strokes")
+        check_count(clicks, "clicks")
+        _, item = await run_in_threadpool(lookup, id, round)
         length = request.headers.get("content-length")
         if length is not None:
             try:
@@ -227,30 +305,83 @@ def create_app(project, *, max_upload_bytes: int = MAX_UPLOAD_BYTES,
                 raise ApiError(413, f"upload is over the limit of {max_upload_bytes} bytes", id)
         if not body:
             raise ApiError(400, "empty upload: send the mask as PNG bytes", id)
+        effort = None
+        if active_seconds is not None or strokes is not None or clicks is not None:
+            effort = {"active_seconds": active_seconds, "strokes": strokes, "clicks": clicks}
         try:
-            return await run_in_threadpool(project.submit, item.id, bytes(body), seconds=seconds,
-                                           allow_empty=allow_empty)
+            result = await run_in_threadpool(
+                lambda: project.submit(item.id, bytes(body), round=round, seconds=seconds, allow_empty=allow_empty,
+                                       annotator=annotator_of(request), effort=effort, replace=replace))
+        except NeedsConfirm as exc:
+            raise ApiError(409, exc.problem, id, {"confirm": True}) from None
         except AlsegError as exc:
             raise ApiError(422, exc.problem, id) from None
+        if next_mode == "auto" and result.get("complete") and turnover is not None:
+            await run_in_threadpool(start_next)
+        return {**result, "job": job()}
 
-    def record(id: str, seconds: float, action: str) -> dict:
-        check_seconds(seconds)
-        _, item = lookup(id)
+    def start_next() -> bool:
+        """Start the next round when the latest batch is complete; False when there is nothing to start."""
+        if turnover.running():
+            return True
+        if not turnover.needed():
+            return False
+        turnover.start()
+        return True
+
+    @app.post("/api/undo/{id:path}")
+    def undo(id: str, request: Request, round: int | None = None):
+        _, item = lookup(id, round)
         try:
-            project.record_time(item.id, seconds, action=action)
+            return project.undo(item.id, annotator=annotator_of(request))
         except AlsegError as exc:
             raise ApiError(409, exc.problem, id) from None
-        return {"id": item.id, "action": action, "seconds": seconds}
+
+    @app.get("/api/history/{id:path}")
+    def history(id: str, round: int | None = None):
+        _, item = lookup(id, round)
+        return {"id": item.id, "history": project.history(item.id)}
+
+    def record(id: str, seconds: float, action: str, request: Request, active_seconds: float | None,
+               round: int | None) -> dict:
+        check_seconds(seconds)
+        check_seconds(active_seconds, "active_seconds")
+        _, item = lookup(id, round)
+        try:
+            project.record_time(item.id, seconds, action=action, annotator=annotator_of(request),
+                                active_seconds=active_seconds, round=round)
+        except AlsegError as exc:
+            raise ApiError(409, exc.problem, id) from None
+        return {"id": item.id, "action": action, "seconds": seconds, "active_seconds": active_seconds}
 
     @app.post("/api/skip/{id:path}")
-    def skip(id: str, seconds: float = 0.0):
-        return record(id, seconds, "skip")
+    def skip(id: str, request: Request, seconds: float = 0.0, active_seconds: float | None = None,
+             round: int | None = None):
+        return record(id, seconds, "skip", request, active_seconds, round)
 
     @app.post("/api/time/{id:path}")
-    def view_time(id: str, seconds: float, action: str = "view"):
+    def view_time(id: str, request: Request, seconds: float, action: str = "view",
+                  active_seconds: float | None = None, round: int | None = None):
         if action not in ("view", "skip"):
             raise ApiError(422, "action must be 'view' or 'skip'", id)
-        return record(id, seconds, action)
+        return record(id, seconds, action, request, active_seconds, round)
+
+    @app.post("/api/next", status_code=202)
+    def next_round():
+        if turnover is None:
+            raise ApiError(409, "this server does not start rounds: stop it and run `alseg query`")
+        if not start_next():
+            state = turnover.state()
+            if state["state"] == "failed":
+                raise ApiError(409, f"the last attempt failed ({state['message']}) and nothing is left to start")
+            raise ApiError(409, "the latest batch is not complete yet: label (or skip out of) its images first")
+        return turnover.state()
+
+    @app.get("/api/job")
+    def get_job():
+        if turnover is None:
+            raise ApiError(404, "this server does not start rounds")
+        return turnover.state()
 
     @app.get("/api/status")
     def get_status():
@@ -262,6 +393,19 @@ def create_app(project, *, max_upload_bytes: int = MAX_UPLOAD_BYTES,
 
     app.mount("/", StaticFiles(directory=STATIC, html=True), name="static")
     return app
+
+
+def thumbnail_jpeg(source: Path) -> bytes:
+    """A JPEG of the image in ``source``, at most ``THUMB_SIDE`` px on its long side."""
+    from PIL import Image
+
+    with Image.open(source) as im:
+        im.draft("RGB", (THUMB_SIDE, THUMB_SIDE))  # a JPEG decodes at 1/2..1/8 scale: fast on large photos
+        im = im.convert("L" if im.mode in ("L", "I;16", "I", "F", "1") else "RGB")
+        im.thumbnail((THUMB_SIDE, THUMB_SIDE), Image.BILINEAR)
+        buf = io.BytesIO()
+        im.save(buf, format="JPEG", quality=THUMB_QUALITY)
+    return buf.getvalue()
 
 
 def _is_loopback(host: str) -> bool:
@@ -283,42 +427,73 @@ def _bind(host: str, port: int) -> socket.socket:
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(address)
+        sock.listen(128)  # from now on: the URL printed next connects even before uvicorn starts accepting
     except OSError as exc:
         sock.close()
         raise AlsegError(f"cannot listen on {host}:{port} ({exc.strerror}); choose another --port") from None
     return sock
 
 
-def serve(project_path, host: str = "127.0.0.1", port: int = 8765, open_browser: bool = False, log=print) -> None:
+def serve(project_path, host: str = "127.0.0.1", port: int = 8765, open_browser: bool = False, log=print, *,
+          token_file=None, annotator: str = DEFAULT_ANNOTATOR, next_mode: str = "button") -> None:
     """Run the review page for ``project_path`` until Ctrl-C, holding the project's writer lock.
+
+    On a loopback address without ``token_file`` the page needs no login and every annotation is
+    ``annotator``'s. Off loopback (or with ``token_file``) every request needs a token: those of
+    ``token_file`` (lines ``NAME TOKEN``), else the project's (``annotators.json``); when the
+    project has none yet, one is made for ``annotator`` and the URL printed carries it, with the
+    address other machines reach. ``next_mode``: see :func:`create_app`; the next round is made by
+    a :class:`~alseg.annotate.turnover.Turnover` worker under this server's lock.
 
     Raises AlsegError when another process holds the lock or the port cannot be taken.
     ``port=0`` takes a free port (the URL logged names it).
     """
     import uvicorn
 
+    from alseg.annotate.auth import Annotators, check_name, reachable_host
+    from alseg.annotate.turnover import Turnover
     from alseg.project import Project
 
+    check_name(annotator)
+    if next_mode not in NEXT_MODES:
+        raise AlsegError(f"next_mode must be one of {', '.join(NEXT_MODES)}, not {next_mode!r}")
+    loopback = _is_loopback(host)
+    annotators = Annotators.from_file(token_file, annotator) if token_file is not None else None
     project = Project(project_path, command="serve")
+    turnover = None
     try:
+        token = None
+        if annotators is None and not loopback:
+            annotators = Annotators.load(project.dir.root)
+            if not len(annotators):
+                token = annotators.add(annotator)
         sock = _bind(host, port)
         try:
-            loopback = _is_loopback(host)
-            app = create_app(project, allowed_hosts=LOOPBACK_HOSTS if loopback else None)
-            shown = host if loopback or host not in ("0.0.0.0", "::") else "127.0.0.1"
+            turnover = Turnover(project.dir.root, project._fd, log=log)
+            app = create_app(project, allowed_hosts=LOOPBACK_HOSTS if loopback else None, annotators=annotators,
+                             default_annotator=annotator, turnover=turnover, next_mode=next_mode)
+            shown = host if loopback else reachable_host(host)
             shown = f"[{shown.strip('[]')}]" if ":" in shown else shown
             url = f"http://{shown}:{sock.getsockname()[1]}/"
             batch = project.batch()
             if batch is None:
-                state = "no batch is open; run `alseg query` first"
+                state = "no batch is open yet"
             else:
                 state = f"round {batch.round}: {len(project.labelled(batch.round))} of {len(batch.items)} labelled"
-            log(f"alseg review page: {url} ({state}); Ctrl-C to stop")
+            if token is not None:
+                log(f"alseg review page: {url}?token={token} ({state}); Ctrl-C to stop")
+                log(f"a token was made for {annotator} (shown once; only its hash is kept in "
+                    f"{annotators.path}); others get theirs with `alseg token`")
+            else:
+                log(f"alseg review page: {url} ({state}); Ctrl-C to stop")
+                if annotators is not None:
+                    log(f"each person opens it with their own token (?token=...): {', '.join(annotators.names())}")
             if not loopback:
-                log(f"warning: listening on {host}, reachable from other machines; the page has no login")
+                log(f"listening on {host}: reachable from other machines, with a token only")
             server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off"))
             if open_browser:
-                threading.Thread(target=_open_when_started, args=(server, url), daemon=True).start()
+                opened = url if token is None else f"{url}?token={token}"
+                threading.Thread(target=_open_when_started, args=(server, opened), daemon=True).start()
             try:
                 server.run(sockets=[sock])
             except KeyboardInterrupt:
@@ -326,6 +501,8 @@ def serve(project_path, host: str = "127.0.0.1", port: int = 8765, open_browser:
         finally:
             sock.close()
     finally:
+        if turnover is not None:
+            turnover.close()
         project.close()
     log("alseg review page stopped; every submitted mask is stored")
 

@@ -1,9 +1,15 @@
-/* alseg review page: correct the predicted masks of the open batch.
+/* alseg review page: the expert's workplace for a project's batches, open and past.
  *
  * The mask of the current image is a Uint8Array (0/1) at the image's original size; the canvas
- * #mask shows it as an overlay, scaled by CSS. Submitting encodes it as a 0/255 PNG
- * (canvas.toBlob) and PUTs it to /api/mask/{id} with the seconds spent on the image.
- * Plain JavaScript, no dependencies: the page works offline.
+ * #mask shows it as an overlay over the image, both scaled by CSS inside #stage, which is
+ * placed in #viewport by (zoom, pan): zoom keeps the point under the cursor, dragging with the
+ * space bar or the middle button pans. Submitting encodes the mask as a 0/255 PNG
+ * (canvas.toBlob) and PUTs it to /api/mask/{id}?round=R with the seconds spent on the image
+ * (wall and active: input in the last 30 s, tab visible), strokes and clicks. A submit that
+ * would replace another stored mask comes back 409 and is resent with replace=1 only after the
+ * expert confirms. Display settings (window/level, channel) are an SVG filter on the image: the
+ * image's pixels are never copied. With a token (?token= in the address, kept in sessionStorage)
+ * every request carries it. Plain JavaScript, no dependencies: the page works offline.
  */
 "use strict";
 
@@ -11,43 +17,73 @@ const $ = (id) => document.getElementById(id);
 const OVERLAY = [0, 200, 255];      // mask colour
 const EDGE = [0, 120, 255];         // its outline (opaque, so a thin stroke shows too)
 const UNDO_BYTES = 256 * 1024 * 1024;
+const IDLE_MS = 30000;              // no input for this long: the expert is not working on the image
+const JOB_POLL_MS = 1000;
+const CLOSE_PX = 10;                // a polygon click this near its first point closes it
+
+// The token arrives once in the address (?token=...): keep it for this tab, drop it from the URL bar.
+const TOKEN = (() => {
+  const url = new URL(window.location.href);
+  const given = url.searchParams.get("token");
+  if (given) {
+    sessionStorage.setItem("alseg_token", given);
+    url.searchParams.delete("token");
+    history.replaceState(null, "", url.pathname + url.search + url.hash);
+  }
+  return sessionStorage.getItem("alseg_token");
+})();
 
 const state = {
-  batch: null,          // GET /api/batch
+  batch: null,          // GET /api/batch (the round shown)
   index: -1,            // current item
   item: null,
   mask: null,           // Uint8Array w*h, 0/1
   w: 0, h: 0,
   undo: [], redo: [],
-  drafts: new Map(),    // id -> {mask, undo, redo}: unsubmitted edits kept while navigating
+  drafts: new Map(),    // round/id -> {mask, undo, redo}: unsubmitted edits kept while navigating
   tool: "brush",
   brush: 4,
   opacity: 0.45,
-  zoom: 1, fitted: true,
+  zoom: 1, panX: 0, panY: 0, fitted: true,
   showUncertainty: false,
   busy: false,
   loadToken: 0,
-  pending: new Map(),   // id -> ms not yet sent to the server
-  spent: new Map(),     // id -> ms in total on this page (display)
+  pending: new Map(),   // id -> {wall, active} ms not yet sent to the server
+  spent: new Map(),     // id -> active ms in total on this page (display)
+  effort: new Map(),    // id -> {strokes, clicks} not yet sent
   lastTick: performance.now(),
+  lastInput: performance.now(),
   drawing: null,        // {value, last: [x, y]} during a stroke
+  poly: null,           // {points: [[x, y]...], down: [sx, sy] | null, lasso} while a polygon is drawn
+  panning: null,        // {x, y, panX, panY} during a pan
+  space: false,         // the space bar is held: dragging pans
+  display: { channel: "all", lo: 0, hi: 255 },
+  job: null,
+  jobTimer: null,
 };
 
 // ---------------------------------------------------------------- API
+function withToken(headers) {
+  return TOKEN ? { ...(headers || {}), Authorization: `Bearer ${TOKEN}` } : (headers || {});
+}
+
 async function api(method, url, body, headers) {
-  const res = await fetch(url, { method, body, headers, cache: "no-store" });
+  const res = await fetch(url, { method, body, headers: withToken(headers), cache: "no-store" });
   let data = null;
   try { data = await res.json(); } catch (e) { data = null; }
   if (!res.ok) {
     const text = (data && data.error) ? data.error : `${res.status} ${res.statusText}`;
     const err = new Error(text);
     err.status = res.status;
+    err.data = data;
     throw err;
   }
   return data;
 }
 
 const enc = encodeURIComponent;
+const roundQuery = () => (state.batch && state.batch.round !== null ? `round=${state.batch.round}` : "");
+const draftKey = (id) => `${state.batch ? state.batch.round : ""}/${id}`;
 
 // ---------------------------------------------------------------- messages
 function say(text, kind) {
@@ -57,28 +93,56 @@ function say(text, kind) {
   m.setAttribute("role", kind === "error" ? "alert" : "status");
 }
 
-// ---------------------------------------------------------------- batch and list
-async function loadBatch() {
+// ---------------------------------------------------------------- batch, rounds and list
+async function loadBatch(round) {
+  let batch;
   try {
-    state.batch = await api("GET", "/api/batch");
+    batch = await api("GET", "/api/batch" + (round === undefined || round === null ? "" : `?round=${round}`));
   } catch (e) {
     say(`could not load the batch: ${e.message}`, "error");
     return;
   }
+  saveDraft();
+  state.batch = batch;
+  state.index = -1; state.item = null;
   const b = state.batch;
   showModelNote(b.model);
+  $("annotator").textContent = b.annotator ? `signed in as ${b.annotator}` : "";
+  renderRounds();
+  showJob(b.job);
   if (b.round === null) {
     $("round").textContent = "no open batch";
+    $("items").textContent = "";
     showEmpty(b.message || "no batch is open");
     updateProgress(0, 0);
     return;
   }
-  $("round").textContent = `round ${b.round} · working size ${b.working_size}px`;
+  $("round").textContent = `round ${b.round}${b.latest ? "" : " (past)"} · working size ${b.working_size}px`;
   updateProgress(b.labelled, b.total);
   renderList();
   const first = b.items.findIndex((it) => !it.labelled);
   await select(first >= 0 ? first : 0);
-  if (b.complete) say("Every image of this batch is labelled; run `alseg query` for the next batch.", "ok");
+  if (b.complete && b.latest) say(completeText(), "ok");
+  if (b.job && b.job.state === "running") pollJob();
+}
+
+function completeText() {
+  if (!state.batch.can_start_next) return "Every image of this batch is labelled; stop the server and run `alseg query` for the next batch.";
+  if (state.batch.next_mode === "auto") return "Every image of this batch is labelled; the next round starts by itself.";
+  return "Every image of this batch is labelled; press 'Next batch' to train and choose the next one.";
+}
+
+function renderRounds() {
+  const sel = $("round-select");
+  sel.textContent = "";
+  for (const r of state.batch.rounds || []) {
+    const opt = document.createElement("option");
+    opt.value = String(r.round);
+    opt.textContent = `round ${r.round}: ${r.labelled} of ${r.total} labelled${r.open ? " (open)" : ""}`;
+    sel.append(opt);
+  }
+  if (state.batch.round !== null) sel.value = String(state.batch.round);
+  sel.disabled = !(state.batch.rounds && state.batch.rounds.length > 1);
 }
 
 // What the model has earned: a warning when it is no better than a constant mask, else its
@@ -114,8 +178,10 @@ function renderList() {
     btn.title = `${it.id} (${it.width}×${it.height})`;
     const img = document.createElement("img");
     img.loading = "lazy";
+    img.decoding = "async";
     img.alt = "";
-    img.src = it.urls.image;
+    img.width = 44; img.height = 44;
+    img.src = it.urls.thumb || it.urls.image;
     const text = document.createElement("span");
     text.className = "text";
     const name = document.createElement("span");
@@ -136,16 +202,18 @@ function renderList() {
 }
 
 function refreshList() {
-  if (!state.batch) return;
+  if (!state.batch || !state.batch.items) return;
   const lis = $("items").children;
   state.batch.items.forEach((it, k) => {
     const li = lis[k];
-    const edited = state.drafts.has(it.id) || (k === state.index && state.undo.length > 0);
+    if (!li) return;
+    const edited = state.drafts.has(draftKey(it.id)) || (k === state.index && state.undo.length > 0);
     li.classList.toggle("current", k === state.index);
     li.classList.toggle("labelled", it.labelled);
-    li.classList.toggle("edited", edited && !it.labelled);
-    li.querySelector(".mark").textContent = it.labelled ? "✓" : (edited ? "•" : "");
-    li.querySelector(".mark").title = it.labelled ? "labelled" : (edited ? "edited, not submitted" : "");
+    li.classList.toggle("edited", edited);
+    const mark = li.querySelector(".mark");
+    mark.textContent = edited ? "•" : (it.labelled ? "✓" : "");
+    mark.title = edited ? "edited, not submitted" : (it.labelled ? `labelled${it.labelled_by ? " by " + it.labelled_by : ""}` : "");
   });
   const cur = lis[state.index];
   if (cur) cur.scrollIntoView({ block: "nearest" });
@@ -155,7 +223,74 @@ function showEmpty(text) {
   $("stage").hidden = true;
   $("empty-state").hidden = false;
   $("empty-state").textContent = text;
-  for (const id of ["accept", "submit", "skip", "empty", "upload-file"]) $(id).disabled = true;
+  for (const id of ["accept", "submit", "skip", "empty", "upload-file", "undo-submit", "clear"]) $(id).disabled = true;
+}
+
+// ---------------------------------------------------------------- the next round
+function showJob(job) {
+  state.job = job || null;
+  const b = state.batch;
+  const running = job && job.state === "running";
+  const offer = b && b.can_start_next && b.latest && (b.round === null || b.complete);
+  $("next-panel").hidden = !(offer || running || (job && job.state === "failed"));
+  $("next-batch").disabled = !!running || !offer;
+  const text = $("job");
+  const bar = $("job-bar");
+  if (running) {
+    const step = job.step || "working";
+    const count = job.total ? ` ${job.done || 0} of ${job.total}` : "";
+    text.textContent = `next round: ${step}${count}…`;
+    bar.hidden = !job.total;
+    if (job.total) { bar.max = job.total; bar.value = job.done || 0; }
+  } else if (job && job.state === "failed") {
+    text.textContent = `the next round failed: ${job.message || "see the server's log"}`;
+    bar.hidden = true;
+  } else {
+    text.textContent = "";
+    bar.hidden = true;
+  }
+  $("next-panel").dataset.state = job ? job.state : "none";
+}
+
+async function startNext() {
+  try {
+    const job = await api("POST", "/api/next");
+    showJob(job);
+    say("Training on the labelled batch and choosing the next one; you can keep browsing and correcting.", "ok");
+    pollJob();
+  } catch (e) {
+    say(`could not start the next round: ${e.message}`, "error");
+  }
+}
+
+function pollJob() {
+  if (state.jobTimer) return;
+  state.jobTimer = setTimeout(async () => {
+    state.jobTimer = null;
+    let job;
+    try {
+      job = await api("GET", "/api/job");
+    } catch (e) {
+      say(`lost track of the next round: ${e.message}`, "error");
+      return;
+    }
+    showJob(job);
+    if (job.state === "running") { pollJob(); return; }
+    if (job.state === "done") {
+      const viewingLatest = state.batch && state.batch.latest;
+      if (viewingLatest && !state.busy) {
+        await loadBatch();
+        if (state.batch.round !== null) say(`Round ${state.batch.round} is ready: ${state.batch.total} images.`, "ok");
+        else say(job.message || "the next round is done, with no new batch", "ok");
+      } else {
+        say(`The next round is ready (round ${job.round}); choose it in the rounds list.`, "ok");
+        const latest = await api("GET", "/api/batch?round=" + state.batch.round).catch(() => null);
+        if (latest) { state.batch.rounds = latest.rounds; renderRounds(); }
+      }
+    } else if (job.state === "failed") {
+      say(`the next round failed: ${job.message || "see the server's log"}`, "error");
+    }
+  }, JOB_POLL_MS);
 }
 
 // ---------------------------------------------------------------- loading an item
@@ -168,7 +303,7 @@ function loadImage(img, url) {
 }
 
 async function maskFromUrl(url, w, h) {
-  const res = await fetch(url, { cache: "no-store" });
+  const res = await fetch(url, { cache: "no-store", headers: withToken() });
   if (!res.ok) return null;
   const bitmap = await createImageBitmap(await res.blob(), { colorSpaceConversion: "none", premultiplyAlpha: "none" });
   const c = document.createElement("canvas");
@@ -176,30 +311,41 @@ async function maskFromUrl(url, w, h) {
   const ctx = c.getContext("2d", { willReadFrequently: true });
   ctx.imageSmoothingEnabled = false;  // a mask at the working size is scaled nearest-neighbour
   ctx.drawImage(bitmap, 0, 0, w, h);
+  bitmap.close();
   const data = ctx.getImageData(0, 0, w, h).data;
   const mask = new Uint8Array(w * h);
   for (let i = 0; i < mask.length; i++) mask[i] = data[4 * i] >= 128 ? 1 : 0;
+  c.width = c.height = 0;  // free the scratch canvas now, not at the next collection
   return mask;
 }
 
 function saveDraft() {
   if (state.item && state.undo.length > 0) {
-    state.drafts.set(state.item.id, { mask: state.mask, undo: state.undo, redo: state.redo });
+    state.drafts.set(draftKey(state.item.id), { mask: state.mask, undo: state.undo, redo: state.redo });
   }
 }
 
-async function select(k) {
+function hasUnsavedEdits() {
+  return state.drafts.size > 0 || (state.item !== null && state.undo.length > 0);
+}
+
+async function select(k, { keepDraft = true } = {}) {
   if (!state.batch || k < 0 || k >= state.batch.items.length) return;
-  saveDraft();
+  if (keepDraft) saveDraft();
+  cancelPolygon();
   const token = ++state.loadToken;
   const it = state.batch.items[k];
   state.index = k;
   state.item = it;
+  state.undo = []; state.redo = [];
   $("stage").removeAttribute("data-loaded-id");
   refreshList();
-  const draft = state.drafts.get(it.id);
+  const key = draftKey(it.id);
+  const draft = keepDraft ? state.drafts.get(key) : null;
+  if (!keepDraft) state.drafts.delete(key);
   let mask = null, source = "";
   try {
+    $("uncertainty").removeAttribute("src");  // the last image's overlay must not show over this one
     await loadImage($("image"), it.urls.image);
     if (draft) {
       mask = draft.mask; source = "your unsubmitted edits";
@@ -218,30 +364,30 @@ async function select(k) {
   }
   if (token !== state.loadToken) return;  // the expert moved on meanwhile
   if (!mask) { mask = new Uint8Array(it.width * it.height); source = "an empty mask (no prediction)"; }
+  const resized = state.w !== it.width || state.h !== it.height;
   state.w = it.width; state.h = it.height;
   state.mask = mask;
   state.undo = draft ? draft.undo : [];
   state.redo = draft ? draft.redo : [];
-  state.drafts.delete(it.id);
+  state.drafts.delete(key);
   const canvas = $("mask");
   canvas.width = state.w; canvas.height = state.h;
-  const unc = $("uncertainty");
-  if (it.urls.uncertainty) { unc.src = it.urls.uncertainty; } else { unc.removeAttribute("src"); }
+  $("outline").setAttribute("viewBox", `0 0 ${state.w} ${state.h}`);
   $("show-uncertainty").disabled = !it.urls.uncertainty;
-  $("accept").disabled = !it.urls.predicted;
-  for (const id of ["submit", "skip", "empty", "upload-file"]) $(id).disabled = false;
   $("stage").hidden = false;
   $("empty-state").hidden = true;
+  setActionsDisabled(false);
   applyUncertainty();
   const defaultBrush = Math.max(1, Math.round(Math.min(state.w, state.h) / 30));
   $("brush-size").max = String(Math.max(16, Math.round(Math.min(state.w, state.h) / 3)));
   if (!state.brushSet) setBrush(defaultBrush, false);
   state.source = source;
   updateInfo();
-  if (state.fitted) fit(); else applyZoom();
+  if (state.fitted || resized) fit(); else applyZoom();
   renderAll();
   updateUndoButtons();
   updateTimer();
+  refreshList();
   $("stage").dataset.loadedId = it.id;
 }
 
@@ -252,7 +398,7 @@ function updateInfo() {
   for (let i = 0; i < state.mask.length; i++) fg += state.mask[i];
   const parts = [it.id, it.reason, `${it.width}×${it.height} px`];
   if (it.score !== null && it.score !== undefined) parts.push(`uncertainty ${Number(it.score).toPrecision(3)}`);
-  parts.push(it.labelled ? "labelled" : "not labelled yet");
+  parts.push(it.labelled ? `labelled${it.labelled_by ? " by " + it.labelled_by : ""}` : "not labelled yet");
   parts.push(`mask ${fg} px, from ${state.source || "?"}`);
   $("item-info").textContent = parts.join(" · ");
 }
@@ -266,25 +412,39 @@ function render(x0, y0, x1, y1) {
   x1 = Math.min(w, Math.ceil(x1) + 1); y1 = Math.min(h, Math.ceil(y1) + 1);
   if (x1 <= x0 || y1 <= y0) return;
   const ctx = $("mask").getContext("2d");
-  const img = ctx.createImageData(x1 - x0, y1 - y0);
-  const d = img.data;
   const fill = Math.round(state.opacity * 255);
-  let o = 0;
-  for (let y = y0; y < y1; y++) {
-    for (let x = x0; x < x1; x++, o += 4) {
-      const i = y * w + x;
-      if (!mask[i]) continue;
-      const edge = x === 0 || y === 0 || x === w - 1 || y === h - 1 ||
-        !mask[i - 1] || !mask[i + 1] || !mask[i - w] || !mask[i + w];
-      const c = edge ? EDGE : OVERLAY;
-      d[o] = c[0]; d[o + 1] = c[1]; d[o + 2] = c[2];
-      d[o + 3] = edge ? Math.max(fill, 230) : fill;
+  // in bands of rows, so a 6000 x 4000 image never needs one 96 MB ImageData at once
+  const band = Math.max(1, Math.floor((4 << 20) / (4 * (x1 - x0))));
+  for (let b0 = y0; b0 < y1; b0 += band) {
+    const b1 = Math.min(y1, b0 + band);
+    const img = ctx.createImageData(x1 - x0, b1 - b0);
+    const d = img.data;
+    let o = 0;
+    for (let y = b0; y < b1; y++) {
+      for (let x = x0; x < x1; x++, o += 4) {
+        const i = y * w + x;
+        if (!mask[i]) continue;
+        const edge = x === 0 || y === 0 || x === w - 1 || y === h - 1 ||
+          !mask[i - 1] || !mask[i + 1] || !mask[i - w] || !mask[i + w];
+        const c = edge ? EDGE : OVERLAY;
+        d[o] = c[0]; d[o + 1] = c[1]; d[o + 2] = c[2];
+        d[o + 3] = edge ? Math.max(fill, 230) : fill;
+      }
     }
+    ctx.putImageData(img, x0, b0);
   }
-  ctx.putImageData(img, x0, y0);
 }
 
 // ---------------------------------------------------------------- editing
+function effortOf(id) {
+  if (!state.effort.has(id)) state.effort.set(id, { strokes: 0, clicks: 0 });
+  return state.effort.get(id);
+}
+
+function count(kind) {
+  if (state.item) effortOf(state.item.id)[kind] += 1;
+}
+
 function pushUndo() {
   state.undo.push(state.mask.slice());
   const limit = Math.max(5, Math.floor(UNDO_BYTES / Math.max(1, state.mask.length)));
@@ -311,6 +471,15 @@ function redo() {
 function updateUndoButtons() {
   $("undo").disabled = state.undo.length === 0;
   $("redo").disabled = state.redo.length === 0;
+}
+
+function clearMask() {
+  if (!state.mask || state.busy) return;
+  if (!state.mask.some((v) => v)) return;
+  pushUndo();
+  state.mask = new Uint8Array(state.w * state.h);
+  count("clicks");
+  renderAll(); updateInfo(); refreshList();
 }
 
 function dab(cx, cy, value) {
@@ -344,6 +513,7 @@ function floodFill(px, py) {
   const start = py * w + px;
   const from = mask[start], to = from ? 0 : 1;
   pushUndo();
+  count("clicks");
   const stack = new Int32Array(w * h + 1);
   let top = 0;
   stack[top++] = start;
@@ -360,20 +530,91 @@ function floodFill(px, py) {
   updateInfo();
 }
 
+// Every pixel whose centre lies inside the polygon (even-odd rule) takes ``value``.
+function fillPolygon(points, value) {
+  const { w, h, mask } = state;
+  let minY = Infinity, maxY = -Infinity, minX = Infinity, maxX = -Infinity;
+  for (const [x, y] of points) {
+    minY = Math.min(minY, y); maxY = Math.max(maxY, y); minX = Math.min(minX, x); maxX = Math.max(maxX, x);
+  }
+  const y0 = Math.max(0, Math.floor(minY)), y1 = Math.min(h - 1, Math.ceil(maxY));
+  const n = points.length;
+  for (let y = y0; y <= y1; y++) {
+    const yc = y + 0.5;
+    const xs = [];
+    for (let i = 0, j = n - 1; i < n; j = i++) {
+      const [xi, yi] = points[i], [xj, yj] = points[j];
+      if ((yi > yc) !== (yj > yc)) xs.push(xi + (yc - yi) * (xj - xi) / (yj - yi));
+    }
+    xs.sort((a, b) => a - b);
+    for (let k = 0; k + 1 < xs.length; k += 2) {
+      const xa = Math.max(0, Math.ceil(xs[k] - 0.5)), xb = Math.min(w - 1, Math.floor(xs[k + 1] - 0.5));
+      for (let x = xa; x <= xb; x++) mask[y * w + x] = value;
+    }
+  }
+  render(minX, minY, maxX + 1, maxY + 1);
+}
+
+function drawPolygonPreview() {
+  const line = $("outline-line");
+  const poly = state.poly;
+  line.setAttribute("points", poly ? poly.points.map(([x, y]) => `${x},${y}`).join(" ") : "");
+  $("outline").classList.toggle("active", !!poly);
+}
+
+function closePolygon() {
+  const poly = state.poly;
+  state.poly = null;
+  drawPolygonPreview();
+  if (!poly || poly.points.length < 3) return;
+  pushUndo();
+  fillPolygon(poly.points, poly.value);
+  count("strokes");
+  updateInfo();
+  say(`filled a ${poly.lasso ? "lasso" : "polygon"} of ${poly.points.length} points (undo: z)`, "");
+}
+
+function cancelPolygon() {
+  if (!state.poly) return;
+  state.poly = null;
+  drawPolygonPreview();
+}
+
+function polygonDown(ev, x, y) {
+  const poly = state.poly;
+  if (poly && poly.points.length >= 3) {
+    const [fx, fy] = poly.points[0];
+    if (Math.hypot((x - fx) * state.zoom, (y - fy) * state.zoom) <= CLOSE_PX) { count("clicks"); closePolygon(); return; }
+  }
+  if (!poly) state.poly = { points: [], value: ev.altKey ? 0 : 1, lasso: false };
+  state.poly.points.push([x, y]);
+  state.poly.down = [ev.clientX, ev.clientY];
+  count("clicks");
+  $("mask").setPointerCapture(ev.pointerId);
+  drawPolygonPreview();
+}
+
 function toImage(ev) {
   const rect = $("mask").getBoundingClientRect();
   return [(ev.clientX - rect.left) * state.w / rect.width, (ev.clientY - rect.top) * state.h / rect.height];
 }
 
+function wantsPan(ev) { return ev.button === 1 || (ev.button === 0 && state.space); }
+
 function onPointerDown(ev) {
-  if (!state.mask || ev.button !== 0) return;
+  if (!state.mask || wantsPan(ev) || ev.button !== 0) return;  // a pan is the viewport's
   ev.preventDefault();
   const [x, y] = toImage(ev);
   if (state.tool === "fill") {
     floodFill(Math.floor(x), Math.floor(y));
     return;
   }
+  if (state.tool === "polygon") {
+    polygonDown(ev, x, y);
+    return;
+  }
   pushUndo();
+  count("strokes");
   state.drawing = { value: state.tool === "eraser" ? 0 : 1, last: [x, y] };
   $("mask").setPointerCapture(ev.pointerId);
   dab(x, y, state.drawing.value);
@@ -381,6 +622,16 @@ function onPointerDown(ev) {
 
 function onPointerMove(ev) {
   moveCursor(ev);
+  const poly = state.poly;
+  if (poly && poly.down) {  // held down and dragged: a freehand lasso, closed on release
+    if (!poly.lasso && Math.hypot(ev.clientX - poly.down[0], ev.clientY - poly.down[1]) > 4) poly.lasso = true;
+    if (poly.lasso) {
+      const events = ev.getCoalescedEvents ? ev.getCoalescedEvents() : [ev];
+      for (const e of (events.length ? events : [ev])) poly.points.push(toImage(e));
+      drawPolygonPreview();
+    }
+    return;
+  }
   if (!state.drawing) return;
   const events = ev.getCoalescedEvents ? ev.getCoalescedEvents() : [ev];
   for (const e of (events.length ? events : [ev])) {
@@ -390,6 +641,11 @@ function onPointerMove(ev) {
 }
 
 function onPointerUp(ev) {
+  if (state.poly && state.poly.down) {
+    state.poly.down = null;
+    if (state.poly.lasso) closePolygon();
+    return;
+  }
   if (!state.drawing) return;
   const [x, y] = toImage(ev);
   strokeTo(x, y);
@@ -399,8 +655,8 @@ function onPointerUp(ev) {
 
 function moveCursor(ev) {
   const cur = $("cursor");
-  if (state.tool === "fill" || !state.mask) { cur.hidden = true; return; }
-  const rect = $("stage").getBoundingClientRect();
+  if (state.tool === "fill" || state.tool === "polygon" || !state.mask || state.space) { cur.hidden = true; return; }
+  const rect = $("viewport").getBoundingClientRect();
   const size = state.brush * state.zoom;
   cur.hidden = false;
   cur.style.width = cur.style.height = `${Math.max(4, size)}px`;
@@ -408,12 +664,13 @@ function moveCursor(ev) {
   cur.style.top = `${ev.clientY - rect.top}px`;
 }
 
-// ---------------------------------------------------------------- tools, zoom, overlays
+// ---------------------------------------------------------------- tools, zoom, pan, overlays
 function setTool(tool) {
+  if (tool !== "polygon") cancelPolygon();
   state.tool = tool;
   document.querySelectorAll("button.tool").forEach((b) => b.classList.toggle("active", b.dataset.tool === tool));
-  $("stage").classList.toggle("fill", tool === "fill");
-  if (tool === "fill") $("cursor").hidden = true;
+  $("stage").classList.toggle("fill", tool === "fill" || tool === "polygon");
+  if (tool === "fill" || tool === "polygon") $("cursor").hidden = true;
 }
 
 function setBrush(size, byUser = true) {
@@ -426,34 +683,86 @@ function setBrush(size, byUser = true) {
 
 function fit() {
   if (!state.w) return;
-  const vp = $("viewport"), stage = $("stage");
-  // measure without the zoomed stage's scrollbars, or fitting after a zoom-in comes out smaller
-  stage.style.width = "0px";
-  stage.style.height = "0px";
+  const vp = $("viewport");
   const z = Math.min((vp.clientWidth - 16) / state.w, (vp.clientHeight - 16) / state.h);
-  state.zoom = Math.max(0.05, Math.min(32, z));
+  state.zoom = Math.max(0.01, Math.min(32, z));
+  state.panX = (vp.clientWidth - state.w * state.zoom) / 2;
+  state.panY = (vp.clientHeight - state.h * state.zoom) / 2;
   state.fitted = true;
   applyZoom();
 }
 
-function setZoom(z) {
-  state.zoom = Math.max(0.05, Math.min(32, z));
+// Zoom to ``z`` keeping the image point at viewport position (cx, cy) where it is.
+function zoomAt(z, cx, cy) {
+  if (!state.w) return;
+  z = Math.max(0.01, Math.min(32, z));
+  const ix = (cx - state.panX) / state.zoom, iy = (cy - state.panY) / state.zoom;
+  state.zoom = z;
+  state.panX = cx - ix * z;
+  state.panY = cy - iy * z;
   state.fitted = false;
   applyZoom();
 }
 
+function setZoom(z) {  // keys and buttons: about the viewport's centre
+  const vp = $("viewport");
+  zoomAt(z, vp.clientWidth / 2, vp.clientHeight / 2);
+}
+
 function applyZoom() {
   const stage = $("stage");
-  stage.style.width = `${Math.round(state.w * state.zoom)}px`;
-  stage.style.height = `${Math.round(state.h * state.zoom)}px`;
+  stage.style.width = `${state.w * state.zoom}px`;
+  stage.style.height = `${state.h * state.zoom}px`;
+  stage.style.left = `${state.panX}px`;
+  stage.style.top = `${state.panY}px`;
   stage.classList.toggle("pixelated", state.zoom >= 2);
   $("zoom-value").textContent = `${Math.round(state.zoom * 100)}%`;
 }
 
+function onWheel(ev) {
+  if (!state.w) return;
+  ev.preventDefault();
+  const rect = $("viewport").getBoundingClientRect();
+  const unit = ev.deltaMode === 1 ? 33 : ev.deltaMode === 2 ? 400 : 1;
+  const factor = Math.exp(-Math.max(-300, Math.min(300, ev.deltaY * unit)) * 0.002);
+  zoomAt(state.zoom * factor, ev.clientX - rect.left, ev.clientY - rect.top);
+}
+
+function onPanDown(ev) {
+  if (!wantsPan(ev) || !state.w) return;
+  ev.preventDefault();
+  state.panning = { x: ev.clientX, y: ev.clientY, panX: state.panX, panY: state.panY };
+  $("viewport").setPointerCapture(ev.pointerId);
+  $("viewport").classList.add("grabbing");
+}
+
+function onPanMove(ev) {
+  const p = state.panning;
+  if (!p) return;
+  state.panX = p.panX + ev.clientX - p.x;
+  state.panY = p.panY + ev.clientY - p.y;
+  state.fitted = false;
+  applyZoom();
+}
+
+function onPanUp() {
+  state.panning = null;
+  $("viewport").classList.remove("grabbing");
+}
+
 function applyUncertainty() {
-  const on = state.showUncertainty && state.item && !!state.item.urls.uncertainty;
-  $("uncertainty").hidden = !on;
-  $("show-uncertainty").checked = on;
+  const it = state.item;
+  const on = state.showUncertainty && it && !!it.urls.uncertainty;
+  const img = $("uncertainty");
+  // fetched only when shown: on a large image the overlay is as big as the image itself
+  if (on && img.getAttribute("src") !== it.urls.uncertainty) img.src = it.urls.uncertainty;
+  img.hidden = !on;
+  $("show-uncertainty").checked = !!on;
+  $("uncertainty-scale").hidden = !on;
+  if (on) {
+    const scale = it.uncertainty_scale;
+    $("scale-hi").textContent = scale === null || scale === undefined ? "max" : Number(scale).toPrecision(3);
+  }
 }
 
 function setOpacity(value) {
@@ -461,18 +770,83 @@ function setOpacity(value) {
   if (state.mask) renderAll();
 }
 
+// ---------------------------------------------------------------- window / level and channel
+const CHANNEL_ROWS = {
+  all: "1 0 0 0 0  0 1 0 0 0  0 0 1 0 0  0 0 0 1 0",
+  0: "1 0 0 0 0  1 0 0 0 0  1 0 0 0 0  0 0 0 1 0",
+  1: "0 1 0 0 0  0 1 0 0 0  0 1 0 0 0  0 0 0 1 0",
+  2: "0 0 1 0 0  0 0 1 0 0  0 0 1 0 0  0 0 0 1 0",
+};
+
+function applyDisplay() {
+  const { channel, lo, hi } = state.display;
+  const slope = 255 / Math.max(1, hi - lo);
+  const intercept = -lo / Math.max(1, hi - lo);
+  $("channel-matrix").setAttribute("values", CHANNEL_ROWS[channel]);
+  for (const id of ["wl-r", "wl-g", "wl-b"]) {
+    $(id).setAttribute("slope", String(slope));
+    $(id).setAttribute("intercept", String(intercept));
+  }
+  const plain = channel === "all" && lo === 0 && hi === 255;
+  $("image").classList.toggle("filtered", !plain);  // no filter at all when there is nothing to change
+  $("win-lo").value = String(lo);
+  $("win-hi").value = String(hi);
+  $("window-value").textContent = `${lo}–${hi}`;
+  $("channel").value = String(channel);
+}
+
+function setWindow(lo, hi) {
+  lo = Math.max(0, Math.min(254, Math.round(lo)));
+  hi = Math.max(lo + 1, Math.min(255, Math.round(hi)));
+  state.display.lo = lo; state.display.hi = hi;
+  applyDisplay();
+}
+
+// The 1st to 99th percentile of the shown channel, from the image drawn small (a few kB, not the image).
+function autoWindow() {
+  const img = $("image");
+  if (!img.naturalWidth) return;
+  const side = 256;
+  const s = Math.min(1, side / Math.max(img.naturalWidth, img.naturalHeight));
+  const c = document.createElement("canvas");
+  c.width = Math.max(1, Math.round(img.naturalWidth * s)); c.height = Math.max(1, Math.round(img.naturalHeight * s));
+  const ctx = c.getContext("2d", { willReadFrequently: true });
+  ctx.drawImage(img, 0, 0, c.width, c.height);
+  const d = ctx.getImageData(0, 0, c.width, c.height).data;
+  const ch = state.display.channel;
+  const hist = new Uint32Array(256);
+  for (let i = 0; i < d.length; i += 4) {
+    const v = ch === "all" ? Math.round(0.299 * d[i] + 0.587 * d[i + 1] + 0.114 * d[i + 2]) : d[i + Number(ch)];
+    hist[v]++;
+  }
+  const n = d.length / 4;
+  let acc = 0, lo = 0, hi = 255;
+  for (let v = 0; v < 256; v++) { acc += hist[v]; if (acc >= 0.01 * n) { lo = v; break; } }
+  acc = 0;
+  for (let v = 255; v >= 0; v--) { acc += hist[v]; if (acc >= 0.01 * n) { hi = v; break; } }
+  setWindow(lo, Math.max(hi, lo + 1));
+}
+
 // ---------------------------------------------------------------- time on each image
+function noteInput() { state.lastInput = performance.now(); }
+
 function tick() {
   const now = performance.now();
   const dt = Math.min(now - state.lastTick, 2000);  // a sleeping laptop is not expert time
   state.lastTick = now;
   const visible = document.visibilityState === "visible";
+  const active = visible && now - state.lastInput < IDLE_MS;
   if (visible && state.item && !state.busy) {
     const id = state.item.id;
-    state.pending.set(id, (state.pending.get(id) || 0) + dt);
-    state.spent.set(id, (state.spent.get(id) || 0) + dt);
+    const p = state.pending.get(id) || { wall: 0, active: 0 };
+    p.wall += dt;
+    if (active) p.active += dt;
+    state.pending.set(id, p);
+    if (active) state.spent.set(id, (state.spent.get(id) || 0) + dt);
   }
-  $("timer").classList.toggle("paused", !visible);
+  $("timer").classList.toggle("paused", !active);
+  $("timer").title = active ? "Active time on this image (paused while the tab is hidden or after 30 s without input)"
+                            : "Paused: the tab is hidden or there was no input for 30 s";
   updateTimer();
 }
 
@@ -482,15 +856,28 @@ function updateTimer() {
   $("timer").textContent = `${Math.floor(s / 60)}:${String(s % 60).padStart(2, "0")}`;
 }
 
-function pendingSeconds(id) {
-  return Math.round((state.pending.get(id) || 0) / 100) / 10;
+// The time and effort not yet sent for ``id``, as query parameters; taken (reset) by ``sent``.
+function effortQuery(id, withCounts = true) {
+  const p = state.pending.get(id) || { wall: 0, active: 0 };
+  let q = `seconds=${(Math.round(p.wall / 100) / 10)}&active_seconds=${(Math.round(p.active / 100) / 10)}`;
+  if (withCounts) {
+    const e = effortOf(id);
+    q += `&strokes=${e.strokes}&clicks=${e.clicks}`;
+  }
+  return q;
+}
+
+function sent(id, withCounts = true) {
+  state.pending.set(id, { wall: 0, active: 0 });
+  if (withCounts) state.effort.set(id, { strokes: 0, clicks: 0 });
 }
 
 function flushTime() {  // the page is going away: record the time not yet sent
-  for (const [id, ms] of state.pending) {
-    if (ms < 500) continue;
-    fetch(`/api/time/${enc(id)}?seconds=${(ms / 1000).toFixed(1)}&action=view`, { method: "POST", keepalive: true });
-    state.pending.set(id, 0);
+  for (const [id, p] of state.pending) {
+    if (p.wall < 500) continue;
+    fetch(`/api/time/${enc(id)}?${effortQuery(id, false)}&action=view&${roundQuery()}`,
+          { method: "POST", keepalive: true, headers: withToken() });
+    sent(id, false);
   }
 }
 
@@ -512,26 +899,44 @@ function maskBlob(mask, w, h) {
 
 async function upload(what, getBlob, allowEmpty = false) {
   if (state.busy || !state.item) return;
-  const it = state.item, k = state.index;
+  const it = state.item, k = state.index, batch = state.batch;
   state.busy = true;
   setActionsDisabled(true);
   say(`sending ${what} for ${it.id}…`, "");
   try {
     const blob = await getBlob();
-    const seconds = pendingSeconds(it.id);
-    const url = `/api/mask/${enc(it.id)}?seconds=${seconds}` + (allowEmpty ? "&allow_empty=true" : "");
-    const res = await api("PUT", url, blob, { "Content-Type": "image/png" });
-    state.pending.set(it.id, 0);
+    const base = `/api/mask/${enc(it.id)}?round=${batch.round}&${effortQuery(it.id)}` + (allowEmpty ? "&allow_empty=true" : "");
+    let res;
+    try {
+      res = await api("PUT", base, blob, { "Content-Type": "image/png" });
+    } catch (e) {
+      if (!(e.status === 409 && e.data && e.data.confirm)) throw e;
+      // a different mask is stored already: replace it only when the expert says so
+      if (!window.confirm(`${it.id}: ${e.message}\n\nReplace the stored mask with ${what}?`)) {
+        say(`${it.id}: kept the stored mask; ${what} was not sent.`, "");
+        return;
+      }
+      res = await api("PUT", base + "&replace=1", blob, { "Content-Type": "image/png" });
+    }
+    sent(it.id);
     it.labelled = true;
-    state.drafts.delete(it.id);
-    if (state.index === k) { state.undo = []; state.redo = []; updateUndoButtons(); }
+    it.labelled_by = batch.annotator || it.labelled_by;
+    state.drafts.delete(draftKey(it.id));
+    if (state.index === k && state.batch === batch) { state.undo = []; state.redo = []; updateUndoButtons(); }
     updateProgress(res.labelled, res.total);
-    state.batch.labelled = res.labelled;
+    batch.labelled = res.labelled;
+    batch.complete = res.complete;
     refreshList();
-    const outcome = { stored: "stored", replaced: "replaced the earlier mask", unchanged: "unchanged (same mask)" }[res.outcome] || res.outcome;
-    const done = res.complete ? " The batch is complete: run `alseg query` for the next one." : "";
+    const outcome = { stored: "stored", replaced: "replaced the earlier mask", unchanged: "unchanged (same mask)",
+                      second: "stored as a second reading" }[res.outcome] || res.outcome;
+    const done = res.complete && batch.latest ? ` ${completeText()}` : "";
     say(`${it.id}: ${outcome} (${res.labelled} of ${res.total} labelled).${done}`, "ok");
-    if (!res.complete) await goNextUnlabelled(k); else await select(k);
+    if (res.job || (res.complete && batch.latest)) {
+      showJob(res.job || state.job);
+      if (res.job && res.job.state === "running") pollJob();
+    }
+    if (state.batch !== batch) return;
+    if (!res.complete) await goNextUnlabelled(k); else await select(k, { keepDraft: false });
   } catch (e) {
     say(`${it.id}: refused: ${e.message}`, "error");
   } finally {
@@ -541,8 +946,9 @@ async function upload(what, getBlob, allowEmpty = false) {
 }
 
 function setActionsDisabled(disabled) {
-  for (const id of ["submit", "skip", "empty", "upload-file"]) $(id).disabled = disabled;
+  for (const id of ["submit", "skip", "empty", "upload-file", "clear"]) $(id).disabled = disabled || !state.item;
   $("accept").disabled = disabled || !(state.item && state.item.urls.predicted);
+  $("undo-submit").disabled = disabled || !(state.item && state.item.labelled);
 }
 
 async function goNextUnlabelled(from) {
@@ -556,6 +962,7 @@ async function goNextUnlabelled(from) {
 
 function submitCurrent() {
   const { mask, w, h } = state;
+  if (!mask) return;
   return upload("your mask", () => maskBlob(mask.slice(), w, h));
 }
 
@@ -563,7 +970,7 @@ function acceptPrediction() {
   const it = state.item;
   if (!it || !it.urls.predicted) return;
   return upload("the prediction", async () => {  // the predicted PNG itself, byte for byte
-    const res = await fetch(it.urls.predicted, { cache: "no-store" });
+    const res = await fetch(it.urls.predicted, { cache: "no-store", headers: withToken() });
     if (!res.ok) throw new Error("could not fetch the predicted mask");
     return res.blob();
   });
@@ -571,6 +978,7 @@ function acceptPrediction() {
 
 function nothingHere() {
   const { w, h } = state;
+  if (!state.item) return;
   return upload("an empty mask", () => maskBlob(new Uint8Array(w * h), w, h), true);
 }
 
@@ -578,15 +986,44 @@ function uploadFile(file) {
   return upload(`the file ${file.name}`, async () => file);
 }
 
+// Withdraw the latest submit of this image: its previous version (or none) becomes current.
+async function undoSubmit() {
+  const it = state.item, batch = state.batch;
+  if (state.busy || !it || !it.labelled) return;
+  state.busy = true;
+  setActionsDisabled(true);
+  try {
+    await api("POST", `/api/undo/${enc(it.id)}?round=${batch.round}`);
+    const fresh = await api("GET", `/api/batch?round=${batch.round}`);
+    const now = fresh.items.find((x) => x.id === it.id);
+    it.labelled = now ? now.labelled : false;
+    it.labelled_by = now ? now.labelled_by : null;
+    batch.rounds = fresh.rounds;
+    batch.labelled = fresh.labelled;
+    batch.complete = fresh.complete;
+    updateProgress(fresh.labelled, fresh.total);
+    renderRounds();
+    say(it.labelled ? `${it.id}: the previous version of its mask is current again.`
+                    : `${it.id}: submit withdrawn; the image is not labelled now.`, "ok");
+  } catch (e) {
+    say(`${it.id}: could not undo the submit: ${e.message}`, "error");
+    return;
+  } finally {
+    state.busy = false;
+    setActionsDisabled(false);
+  }
+  if (state.batch === batch && state.item === it) await select(state.index, { keepDraft: false });
+}
+
 async function skip() {
   if (state.busy || !state.item) return;
   const it = state.item, k = state.index;
   state.busy = true;
   try {
-    const seconds = pendingSeconds(it.id);
-    await api("POST", `/api/skip/${enc(it.id)}?seconds=${seconds}`);
-    state.pending.set(it.id, 0);
-    say(`${it.id}: skipped (${seconds} s recorded); it stays in the batch.`, "ok");
+    const q = effortQuery(it.id, false);
+    await api("POST", `/api/skip/${enc(it.id)}?${q}&${roundQuery()}`);
+    sent(it.id, false);
+    say(`${it.id}: skipped (${q.split("&")[0].split("=")[1]} s recorded); it stays in the batch.`, "ok");
   } catch (e) {
     say(`${it.id}: could not skip: ${e.message}`, "error");
     return;
@@ -604,11 +1041,19 @@ function step(d) {
 
 // ---------------------------------------------------------------- keyboard
 function onKey(ev) {
+  noteInput();
   const t = ev.target;
   const tag = t && t.tagName;
   if (tag === "TEXTAREA" || tag === "SELECT" || (tag === "INPUT" && t.type !== "range" && t.type !== "checkbox")) return;
   if (tag === "INPUT" && t.type === "range" && ev.key.startsWith("Arrow")) return;
   const key = ev.key;
+  if (key === " ") {  // held: dragging pans
+    ev.preventDefault();
+    state.space = true;
+    $("viewport").classList.add("grab");
+    $("cursor").hidden = true;
+    return;
+  }
   const ctrl = ev.ctrlKey || ev.metaKey;
   if (ctrl) {
     if (key.toLowerCase() === "z" && ev.shiftKey) { redo(); ev.preventDefault(); }
@@ -617,15 +1062,17 @@ function onKey(ev) {
     return;
   }
   if (ev.altKey) return;
+  if (key === "Escape" && state.poly) { cancelPolygon(); ev.preventDefault(); return; }
   if (key === "Enter") {
     if (tag === "BUTTON" || tag === "A") return;  // a focused button gets its own Enter
     ev.preventDefault();
+    if (state.poly) { closePolygon(); return; }  // Enter closes an open polygon before it submits
     submitCurrent();
     return;
   }
   const actions = {
-    b: () => setTool("brush"), e: () => setTool("eraser"), f: () => setTool("fill"),
-    z: undo, y: redo, Z: redo,
+    b: () => setTool("brush"), e: () => setTool("eraser"), f: () => setTool("fill"), l: () => setTool("polygon"),
+    z: undo, y: redo, Z: redo, c: clearMask,
     "+": () => setZoom(state.zoom * 1.25), "=": () => setZoom(state.zoom * 1.25), "-": () => setZoom(state.zoom / 1.25),
     "0": fit,
     u: () => { state.showUncertainty = !state.showUncertainty; applyUncertainty(); },
@@ -636,6 +1083,13 @@ function onKey(ev) {
   };
   const action = actions[key];
   if (action) { ev.preventDefault(); action(); }
+}
+
+function onKeyUp(ev) {
+  if (ev.key === " ") {
+    state.space = false;
+    $("viewport").classList.remove("grab");
+  }
 }
 
 // ---------------------------------------------------------------- wiring
@@ -651,20 +1105,34 @@ function init() {
   $("show-uncertainty").addEventListener("change", (ev) => {
     state.showUncertainty = ev.target.checked; applyUncertainty(); ev.target.blur();
   });
+  $("channel").addEventListener("change", (ev) => {
+    state.display.channel = ev.target.value; applyDisplay(); ev.target.blur();
+  });
+  $("win-lo").addEventListener("input", (ev) => setWindow(Number(ev.target.value), Math.max(state.display.hi, Number(ev.target.value) + 1)));
+  $("win-hi").addEventListener("input", (ev) => setWindow(Math.min(state.display.lo, Number(ev.target.value) - 1), Number(ev.target.value)));
+  for (const id of ["win-lo", "win-hi"]) $(id).addEventListener("change", (ev) => ev.target.blur());
+  $("win-auto").addEventListener("click", autoWindow);
+  $("win-reset").addEventListener("click", () => { state.display = { channel: "all", lo: 0, hi: 255 }; applyDisplay(); });
+  $("round-select").addEventListener("change", (ev) => { ev.target.blur(); loadBatch(Number(ev.target.value)); });
+  $("next-batch").addEventListener("click", startNext);
   $("undo").addEventListener("click", undo);
   $("redo").addEventListener("click", redo);
+  $("clear").addEventListener("click", clearMask);
   $("zoom-in").addEventListener("click", () => setZoom(state.zoom * 1.25));
   $("zoom-out").addEventListener("click", () => setZoom(state.zoom / 1.25));
   $("zoom-fit").addEventListener("click", fit);
-  $("viewport").addEventListener("wheel", (ev) => {
-    if (!ev.ctrlKey) return;
-    ev.preventDefault();
-    setZoom(state.zoom * (ev.deltaY < 0 ? 1.1 : 1 / 1.1));
-  }, { passive: false });
+  const vp = $("viewport");
+  vp.addEventListener("wheel", onWheel, { passive: false });
+  vp.addEventListener("pointerdown", onPanDown);
+  vp.addEventListener("pointermove", onPanMove);
+  vp.addEventListener("pointerup", onPanUp);
+  vp.addEventListener("pointercancel", onPanUp);
+  vp.addEventListener("auxclick", (ev) => ev.preventDefault());
   $("accept").addEventListener("click", acceptPrediction);
   $("submit").addEventListener("click", submitCurrent);
   $("skip").addEventListener("click", skip);
   $("empty").addEventListener("click", nothingHere);
+  $("undo-submit").addEventListener("click", undoSubmit);
   $("upload-file").addEventListener("change", async (ev) => {
     const file = ev.target.files[0];
     ev.target.blur();
@@ -677,16 +1145,25 @@ function init() {
   canvas.addEventListener("pointerup", onPointerUp);
   canvas.addEventListener("pointercancel", onPointerUp);
   canvas.addEventListener("pointerleave", () => { $("cursor").hidden = true; });
+  canvas.addEventListener("dblclick", (ev) => { ev.preventDefault(); if (state.poly) closePolygon(); });
   document.addEventListener("keydown", onKey);
-  new ResizeObserver(() => { if (state.fitted) fit(); }).observe($("viewport"));
+  document.addEventListener("keyup", onKeyUp);
+  for (const kind of ["pointermove", "pointerdown", "wheel"]) document.addEventListener(kind, noteInput, { passive: true });
+  new ResizeObserver(() => { if (state.fitted) fit(); }).observe(vp);
   document.addEventListener("visibilitychange", () => {
     state.lastTick = performance.now();
     if (document.visibilityState === "hidden") flushTime();
   });
   window.addEventListener("pagehide", flushTime);
+  window.addEventListener("beforeunload", (ev) => {  // unsubmitted edits live only in this page
+    if (!hasUnsavedEdits()) return;
+    ev.preventDefault();
+    ev.returnValue = "";
+  });
   setInterval(tick, 250);
   setTool("brush");
   setOpacity(Number($("opacity").value) / 100);
+  applyDisplay();
   loadBatch();
 }
 

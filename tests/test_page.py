@@ -1,0 +1,324 @@
+"""The review page as the expert's workplace, in real headless Chromium: confirmations, undo of a
+submit, leaving with edits, zoom and pan, past rounds, tokens, thumbnails and the overlay on
+demand, polygon and clear, window/level, and a finished batch leading to the next one.
+
+Shares the driver and the project template with ``test_browser.py``.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+
+from annotate_fixtures import BATCH, ThreadServer, artifacts_dir, copy_project
+from alseg.annotate.server import create_app
+from alseg.project import Project
+from test_browser import WAIT, Page, _background_row, _empty_box, driver, template  # noqa: F401 (fixtures)
+
+
+@contextlib.contextmanager
+def _served(driver, template, tmp_path, query: str = "", **app_options):
+    """A copy of the template project served with ``app_options``; the page opened at ``/?query``."""
+    project_dir = copy_project(template[0], tmp_path / "project")
+    p = Project(project_dir, command="serve")
+    try:
+        options = {key: (value(p) if callable(value) else value) for key, value in app_options.items()}
+        with ThreadServer(create_app(p, **options)) as server:
+            pg = Page(driver, p, server.url, artifacts_dir(tmp_path))
+            driver.get(server.url + "/" + query)
+            pg.wait_loaded(pg.batch.items[0].id)
+            yield pg
+            logs = [e for e in driver.get_log("browser") if e.get("level") == "SEVERE"
+                    and "Failed to load resource" not in e.get("message", "")]
+            assert not logs, f"errors in the page: {logs}"
+            driver.execute_script("window.onbeforeunload = null;")
+            _leave(driver)
+    finally:
+        if "turnover" in app_options:
+            options["turnover"].close()
+        p.close()
+
+
+def _leave(driver):
+    """Go to about:blank, answering a leave-page question if one comes."""
+    from selenium.common.exceptions import UnexpectedAlertPresentException
+
+    try:
+        driver.get("about:blank")
+    except UnexpectedAlertPresentException:
+        driver.get("about:blank")
+
+
+@pytest.fixture
+def page(driver, template, tmp_path):
+    with _served(driver, template, tmp_path) as pg:
+        yield pg
+
+
+def _alert(pg: Page, timeout: float = WAIT):
+    from selenium.webdriver.support import expected_conditions as EC
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(pg.d, timeout, poll_frequency=0.05).until(EC.alert_is_present())
+
+
+def _stroke(pg: Page, item, length: int = 12) -> tuple[int, int]:
+    """Paint a horizontal stroke where the prediction is background; returns its (row, start column)."""
+    y, x = _background_row(pg.predicted(item), length)
+    pg.drag(item, [(x, y), (x + length, y)])
+    pg.wait(lambda: not pg.el("undo").get_property("disabled"), "the stroke is undoable")
+    return y, x
+
+
+def _screen_to_image(pg: Page, sx: float, sy: float) -> tuple[float, float]:
+    return tuple(pg.d.execute_script("""
+        const r = document.getElementById('mask').getBoundingClientRect(), c = document.getElementById('mask');
+        return [(arguments[0] - r.left) * c.width / r.width, (arguments[1] - r.top) * c.height / r.height];""",
+                                     sx, sy))
+
+
+def _rect(pg: Page, id: str) -> dict:
+    return pg.d.execute_script("const r = document.getElementById(arguments[0]).getBoundingClientRect();"
+                               "return {x: r.left, y: r.top, w: r.width, h: r.height};", id)
+
+
+def _resources(pg: Page, part: str) -> list[str]:
+    return pg.d.execute_script("return performance.getEntriesByType('resource').map(e => e.name)"
+                               ".filter(n => n.includes(arguments[0]));", part)
+
+
+# ------------------------------------------------------------------ replacing and undoing a submit
+def test_a_replace_asks_first_and_undo_submit_restores(page):
+    item = page.batch.items[0]
+    pred = page.predicted(item)
+    page.click("accept")
+    page.progress(1)
+    assert np.array_equal(page.stored(item.id), pred)
+    page.select(0)  # back to the labelled image: its stored mask is shown
+    assert "the stored mask" in page.text("item-info")
+    y, x = _stroke(page, item)
+    page.click("submit")
+    alert = _alert(page)
+    assert "replace" in alert.text.lower()
+    alert.dismiss()  # no: nothing changes
+    page.wait(lambda: "kept the stored mask" in page.text("message"), "the refusal to replace")
+    assert np.array_equal(page.p.stored_mask(item.id), pred)
+    page.click("submit")
+    _alert(page).accept()  # yes: the edited mask replaces the stored one
+    page.wait(lambda: "replaced" in page.text("message"), "the replacement")
+    stored = page.p.stored_mask(item.id)
+    assert stored[y, x:x + 13].all() and not pred[y, x:x + 13].any()
+    # the one key on a labelled image asks as well
+    page.wait_loaded(page.batch.items[1].id)  # the page moved on to the next image to label
+    page.select(0)
+    page.key("a")
+    _alert(page).dismiss()
+    page.wait(lambda: "kept the stored mask" in page.text("message"), "the refusal to replace by a key")
+    assert np.array_equal(page.p.stored_mask(item.id), stored)
+    # undo the last submit: the accepted prediction is current again, and shown
+    page.click("undo-submit")
+    page.wait(lambda: "previous version" in page.text("message"), "the undo of the submit")
+    assert np.array_equal(page.p.stored_mask(item.id), pred)
+    page.wait_loaded(item.id)
+    drawn = page.d.execute_script("""
+        const c = document.getElementById('mask');
+        const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+        let n = 0; for (let i = 3; i < d.length; i += 4) if (d[i] > 0) n++; return n;""")
+    assert drawn == int(pred.sum())
+    page.click("undo-submit")  # and once more: no mask at all, the image is queued again
+    page.progress(0)
+    assert page.p.stored_mask(item.id) is None
+
+
+def _leaving_asks(pg: Page) -> bool:
+    """Whether the page's beforeunload handler asks to stay (WebDriver itself answers real leave prompts)."""
+    return pg.d.execute_script("const e = new Event('beforeunload', {cancelable: true});"
+                               "window.dispatchEvent(e); return e.defaultPrevented;")
+
+
+def test_leaving_with_unsubmitted_edits_asks(page):
+    assert not _leaving_asks(page)
+    first = page.batch.items[0]
+    _stroke(page, first)
+    assert _leaving_asks(page)
+    page.select(1)  # the edit becomes a draft of an image not on screen; it still counts
+    assert _leaving_asks(page)
+    page.select(0)
+    assert "unsubmitted edits" in page.text("item-info")
+    page.click("submit")
+    page.progress(1)
+    page.wait_loaded(page.batch.items[1].id)
+    assert not _leaving_asks(page)  # everything is stored
+
+
+# ------------------------------------------------------------------ zoom, pan, clear, polygon, display
+def test_zoom_keeps_the_point_under_the_cursor_and_space_drag_pans(page):
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.actions.wheel_input import ScrollOrigin
+    from selenium.webdriver.common.keys import Keys
+
+    r = _rect(page, "mask")
+    sx, sy = round(r["x"] + 0.3 * r["w"]), round(r["y"] + 0.4 * r["h"])
+    before = _screen_to_image(page, sx, sy)
+    zoom = page.text("zoom-value")
+    ActionChains(page.d).scroll_from_origin(ScrollOrigin.from_viewport(sx, sy), 0, -300).perform()
+    page.wait(lambda: page.text("zoom-value") != zoom, "the wheel zooms")
+    assert _rect(page, "mask")["w"] > r["w"] * 1.2
+    after = _screen_to_image(page, sx, sy)
+    assert abs(after[0] - before[0]) < 0.5 and abs(after[1] - before[1]) < 0.5, (before, after)
+    # space + drag moves the image by the drag
+    r = _rect(page, "mask")
+    vp = page.el("viewport")
+    chain = ActionChains(page.d, duration=20).key_down(Keys.SPACE).move_to_element(vp).click_and_hold()
+    chain.move_by_offset(40, 25).release().key_up(Keys.SPACE).perform()
+    page.wait(lambda: abs(_rect(page, "mask")["x"] - r["x"] - 40) < 1.5, "the drag pans")
+    assert abs(_rect(page, "mask")["y"] - r["y"] - 25) < 1.5
+    assert page.el("undo").get_property("disabled")  # panning painted nothing
+    page.key("0")
+    page.wait(lambda: page.text("zoom-value") == zoom, "fit again")
+
+
+def test_clear_and_polygon_are_undoable_and_stored(page):
+    item = page.batch.items[0]
+    pred = page.predicted(item)
+    page.key("c")
+    page.wait(lambda: "mask 0 px" in page.text("item-info"), "the mask cleared")
+    page.key("z")
+    page.wait(lambda: f"mask {int(pred.sum())} px" in page.text("item-info"), "the clear undone")
+    y, x = _empty_box(pred, 12)
+    page.key("l")
+    page.wait(lambda: "active" in page.el("tool-polygon").get_attribute("class"), "polygon tool")
+    for point in [(x, y), (x + 12, y), (x + 12, y + 12), (x, y + 12)]:
+        page.drag(item, [point])  # a click each
+    page.drag(item, [(x, y)])  # on the first point again: closed and filled
+    page.wait(lambda: not page.el("undo").get_property("disabled"), "the polygon filled")
+    page.click("submit")
+    page.progress(1)
+    stored = page.stored(item.id)
+    assert stored[y + 1:y + 12, x + 1:x + 12].all()  # the inside of the square
+    outside = np.ones_like(pred)
+    outside[y - 1:y + 14, x - 1:x + 14] = False
+    assert np.array_equal(stored[outside], pred[outside])  # nothing else changed
+
+
+def test_window_and_channel_change_only_the_display(page):
+    def shown() -> np.ndarray:
+        import io
+
+        from PIL import Image
+
+        png = page.el("image").screenshot_as_png
+        return np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(float)
+
+    page.d.execute_script("document.getElementById('mask').style.visibility = 'hidden';")  # the image alone
+    plain = shown()
+    page.d.execute_script("""
+        const lo = document.getElementById('win-lo'), ch = document.getElementById('channel');
+        lo.value = '100'; lo.dispatchEvent(new Event('input'));
+        ch.value = '0'; ch.dispatchEvent(new Event('change'));""")
+    page.wait(lambda: page.text("window-value") == "100–255", "the window set")
+    windowed = shown()
+    expect = np.clip((plain[:, :, 0] - 100) * 255 / 155, 0, 255)
+    assert np.abs(windowed[:, :, 0] - expect).mean() < 6  # grey from the first channel, windowed
+    assert np.abs(windowed[:, :, 0] - windowed[:, :, 2]).max() < 3
+    page.click("win-reset")
+    page.wait(lambda: "filtered" not in page.el("image").get_attribute("class"), "the display reset")
+    assert np.abs(shown() - plain).mean() < 1
+    assert page.p.stored_mask(page.batch.items[0].id) is None  # display only
+
+
+# ------------------------------------------------------------------ large images: what is fetched
+def test_list_shows_thumbnails_and_the_overlay_is_fetched_only_when_shown(page):
+    sources = [img.get_attribute("src") for img in page.d.find_elements("css selector", "#items img")]
+    assert len(sources) == BATCH and all("/api/thumb/" in s for s in sources)
+    assert not _resources(page, "/api/image/" + page.batch.items[1].id)  # only the open image, full size
+    assert not _resources(page, "/api/uncertainty/")
+    assert not page.el("uncertainty-scale").is_displayed()
+    page.key("u")
+    page.wait(lambda: page.el("uncertainty").is_displayed(), "the overlay shown")
+    page.wait(lambda: _resources(page, "/api/uncertainty/" + page.batch.items[0].id), "the overlay fetched")
+    assert page.el("uncertainty-scale").is_displayed()
+    scale = page.batch.items[0].uncertainty_scale
+    assert page.text("scale-hi") == f"{scale:.3g}" or float(page.text("scale-hi")) == pytest.approx(scale, rel=1e-2)
+    page.key("u")
+    page.select(1)  # hidden again: the next image's overlay is not fetched
+    assert not _resources(page, "/api/uncertainty/" + page.batch.items[1].id)
+
+
+def test_long_ids_are_shown_whole(page):
+    names = page.d.find_elements("css selector", "#items .name")
+    for el, it in zip(names, page.batch.items):
+        assert el.text.replace("\n", "") == it.id
+        assert page.d.execute_script("return arguments[0].scrollWidth <= arguments[0].clientWidth + 1;", el)
+    assert page.text("item-info").startswith(page.batch.items[0].id)
+
+
+# ------------------------------------------------------------------ tokens
+def test_a_token_is_required_and_names_the_annotator(driver, template, tmp_path):
+    from alseg.annotate.auth import Annotators
+
+    annotators = Annotators()
+    token = annotators.add("alice")
+    with _served(driver, template, tmp_path, f"?token={token}", annotators=annotators) as pg:
+        for path in ("/api/batch", "/", f"/api/image/{pg.batch.items[0].id}"):
+            with pytest.raises(urllib.error.HTTPError) as err:
+                urllib.request.urlopen(pg.url + path, timeout=10)
+            assert err.value.code == 401, path
+        request = urllib.request.Request(pg.url + "/api/batch", headers={"Authorization": f"Bearer {token}"})
+        assert json.load(urllib.request.urlopen(request, timeout=10))["annotator"] == "alice"
+        assert "token" not in pg.d.current_url  # taken out of the address bar
+        assert pg.text("annotator") == "signed in as alice"
+        item = pg.batch.items[0]
+        pg.click("accept")
+        pg.progress(1)
+        history = pg.p.history(item.id)
+        assert [h["annotator"] for h in history if h["current"]] == ["alice"]
+        pg.d.refresh()  # the token lives on in the tab, without the address
+        pg.wait(lambda: pg.text("annotator") == "signed in as alice", "the page after a reload")
+
+
+# ------------------------------------------------------------------ the next batch, and a past round
+def test_a_completed_batch_leads_to_the_next_and_past_rounds_stay_correctable(driver, template, tmp_path):
+    from alseg.annotate.turnover import Turnover
+
+    with _served(driver, template, tmp_path, turnover=lambda p: Turnover(p.dir.root, p._fd, log=lambda t: None)) as pg:
+        items = pg.batch.items
+        for it in items[1:]:  # the rest of the batch, as if labelled earlier
+            mask = pg.predicted(it)
+            if not mask.any():
+                mask = np.zeros_like(mask)
+                mask[5:15, 5:20] = True
+            pg.p.submit(it.id, _png(mask), seconds=1.0)
+        assert not pg.el("next-panel").is_displayed()
+        pg.click("accept")  # the last image: the batch is complete
+        pg.progress(BATCH)
+        pg.wait(lambda: pg.el("next-batch").is_displayed() and pg.el("next-batch").is_enabled(), "Next batch")
+        pg.click("next-batch")
+        pg.wait(lambda: "next round" in pg.text("job") or "round 2" in pg.text("round"), "the job shown", 30)
+        pg.wait(lambda: pg.text("round").startswith("round 2"), "the next batch loaded", 300)
+        assert pg.text("progress") == f"0 of {len(pg.p.batch().items)} labelled"
+        # round 1 from the rounds list: its image is corrected, after a confirmation
+        from selenium.webdriver.support.ui import Select
+
+        Select(pg.el("round-select")).select_by_value("1")
+        pg.wait(lambda: pg.text("round").startswith("round 1"), "round 1 reopened")
+        pg.batch = pg.p.batch(1)
+        first = pg.batch.items[0]
+        pg.wait_loaded(first.id)
+        assert pg.text("progress") == f"{BATCH} of {BATCH} labelled"
+        y, x = _stroke(pg, first)
+        pg.click("submit")
+        _alert(pg).accept()
+        pg.wait(lambda: "replaced" in pg.text("message"), "the correction stored")
+        assert pg.p.stored_mask(first.id)[y, x:x + 13].all()
+        assert [h["round"] for h in pg.p.history(first.id) if h["current"]] == [1]
+
+
+def _png(mask: np.ndarray) -> bytes:
+    from annotate_fixtures import png
+
+    return png(mask)
