@@ -49,6 +49,37 @@ def test_report_writes_every_figure_and_a_self_contained_page(lgg_run):
     # the predictions figure holds 4 fixed test images: four rows of four square panels
     with Image.open(lgg_run / "report" / "predictions-final.png") as im:
         assert 0.8 * im.size[0] < im.size[1] < 1.3 * im.size[0]
+    assert not (lgg_run / "report" / "effort.csv").exists()  # the simulated annotator spends no effort
+
+
+def _about(path) -> dict:
+    """What a report PNG says it draws (alseg.report.figures.describe, kept in its Description chunk)."""
+    with Image.open(path) as im:
+        return json.loads(im.text["Description"])
+
+
+def test_a_simulated_runs_learning_curve_is_test_dice_with_validation_dashed(lgg_run):
+    run_json("report", lgg_run, "--images", "2")
+    report = lgg_run / "report"
+    status = run_json("status", lgg_run)
+    about = _about(report / "learning-curve.png")
+    assert about["title"].startswith("Learning curve: test Dice")
+    (ax,) = [a for a in about["axes"] if a["lines"]]
+    lines = ax["lines"]
+    test = next(k for k in lines if k.startswith("test Dice ("))
+    val = next(k for k in lines if k.startswith("validation Dice ("))
+    assert lines[test] == {"points": 3, "linestyle": "-"} and lines[val] == {"points": 3, "linestyle": "--"}
+    from alseg.store import RunStore
+
+    with RunStore.open_readonly(lgg_run) as store:
+        test_images = {e["images"] for e in store.evaluations() if e["split"] == "test"}
+        val_images = len(store.split()["val"])
+    assert test == f"test Dice ({test_images.pop()} images)" and val == f"validation Dice ({val_images} images)"
+    assert [r["round"] for r in status["rounds"] if r["test_dice"] is not None] == [0, 1, 2]
+    for name, round in (("predictions-initial.png", 0), ("predictions-final.png", 2)):
+        assert _about(report / name)["title"].startswith(f"Predictions on test images, round {round}")
+    page = (report / "index.html").read_text()
+    assert "test Dice mean" in page and "No test split" not in page
 
 
 def test_tensorboard_events_hold_epochs_and_rounds(lgg_run):

@@ -1,10 +1,16 @@
-"""Reports: the paper's figures and a self-contained HTML page for a run, and strategy comparisons.
+"""Reports: the paper's figures and a self-contained HTML page for a run or a lab's project.
 
 Owns ``RUN_DIR/report/``: ``index.html`` (opens offline; every figure is a PNG beside it), the
-figures, and ``rounds.csv``. Everything is drawn from what the run's store recorded (scores,
-selections, epochs, evaluations), so a report can be redrawn without retraining; only the
-prediction panels apply the recorded checkpoints (round 0 and the last round) to a fixed set of
-test images.
+figures, ``rounds.csv`` and, where a person labels, ``effort.csv``. Everything is drawn from what
+the run's store recorded (scores, selections, epochs, evaluations, the expert's annotations), so a
+report can be redrawn without retraining; only the prediction panels apply the recorded
+checkpoints (round 0 and the last round) to a fixed set of images.
+
+Each figure says which split it shows. A run with a test split plots test Dice per round with the
+validation Dice dashed beside it; a project has no test split, so its learning curve and its
+prediction panels are on the validation images, and say so. A project's report also has the
+expert's effort per round and selection reason (:func:`expert_effort`) and, when two annotators
+labelled one image, their agreement.
 """
 from __future__ import annotations
 
@@ -14,11 +20,13 @@ import io
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from alseg.config import config_from_dict
+from alseg.data.cache import mask_to_size
 from alseg.errors import AlsegError
 from alseg.rundata import open_run_data
 from alseg.metrics import dice_per_image
@@ -26,11 +34,11 @@ from alseg.progress import SILENT, Reporter
 from alseg.runtime import resolve_device
 from alseg.rundir import RunDir
 from alseg.store import RunStore, atomic_write_bytes, atomic_write_text, current_umask, disk_full_error
-from alseg.active.strategies import CealStrategy, reason_kind
+from alseg.active.strategies import CealStrategy, reason_kind, reason_label
 from alseg.train import Checkpoint
 from alseg.active.uncertainty import mc_dropout
 
-__all__ = ["make_report", "fixed_test_ids"]
+__all__ = ["make_report", "fixed_test_ids", "expert_effort", "annotator_agreement", "EFFORT_COLUMNS"]
 
 
 def fixed_test_ids(test_ids, positive, n: int) -> list[str]:
@@ -44,6 +52,32 @@ def fixed_test_ids(test_ids, positive, n: int) -> list[str]:
 
 def _kind(reason: str | None, selection_kind: str) -> str:
     return "pseudo" if selection_kind == "pseudo" else reason_kind(reason)
+
+
+@dataclass
+class Recorded:
+    """What the report reads from a run's store, in one read-only pass."""
+
+    config: object
+    kind: str
+    annotator: str
+    rounds: list[dict]
+    evaluations: dict
+    epochs: list[dict]
+    split: dict
+    scores: dict
+    selections: dict
+    reasons: dict
+    supervised_seconds: float | None
+    expert_seconds: dict
+    facts: dict
+    val_images: int
+    effort: list[dict] = field(default_factory=list)
+    agreement: dict | None = None
+
+    @property
+    def has_test(self) -> bool:
+        return bool(self.split["test"])
 
 
 def make_report(run_dir: str | Path, *, images: int = 4, device: str = "auto", out: str | Path | None = None,
@@ -63,16 +97,23 @@ def make_report(run_dir: str | Path, *, images: int = 4, device: str = "auto", o
         rounds = [r for r in store.rounds() if r["status"] == "done"]
         if not rounds and kind == "active":
             raise AlsegError("run has no finished round yet; nothing to report", run_dir)
-        evaluations = {(e["round"], e["split"]): e for e in store.evaluations()}
-        epochs = store.epochs()
         split = store.split()
-        scores = {r["round"]: store.scores(r["round"]) for r in rounds if r["round"] > 0}
-        selections = {r["round"]: {k: store.selection(r["round"], k) for k in ("expert", "pseudo")} for r in rounds}
-        reasons = {r["round"]: store.selection_reasons(r["round"]) for r in rounds}
-        supervised_seconds = store.supervised_seconds()
-        expert_seconds = store.expert_seconds()
-        facts = store.round_facts()
+        annotator = store.annotator()
+        rec = Recorded(
+            config=config, kind=kind, annotator=annotator, rounds=rounds,
+            evaluations={(e["round"], e["split"]): e for e in store.evaluations()}, epochs=store.epochs(),
+            split=split, scores={r["round"]: store.scores(r["round"]) for r in rounds if r["round"] > 0},
+            selections={r["round"]: {k: store.selection(r["round"], k) for k in ("expert", "pseudo")} for r in rounds},
+            reasons={r["round"]: store.selection_reasons(r["round"]) for r in rounds},
+            supervised_seconds=store.supervised_seconds(), expert_seconds=store.expert_seconds(),
+            facts=store.round_facts(), val_images=len(split["val"]),
+            effort=expert_effort(store) if annotator != "simulated" else [],
+            agreement=annotator_agreement(store) if annotator != "simulated" else None)
         data = open_run_data(store, config.data.cache_dir, reporter).data
+        # predictions on fixed images of the test split, or of validation for a project (it has no test split)
+        positive = {i: bool(data.positive[k]) for k, i in enumerate(data.ids)}
+        shown = fixed_test_ids(split["test"] or split["val"], positive, images)
+        truths = _truths(store, data, shown)
         last = max((r["round"] for r in rounds), default=0)
         checkpoints = {0: rundir.checkpoint(0 if kind == "active" else None)}
         if kind == "active":
@@ -80,13 +121,54 @@ def make_report(run_dir: str | Path, *, images: int = 4, device: str = "auto", o
     target = Path(out) if out is not None else rundir.report
     out = _building_folder(target)
     try:
-        page = _draw(out, run_dir, config, rounds, evaluations, epochs, split, scores, selections, reasons,
-                     supervised_seconds, expert_seconds, data, checkpoints, images, device, reporter, facts)
+        page = _draw(out, run_dir, rec, data, shown, truths, checkpoints, device, reporter)
         _swap_into_place(out, target)
     except BaseException:
         shutil.rmtree(out, ignore_errors=True)
         raise
     return target / page.name
+
+
+def _truths(store: RunStore, data, ids: list[str]) -> np.ndarray:
+    """Working-size true masks of ``ids``: the dataset's, or the expert's stored mask for an image the
+    expert labelled (a project's validation images can come from the first batch)."""
+    idx = data.indices(ids)
+    out = np.asarray(data.masks[idx]).copy()
+    origins = store.origins(ids) if ids else {}
+    for k, i in enumerate(ids):
+        if origins.get(i) == "expert":
+            mask = store.mask(i)
+            if mask is not None:
+                out[k] = mask_to_size(mask, data.size)
+    return out
+
+
+EFFORT_COLUMNS = ("round", "reason", "images", "versions", "seconds", "active_seconds", "strokes", "clicks",
+                  "changed_prediction_sum", "changed_prediction_median", "compared_with_prediction", "accepted_as_is")
+# the report's names for effort_by_round's keys where they differ (the figures' data contract names them so)
+_EFFORT_SOURCE = {"changed_prediction_sum": "pixels_changed_from_prediction",
+                  "changed_prediction_median": "median_pixels_changed_from_prediction"}
+
+
+def expert_effort(store: RunStore) -> list[dict]:
+    """The expert's effort per round and selection reason, as the report shows it and writes it to
+    ``effort.csv`` (:data:`EFFORT_COLUMNS`; None where nothing was measured), from
+    :func:`alseg.annotate.effort.effort_by_round`."""
+    from alseg.annotate.effort import effort_by_round
+
+    return [{k: r.get(k, r.get(_EFFORT_SOURCE.get(k, k))) for k in EFFORT_COLUMNS} for r in effort_by_round(store)]
+
+
+def annotator_agreement(store: RunStore) -> dict | None:
+    """Dice between two annotators' masks of the same images: ``{count, mean_dice, rows}``, or None when
+    no image has a second reading."""
+    from alseg.annotate.effort import agreement
+
+    found = agreement(store)
+    rows = found.get("rows", found.get("images"))
+    rows = rows if isinstance(rows, list) else []
+    count = found.get("count", len(rows))
+    return {"count": count, "mean_dice": found.get("mean_dice"), "rows": rows} if count else None
 
 
 def _building_folder(target: Path) -> Path:
@@ -108,82 +190,129 @@ def _swap_into_place(built: Path, target: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _draw(out: Path, run_dir: Path, config, rounds, evaluations, epochs, split, scores, selections, reasons,
-          supervised_seconds, expert_seconds, data, checkpoints, images, device, reporter, facts) -> Path:
+def _draw(out: Path, run_dir: Path, rec: Recorded, data, shown: list[str], truths: np.ndarray, checkpoints: dict,
+          device: str, reporter: Reporter) -> Path:
     from alseg.report import figures
 
+    config, split = rec.config, rec.split
     made: list[tuple[str, str, str]] = []  # (section, file, caption)
 
-    # predictions of the initial and the final model on fixed test images
-    positive = {i: bool(data.positive[k]) for k, i in enumerate(data.ids)}
-    ids = fixed_test_ids(split["test"] or split["val"], positive, images)  # a project has no test split
-    idx = data.indices(ids)
+    # predictions of the initial and the final model on fixed images
+    shown_split = "test" if rec.has_test else "validation"
+    idx = data.indices(shown)
     dev = resolve_device(device)
     passes = max(2, config.active.mc_passes)
     for round, path in checkpoints.items():
         ckpt = Checkpoint.load(path, device=dev)
         res = mc_dropout(ckpt.model, data.images, idx, ckpt.normalizer, passes=passes, device=dev, seed=0,
                          keep_maps=True, reporter=reporter)
-        dice = dice_per_image(res.mean > 0.5, np.asarray(data.masks[idx]) > 0)
+        dice = dice_per_image(res.mean > 0.5, truths > 0)
         name = "initial" if round == 0 else "final"
-        label = "initial model (round 0)" if round == 0 else f"last round ({round})"
-        f = figures.predictions(out / f"predictions-{name}.png", f"Test predictions, {label}, T = {passes} MC passes",
-                                ids, np.asarray(data.images[idx]), np.asarray(data.masks[idx]), res.mean,
-                                res.variance_map, dice)
-        made.append(("Predictions", f.name, f"{label}: image, ground truth, MC-mean prediction (white: > 0.5), "
-                                           "per-pixel MC variance."))
+        label = "initial model (round 0)" if round == 0 else f"model of the last round ({round})"
+        title = f"Predictions on {shown_split} images, round {round}" + (
+            " (initial model)" if round == 0 else " (last round)") + f", T = {passes} MC passes"
+        f = figures.predictions(out / f"predictions-{name}.png", title, shown, np.asarray(data.images[idx]), truths,
+                                res.mean, res.variance_map, dice)
+        seen = ("" if rec.has_test else " These are validation images: the project has no test split, and the "
+                "checkpoint was chosen on them, so their Dice flatters the model.")
+        made.append(("Predictions", f.name, f"{label} on {len(shown)} fixed {shown_split} images: image, ground "
+                                            f"truth, MC-mean prediction (white: > 0.5), per-pixel MC variance.{seen}"))
 
     # per-round uncertainty figures
     ceal = CealStrategy(config.active.ceal)
-    for round in sorted(scores):
-        rows = scores[round]
+    for round in sorted(rec.scores):
+        rows = rec.scores[round]
         if not rows:
             continue
         pool_ids = list(rows)
         values = np.array([rows[i]["variance"] for i in pool_ids])
-        chosen = {i: _kind(reasons[round].get(i), "expert") for i in selections[round]["expert"]}
-        chosen.update({i: "pseudo" for i in selections[round]["pseudo"]})
+        chosen = {i: _kind(rec.reasons[round].get(i), "expert") for i in rec.selections[round]["expert"]}
+        chosen.update({i: "pseudo" for i in rec.selections[round]["pseudo"]})
         kinds = [chosen.get(i) for i in pool_ids]
         if all(rows[i]["dice"] is not None for i in pool_ids):
             dice = np.array([rows[i]["dice"] for i in pool_ids])
             f = figures.uncertainty_vs_dice(out / f"uncertainty-vs-dice-round-{round:02d}.png", round, values, dice, kinds)
-            made.append(("Uncertainty vs Dice", f.name, f"Round {round}: pool images scored by the round-{round - 1} model."))
+            made.append(("Uncertainty vs Dice", f.name, f"Round {round}: pool images scored by the round-{round - 1} "
+                                                        "model, against their true masks (simulated annotator)."))
         regions = ceal.regions(values) if config.active.strategy == "ceal" else {}
         f = figures.score_histogram(out / f"histogram-round-{round:02d}.png", round, values, kinds,
                                     bins=config.active.ceal.bins, regions=regions)
         made.append(("Score histograms", f.name, f"Round {round}: the pool's uncertainty scores and who was chosen."))
 
     # training curves
-    initial = [e for e in epochs if e["phase"] == "initial"]
-    active = [e for e in epochs if e["phase"] == "active"]
+    initial = [e for e in rec.epochs if e["phase"] == "initial"]
+    active = [e for e in rec.epochs if e["phase"] == "active"]
+    val_n = rec.val_images or None
     if initial:
-        f = figures.training_curves(out / "training-initial.png", "Initial training: Dice per epoch", initial)
-        made.append(("Training", f.name, "Initial phase on the initial labelled set."))
+        f = figures.training_curves(out / "training-initial.png", "Initial training (round 0): train and validation "
+                                    "Dice per epoch", initial, val_images=val_n)
+        made.append(("Training", f.name, "Initial phase on the initial labelled set; validation Dice on the "
+                                         f"{rec.val_images} validation images."))
     if active:
-        f = figures.training_curves(out / "training-active.png", "Active-learning phase: Dice per epoch", active,
-                                    round_epochs=True)
+        f = figures.training_curves(out / "training-active.png", "Active-learning rounds: train and validation Dice "
+                                    "per epoch", active, round_epochs=True, val_images=val_n)
         made.append(("Training", f.name, "Retraining in each round (warm start unless configured otherwise)."))
 
     # learning curve and table
     table = []
-    for r in rounds or [{"round": 0, "expert_labelled": len(split["labelled"]), "pseudo_labelled": 0,
-                         "pool": len(split["pool"]), "seconds": supervised_seconds}]:
-        ev = evaluations.get((r["round"], "test"), {})
+    for r in rec.rounds or [{"round": 0, "expert_labelled": len(split["labelled"]), "pseudo_labelled": 0,
+                             "pool": len(split["pool"]), "seconds": rec.supervised_seconds}]:
+        ev = rec.evaluations.get((r["round"], "test"), {})
         table.append({"round": r["round"], "expert_labelled": r["expert_labelled"], "pseudo_labelled": r["pseudo_labelled"],
                       "pool": r["pool"], "mean_dice": ev.get("mean_dice"), "median_dice": ev.get("median_dice"),
                       "pooled_dice": ev.get("pooled_dice"), "volume_dice_mean": ev.get("volume_dice_mean"),
                       "val_dice": r.get("val_dice"), "seconds": r["seconds"],
-                      "expert_minutes": expert_seconds.get(r["round"], 0.0) / 60})
-    if len(table) > 1:
-        curve = {config.active.strategy: {"x": [t["expert_labelled"] for t in table],
-                                          "mean": [t["mean_dice"] for t in table], "std": [0.0] * len(table)}}
-        f = figures.learning_curves(out / "learning-curve.png", "Learning curve: test Dice vs expert labels", curve,
-                                    train_size=len(split["train"]))
-        made.append(("Learning curve", f.name, "Test Dice after each round against the expert-labelled images."))
+                      "expert_minutes": rec.expert_seconds.get(r["round"], 0.0) / 60})
+    if rec.rounds:
+        f, caption = _learning_curve(out, rec, table, figures)
+        made.append(("Learning curve", f.name, caption))
+
+    # the expert's effort (a person labels; the simulated annotator spends none)
+    if rec.effort:
+        atomic_write_bytes(out / "effort.csv", _csv_bytes(rec.effort))
+        if any((r.get("images") or 0) > 0 or (r.get("seconds") or 0) > 0 for r in rec.effort):
+            f = figures.expert_effort(out / "expert-effort.png", "The expert's effort per round, by selection reason",
+                                      rec.effort)
+            made.append(("The expert's effort", f.name, "Minutes on the review page, images labelled, mask versions "
+                                                        "and pixels changed from the model's predicted mask, per round; "
+                                                        "the table above gives the numbers."))
     _write_csv(out / "rounds.csv", table)
-    page = _html(run_dir, config, split, made, table, _gate_rows(rounds, facts))
+    page = _html(run_dir, rec, made, table, _gate_rows(rec.rounds, rec.facts))
     atomic_write_text(out / "index.html", page)
     return out / "index.html"
+
+
+def _learning_curve(out: Path, rec: Recorded, table: list[dict], figures) -> tuple[Path, str]:
+    """Test Dice after each round with validation Dice dashed beside it, or validation Dice alone
+    for a run without a test split (a project); the caption says which."""
+    val_n = _val_images(rec)
+    test_rounds = [(t["round"], "test") in rec.evaluations for t in table]
+    test_n = max((rec.evaluations[(t["round"], "test")]["images"] or 0 for t, has in zip(table, test_rounds) if has),
+                 default=None)
+    common = dict(labelled=[t["expert_labelled"] for t in table], rounds=[t["round"] for t in table],
+                  val=[t["val_dice"] for t in table], val_images=val_n, train_size=len(rec.split["train"]))
+    if any(test_rounds):
+        f = figures.run_learning_curve(out / "learning-curve.png", "Learning curve: test Dice (validation dashed) vs "
+                                       "expert-labelled images", test=[t["mean_dice"] for t in table],
+                                       test_images=test_n, **common)
+        caption = (f"Mean Dice after each round against the expert-labelled images: on the {test_n} test images "
+                   f"(solid) and on the {val_n} validation images (dashed; the best epoch's, which chose the "
+                   "checkpoint, so it reads higher).")
+    else:
+        f = figures.run_learning_curve(out / "learning-curve.png", "Learning curve: validation Dice vs "
+                                       "expert-labelled images", **common)
+        caption = (f"No test split (a project keeps every masked image for training and validation), so this is "
+                   f"each round's validation Dice on {val_n} images against the expert-labelled images: the best "
+                   "epoch's, the one that chose the round's checkpoint, so it reads higher than a held-out test "
+                   "set would.")
+    return f, caption
+
+
+def _val_images(rec: Recorded) -> int:
+    """How many validation images the rounds' validation Dice is the mean of (as the loop recorded it)."""
+    counts = [(rec.facts.get(r["round"], {}).get("model") or {}).get("val_images") for r in rec.rounds]
+    counts = [c for c in counts if c]
+    return max(counts) if counts else rec.val_images
 
 
 def _gate_rows(rounds: list[dict], facts: dict) -> list[dict]:
@@ -203,12 +332,16 @@ def _gate_rows(rounds: list[dict], facts: dict) -> list[dict]:
     return rows
 
 
-def _write_csv(path: Path, rows: list[dict]) -> None:
+def _csv_bytes(rows: list[dict]) -> bytes:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
     writer.writeheader()
     writer.writerows(rows)
-    atomic_write_bytes(path, buf.getvalue().encode())
+    return buf.getvalue().encode()
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    atomic_write_bytes(path, _csv_bytes(rows))
 
 
 def _fmt(v) -> str:
@@ -217,9 +350,64 @@ def _fmt(v) -> str:
     return f"{v:.4f}" if isinstance(v, float) else str(v)
 
 
-def _html(run_dir: Path, config, split: dict, made: list[tuple[str, str, str]], table: list[dict],
+_TEST_COLUMNS = ("mean_dice", "median_dice", "pooled_dice", "volume_dice_mean")
+_ROUND_HEADERS = {"round": "round", "expert_labelled": "expert-labelled", "pseudo_labelled": "pseudo-labelled",
+                  "pool": "pool", "mean_dice": "test Dice mean", "median_dice": "median", "pooled_dice": "pooled",
+                  "volume_dice_mean": "per-volume", "val_dice": "val Dice (best epoch)", "seconds": "seconds",
+                  "expert_minutes": "expert minutes"}
+_EFFORT_HEADERS = (("round", "round"), ("reason", "selection reason"), ("images", "images labelled"),
+                   ("versions", "mask versions"), ("seconds", "minutes (wall)"), ("active_seconds", "active minutes"),
+                   ("strokes", "strokes"), ("clicks", "clicks"), ("changed_prediction_sum", "pixels changed from "
+                   "prediction"), ("changed_prediction_median", "median per image"),
+                   ("compared_with_prediction", "images with a prediction"),
+                   ("accepted_as_is", "accepted as predicted"))
+_SUMMED = ("images", "versions", "seconds", "active_seconds", "strokes", "clicks", "changed_prediction_sum",
+           "compared_with_prediction", "accepted_as_is")
+
+
+def _effort_cell(key: str, value) -> str:
+    if value is None:
+        return "–"
+    if key == "reason":
+        return reason_label(value)
+    if key in ("seconds", "active_seconds"):
+        return f"{value / 60:.1f}"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _effort_html(rec: Recorded, figure: str) -> str:
+    """The expert's effort table (one row per round and selection reason, and the total), the
+    agreement between annotators when two labelled one image, and the effort figure."""
+    e = html.escape
+    head = "".join(f"<th>{e(h)}</th>" for _, h in _EFFORT_HEADERS)
+    body = "".join("<tr>" + "".join(f"<td>{e(_effort_cell(k, r.get(k)))}</td>" for k, _ in _EFFORT_HEADERS) + "</tr>"
+                   for r in rec.effort)
+    total = {k: (None if all(r.get(k) is None for r in rec.effort) else sum(r.get(k) or 0 for r in rec.effort))
+             for k in _SUMMED}
+    body += ("<tr><th>all</th><th></th>" + "".join(f"<th>{e(_effort_cell(k, total.get(k)))}</th>"
+                                                  for k, _ in _EFFORT_HEADERS[2:]) + "</tr>")
+    agreement = ""
+    a = rec.agreement
+    if a:
+        images = "1 image was" if a["count"] == 1 else f"{a['count']} images were"
+        agreement = (f"<h3>Annotator agreement</h3><p>{images} labelled by two annotators; the mean Dice between "
+                     f"the owner's mask and the second reading is <b>{_fmt(a['mean_dice'])}</b>.</p>")
+        keys = list(a["rows"][0]) if a["rows"] and isinstance(a["rows"][0], dict) else []
+        if keys:
+            agreement += ("<table><tr>" + "".join(f"<th>{e(k.replace('_', ' '))}</th>" for k in keys) + "</tr>"
+                          + "".join("<tr>" + "".join(f"<td>{e(_fmt(r.get(k)))}</td>" for k in keys) + "</tr>"
+                                    for r in a["rows"]) + "</table>")
+    return (f"<h2>The expert's effort</h2><p>Per round and selection reason: the images the expert labelled, the mask "
+            "versions stored (a correction adds one), the minutes the review page was open on them (wall) and spent "
+            "drawing (active), and how much of the model's predicted mask was changed or accepted as it was. "
+            "Files ingested from a folder carry no time. Also in <a href=\"effort.csv\">effort.csv</a>.</p>"
+            f"<table><tr>{head}</tr>{body}</table>{agreement}{figure}")
+
+
+def _html(run_dir: Path, rec: Recorded, made: list[tuple[str, str, str]], table: list[dict],
           gates: list[dict]) -> str:
     e = html.escape
+    config, split = rec.config, rec.split
     gate_table = ""
     if gates:
         gate_head = "".join(f"<th>{e(h)}</th>" for h in ("round", "val Dice", "constant mask", "useful",
@@ -231,14 +419,16 @@ def _html(run_dir: Path, config, split: dict, made: list[tuple[str, str, str]], 
             "0.05 is not useful, exports no head start and takes no pseudo-labels. Pseudo-labels are drawn by "
             "the previous round's model only when that model passed the gate, and never more than the stated "
             f"share of the pool.</p><table><tr>{gate_head}</tr>{gate_body}</table>")
-    head = ("<tr>" + "".join(f"<th>{e(h)}</th>" for h in ("round", "expert-labelled", "pseudo-labelled", "pool",
-            "test Dice mean", "median", "pooled", "per-volume", "val Dice", "seconds", "expert minutes")) + "</tr>")
-    rows = "".join("<tr>" + "".join(f"<td>{_fmt(t[k])}</td>" for k in t) + "</tr>" for t in table)
-    sections = []
-    for section in dict.fromkeys(s for s, _, _ in made):
-        figs = "".join(f'<figure><img src="{e(f)}" alt="{e(c)}"><figcaption>{e(c)}</figcaption></figure>'
-                       for s, f, c in made if s == section)
-        sections.append(f"<h2>{e(section)}</h2>{figs}")
+    columns = [k for k in table[0] if rec.has_test or k not in _TEST_COLUMNS]
+    head = "<tr>" + "".join(f"<th>{e(_ROUND_HEADERS[k])}</th>" for k in columns) + "</tr>"
+    rows = "".join("<tr>" + "".join(f"<td>{_fmt(t[k])}</td>" for k in columns) + "</tr>" for t in table)
+    figure_html = {section: "".join(f'<figure><img src="{e(f)}" alt="{e(c)}"><figcaption>{e(c)}</figcaption></figure>'
+                                    for s, f, c in made if s == section)
+                   for section in dict.fromkeys(s for s, _, _ in made)}
+    effort = _effort_html(rec, figure_html.pop("The expert's effort", "")) if rec.effort else ""
+    first = ("Learning curve", "Predictions")  # what the run shows, before how it got there
+    order = sorted(figure_html, key=lambda section: first.index(section) if section in first else len(first))
+    sections = [f"<h2>{e(section)}</h2>{figure_html[section]}" for section in order]
     a = config.active
     facts = (f"preset <b>{e(config.preset)}</b>, strategy <b>{e(a.strategy)}</b>, seed {config.seed}; "
              f"data {e(str(config.data.path))} at {config.data.size} px; U-Net width {config.model.width}, depth "
@@ -247,6 +437,14 @@ def _html(run_dir: Path, config, split: dict, made: list[tuple[str, str, str]], 
              f"T = {a.mc_passes} MC passes; {a.round_epochs} epochs per round, at least "
              f"{config.train.min_epoch_steps} optimiser steps an epoch; self-supervised pre-training "
              f"{'(' + config.pretrain.method + ')' if config.pretrain.enabled else 'off'}.")
+    if rec.has_test:
+        about = ("Test Dice per round (deterministic prediction, dropout off; empty mask and empty prediction score "
+                 "1), the best validation Dice of the round's training, and the minutes the expert spent labelling "
+                 "on the review page.")
+    else:
+        about = (f"This run has no test split (a project keeps every masked image for training and validation), so "
+                 f"its only Dice is the best validation Dice of each round's training, on {_val_images(rec)} images; "
+                 "and the minutes the expert spent labelling on the review page.")
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>alseg report: {e(run_dir.name)}</title>
 <style>
@@ -258,11 +456,10 @@ figcaption {{ color: #555; font-size: 0.9em; }}
 <h1>alseg report: {e(run_dir.name)}</h1>
 <p>{facts}</p>
 <h2>Rounds</h2>
-<p>Test Dice per round (deterministic prediction, dropout off; empty mask and empty prediction score 1),
-the best validation Dice of the round's training, and the minutes the expert spent labelling on the review page.
-Also in <a href="rounds.csv">rounds.csv</a>.</p>
+<p>{about} Also in <a href="rounds.csv">rounds.csv</a>.</p>
 <table>{head}{rows}</table>
 {gate_table}
+{effort}
 {''.join(sections)}
 <p><small>Made by alseg from the run's store; figures are PNG files beside this page.</small></p>
 </body></html>

@@ -1,11 +1,15 @@
 """The report's figures, drawn with matplotlib from plain data (what the store recorded).
 
 Every function takes arrays or records and a path, writes one PNG and returns the path. Figures
-carry titles, axis labels with units, legends and colour bars, at a size that stays legible in
-the HTML page (about 1000 px wide).
+carry titles that say what they show and on which split, axis labels with units, legends and
+colour bars, at a size that stays legible in the HTML page (about 1000 px wide). Each PNG also
+carries what it draws as text (:func:`describe`: titles, axis labels, legend entries, points per
+line) in its ``Title`` and ``Description`` chunks, for screen readers and for checks that a figure
+shows what its caption says.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Sequence
 
@@ -32,10 +36,29 @@ def kind_styles() -> dict[str, tuple[str, str]]:
             for kind, spec in REASONS.items() if kind != "initial"}
 
 
+def describe(fig) -> dict:
+    """What ``fig`` draws, as text: its title, and per axes its title, axis labels, legend entries
+    and, per labelled line, its number of finite points and its line style (``-``, ``--``, ``None``)."""
+    axes = []
+    for ax in fig.axes:
+        legend = ax.get_legend()
+        lines = {line.get_label(): {"points": int(np.isfinite(np.asarray(line.get_ydata(), float)).sum()),
+                                    "linestyle": line.get_linestyle()}
+                 for line in ax.get_lines() if not line.get_label().startswith("_")}
+        entry = {"title": ax.get_title(), "xlabel": ax.get_xlabel(), "ylabel": ax.get_ylabel(),
+                 "legend": [t.get_text() for t in legend.get_texts()] if legend else [], "lines": lines}
+        if any(entry.values()):
+            axes.append(entry)
+    title = fig.get_suptitle() or next((a["title"] for a in axes if a["title"]), "")
+    return {"title": title, "axes": axes}
+
+
 def _save(fig, path: Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI, bbox_inches="tight")
+    about = describe(fig)
+    fig.savefig(path, dpi=DPI, bbox_inches="tight",
+                metadata={"Title": about["title"], "Description": json.dumps(about), "Software": "alseg"})
     plt.close(fig)
     return path
 
@@ -82,7 +105,8 @@ def uncertainty_vs_dice(path, round: int, scores: np.ndarray, dice: np.ndarray, 
     ax.set_xlabel("uncertainty score (per-pixel MC variance summed over the image)")
     ax.set_ylabel("Dice of the MC-mean mask vs ground truth")
     ax.set_ylim(-0.02, 1.02)
-    ax.set_title(f"Round {round}: uncertainty vs Dice over the pool ({len(scores)} images)")
+    ax.set_title(f"Round {round}: uncertainty vs Dice on the pool ({len(scores)} unlabelled training images, "
+                 f"model of round {round - 1})")
     ax.legend(fontsize=8, loc="best")
     ax.grid(alpha=0.3)
     return _save(fig, path)
@@ -110,17 +134,21 @@ def score_histogram(path, round: int, scores: np.ndarray, kinds: Sequence[str | 
     ax.set_ylim(-0.08 * top, top * 1.08)
     ax.set_xlabel("uncertainty score (sum of per-pixel MC variance)")
     ax.set_ylabel("images per bin")
-    ax.set_title(f"Round {round}: score histogram ({bins} bins) and selection")
+    ax.set_title(f"Round {round}: uncertainty scores of the pool ({len(scores)} unlabelled training images, "
+                 f"{bins} bins) and who was chosen")
     ax.legend(fontsize=8, loc="upper right")
     return _save(fig, path)
 
 
-def training_curves(path, title: str, epochs: Sequence[dict], round_epochs: bool = False) -> Path:
-    """Train and validation Dice per epoch; for the active phase, epochs run on across rounds."""
+def training_curves(path, title: str, epochs: Sequence[dict], round_epochs: bool = False,
+                    val_images: int | None = None) -> Path:
+    """Train and validation Dice per epoch; for the active phase, epochs run on across rounds.
+    ``val_images``: how many validation images, named in the legend."""
     fig, ax = plt.subplots(figsize=(9, 4.5))
     x = np.arange(1, len(epochs) + 1)
     ax.plot(x, [e["train_dice"] for e in epochs], "-o", ms=3, label="train Dice (augmented batches)")
-    ax.plot(x, [np.nan if e["val_dice"] is None else e["val_dice"] for e in epochs], "-s", ms=3, label="validation Dice")
+    val_label = "validation Dice" + (f" ({val_images} images)" if val_images else "")
+    ax.plot(x, [np.nan if e["val_dice"] is None else e["val_dice"] for e in epochs], "-s", ms=3, label=val_label)
     if round_epochs:
         starts = [i for i in range(1, len(epochs)) if epochs[i]["round"] != epochs[i - 1]["round"]]
         for i, s in enumerate(starts):
@@ -179,4 +207,135 @@ def learning_curves(path, title: str, curves: dict[str, dict], *, train_size: in
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best", framealpha=0.85)
+    return _save(fig, path)
+
+
+def run_learning_curve(path, title: str, labelled: Sequence[int], rounds: Sequence[int], *,
+                       test: Sequence[float | None] | None = None, test_images: int | None = None,
+                       val: Sequence[float | None] | None = None, val_images: int | None = None,
+                       train_size: int | None = None) -> Path:
+    """One run's Dice after each round against its expert-labelled images.
+
+    Test Dice is the solid line when the run has a test split, with validation Dice dashed beside
+    it; a project (no test split) shows validation Dice alone, solid. Each point is marked with
+    its round; ``*_images`` name how many images each Dice is the mean of.
+    """
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    x = np.asarray(labelled, float)
+    has_test = test is not None and any(v is not None for v in test)
+    has_val = val is not None and any(v is not None for v in val)
+    marked = None
+    if has_test:
+        marked = _floats(test)
+        ax.plot(x, marked, "-o", ms=5, color="#1f77b4", label=f"test Dice ({test_images} images)")
+    if has_val:
+        values = _floats(val)
+        ax.plot(x, values, "--s" if has_test else "-s", ms=4 if has_test else 5, color="#2ca02c",
+                label=f"validation Dice ({val_images} images)")
+        marked = values if marked is None else marked
+    if marked is not None:
+        for r, xi, yi in zip(rounds, x, marked):
+            if np.isfinite(yi):
+                ax.annotate(f"round {r}", (xi, yi), textcoords="offset points", xytext=(4, 7), fontsize=7,
+                            color="#555555")
+    else:
+        ax.text(0.5, 0.5, "no Dice recorded for any round", transform=ax.transAxes, ha="center", color="#777777")
+    ax.set_xlabel("expert-labelled training images")
+    ax.set_ylabel("Dice (mean over images)")
+    ax.set_ylim(0, 1.02)
+    if train_size:
+        sec = ax.secondary_xaxis("top", functions=(lambda v: 100 * v / train_size, lambda p: p * train_size / 100))
+        sec.set_xlabel("% of the training split labelled")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if has_test or has_val:
+        ax.legend(fontsize=9, loc="best", framealpha=0.85)
+    return _save(fig, path)
+
+
+def _floats(values: Sequence[float | None]) -> np.ndarray:
+    return np.array([np.nan if v is None else float(v) for v in values], float)
+
+
+def reason_style(reason: str | None) -> tuple[str, str]:
+    """``(legend label, colour)`` of a recorded selection reason (the strategy registry's)."""
+    from alseg.active.strategies import REASONS, reason_kind
+
+    if reason is None:
+        return "no selection recorded", "#7f7f7f"
+    spec = REASONS[reason_kind(reason)]
+    return spec.label, spec.colour
+
+
+def expert_effort(path, title: str, rows: Sequence[dict]) -> Path:
+    """The expert's effort per round, stacked by selection reason, in three panels: minutes (wall
+    clock, with active minutes marked), images labelled (with mask versions and images accepted as
+    predicted marked) and pixels changed from the model's predicted mask.
+
+    ``rows``: one per (round, reason) as :func:`alseg.annotate.effort.effort_by_round` gives them;
+    a value that was not recorded is None and is left out of its panel.
+    """
+    rows = [r for r in rows if r["round"] is not None]  # time on an image no round selected has no bar to join
+    rounds = sorted({r["round"] for r in rows})
+    pos = {r: k for k, r in enumerate(rounds)}
+    styles: dict[str, tuple[str, str]] = {}
+    for r in rows:
+        styles.setdefault(reason_style(r["reason"])[0], reason_style(r["reason"]))
+
+    def stacked(ax, key: str, scale: float = 1.0) -> bool:
+        bottom = np.zeros(len(rounds))
+        drawn = False
+        for label, colour in styles.values():
+            heights = np.zeros(len(rounds))
+            for r in rows:
+                if reason_style(r["reason"])[0] == label and r.get(key) is not None:
+                    heights[pos[r["round"]]] += r[key] * scale
+            if heights.any():
+                ax.bar(np.arange(len(rounds)), heights, bottom=bottom, color=colour, width=0.6, label=label)
+                bottom += heights
+                drawn = True
+        return drawn
+
+    def per_round(key: str, scale: float = 1.0) -> np.ndarray | None:
+        if all(r.get(key) is None for r in rows):
+            return None
+        out = np.zeros(len(rounds))
+        for r in rows:
+            out[pos[r["round"]]] += (r.get(key) or 0) * scale
+        return out
+
+    fig, axes = plt.subplots(3, 1, figsize=(10, 10), sharex=True, layout="constrained")
+    minutes, images, pixels = axes
+    stacked(minutes, "seconds", 1 / 60)
+    active = per_round("active_seconds", 1 / 60)
+    if active is not None:
+        minutes.plot(np.arange(len(rounds)), active, "D", color="black", ms=6, ls="none",
+                     label="active minutes (drawing, all reasons)")
+    minutes.set_ylabel("expert minutes")
+    minutes.set_title("Expert minutes per round (wall clock on the review page, bars by selection reason)")
+    stacked(images, "images")
+    versions = per_round("versions")
+    if versions is not None:
+        images.plot(np.arange(len(rounds)), versions, "o", color="black", mfc="none", ms=7, ls="none",
+                    label="mask versions stored (corrections count)")
+    accepted = per_round("accepted_as_is")
+    if accepted is not None:
+        images.plot(np.arange(len(rounds)), accepted, "*", color="#e6ab02", mec="black", ms=10, ls="none",
+                    label="accepted as predicted")
+    images.set_ylabel("images")
+    images.set_title("Images labelled per round")
+    if not stacked(pixels, "changed_prediction_sum", 1 / 1000):
+        pixels.text(0.5, 0.5, "pixels changed from the prediction: not recorded for these masks",
+                    transform=pixels.transAxes, ha="center", va="center", color="#777777")
+    pixels.set_ylabel("thousand pixels")
+    pixels.set_title("Pixels the expert changed from the model's predicted mask, per round")
+    pixels.set_xlabel("round")
+    pixels.set_xticks(np.arange(len(rounds)), [str(r) for r in rounds])
+    pixels.set_xlim(-0.75, len(rounds) - 0.25)  # one round draws a bar, not a wall
+    for ax in axes:
+        ax.grid(alpha=0.3, axis="y")
+        ax.set_ylim(0, max(ax.get_ylim()[1], 1) * 1.08)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), framealpha=0.85)
+    fig.suptitle(title, fontsize=12)
     return _save(fig, path)
