@@ -222,12 +222,13 @@ def _num(value, spec: str) -> str:
 def _rounds_table(status: dict) -> Table:
     table = Table(title="rounds")
     for col in ("round", "expert-labelled", "pseudo-labelled", "pool", "val Dice", "test Dice", "seconds",
-                "expert min"):
+                "expert min", "active min"):
         table.add_column(col, justify="right")
     for r in status["rounds"]:
+        active = r.get("expert_active_seconds")
         table.add_row(str(r["round"]), str(r["expert_labelled"]), str(r["pseudo_labelled"]), str(r["pool"]),
                       _num(r["val_dice"], ".4f"), _num(r["test_dice"], ".4f"), _num(r["seconds"], ".1f"),
-                      _num(r["expert_seconds"] / 60, ".1f"))
+                      _num(r["expert_seconds"] / 60, ".1f"), _num(active / 60 if active else None, ".1f"))
     return table
 
 
@@ -246,6 +247,18 @@ def _render_status(r: dict) -> None:
     out.print(f"expert-labelled {r['expert_labelled']}, pseudo-labelled {r['pseudo_labelled']}, queued {r['queued']}, "
               f"pool {r['pool']}; expert time {r['expert_seconds'] / 60:.1f} min; stopped: {r['stopped'] or '-'}",
               markup=False, highlight=False)
+    totals = (r.get("effort") or {}).get("totals") or {}
+    if totals.get("versions"):
+        accepted = f", {totals['accepted_as_is']} of {totals['compared_with_prediction']} predictions accepted as is" \
+            if totals.get("compared_with_prediction") else ""
+        out.print(f"expert effort: {totals['versions']} masks stored for {totals['images']} images, "
+                  f"{(totals.get('active_seconds') or 0) / 60:.1f} active min{accepted} "
+                  f"(per round and reason: status --json, effort; alseg export --format effort)",
+                  markup=False, highlight=False, soft_wrap=True)
+    agreement = r.get("agreement") or {}
+    if agreement.get("count"):
+        out.print(f"annotator agreement: mean Dice {agreement['mean_dice']:.3f} over {agreement['count']} images "
+                  "read twice (the first annotator's mask trains)", markup=False, highlight=False, soft_wrap=True)
     _render_model(r)
 
 
@@ -353,8 +366,10 @@ def status(run_dir: Path = typer.Argument(..., help="Run or project directory.")
 
     JSON: top-level expert_labelled, pseudo_labelled, queued, pool, expert_seconds, open_round, stopped;
     model (the latest model's validation Dice beside a constant mask's, useful, warning), warning, gate
-    (the open round's pseudo-label gate: asked, limit, reason); and rounds (each with val and test Dice,
-    seconds, expert seconds, the ids the expert labelled, its model and gate).
+    (the open round's pseudo-label gate: asked, limit, reason); rounds (each with val and test Dice,
+    seconds, expert seconds and active seconds, the ids the expert labelled, its model and gate);
+    effort (per round and selection reason, and totals: images, masks stored, wall and active seconds,
+    strokes, clicks, pixels changed from the prediction, accepted as is); agreement (second readings).
     """
     from alseg.active.loop import status as run_status
 
@@ -656,29 +671,39 @@ def query(project: Path = typer.Argument(..., help="Project folder."),
 
 @app.command()
 def ingest(project: Path = typer.Argument(..., help="Project folder."),
-           folder: Optional[Path] = typer.Argument(None, help="Folder of masks (default PROJECT/rounds/RRR/masks)."),
+           folder: Optional[Path] = typer.Argument(None, help="Folder of masks (default PROJECT/rounds/RRR/masks), "
+                                                   "or another tool's export: a CVAT 'Segmentation mask 1.1' zip, a "
+                                                   "Label Studio JSON, a COCO JSON, an `alseg export` folder."),
+           round: Optional[int] = typer.Option(None, "--round", help="Match the masks to this round's batch (to "
+                                               "correct a past round; by default the open batch's names come "
+                                               "first, then any labelled image's)."),
            allow_empty: bool = typer.Option(False, "--allow-empty", help="Accept empty masks (images without a lesion)."),
            as_json: bool = typer.Option(False, "--json", help="Print what was stored and refused as JSON.")):
-    """Validate the expert's masks for the open batch and store the valid ones.
+    """Validate the expert's masks and store the valid ones: the open batch's, or corrections of any round.
 
     A mask is named after its image (see manifest.csv; a _mask suffix is fine), binary (0/255 or 0/1),
     at the image's original size or the working size, and not empty unless --allow-empty. Every
-    refused file is listed with its problem and its image stays queued; exit status 2 when any was
-    refused. Ingesting the same mask twice changes nothing; a new mask for a labelled image replaces it.
+    refused file is listed with its problem and its image stays as it was; exit status 2 when any was
+    refused. The same mask twice changes nothing; a different mask for a labelled image replaces it,
+    the earlier version is kept (`alseg undo PROJECT ID` restores it) and the next training uses the
+    new one. Masks from CVAT, Label Studio or COCO pass the same checks.
     """
     from alseg.project import ingest as run_ingest
 
-    result = run_ingest(project, folder, allow_empty=allow_empty)
+    result = run_ingest(project, folder, allow_empty=allow_empty, round=round)
 
     def render(r):
         out.print(f"round {r['round']}: stored {len(r['stored'])}, replaced {len(r['replaced'])}, unchanged "
                   f"{len(r['unchanged'])}, refused {len(r['invalid'])}; {r['labelled']} of {r['total']} labelled",
                   markup=False, highlight=False)
+        if r["replaced"]:
+            out.print(f"replaced masks keep their earlier version: `alseg undo {project} ID` restores one",
+                      markup=False, highlight=False, soft_wrap=True)
         for bad in r["invalid"]:
             err.print(f"alseg: refused: {bad['file']}: {bad['problem']}", markup=False, highlight=False, soft_wrap=True)
         if r["complete"]:
-            out.print(f"the batch is complete: `alseg query {project}` trains and chooses the next one",
-                      markup=False, highlight=False, soft_wrap=True)
+            out.print(f"the batch is complete: `alseg query {project}` trains and chooses the next one "
+                      f"(or the review page's Next batch)", markup=False, highlight=False, soft_wrap=True)
 
     _emit(result, as_json, render)
     if result["invalid"]:
@@ -686,22 +711,105 @@ def ingest(project: Path = typer.Argument(..., help="Project folder."),
 
 
 @app.command()
-def serve(project: Path = typer.Argument(..., help="Project folder."),
-          port: int = typer.Option(8765, help="Port."),
-          host: str = typer.Option("127.0.0.1", help="Address to bind (127.0.0.1: this machine only)."),
-          open_browser: bool = typer.Option(False, "--open", help="Open the page in a browser.")):
-    """The review page: correct the predicted masks of the open batch in a browser.
+def undo(project: Path = typer.Argument(..., help="Project folder."),
+         id: str = typer.Argument(..., help="The image's id (as in manifest.csv)."),
+         annotator: str = typer.Option("local", help="Whose latest mask to withdraw."),
+         as_json: bool = typer.Option(False, "--json", help="Print the outcome as JSON.")):
+    """Withdraw the latest mask stored for an image: its previous version is current again.
 
-    Each submitted mask is validated and stored at once; the page records the seconds spent on each
-    image. Holds the project's writer lock while it runs.
+    When it was the image's only mask and its round is not trained yet, the image goes back to the
+    batch's queue. Every version stays in the history (status --json, the report).
+    """
+    from alseg.project import undo as run_undo
+
+    _emit(run_undo(project, id, annotator=annotator), as_json, lambda r: out.print(
+        f"{id}: {r.get('outcome', 'undone')}" + (f" (version {r['version']} is current)" if r.get("version") else ""),
+        markup=False, highlight=False, soft_wrap=True))
+
+
+class ExportFormat(str, Enum):
+    png = "png"
+    coco = "coco"
+    cvat = "cvat"
+    labelstudio = "labelstudio"
+    effort = "effort"
+
+
+@app.command()
+def export(project: Path = typer.Argument(..., help="Project folder."),
+           format: ExportFormat = typer.Option(..., "--format", help="png: images and 0/255 masks with a manifest; "
+                                               "coco: COCO instances JSON (RLE); cvat: a 'Segmentation mask 1.1' zip "
+                                               "CVAT imports; labelstudio: tasks JSON with brush masks; effort: the "
+                                               "expert's effort, one CSV row per annotation."),
+           out_path: Path = typer.Option(..., "--out", help="New or empty folder (an earlier export of the same "
+                                         "format is replaced); for effort, the CSV file."),
+           predictions: bool = typer.Option(True, "--predictions/--no-predictions", help="Add the open batch's "
+                                            "predicted masks as pre-annotations where the format has them."),
+           as_json: bool = typer.Option(False, "--json", help="Print what was written as JSON.")):
+    """Every expert mask of a project, all rounds, out to the tools labs use (reads only).
+
+    The images go with their masks at their original size, one file name per id; masks come back
+    with `alseg ingest PROJECT FILE`. Each format's folder holds a README.txt saying how to load it.
+    """
+    if format is ExportFormat.effort:
+        from alseg.project import export_effort
+
+        _emit(export_effort(project, out_path), as_json, lambda r: out.print(
+            f"{r['rows']} annotation events written to {r['path']}", markup=False, highlight=False, soft_wrap=True))
+        return
+    from alseg.annotate.exchange import export_project
+
+    result = export_project(project, format.value, out_path, predictions=predictions,
+                            reporter=RichReporter(quiet=as_json))
+
+    def render(r):
+        out.print(f"{r['masks']} masks and {r['images']} images written to {r['out']} as {r['format']}"
+                  + (f", with {r['predictions']} predicted masks" if r.get("predictions") else ""),
+                  markup=False, highlight=False, soft_wrap=True)
+        for note in r.get("notes") or ():
+            out.print(f"note: {note}", markup=False, highlight=False, soft_wrap=True)
+
+    _emit(result, as_json, render)
+
+
+class NextMode(str, Enum):
+    button = "button"
+    auto = "auto"
+
+
+@app.command()
+def serve(project: Path = typer.Argument(..., help="Project folder."),
+          port: int = typer.Option(8765, help="Port (0: a free one, printed)."),
+          host: str = typer.Option("127.0.0.1", help="Address to bind. 127.0.0.1: this machine only. Any other "
+                                   "(0.0.0.0: every interface) lets other machines reach the page, and then every "
+                                   "request needs a token (see below)."),
+          open_browser: bool = typer.Option(False, "--open", help="Open the page in a browser."),
+          next_mode: NextMode = typer.Option(NextMode.button, "--next", help="button: the page's Next batch button "
+                                             "trains and exports the next batch; auto: finishing a batch starts it."),
+          annotator: str = typer.Option("local", help="Who submits from this machine (recorded with every mask; "
+                                        "with tokens, each token names its annotator)."),
+          token_file: Optional[Path] = typer.Option(None, "--token-file", help="Tokens kept by the lab: lines "
+                                                    "`NAME TOKEN` (or one bare token for --annotator).")):
+    """The review page: the expert's workplace for a project, in a browser.
+
+    Correct the predicted masks of the open batch, reopen and correct any earlier round, undo a
+    submit, and start the next batch (training runs in a worker; the page stays usable). Each mask is
+    validated and stored at once with who submitted it and the active seconds spent. Holds the
+    project's writer lock while it runs.
+
+    Off this machine: with --host other than 127.0.0.1 the page is reachable from the network and
+    every request needs a token: the project's (`alseg token PROJECT NAME`, one per annotator), a
+    --token-file, or one made now for --annotator and printed in the address to open
+    (http://HOST:PORT/?token=...). Tokens travel in clear over plain HTTP: on a network you do not
+    trust, keep 127.0.0.1 and put an HTTPS reverse proxy in front (README, "Remote experts").
     """
     import signal
 
     from alseg.annotate.server import serve as run_server
 
     signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C is how the page is stopped: no resume hint
-    run_server(project, host=host, port=port, open_browser=open_browser, log=lambda text: err.print(
-        text, markup=False, highlight=False, soft_wrap=True))
+    run_server(project, host=host, port=port, open_browser=open_browser, token_file=token_file, annotator=annotator,
+               next_mode=next_mode.value, log=lambda text: err.print(text, markup=False, highlight=False, soft_wrap=True))
 
 
 @app.command()

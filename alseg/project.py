@@ -168,10 +168,25 @@ def _ingest_exchange(store: RunStore, size: int, source: Path, **options) -> dic
     """Another tool's masks, written as PNG files named after their images, through :func:`ingest_folder`."""
     import tempfile
 
-    from alseg.annotate.exchange import masks_from_exchange
+    import numpy as np
+
+    from alseg.annotate.exchange import initial_masks, masks_from_exchange
+    from alseg.data.imageio import read_mask
     from alseg.store import mask_png
 
     masks = masks_from_exchange(source)
+    # an export holds the lab's first masks too; they train from the lab's own files, so the same
+    # mask back is unchanged and a different one is refused, naming the file to correct
+    initial, same, changed = initial_masks(store), [], []
+    for name in [n for n in masks if n in initial]:
+        id, file = initial[name]
+        mask = masks.pop(name)
+        stored = read_mask(file)
+        if stored.shape != mask.shape:  # compare at the file's size
+            from PIL import Image
+
+            mask = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(stored.shape[::-1], Image.NEAREST)) >= 128
+        (same if np.array_equal(mask, stored) else changed).append((id, file))
     store.dir.incoming.mkdir(exist_ok=True)
     unusable = [name for name in masks if not name or "/" in name or "\\" in name or name.startswith(".")]
     with tempfile.TemporaryDirectory(prefix="exchange-", dir=store.dir.incoming) as tmp:
@@ -183,6 +198,9 @@ def _ingest_exchange(store: RunStore, size: int, source: Path, **options) -> dic
                               for name in unusable]
         for bad in result["invalid"]:  # name the user's file and the entry in it, not the temporary copy
             bad["file"] = f"{source} [{Path(bad['file']).stem}]"
+    result["unchanged"] += [id for id, _ in same]
+    result["invalid"] += [{"file": f"{source} [{id}]", "problem": f"differs from one of the lab's first masks, which "
+                           f"trains from its own file: correct {file} instead"} for id, file in changed]
     return result
 
 

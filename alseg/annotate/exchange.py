@@ -252,6 +252,12 @@ def _items(store: RunStore, predictions: bool) -> tuple[list[_Item], list[_Item]
     return labelled, to_label, batch.round if batch is not None else None
 
 
+def initial_masks(store: RunStore) -> dict[str, tuple[str, Path]]:
+    """``{exported name: (id, mask file)}`` of the lab's initial masks, which train from their own files."""
+    labelled, _, _ = _items(store, predictions=False)
+    return {it.name: (it.id, Path(it.sample.mask)) for it in labelled if it.origin == "initial"}
+
+
 def _at_size(mask: np.ndarray, width: int, height: int) -> np.ndarray:
     if mask.shape == (height, width):
         return mask
