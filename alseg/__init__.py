@@ -15,7 +15,8 @@ from alseg.compare import compare
 from alseg.metrics import dice_per_image, pooled_dice, summarize_dice, volume_dice
 from alseg.model import ModelConfig, UNet, count_parameters, set_mc_dropout
 from alseg.predict import predict_folder
-from alseg.project import Project, ingest, init_project, query
+from alseg.annotate.exchange import export_project
+from alseg.project import Project, export_effort, ingest, init_project, query, undo
 from alseg.rundir import RunDir
 from alseg.store import RunStore
 from alseg.train import Checkpoint, TrainConfig, fit, predict_probs
@@ -28,4 +29,5 @@ __all__ = [
     "evaluate", "fit", "load_cached", "make_split", "open_dataset", "pooled_dice", "predict_folder", "predict_probs",
     "prepare_data", "run_active", "status", "make_report", "compare", "score_model", "set_mc_dropout", "summarize", "summarize_dice", "train_supervised",
     "volume_dice", "Project", "RunDir", "RunStore", "ingest", "init_project", "query",
+    "undo", "export_effort", "export_project",
 ]
