@@ -7,6 +7,7 @@ exit status 2; any other exception is a bug and keeps its traceback.
 from __future__ import annotations
 
 import json
+import sqlite3
 import sys
 import traceback
 from enum import Enum
@@ -869,12 +870,14 @@ def main(argv: list[str] | None = None) -> int:
         hint = f"; resume with {_RESUME_HINT[0]}" if _RESUME_HINT else ""
         err.print(f"alseg: interrupted{hint}", markup=False, highlight=False, soft_wrap=True)
         return 130
-    except OSError as exc:
+    except (OSError, sqlite3.OperationalError) as exc:
         import errno
 
-        if exc.errno != errno.ENOSPC:
+        # ENOSPC, a quota (EDQUOT) and SQLite's SQLITE_FULL are all "disk full" to the user
+        if not ((isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT))
+                or (isinstance(exc, sqlite3.OperationalError) and "disk is full" in str(exc))):
             raise
-        where = f"{exc.filename}: " if exc.filename else ""
+        where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
         hint = f"; free space and resume with {_RESUME_HINT[0]}" if _RESUME_HINT else ""
         err.print(f"alseg: error: {where}disk full; every finished step is saved and consistent{hint}",
                   markup=False, highlight=False, soft_wrap=True)

@@ -71,3 +71,19 @@ def test_report_of_a_supervised_run(lgg_run):
     assert report["figures"] == ["predictions-initial.png", "training-initial.png"]
     rows = (out / "report" / "rounds.csv").read_text().splitlines()
     assert len(rows) == 2 and rows[1].startswith(f"0,{result['labelled']},0,")
+
+
+@pytest.mark.parametrize("error", [OSError(28, "No space left on device"), OSError(122, "Disk quota exceeded"),
+                                   sqlite3.OperationalError("database or disk is full")],
+                         ids=["ENOSPC", "EDQUOT", "SQLITE_FULL"])
+def test_every_kind_of_full_disk_is_one_line(monkeypatch, capsys, tmp_path, error):
+    import alseg.active.loop as loop
+    from alseg.cli import main
+
+    def full(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(loop, "status", full)
+    assert main(["status", str(tmp_path)]) == 2
+    text = capsys.readouterr().err
+    assert text.count("\n") == 1 and "disk full" in text and "Traceback" not in text

@@ -367,3 +367,22 @@ def test_a_file_name_that_is_not_utf8_is_one_line(tmp_path):
     with pytest.raises(AlsegError, match="not valid UTF-8") as info:
         open_dataset(root)
     str(info.value).encode("utf-8")  # the line prints on any terminal
+
+
+def test_a_damaged_lgg_tiff_is_one_line_naming_it(tmp_path):
+    import shutil
+
+    src = LGG / PATIENT
+    patient = tmp_path / "kaggle_3m" / PATIENT
+    patient.mkdir(parents=True)
+    for f in sorted(src.glob("*_mask.tif"))[:3]:  # three slices, each with its mask
+        shutil.copy(f, patient / f.name)
+        shutil.copy(src / f.name.replace("_mask", ""), patient / f.name.replace("_mask", ""))
+    victim = next(p for p in sorted(patient.iterdir()) if not p.stem.endswith("_mask"))
+    data = victim.read_bytes()
+    victim.write_bytes(data[: len(data) // 3])  # a copy cut short
+    dataset = open_dataset(tmp_path / "kaggle_3m")
+    with pytest.raises(AlsegError) as info:
+        load_cached(dataset, 32, cache_dir=tmp_path / "cache")
+    assert info.value.path == str(victim) and "unreadable image" in info.value.problem
+    assert not any((tmp_path / "cache").rglob("*.npy")), "a half-built cache was left behind"

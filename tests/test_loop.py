@@ -175,7 +175,6 @@ def test_budget_and_empty_pool_stop_the_run(tmp_path, monkeypatch):
     result = run_active(cfg, tmp_path / "budget")
     with RunStore.open_readonly(tmp_path / "budget") as store:
         assert store.scores(1) == {} and len(store.selection(1, "expert")) == 35
-        assert store.round_timings(1)["score_s"] < 1.0
     last = result["rounds"][-1]
     assert result["stopped"].startswith("reached the label budget")
     assert last["expert_labelled"] >= 0.5 * (last["expert_labelled"] + last["pool"]) > result["rounds"][-2]["expert_labelled"]

@@ -22,6 +22,7 @@ from __future__ import annotations
 import re
 import threading
 import warnings
+import zlib
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -62,7 +63,8 @@ def _reading(path: Path) -> Iterator[None]:
         if path.is_symlink():
             raise AlsegError("broken symbolic link (its target does not exist)", path) from None
         raise AlsegError("file not found", path) from None
-    except (OSError, SyntaxError, ValueError, UnidentifiedImageError, Image.DecompressionBombError) as exc:
+    except (OSError, SyntaxError, ValueError, UnidentifiedImageError, Image.DecompressionBombError,
+            zlib.error) as exc:  # zlib: a deflate-compressed TIFF cut short
         raise AlsegError(f"unreadable image ({_short(exc, path)})", path) from None
     except Exception as exc:  # tifffile raises its own types for corrupt files
         if type(exc).__module__.startswith("tifffile"):
