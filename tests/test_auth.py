@@ -119,3 +119,53 @@ def test_token_command_prints_a_token_that_the_project_accepts(tmp_path, capsys)
     assert Annotators.load(project).name_for(token) == "alice"
     assert main(["token", str(project), "a b"]) == 2
     assert "annotator name" in capsys.readouterr().err
+
+
+def test_a_loopback_server_behind_a_proxy_asks_for_the_projects_tokens(tmp_path):
+    """Tokens made with `alseg token` count on 127.0.0.1 too: an HTTPS proxy in front forwards
+    another Host and Origin, which the token, not a list of names, then vouches for."""
+    import re
+    import signal
+    import subprocess
+    import sys
+
+    from annotate_fixtures import build_project, copy_project
+    from test_server_hardening import _request
+
+    project, _ = build_project(_Factory(tmp_path))
+    path = copy_project(project, tmp_path / "p")
+    token = Annotators.load(path).add("alice")
+    code = "import sys; import alseg.annotate.server as s; s.serve(sys.argv[1], port=0, log=lambda t: print(t, flush=True))"
+    proc = subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        first = proc.stdout.readline()
+        port = int(re.search(r"http://127\.0\.0\.1:(\d+)/ ", first).group(1))
+        get = "GET /api/batch HTTP/1.1\r\nHost: {}\r\n{}Connection: close\r\n\r\n"
+        status, _, _ = _request(port, get.format(f"127.0.0.1:{port}", ""))
+        assert status == 401  # on loopback too, once the project has tokens
+        proxied = get.format("lab.example.org", f"Origin: https://lab.example.org\r\nAuthorization: Bearer {token}\r\n")
+        status, _, body = _request(port, proxied)
+        assert status == 200 and b'"annotator":"alice"' in body
+        put = (f"POST /api/skip/x HTTP/1.1\r\nHost: lab.example.org\r\nOrigin: https://lab.example.org\r\n"
+               f"Authorization: Bearer {token}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        status, _, body = _request(port, put)
+        assert status != 403, body  # the proxy's Origin is not refused: the token vouches (404: no such image)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(30)
+
+
+class _Factory:
+    """tmp_path_factory's one method that build_project uses, over one test's folder."""
+
+    def __init__(self, root):
+        self.root = root
+
+    def getbasetemp(self):
+        return self.root
+
+    def mktemp(self, name):
+        folder = self.root / name
+        folder.mkdir()
+        return folder

@@ -28,21 +28,40 @@ GET     ``/api/job``                    that worker's state
 GET     ``/api/status``                 the project's status (as ``alseg status --json``)
 ======  ==============================  =====================================================
 
-Errors are JSON ``{"error": "..."}`` with a 4xx status. Safety: ids are looked up in the batch,
-never joined into paths; only the files the batch's manifest records are served, and only when
-they resolve inside the batch folder; every upload is size-capped (413 before it is read whole)
-and validated by :meth:`alseg.project.Project.submit`, which stores it atomically. Requests
-whose ``Origin`` is another site are refused (no cross-site submits), and on a loopback address
-so are requests for another ``Host`` (DNS rebinding). With annotators (tokens,
-:mod:`alseg.annotate.auth`) every request needs a token and each submit is recorded under its
-annotator's name; :func:`serve` requires them off loopback.
+Every GET route answers HEAD too (the same status and headers, no body), and an ``{id}`` may
+hold any character, a newline included (``%0A``).
+
+Errors are JSON ``{"error": "..."}``: 4xx for the request, 503 when busy, 507 when the disk is
+full (nothing stored), 500 for a bug (whose traceback is still logged). Safety: ids are looked up
+in the batch, never joined into paths; only the files the batch's manifest records are served,
+and only when they resolve inside the batch folder; every upload is size-capped (413 before it
+is read whole) and validated by :meth:`alseg.project.Project.submit`, which stores it
+atomically. Requests whose ``Origin`` is another site are refused (no cross-site submits); a
+``Host`` that is not a plain ``name[:port]`` is refused (400), and on a loopback address so is
+one for another name (DNS rebinding). With annotators (tokens, :mod:`alseg.annotate.auth`)
+every request, to any path and with any method, needs a token and each submit is recorded under
+its annotator's name; :func:`serve` requires them off loopback.
+
+Bounds, so that slow or many clients cannot hold the server (:func:`create_app`,
+:func:`server_config`): an upload's whole body must arrive within ``upload_deadline`` (408),
+at most ``upload_slots`` upload bodies are received and stored at once (one more waits
+``busy_wait`` seconds, then 503), and bodies are spooled to a nameless file in the project's
+``.incoming/`` past ``spool_bytes`` rather than held in memory; a connection that sends no
+complete request head within ``IDLE_SECONDS`` of opening (or of its last answer) is closed, and
+past ``MAX_CONNECTIONS`` open connections new requests get 503. A client that goes away in the
+middle of an upload is not an error: nothing is stored and nothing is logged.
 """
 from __future__ import annotations
 
+import asyncio
+import errno
 import ipaddress
 import io
 import math
+import re
 import socket
+import sqlite3
+import tempfile
 import threading
 from pathlib import Path
 from urllib.parse import quote, urlsplit
@@ -52,13 +71,21 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
+from starlette.convertors import Convertor, register_url_convertor
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from alseg.annotate.auth import DEFAULT_ANNOTATOR, TokenGuard
 from alseg.errors import AlsegError
 
 STATIC = Path(__file__).resolve().parent / "static"
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024
+UPLOAD_DEADLINE = 60.0  # seconds for an upload's whole body: a 20 MB mask over a slow link, with room
+UPLOAD_SLOTS = 4  # upload bodies received and stored at once
+BUSY_WAIT = 2.0  # seconds one more upload waits for a slot before it is told the server is busy
+SPOOL_BYTES = 1024 * 1024  # an upload body past this goes to a nameless file in .incoming/, not memory
+IDLE_SECONDS = 5.0  # a connection must send a request's head within this of opening or of its last answer
+MAX_CONNECTIONS = 100  # open connections; past this uvicorn answers new requests 503
 MAX_SECONDS = 24 * 3600.0  # one recorded stretch of expert time; more is a clock gone wrong
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 _SECURITY_HEADERS = [
@@ -71,52 +98,107 @@ _SECURITY_HEADERS = [
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, error: str, id: str | None = None, extra: dict | None = None):
-        self.status, self.error, self.id, self.extra = status, error, id, extra
+    """A refused request: rendered as ``{"error": ..., "id": ...}`` with ``status`` (and ``headers``)."""
+
+    def __init__(self, status: int, error: str, id: str | None = None, extra: dict | None = None,
+                 headers: dict | None = None):
+        self.status, self.error, self.id, self.extra, self.headers = status, error, id, extra, headers
 
 
-def _error(status: int, error: str, id: str | None = None, extra: dict | None = None) -> JSONResponse:
+# an upload refused before its body was read whole: the rest of it must not be parsed as a next request
+_CLOSE = {"Connection": "close"}
+
+
+def _error(status: int, error: str, id: str | None = None, extra: dict | None = None,
+           headers: dict | None = None) -> JSONResponse:
     body = {"error": error} if id is None else {"error": error, "id": id}
     body.update(extra or {})
-    return JSONResponse(body, status_code=status, headers={"Cache-Control": "no-store"})
+    return JSONResponse(body, status_code=status, headers={"Cache-Control": "no-store", **(headers or {})})
+
+
+def _disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` says the disk (or the database's file system) is full."""
+    if isinstance(exc, AlsegError):
+        return exc.problem.startswith("disk full")
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    if isinstance(exc, sqlite3.Error):
+        return getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or "disk is full" in str(exc)
+    return False
+
+
+DISK_FULL = "disk full; nothing was stored (free space on the project's disk, then submit again)"
+
+
+class _AnyText(Convertor):
+    """A path parameter of any characters: Starlette's ``path`` (``.*``) stops at a newline."""
+
+    regex = r"[\s\S]*"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("anytext", _AnyText())
 
 
 class _Guard:
-    """ASGI middleware: refuse cross-site writes and foreign Host headers; add security headers."""
+    """ASGI middleware: refuse malformed and foreign Host headers and cross-site writes; answer HEAD
+    as GET without the body; add security headers."""
 
-    def __init__(self, app, allowed_hosts: tuple[str, ...] | None):
+    def __init__(self, app, allowed_hosts: tuple[str, ...] | None, check_origin: bool = True):
         self.app = app
         self.allowed = None if allowed_hosts is None else {h.lower().strip("[]") for h in allowed_hosts}
+        self.check_origin = check_origin
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         host = headers.get("host", "")
-        problem = None
-        if self.allowed is not None and _hostname(host) not in self.allowed:
+        name = _hostname(host)
+        status, problem = 403, None
+        if name is None:
+            status, problem = 400, f"malformed Host header {host!r}"
+        elif self.allowed is not None and name not in self.allowed:
             problem = f"host {host!r} is not served here (open the page at 127.0.0.1)"
-        elif scope["method"] not in ("GET", "HEAD", "OPTIONS") and "origin" in headers:
+        elif self.check_origin and scope["method"] not in ("GET", "HEAD", "OPTIONS") and "origin" in headers:
             origin = urlsplit(headers["origin"])
             if origin.netloc.lower() != host.lower():
                 problem = "request from another site refused (open the review page itself)"
-        if problem is not None:
-            return await _error(403, problem)(scope, receive, send)
+        head = scope["method"] == "HEAD"
+        if head:  # routes are declared for GET; HEAD gets GET's status and headers
+            scope = {**scope, "method": "GET"}
 
         async def send_with_headers(message):
             if message["type"] == "http.response.start":
                 message["headers"] = list(message.get("headers", [])) + _SECURITY_HEADERS
+            elif head and message["type"] == "http.response.body":
+                message = {**message, "body": b""}
             await send(message)
 
+        if problem is not None:
+            return await _error(status, problem)(scope, receive, send_with_headers)
         await self.app(scope, receive, send_with_headers)
 
 
-def _hostname(host: str) -> str:
-    """The name in a Host header, without its port (``[::1]:80`` -> ``::1``)."""
-    host = host.strip().lower()
-    if host.startswith("["):
-        return host[1:].split("]", 1)[0]
-    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+_HOST = re.compile(r"(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<name>[A-Za-z0-9_](?:[A-Za-z0-9._-]{0,252})))"
+                   r"(?::(?P<port>[0-9]{1,5}))?")
+
+
+def _hostname(host: str) -> str | None:
+    """The name in a Host header, lower case and without its port (``[::1]:80`` -> ``::1``); ``""``
+    for no Host; None when it is not a plain ``name[:port]`` (``a:1@b``, ``a/b``, spaces, a port
+    that is not a number): such a Host is never compared with a name, so it cannot pass as one."""
+    if host == "":
+        return ""
+    m = _HOST.fullmatch(host)
+    if m is None or (m["port"] is not None and int(m["port"]) > 65535):
+        return None
+    return (m["v6"] or m["name"]).lower()
 
 
 THUMB_SIDE = 192
@@ -127,7 +209,9 @@ NEXT_MODES = ("button", "auto")
 
 def create_app(project, *, max_upload_bytes: int = MAX_UPLOAD_BYTES,
                allowed_hosts: tuple[str, ...] | None = None, annotators=None,
-               default_annotator: str = DEFAULT_ANNOTATOR, turnover=None, next_mode: str = "button") -> FastAPI:
+               default_annotator: str = DEFAULT_ANNOTATOR, turnover=None, next_mode: str = "button",
+               upload_deadline: float = UPLOAD_DEADLINE, upload_slots: int = UPLOAD_SLOTS,
+               busy_wait: float = BUSY_WAIT, spool_bytes: int = SPOOL_BYTES) -> FastAPI:
     """The review app over an open :class:`alseg.project.Project` (which the caller closes).
 
     ``allowed_hosts``: the Host names served (``None``: any; :func:`serve` passes the loopback
@@ -137,17 +221,37 @@ def create_app(project, *, max_upload_bytes: int = MAX_UPLOAD_BYTES,
     (``None``: the page cannot, and says to run ``alseg query`` with the server stopped).
     ``next_mode``: ``"button"`` (the expert starts the next round) or ``"auto"`` (the submit that
     completes the latest batch starts it).
+    ``upload_deadline``: seconds for an upload's whole body (then 408); ``upload_slots``: upload
+    bodies received and stored at once (one more waits ``busy_wait`` seconds, then 503);
+    ``spool_bytes``: a body past this size is spooled to the project's ``.incoming/``.
     """
     if next_mode not in NEXT_MODES:
         raise AlsegError(f"next_mode must be one of {', '.join(NEXT_MODES)}, not {next_mode!r}")
+    if upload_slots < 1 or not upload_deadline > 0 or busy_wait < 0:
+        raise AlsegError("upload_slots must be 1 or more, upload_deadline above 0 and busy_wait 0 or more")
+    slots: dict = {}  # the running event loop -> its semaphore (a test may serve one app from several loops)
     app = FastAPI(title="alseg review", docs_url=None, redoc_url=None, openapi_url="/api/openapi.json")
     # the last added runs first: Host and Origin are checked before the token
     app.add_middleware(TokenGuard, annotators=annotators, default_annotator=default_annotator)
-    app.add_middleware(_Guard, allowed_hosts=allowed_hosts)
+    # with tokens, a write from another site carries none (the cookie is SameSite=Strict), so the
+    # Origin check would only refuse the page itself behind a proxy that rewrites Host
+    app.add_middleware(_Guard, allowed_hosts=allowed_hosts, check_origin=annotators is None or not len(annotators))
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
-        return _error(exc.status, exc.error, exc.id, exc.extra)
+        return _error(exc.status, exc.error, exc.id, exc.extra, exc.headers)
+
+    @app.exception_handler(OSError)
+    @app.exception_handler(sqlite3.Error)
+    async def _storage_error(request: Request, exc: Exception):
+        if _disk_full(exc):  # a thumbnail, a skip or an undo that found the disk full
+            return _error(507, "disk full; nothing was changed (free space on the project's disk)")
+        raise exc  # anything else is a bug: a 500 with its traceback logged
+
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, exc: Exception):
+        # the page reads every error as JSON; Starlette still logs the traceback after this answer
+        return _error(500, f"internal error ({type(exc).__name__}); the server's log has the details")
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
@@ -242,19 +346,19 @@ def create_app(project, *, max_upload_bytes: int = MAX_UPLOAD_BYTES,
         return {**common, "round": batch.round, "latest": latest is None or latest.round == batch.round,
                 "labelled": done, "total": len(items), "complete": done == len(items), "items": items}
 
-    @app.get("/api/image/{id:path}")
+    @app.get("/api/image/{id:anytext}")
     def get_image(id: str, round: int | None = None):
         return batch_file(id, "image", round)
 
-    @app.get("/api/predicted/{id:path}")
+    @app.get("/api/predicted/{id:anytext}")
     def get_predicted(id: str, round: int | None = None):
         return batch_file(id, "predicted", round)
 
-    @app.get("/api/uncertainty/{id:path}")
+    @app.get("/api/uncertainty/{id:anytext}")
     def get_uncertainty(id: str, round: int | None = None):
         return batch_file(id, "uncertainty", round)
 
-    @app.get("/api/thumb/{id:path}")
+    @app.get("/api/thumb/{id:anytext}")
     def get_thumb(id: str, round: int | None = None):
         source, batch, item = batch_path(id, "image", round)
         path = batch.folder / "thumbs" / f"{Path(item.image).stem}.jpg"
@@ -265,7 +369,7 @@ def create_app(project, *, max_upload_bytes: int = MAX_UPLOAD_BYTES,
             atomic_write_bytes(path, thumbnail_jpeg(source))
         return FileResponse(path, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=86400"})
 
-    @app.get("/api/mask/{id:path}")
+    @app.get("/api/mask/{id:anytext}")
     def get_mask(id: str, round: int | None = None, version: int | None = None):
         from alseg.store import mask_png
 
@@ -279,7 +383,7 @@ def create_app(project, *, max_upload_bytes: int = MAX_UPLOAD_BYTES,
                            else f"no version {version} of this image's mask", id)
         return Response(mask_png(mask), media_type="image/png", headers={"Cache-Control": "no-store"})
 
-    @app.api_route("/api/mask/{id:path}", methods=["PUT", "POST"])
+    @app.api_route("/api/mask/{id:anytext}", methods=["PUT", "POST"])
     async def put_mask(id: str, request: Request, round: int | None = None, seconds: float | None = None,
                        active_seconds: float | None = None, strokes: int | None = None, clicks: int | None = None,
                        allow_empty: bool = False, replace: bool = False):
@@ -295,30 +399,78 @@ def create_app(project, *, max_upload_bytes: int = MAX_UPLOAD_BYTES,
             try:
                 declared = int(length)
             except ValueError:
-                raise ApiError(400, "bad Content-Length") from None
+                raise ApiError(400, "bad Content-Length", headers=_CLOSE) from None
             if declared > max_upload_bytes:
-                raise ApiError(413, f"upload of {declared} bytes is over the limit of {max_upload_bytes}", id)
-        body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > max_upload_bytes:
-                raise ApiError(413, f"upload is over the limit of {max_upload_bytes} bytes", id)
-        if not body:
-            raise ApiError(400, "empty upload: send the mask as PNG bytes", id)
+                raise ApiError(413, f"upload of {declared} bytes is over the limit of {max_upload_bytes}", id,
+                               headers=_CLOSE)
         effort = None
         if active_seconds is not None or strokes is not None or clicks is not None:
             effort = {"active_seconds": active_seconds, "strokes": strokes, "clicks": clicks}
+        slot = upload_slot()
+        if slot.locked():  # (wait_for with no time left would refuse even a slot that is free)
+            try:
+                await asyncio.wait_for(slot.acquire(), busy_wait)
+            except TimeoutError:
+                raise ApiError(503, f"busy: {upload_slots} uploads are being received; send it again in a "
+                                    "moment", id, headers={"Retry-After": "2", **_CLOSE}) from None
+        else:
+            await slot.acquire()
         try:
-            result = await run_in_threadpool(
-                lambda: project.submit(item.id, bytes(body), round=round, seconds=seconds, allow_empty=allow_empty,
-                                       annotator=annotator_of(request), effort=effort, replace=replace))
-        except NeedsConfirm as exc:
-            raise ApiError(409, exc.problem, id, {"confirm": True}) from None
-        except AlsegError as exc:
-            raise ApiError(422, exc.problem, id) from None
+            try:
+                with await run_in_threadpool(spool_file) as spool:
+                    await receive_body(request, spool, id)
+                    result = await run_in_threadpool(
+                        lambda: project.submit(item.id, read_all(spool), round=round, seconds=seconds,
+                                               allow_empty=allow_empty, annotator=annotator_of(request),
+                                               effort=effort, replace=replace))
+            except NeedsConfirm as exc:
+                raise ApiError(409, exc.problem, id, {"confirm": True}) from None
+            except (AlsegError, OSError, sqlite3.Error) as exc:
+                if _disk_full(exc):
+                    raise ApiError(507, DISK_FULL, id) from None
+                if isinstance(exc, AlsegError):
+                    raise ApiError(422, exc.problem, id) from None
+                raise
+            except ClientDisconnect:
+                # the client went away mid-body: nothing was stored, and nobody is left to answer
+                return Response(status_code=400)
+        finally:
+            slot.release()
         if next_mode == "auto" and result.get("complete") and turnover is not None:
             await run_in_threadpool(start_next)
         return {**result, "job": job()}
+
+    def upload_slot() -> asyncio.Semaphore:
+        loop = asyncio.get_running_loop()
+        if slots.get("loop") is not loop:
+            slots.update(loop=loop, semaphore=asyncio.Semaphore(upload_slots))
+        return slots["semaphore"]
+
+    def spool_file():
+        # past spool_bytes the body goes to a nameless file (O_TMPFILE): a killed server leaves nothing
+        project.dir.incoming.mkdir(exist_ok=True)
+        return tempfile.SpooledTemporaryFile(max_size=spool_bytes, dir=project.dir.incoming)
+
+    def read_all(spool) -> bytes:
+        spool.seek(0)
+        return spool.read()
+
+    async def receive_body(request: Request, spool, id: str) -> None:
+        """The request's body into ``spool``, within ``upload_deadline`` and ``max_upload_bytes``."""
+        size = 0
+        try:
+            async with asyncio.timeout(upload_deadline):
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > max_upload_bytes:
+                        raise ApiError(413, f"upload is over the limit of {max_upload_bytes} bytes", id,
+                                       headers=_CLOSE)
+                    spool.write(chunk)  # to memory, or (past spool_bytes) to the page cache: quick
+        except TimeoutError:
+            raise ApiError(408, f"the upload took longer than {upload_deadline:g} s and was dropped; "
+                                "nothing was stored", id, headers=_CLOSE) from None
+        if size == 0:
+            raise ApiError(400, "empty upload: send the mask as PNG bytes", id)
 
     def start_next() -> bool:
         """Start the next round when the latest batch is complete; False when there is nothing to start."""
@@ -329,7 +481,7 @@ def create_app(project, *, max_upload_bytes: int = MAX_UPLOAD_BYTES,
         turnover.start()
         return True
 
-    @app.post("/api/undo/{id:path}")
+    @app.post("/api/undo/{id:anytext}")
     def undo(id: str, request: Request, round: int | None = None):
         _, item = lookup(id, round)
         try:
@@ -337,7 +489,7 @@ def create_app(project, *, max_upload_bytes: int = MAX_UPLOAD_BYTES,
         except AlsegError as exc:
             raise ApiError(409, exc.problem, id) from None
 
-    @app.get("/api/history/{id:path}")
+    @app.get("/api/history/{id:anytext}")
     def history(id: str, round: int | None = None):
         _, item = lookup(id, round)
         return {"id": item.id, "history": project.history(item.id)}
@@ -354,12 +506,12 @@ def create_app(project, *, max_upload_bytes: int = MAX_UPLOAD_BYTES,
             raise ApiError(409, exc.problem, id) from None
         return {"id": item.id, "action": action, "seconds": seconds, "active_seconds": active_seconds}
 
-    @app.post("/api/skip/{id:path}")
+    @app.post("/api/skip/{id:anytext}")
     def skip(id: str, request: Request, seconds: float = 0.0, active_seconds: float | None = None,
              round: int | None = None):
         return record(id, seconds, "skip", request, active_seconds, round)
 
-    @app.post("/api/time/{id:path}")
+    @app.post("/api/time/{id:anytext}")
     def view_time(id: str, request: Request, seconds: float, action: str = "view",
                   active_seconds: float | None = None, round: int | None = None):
         if action not in ("view", "skip"):
@@ -387,7 +539,7 @@ def create_app(project, *, max_upload_bytes: int = MAX_UPLOAD_BYTES,
     def get_status():
         return project.status()
 
-    @app.api_route("/api/{rest:path}", methods=["GET", "HEAD", "PUT", "POST", "DELETE", "PATCH"])
+    @app.api_route("/api/{rest:anytext}", methods=["GET", "PUT", "POST", "DELETE", "PATCH"])
     def unknown(rest: str):
         raise ApiError(404, "no such API endpoint")
 
@@ -438,11 +590,12 @@ def serve(project_path, host: str = "127.0.0.1", port: int = 8765, open_browser:
           token_file=None, annotator: str = DEFAULT_ANNOTATOR, next_mode: str = "button") -> None:
     """Run the review page for ``project_path`` until Ctrl-C, holding the project's writer lock.
 
-    On a loopback address without ``token_file`` the page needs no login and every annotation is
-    ``annotator``'s. Off loopback (or with ``token_file``) every request needs a token: those of
-    ``token_file`` (lines ``NAME TOKEN``), else the project's (``annotators.json``); when the
-    project has none yet, one is made for ``annotator`` and the URL printed carries it, with the
-    address other machines reach. ``next_mode``: see :func:`create_app`; the next round is made by
+    Every request needs a token when there are any: those of ``token_file`` (lines ``NAME TOKEN``),
+    else the project's (``annotators.json``, made by ``alseg token``), on any address (a loopback
+    server behind an HTTPS proxy too). Without tokens, a loopback server needs no login and every
+    annotation is ``annotator``'s; off loopback one is made for ``annotator`` and the URL printed
+    carries it, with the address other machines reach. With tokens the Host and Origin checks step
+    aside (a request proves itself; the proxy's names need no list). ``next_mode``: see :func:`create_app`; the next round is made by
     a :class:`~alseg.annotate.turnover.Turnover` worker under this server's lock.
 
     Raises AlsegError when another process holds the lock or the port cannot be taken.
@@ -463,14 +616,19 @@ def serve(project_path, host: str = "127.0.0.1", port: int = 8765, open_browser:
     turnover = None
     try:
         token = None
-        if annotators is None and not loopback:
+        if annotators is None:  # the project's tokens count on any address (behind an HTTPS proxy too)
             annotators = Annotators.load(project.dir.root)
             if not len(annotators):
-                token = annotators.add(annotator)
+                if loopback:
+                    annotators = None
+                else:
+                    token = annotators.add(annotator)
         sock = _bind(host, port)
         try:
             turnover = Turnover(project.dir.root, project._fd, log=log)
-            app = create_app(project, allowed_hosts=LOOPBACK_HOSTS if loopback else None, annotators=annotators,
+            # with tokens a request proves itself, so the names it comes by (a proxy's) need no list
+            served = LOOPBACK_HOSTS if loopback and annotators is None else None
+            app = create_app(project, allowed_hosts=served, annotators=annotators,
                              default_annotator=annotator, turnover=turnover, next_mode=next_mode)
             shown = host if loopback else reachable_host(host)
             shown = f"[{shown.strip('[]')}]" if ":" in shown else shown
@@ -490,7 +648,7 @@ def serve(project_path, host: str = "127.0.0.1", port: int = 8765, open_browser:
                     log(f"each person opens it with their own token (?token=...): {', '.join(annotators.names())}")
             if not loopback:
                 log(f"listening on {host}: reachable from other machines, with a token only")
-            server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off"))
+            server = uvicorn.Server(server_config(app))
             if open_browser:
                 opened = url if token is None else f"{url}?token={token}"
                 threading.Thread(target=_open_when_started, args=(server, opened), daemon=True).start()
@@ -505,6 +663,74 @@ def serve(project_path, host: str = "127.0.0.1", port: int = 8765, open_browser:
             turnover.close()
         project.close()
     log("alseg review page stopped; every submitted mask is stored")
+
+
+def server_config(app, *, idle_seconds: float | None = None, max_connections: int | None = None):
+    """The ``uvicorn.Config`` :func:`serve` runs ``app`` with (a test's server uses it too).
+
+    ``idle_seconds`` (default ``IDLE_SECONDS``): how long a connection may stay open without sending
+    a complete request head, when it opens and after each answer (uvicorn's own keep-alive timer
+    starts only after an answer and stops at the first byte, so a connection that never sends a
+    request, or sends one's head a byte at a time, would be held for good). ``max_connections``
+    (default ``MAX_CONNECTIONS``): past this many open connections new requests get 503.
+    """
+    import uvicorn
+
+    idle = IDLE_SECONDS if idle_seconds is None else idle_seconds
+    return uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", http=_protocol(),
+                          timeout_keep_alive=max(1, math.ceil(idle)),
+                          limit_concurrency=MAX_CONNECTIONS if max_connections is None else max_connections,
+                          timeout_graceful_shutdown=5)
+
+
+_PROTOCOL: list = []
+
+
+def _protocol():
+    """uvicorn's HTTP/1.1 protocol with a deadline on each request's head (see :func:`server_config`)."""
+    if _PROTOCOL:
+        return _PROTOCOL[0]
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeadDeadlineProtocol(H11Protocol):
+        _head_timer = None
+        _waiting_for = None  # the request cycle that was current when the timer started
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._await_request()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self._head_timer is not None and self.cycle is not self._waiting_for:  # a request's head came
+                self._head_timer.cancel()
+                self._head_timer = None
+
+        def on_response_complete(self) -> None:
+            before = self.cycle
+            super().on_response_complete()
+            if self.cycle is before and not self.transport.is_closing():  # no pipelined request started
+                self._await_request()
+
+        def connection_lost(self, exc) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+            super().connection_lost(exc)
+
+        def _await_request(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+            self._waiting_for = self.cycle
+            self._head_timer = self.loop.call_later(self.config.timeout_keep_alive, self._no_request)
+
+        def _no_request(self) -> None:
+            self._head_timer = None
+            if self.cycle is self._waiting_for and not self.transport.is_closing():
+                self.transport.close()
+
+    _PROTOCOL.append(HeadDeadlineProtocol)
+    return HeadDeadlineProtocol
 
 
 def _open_when_started(server, url: str) -> None:
