@@ -1,10 +1,16 @@
 /* alseg review page: the expert's workplace for a project's batches, open and past.
  *
- * The mask of the current image is a Uint8Array (0/1) at the image's original size; the canvas
- * #mask shows it as an overlay over the image, both scaled by CSS inside #stage, which is
- * placed in #viewport by (zoom, pan): zoom keeps the point under the cursor, dragging with the
- * space bar or the middle button pans. Submitting encodes the mask as a 0/255 PNG
- * (canvas.toBlob) and PUTs it to /api/mask/{id}?round=R with the seconds spent on the image
+ * The mask of the current image is a Uint8Array (0/1) at the image's original size, the one copy
+ * of it. The canvas #mask shows it as an overlay over the image inside #stage, which is placed in
+ * #viewport by (zoom, pan): zoom keeps the point under the cursor, dragging with the space bar or
+ * the middle button pans. The overlay is drawn at the displayed resolution, not the image's: one
+ * canvas pixel per 1, 2, 4... image pixels (the power of two nearest above the zoom), over the
+ * whole image while that stays under OVERLAY_PX canvas pixels, else over the visible part and a
+ * margin, redrawn from the mask when a zoom or pan leaves it; an edit redraws only the canvas
+ * pixels it touched. So a 24-megapixel photo costs the mask (24 MB), not a 96 MB RGBA canvas.
+ * Masks arrive as PNG and are decoded through a small canvas in bands; submitting encodes the
+ * mask as a 0/255 greyscale PNG row by row (CompressionStream) and PUTs it to
+ * /api/mask/{id}?round=R with the seconds spent on the image
  * (wall and active: input in the last 30 s, tab visible), strokes and clicks. A submit that
  * would replace another stored mask comes back 409 and is resent with replace=1 only after the
  * expert confirms. Display settings (window/level, channel) are an SVG filter on the image: the
@@ -17,6 +23,8 @@ const $ = (id) => document.getElementById(id);
 const OVERLAY = [0, 200, 255];      // mask colour
 const EDGE = [0, 120, 255];         // its outline (opaque, so a thin stroke shows too)
 const UNDO_BYTES = 256 * 1024 * 1024;
+const OVERLAY_PX = 4 << 20;         // the most canvas pixels (16 MB RGBA) the overlay may hold
+const BAND_BYTES = 4 << 20;         // RGBA rows handled at once when decoding or drawing a mask
 const IDLE_MS = 30000;              // no input for this long: the expert is not working on the image
 const JOB_POLL_MS = 1000;
 const CLOSE_PX = 10;                // a polygon click this near its first point closes it
@@ -39,6 +47,7 @@ const state = {
   item: null,
   mask: null,           // Uint8Array w*h, 0/1
   w: 0, h: 0,
+  view: null,           // the overlay canvas: {k, x0, y0, x1, y1, cw, ch}: image px x0..x1, y0..y1, k per canvas px
   undo: [], redo: [],
   drafts: new Map(),    // round/id -> {mask, undo, redo}: unsubmitted edits kept while navigating
   tool: "brush",
@@ -306,16 +315,25 @@ async function maskFromUrl(url, w, h) {
   const res = await fetch(url, { cache: "no-store", headers: withToken() });
   if (!res.ok) return null;
   const bitmap = await createImageBitmap(await res.blob(), { colorSpaceConversion: "none", premultiplyAlpha: "none" });
+  // through a canvas of a few rows at a time: no full-size canvas or RGBA copy of a large mask
+  const band = Math.max(1, Math.min(h, Math.floor(BAND_BYTES / (4 * w))));
   const c = document.createElement("canvas");
-  c.width = w; c.height = h;
+  c.width = w; c.height = band;
   const ctx = c.getContext("2d", { willReadFrequently: true });
   ctx.imageSmoothingEnabled = false;  // a mask at the working size is scaled nearest-neighbour
-  ctx.drawImage(bitmap, 0, 0, w, h);
-  bitmap.close();
-  const data = ctx.getImageData(0, 0, w, h).data;
   const mask = new Uint8Array(w * h);
-  for (let i = 0; i < mask.length; i++) mask[i] = data[4 * i] >= 128 ? 1 : 0;
-  c.width = c.height = 0;  // free the scratch canvas now, not at the next collection
+  try {
+    for (let y0 = 0; y0 < h; y0 += band) {
+      const rows = Math.min(band, h - y0);
+      ctx.clearRect(0, 0, w, band);
+      ctx.drawImage(bitmap, 0, -y0, w, h);  // the whole mask scaled, shifted: this band lands in the canvas
+      const data = ctx.getImageData(0, 0, w, rows).data;
+      for (let i = 0, o = y0 * w, n = w * rows; i < n; i++) mask[o + i] = data[4 * i] >= 128 ? 1 : 0;
+    }
+  } finally {
+    bitmap.close();
+    c.width = c.height = 0;  // free the scratch canvas now, not at the next collection
+  }
   return mask;
 }
 
@@ -370,8 +388,7 @@ async function select(k, { keepDraft = true } = {}) {
   state.undo = draft ? draft.undo : [];
   state.redo = draft ? draft.redo : [];
   state.drafts.delete(key);
-  const canvas = $("mask");
-  canvas.width = state.w; canvas.height = state.h;
+  state.view = null;  // laid out afresh for this image by applyZoom
   $("outline").setAttribute("viewBox", `0 0 ${state.w} ${state.h}`);
   $("show-uncertainty").disabled = !it.urls.uncertainty;
   $("stage").hidden = false;
@@ -384,7 +401,6 @@ async function select(k, { keepDraft = true } = {}) {
   state.source = source;
   updateInfo();
   if (state.fitted || resized) fit(); else applyZoom();
-  renderAll();
   updateUndoButtons();
   updateTimer();
   refreshList();
@@ -404,34 +420,95 @@ function updateInfo() {
 }
 
 // ---------------------------------------------------------------- drawing the overlay
-function renderAll() { render(0, 0, state.w, state.h); }
+// Which image pixels the overlay canvas covers, and how many per canvas pixel (k, a power of two
+// at or below 1/zoom, so the canvas has at least one pixel per screen pixel): the whole image
+// while that fits OVERLAY_PX, else the visible part and an eighth of the viewport around it.
+function overlayView() {
+  const { w, h, zoom } = state;
+  let k = 1;
+  while (k * 2 * zoom <= 1 && k < 64) k *= 2;
+  const whole = Math.ceil(w / k) * Math.ceil(h / k);
+  if (whole <= OVERLAY_PX) return { k, x0: 0, y0: 0, x1: w, y1: h };
+  const vp = $("viewport");
+  const mx = vp.clientWidth / 8, my = vp.clientHeight / 8;
+  const align = (v) => Math.floor(v / k) * k;
+  const x0 = Math.max(0, align((-state.panX - mx) / zoom)), y0 = Math.max(0, align((-state.panY - my) / zoom));
+  const x1 = Math.min(w, Math.ceil((vp.clientWidth - state.panX + mx) / zoom));
+  const y1 = Math.min(h, Math.ceil((vp.clientHeight - state.panY + my) / zoom));
+  if (x1 <= x0 || y1 <= y0) return state.view || { k, x0: 0, y0: 0, x1: Math.min(w, k), y1: Math.min(h, k) };
+  return { k, x0, y0, x1, y1 };
+}
 
+// Lay the overlay canvas out again (and redraw it) when the zoom's scale changed or the visible
+// part of the image left the part it covers; else CSS moves it with the stage.
+function updateOverlay() {
+  if (!state.mask) return;
+  const want = overlayView();
+  const v = state.view;
+  const covered = v && v.k === want.k && want.x0 >= v.x0 && want.y0 >= v.y0 && want.x1 <= v.x1 && want.y1 <= v.y1;
+  if (covered) return;
+  const view = { ...want, cw: Math.ceil((want.x1 - want.x0) / want.k), ch: Math.ceil((want.y1 - want.y0) / want.k) };
+  state.view = view;
+  const canvas = $("mask");
+  canvas.width = view.cw; canvas.height = view.ch;  // also clears it
+  const pct = (v, total) => `${(100 * v / total).toFixed(6)}%`;
+  canvas.style.left = pct(view.x0, state.w);
+  canvas.style.top = pct(view.y0, state.h);
+  canvas.style.width = pct(view.x1 - view.x0, state.w);
+  canvas.style.height = pct(view.y1 - view.y0, state.h);
+  renderAll();
+}
+
+function renderAll() { if (state.view) render(0, 0, state.w, state.h); }
+
+// Redraw the overlay over image pixels x0..x1, y0..y1: a canvas pixel shows the mask when any
+// image pixel under it is set, in the edge colour when a canvas pixel beside it (or the image's
+// border) is not. With one canvas pixel per image pixel this is the mask exactly.
 function render(x0, y0, x1, y1) {
+  const v = state.view;
+  if (!v || !state.mask) return;
   const { w, h, mask } = state;
-  x0 = Math.max(0, Math.floor(x0) - 1); y0 = Math.max(0, Math.floor(y0) - 1);
-  x1 = Math.min(w, Math.ceil(x1) + 1); y1 = Math.min(h, Math.ceil(y1) + 1);
-  if (x1 <= x0 || y1 <= y0) return;
+  const k = v.k;
+  const bx0 = Math.max(0, Math.floor((x0 - v.x0) / k) - 1), by0 = Math.max(0, Math.floor((y0 - v.y0) / k) - 1);
+  const bx1 = Math.min(v.cw, Math.ceil((x1 - v.x0) / k) + 1), by1 = Math.min(v.ch, Math.ceil((y1 - v.y0) / k) + 1);
+  if (bx1 <= bx0 || by1 <= by0) return;
   const ctx = $("mask").getContext("2d");
   const fill = Math.round(state.opacity * 255);
-  // in bands of rows, so a 6000 x 4000 image never needs one 96 MB ImageData at once
-  const band = Math.max(1, Math.floor((4 << 20) / (4 * (x1 - x0))));
-  for (let b0 = y0; b0 < y1; b0 += band) {
-    const b1 = Math.min(y1, b0 + band);
-    const img = ctx.createImageData(x1 - x0, b1 - b0);
+  const edgeAlpha = Math.max(fill, 230);
+  const gw = bx1 - bx0 + 2;  // the canvas pixels drawn and one around them: their neighbours
+  // whether canvas pixel (bx, by) shows the mask; outside the image it does not
+  const covers = (bx, by) => {
+    const ix0 = v.x0 + bx * k, iy0 = v.y0 + by * k;
+    if (ix0 < 0 || iy0 < 0 || ix0 >= w || iy0 >= h) return 0;
+    const ix1 = Math.min(w, ix0 + k), iy1 = Math.min(h, iy0 + k);
+    for (let y = iy0; y < iy1; y++) {
+      for (let i = y * w + ix0, end = y * w + ix1; i < end; i++) if (mask[i]) return 1;
+    }
+    return 0;
+  };
+  const gridRow = (by, out) => { for (let j = 0; j < gw; j++) out[j] = covers(bx0 - 1 + j, by); };
+  let above = new Uint8Array(gw), row = new Uint8Array(gw), below = new Uint8Array(gw);
+  gridRow(by0 - 1, above);
+  gridRow(by0, row);
+  // in bands of rows, so a large region never needs one big ImageData at once
+  const band = Math.max(1, Math.floor(BAND_BYTES / (4 * (bx1 - bx0))));
+  for (let b0 = by0; b0 < by1; b0 += band) {
+    const b1 = Math.min(by1, b0 + band);
+    const img = ctx.createImageData(bx1 - bx0, b1 - b0);
     const d = img.data;
     let o = 0;
-    for (let y = b0; y < b1; y++) {
-      for (let x = x0; x < x1; x++, o += 4) {
-        const i = y * w + x;
-        if (!mask[i]) continue;
-        const edge = x === 0 || y === 0 || x === w - 1 || y === h - 1 ||
-          !mask[i - 1] || !mask[i + 1] || !mask[i - w] || !mask[i + w];
+    for (let by = b0; by < b1; by++) {
+      gridRow(by + 1, below);
+      for (let j = 1; j < gw - 1; j++, o += 4) {
+        if (!row[j]) continue;
+        const edge = !row[j - 1] || !row[j + 1] || !above[j] || !below[j];
         const c = edge ? EDGE : OVERLAY;
         d[o] = c[0]; d[o + 1] = c[1]; d[o + 2] = c[2];
-        d[o + 3] = edge ? Math.max(fill, 230) : fill;
+        d[o + 3] = edge ? edgeAlpha : fill;
       }
+      [above, row, below] = [row, below, above];
     }
-    ctx.putImageData(img, x0, b0);
+    ctx.putImageData(img, bx0, b0);
   }
 }
 
@@ -595,7 +672,7 @@ function polygonDown(ev, x, y) {
 }
 
 function toImage(ev) {
-  const rect = $("mask").getBoundingClientRect();
+  const rect = $("stage").getBoundingClientRect();  // the whole image; the canvas may cover part of it
   return [(ev.clientX - rect.left) * state.w / rect.width, (ev.clientY - rect.top) * state.h / rect.height];
 }
 
@@ -717,6 +794,7 @@ function applyZoom() {
   stage.style.top = `${state.panY}px`;
   stage.classList.toggle("pixelated", state.zoom >= 2);
   $("zoom-value").textContent = `${Math.round(state.zoom * 100)}%`;
+  updateOverlay();
 }
 
 function onWheel(ev) {
@@ -882,7 +960,56 @@ function flushTime() {  // the page is going away: record the time not yet sent
 }
 
 // ---------------------------------------------------------------- submitting
-function maskBlob(mask, w, h) {
+// The mask as a 0/255 8-bit greyscale PNG, encoded row by row: no full-size canvas or RGBA copy.
+async function maskBlob(mask, w, h) {
+  if (typeof CompressionStream === "undefined") return maskBlobByCanvas(mask, w, h);
+  const deflate = new CompressionStream("deflate");  // zlib format: what PNG's IDAT holds
+  const writer = deflate.writable.getWriter();
+  const compressed = new Response(deflate.readable).arrayBuffer();
+  const rows = Math.max(1, Math.floor((1 << 20) / (w + 1)));
+  for (let y0 = 0; y0 < h; y0 += rows) {
+    const n = Math.min(rows, h - y0);
+    const raw = new Uint8Array(n * (w + 1));  // each row: filter type 0, then its pixels
+    for (let r = 0; r < n; r++) {
+      const src = (y0 + r) * w, o = r * (w + 1) + 1;
+      for (let x = 0; x < w; x++) raw[o + x] = mask[src + x] ? 255 : 0;
+    }
+    await writer.write(raw);
+  }
+  await writer.close();
+  const header = new Uint8Array(13);
+  const hv = new DataView(header.buffer);
+  hv.setUint32(0, w); hv.setUint32(4, h);
+  header[8] = 8; header[9] = 0;  // bit depth 8, greyscale; compression, filter, interlace 0
+  const parts = [new Uint8Array([137, 80, 78, 71, 13, 10, 26, 10]), ...pngChunk("IHDR", header),
+                 ...pngChunk("IDAT", new Uint8Array(await compressed)), ...pngChunk("IEND", new Uint8Array(0))];
+  return new Blob(parts, { type: "image/png" });
+}
+
+let CRC_TABLE = null;
+function crc32(bytes, crc) {
+  if (!CRC_TABLE) {
+    CRC_TABLE = new Uint32Array(256);
+    for (let n = 0; n < 256; n++) {
+      let c = n;
+      for (let k = 0; k < 8; k++) c = c & 1 ? 0xedb88320 ^ (c >>> 1) : c >>> 1;
+      CRC_TABLE[n] = c >>> 0;
+    }
+  }
+  for (let i = 0; i < bytes.length; i++) crc = CRC_TABLE[(crc ^ bytes[i]) & 0xff] ^ (crc >>> 8);
+  return crc;
+}
+
+function pngChunk(type, data) {  // [length + type, data, crc]
+  const head = new Uint8Array(8);
+  new DataView(head.buffer).setUint32(0, data.length);
+  for (let i = 0; i < 4; i++) head[4 + i] = type.charCodeAt(i);
+  const crc = new Uint8Array(4);
+  new DataView(crc.buffer).setUint32(0, (crc32(data, crc32(head.subarray(4), 0xffffffff)) ^ 0xffffffff) >>> 0);
+  return [head, data, crc];
+}
+
+function maskBlobByCanvas(mask, w, h) {  // browsers without CompressionStream
   const c = document.createElement("canvas");
   c.width = w; c.height = h;
   const ctx = c.getContext("2d");
