@@ -33,7 +33,7 @@ from alseg.data.sources import detect_format
 from alseg.errors import AlsegError
 from alseg.progress import SILENT, Reporter
 from alseg.rundir import RunDir
-from alseg.store import DEFAULT_ANNOTATOR, RunStore, atomic_write_text
+from alseg.store import DEFAULT_ANNOTATOR, RunStore, atomic_write_text, is_disk_full
 
 PROJECT_ROUNDS = 10_000  # a project has no round limit: the lab stops when it likes
 
@@ -81,14 +81,46 @@ def init_project(project: str | Path, images: str | Path, masks: str | Path | No
                                   active=dataclasses.replace(cfg.active, rounds=PROJECT_ROUNDS, budget=None))
         start_run(cfg, run_dir, reporter, annotator="expert", pool=pool,  # checked above, before the links
                   notes=(f"preset {name}: {why}",))
-    except BaseException:
+    except BaseException as exc:
         if created:
             shutil.rmtree(run_dir.root, ignore_errors=True)
         else:  # the folder was there, empty: leave it empty
             for child in run_dir.root.iterdir():
                 shutil.rmtree(child, ignore_errors=True) if child.is_dir() and not child.is_symlink() else child.unlink()
+        if is_disk_full(exc):
+            raise AlsegError("disk full; the project was not created (nothing half-written was kept); free space "
+                             "and run `alseg init` again", run_dir.root) from None
+        if isinstance(exc, AlsegError):  # the project is gone: name the user's own files, or the project folder
+            raise _in_users_folders(exc, run_dir.root, images if linked else None, masks) from None
         raise
     return {**status(run_dir.root), "preset": name, "preset_reason": why, "working_size": cfg.data.size}
+
+
+def _in_users_folders(exc: AlsegError, root: Path, images: Path | None, masks: str | Path | None) -> AlsegError:
+    """``exc`` of an init whose project folder ``root`` was removed: paths through its ``data/`` links
+    (``images`` given) become the user's own paths, any other path inside it the project folder itself."""
+    data = root / "data"
+    pairs = []
+    if images is not None:
+        pairs.append((data / "images", images.resolve()))
+        if masks is not None:
+            pairs.append((data / "masks", Path(masks).resolve()))
+        pairs.append((data, images.resolve()))
+    swaps = [(str(seen), str(real)) for link, real in pairs for seen in {link, link.absolute()}]
+    swaps.sort(key=lambda pair: -len(pair[0]))  # the longest first: data/images before data
+
+    def users(text: str) -> str:
+        for seen, real in swaps:
+            if text == seen or text.startswith(seen + "/"):
+                return real + text[len(seen):]
+        for seen, real in swaps:  # a path inside the sentence
+            text = text.replace(seen + "/", real + "/").replace(seen, real)
+        return text
+
+    path = None if exc.path is None else users(exc.path)
+    if path is not None and any(path == str(r) or path.startswith(str(r) + "/") for r in {root, root.absolute()}):
+        path = str(root)  # run.db or another file init made and removed: name the folder it tried to make
+    return AlsegError(users(exc.problem), path)
 
 
 def _has_layout(folder: Path) -> bool:

@@ -27,8 +27,10 @@ Tables:
 * ``selections``: who was chosen in each round, as expert or pseudo, and why;
 * ``epochs`` and ``evaluations``: training history and Dice summaries;
 * ``round_facts``: (round, name, JSON value) rows of what a round decided or found, for example
-  ``model`` (its validation Dice beside the constant masks', :mod:`alseg.active.gate`) and
-  ``gate`` (the pseudo-labels it was allowed and why), so a new fact needs no schema change.
+  ``model`` (its validation Dice beside the constant masks', :mod:`alseg.active.gate`),
+  ``gate`` (the pseudo-labels it was allowed and why) and ``batch`` (each exported item's id, file
+  names and original width and height: :meth:`RunStore.record_batch`, so sizes and ids come from
+  here, never from the ``manifest.csv`` a user can edit), so a new fact needs no schema change.
 
 Several annotators: the first annotator whose mask is stored for an image **owns** it; the
 owner's versions are the ones that train (``masks``). Another annotator's mask for an image
@@ -40,7 +42,12 @@ Schema 3 added ``round_facts``; schema 4 keeps every version (``mask_blobs``, th
 ``masks.annotator`` and the effort and role columns of ``annotations``). An older database is
 brought to schema 4 when opened for writing (the current masks become the first blobs; an
 earlier mask replaced before schema 4 is not recoverable and its version has no blob); opened
-read-only it reads as having no facts, no owners and no effort figures.
+read-only it reads as having no facts, no owners and no effort figures. A database of another
+version is refused in one line, read or written: a newer schema (upgrade alseg), an older one
+than 2 or none at all (not a run database this alseg can read).
+
+A full disk inside a transaction rolls it back and raises :class:`DiskFull` (an AlsegError: one
+line, saying nothing half-written was kept).
 
 Selection, queueing and the round row are one transaction; so is a mask's arrival with its
 label move, and an undo with its label move: a crash can never lose or duplicate a label. An id
@@ -161,6 +168,26 @@ def mask_dice(a: np.ndarray, b: np.ndarray) -> float:
     b = resize_nearest(b, a.shape)
     total = int(a.sum()) + int(b.sum())
     return 1.0 if total == 0 else 2.0 * int(np.count_nonzero(a & b)) / total
+
+
+class DiskFull(AlsegError):
+    """The disk filled up inside a write; the transaction was rolled back (nothing half-written kept)."""
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Is ``exc`` SQLite's or the OS's "disk full" (SQLITE_FULL, ENOSPC, EDQUOT), or :class:`DiskFull`?"""
+    if isinstance(exc, DiskFull):
+        return True
+    if isinstance(exc, sqlite3.OperationalError):
+        return getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or "disk is full" in str(exc)
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def _is_io_error(exc: BaseException) -> bool:
+    """SQLite's SQLITE_IOERR family ("disk I/O error")."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return isinstance(exc, sqlite3.OperationalError) and (
+        (code is not None and code & 0xFF == sqlite3.SQLITE_IOERR) or "disk I/O error" in str(exc))
 
 
 def disk_full_error(exc: OSError, path: str | Path, state: str) -> AlsegError | None:
@@ -289,6 +316,11 @@ class RunStore:
             else:
                 self._check()
         except sqlite3.DatabaseError as exc:
+            if is_disk_full(exc):
+                raise DiskFull("disk full; nothing half-written was kept (the change was rolled back); free "
+                               "space and run the command again", db) from None
+            if create:  # a file made a moment ago cannot be damaged: writing it failed
+                raise AlsegError(f"cannot write run.db ({exc}; is the disk full?); nothing was kept", db) from None
             raise AlsegError(f"run.db is damaged ({exc}); nothing was changed", db) from None
 
     @staticmethod
@@ -308,14 +340,23 @@ class RunStore:
         if check != "ok":
             raise sqlite3.DatabaseError(check)
         tables = {r[0] for r in self.conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        version = self._get("schema_version") if "meta" in tables else None
-        if isinstance(version, int) and version > SCHEMA_VERSION:
+        try:
+            version = self._get("schema_version") if "meta" in tables else None
+        except ValueError:  # not JSON
+            version = "unreadable"
+        if "meta" in tables and version is None:
+            raise AlsegError("run.db has no schema version (not a run database, or damaged); nothing was changed",
+                             self.dir.db)
+        if type(version) is not int and "meta" in tables:
+            raise AlsegError(f"run.db has schema {version!r}, which no alseg writes (damaged?); nothing was "
+                             "changed", self.dir.db)
+        if type(version) is int and version > SCHEMA_VERSION:
             raise AlsegError(f"run.db has schema {version}, made by a newer alseg (this one reads up to "
                              f"{SCHEMA_VERSION}); upgrade alseg", self.dir.db)
+        if type(version) is int and version < 2:  # whatever its tables, this alseg cannot read it
+            raise AlsegError(f"run.db has schema {version}, made by an older alseg (this one reads 2 to "
+                             f"{SCHEMA_VERSION}); start a new run", self.dir.db)
         if not _OLD_TABLES <= tables or (version not in (2, 3) and not _TABLES <= tables):
-            if version is not None and version < SCHEMA_VERSION:
-                raise AlsegError(f"run.db has schema {version}, made by an older alseg; start a new run",
-                                 self.dir.db)
             raise AlsegError("run.db is not a run database (tables missing); nothing was changed", self.dir.db)
         if version in (2, 3) and not self.readonly:  # schema 2 or 3 -> 4: tables and columns added
             with self.transaction() as c:
@@ -386,13 +427,24 @@ class RunStore:
 
     @contextmanager
     def transaction(self):
-        self.conn.execute("BEGIN IMMEDIATE")
+        """One write transaction; a full disk rolls it back and raises :class:`DiskFull`."""
         try:
-            yield self.conn
-        except BaseException:
-            self.conn.execute("ROLLBACK")
+            self.conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self.conn
+                self.conn.execute("COMMIT")
+            except BaseException:
+                if self.conn.in_transaction:  # SQLite may have rolled back already (a full disk can)
+                    self.conn.execute("ROLLBACK")
+                raise
+        except (sqlite3.OperationalError, OSError) as exc:
+            if is_disk_full(exc):
+                raise DiskFull("disk full; nothing half-written was kept (the change was rolled back); free space "
+                               "and run the command again", self.dir.db) from None
+            if _is_io_error(exc):  # what a full disk can also look like to SQLite (a WAL or -shm write failing)
+                raise AlsegError(f"cannot write run.db ({exc}; is the disk full?); nothing half-written was kept "
+                                 "(the change was rolled back)", self.dir.db) from None
             raise
-        self.conn.execute("COMMIT")
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -531,6 +583,21 @@ class RunStore:
     def set_round_fact(self, round: int, name: str, value: Any, conn=None) -> None:
         (conn or self.conn).execute("INSERT OR REPLACE INTO round_facts VALUES (?, ?, ?)",
                                     (round, name, json.dumps(value)))
+
+    def record_batch(self, round: int, items: Sequence[Mapping[str, Any]]) -> None:
+        """What was exported for ``round``'s expert, one mapping per image (``id``, file names, ``width`` and
+        ``height`` of the original image, ...): the batch's truth, whatever its ``manifest.csv`` says later."""
+        with self.transaction() as c:
+            self.set_round_fact(round, "batch", [dict(it) for it in items], c)
+
+    def batch_record(self, round: int) -> list[dict] | None:
+        """The items :meth:`record_batch` recorded for ``round``; None for a batch exported before alseg
+        recorded them (or a schema-2 database read-only)."""
+        if not getattr(self, "_has_facts", True):
+            return None
+        row = self.conn.execute("SELECT value FROM round_facts WHERE round = ? AND name = 'batch'",
+                                (round,)).fetchone()
+        return None if row is None else json.loads(row[0])
 
     def round_facts(self) -> dict[int, dict[str, Any]]:
         """Every round's recorded facts: ``{round: {name: value}}`` (empty for a schema-2 database read-only)."""

@@ -11,11 +11,27 @@ why it was chosen). ``masks/`` is where the expert's masks are expected.
 
 The folder is written under a temporary name and renamed when complete, so a crash never leaves
 a half-exported batch; exporting again returns the batch already there (the same batch until it
-is labelled).
+is labelled). Each image's file stem is its id when the id is already a safe file name, so no file
+name of the batch equals another image's id (:func:`batch_stems`).
+
+The manifest is for people; the batch's truth is in the store: each item's id, file names and
+original width and height are recorded there at export (:meth:`RunStore.record_batch`) and
+:func:`batch_items` takes them from there, so an edited ``manifest.csv`` can never make a 640x480
+mask fit a 64x64 image. (Checking the manifest against the image headers alone would trust the
+batch's image files, which the user can edit too.) A batch exported before the store kept this is
+read from its manifest, its ids checked against the store's selection and its sizes taken from
+its image files' headers.
+
+A manifest that cannot be read, or that lists other images than the store's batch, is one line
+("manifest.csv is damaged (...); run `alseg query` to export the batch again"), and exporting
+again is possible: a batch folder whose manifest is damaged or missing (a half-copied or hand-made
+``rounds/RRR/``) is moved aside to ``rounds/RRR.aside-K/`` when it holds expert masks, else removed,
+with a note, and the batch is exported afresh.
 """
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import os
 import re
@@ -27,7 +43,7 @@ import numpy as np
 
 from alseg.active.strategies import reason_label
 from alseg.data.cache import map_to_size
-from alseg.data.imageio import png_bytes, read_image
+from alseg.data.imageio import png_bytes, read_header, read_image
 from alseg.errors import AlsegError
 from alseg.runtime import step_seed
 
@@ -52,9 +68,37 @@ class BatchItem:
     uncertainty_scale: float | None
 
 
+def damaged(folder: Path, why: str) -> AlsegError:
+    """The one-line error for a batch folder whose manifest cannot be used."""
+    return AlsegError(f"manifest.csv is damaged ({why}); run `alseg query` to export the batch again",
+                      Path(folder) / MANIFEST)
+
+
+def _safe_stem(id: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "_", id).lstrip(".") or "image"
+
+
+def batch_stems(ids: list[str]) -> dict[str, str]:
+    """One file stem per id of a batch, unique (case-insensitively) and never another id of the batch.
+
+    An id that is a safe file name keeps it; the others get :func:`file_stem`'s name, which then can
+    only differ from every id (``a b`` and ``a_b``: ``a_b-2`` and ``a_b``, so ``a_b_mask.png`` means
+    ``a_b``)."""
+    taken: set[str] = set()
+    stems: dict[str, str] = {}
+    for id in ids:
+        if _safe_stem(id) == id and id.lower() not in taken:
+            stems[id] = id
+            taken.add(id.lower())
+    for id in ids:
+        if id not in stems:
+            stems[id] = file_stem(id, taken)
+    return stems
+
+
 def file_stem(id: str, taken: set[str]) -> str:
     """A file name for ``id`` that is safe on every file system and unique in the batch."""
-    stem = re.sub(r"[^A-Za-z0-9._-]", "_", id).lstrip(".") or "image"
+    stem = _safe_stem(id)
     base, k = stem, 1
     while stem.lower() in taken:
         k += 1
@@ -106,15 +150,113 @@ def jpeg_bytes(arr: np.ndarray, quality: int) -> bytes:
 
 
 def read_manifest(folder: Path) -> list[BatchItem]:
-    path = folder / MANIFEST
+    """The items ``folder``'s manifest.csv lists; AlsegError (damaged) for anything alseg did not write."""
+    path = Path(folder) / MANIFEST
     if not path.is_file():
         raise AlsegError("the batch has no manifest.csv (not exported yet?)", folder)
-    with path.open(newline="", encoding="utf-8") as fh:
-        rows = list(csv.DictReader(fh))
-    num = lambda v: float(v) if v not in (None, "") else None
-    return [BatchItem(r["id"], r["image"], r["predicted"] or None, r["uncertainty"] or None, r["mask"],
-                      num(r["score"]), r["reason"], int(r["width"]), int(r["height"]), num(r["uncertainty_scale"]))
-            for r in rows]
+    try:
+        with path.open(newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            missing = [c for c in ("id", "image", "mask", "width", "height") if c not in (reader.fieldnames or ())]
+            if missing:
+                raise damaged(folder, f"no column {', '.join(missing)}")
+            rows = list(reader)
+    except (UnicodeDecodeError, csv.Error, OSError) as exc:
+        raise damaged(folder, str(exc)) from None
+    items, seen = [], set()
+    for line, r in enumerate(rows, start=2):
+        try:
+            items.append(_item(r))
+        except (ValueError, TypeError, AttributeError) as exc:
+            raise damaged(folder, f"line {line}: {exc}") from None
+        if items[-1].id in seen:
+            raise damaged(folder, f"line {line}: {items[-1].id!r} listed twice")
+        seen.add(items[-1].id)
+    return items
+
+
+def _item(r: dict) -> BatchItem:
+    def text(key: str, required: bool = True) -> str | None:
+        value = r.get(key) or ""
+        if not value:
+            if required:
+                raise ValueError(f"no {key}")
+            return None
+        if key != "reason" and key != "id" and (value.startswith(("/", "\\")) or ".." in Path(value).parts):
+            raise ValueError(f"{key} {value!r} is not a file of the batch folder")
+        return value
+
+    def number(key: str) -> float | None:
+        value = r.get(key) or ""
+        return float(value) if value else None
+
+    width, height = int(r.get("width") or ""), int(r.get("height") or "")
+    if width <= 0 or height <= 0:
+        raise ValueError(f"size {width}x{height}")
+    return BatchItem(text("id"), text("image"), text("predicted", False), text("uncertainty", False), text("mask"),
+                     number("score"), r.get("reason") or "", width, height, number("uncertainty_scale"))
+
+
+def batch_items(store, round: int, folder: Path | None = None) -> list[BatchItem] | None:
+    """The exported batch of ``round`` (None when none is exported), as the store recorded it.
+
+    The manifest must still be readable and list the same images (else AlsegError, damaged). A batch
+    exported before the store kept its items (:meth:`~alseg.store.RunStore.batch_record` None) is read
+    from the manifest, checked against the store's selection, with each size from its image's header."""
+    folder = Path(folder) if folder is not None else store.dir.batch(round)
+    if not (folder / MANIFEST).is_file():
+        return None
+    listed = read_manifest(folder)
+    recorded = store.batch_record(round)
+    if recorded is not None:
+        want = [r["id"] for r in recorded]
+        _same_ids(folder, [it.id for it in listed], want)
+        return [BatchItem(**{k: r.get(k) for k in COLUMNS}) for r in recorded]
+    _same_ids(folder, [it.id for it in listed], store.selection(round, "expert"))
+    out = []
+    real = folder.resolve()
+    for it in listed:
+        try:
+            image = (folder / it.image).resolve(strict=True)
+            if not image.is_relative_to(real):
+                raise damaged(folder, f"{it.image} is not inside the batch folder")
+            width, height, _ = read_header(image)
+        except (OSError, RuntimeError, AlsegError) as exc:
+            why = exc.problem if isinstance(exc, AlsegError) else (exc.strerror or str(exc))
+            raise damaged(folder, f"{it.image}: {why}") from None
+        out.append(dataclasses.replace(it, width=width, height=height))  # the size is the image's, not the file's say
+    return out
+
+
+def _same_ids(folder: Path, listed: list[str], want: list[str]) -> None:
+    extra, lacking = sorted(set(listed) - set(want)), sorted(set(want) - set(listed))
+    if extra or lacking:
+        parts = ([f"lists {', '.join(map(repr, extra[:3]))}, not of this batch"] if extra else []) + (
+            [f"lacks {', '.join(map(repr, lacking[:3]))}"] if lacking else [])
+        raise damaged(folder, "; ".join(parts))
+
+
+def _usable(store, round: int, folder: Path) -> bool:
+    try:
+        return batch_items(store, round, folder) is not None
+    except AlsegError:
+        return False
+
+
+def _clear_leftover(folder: Path, project: Path, reporter) -> None:
+    """Move a batch folder without a usable manifest aside (it holds expert masks) or remove it."""
+    why = "a damaged manifest.csv" if (folder / MANIFEST).exists() else "no manifest.csv"
+    masks = [p for p in (folder / "masks").glob("*") if not p.name.startswith(".")] if (folder / "masks").is_dir() else []
+    if not masks:
+        shutil.rmtree(folder) if folder.is_dir() and not folder.is_symlink() else folder.unlink()
+        reporter.note(f"{folder} had {why} and no masks: removed, the batch is exported again")
+        return
+    k = 1
+    while (aside := folder.with_name(f"{folder.name}.aside-{k}")).exists():
+        k += 1
+    os.replace(folder, aside)
+    reporter.note(f"{folder} had {why}: moved to {aside} with its {len(masks)} mask file(s), the batch is "
+                  f"exported again; ingest them with `alseg ingest {project} {aside / 'masks'}`")
 
 
 def export_batch(run, round: int) -> Path:
@@ -122,13 +264,24 @@ def export_batch(run, round: int) -> Path:
     from alseg.active.uncertainty import mc_dropout
 
     folder = run.dir.batch(round)
-    if (folder / MANIFEST).is_file():
-        return folder
     store, data, a = run.store, run.data, run.config.active
+    samples = {s.id: s for s in run.dataset.samples}
+    if _usable(store, round, folder):
+        if store.batch_record(round) is None:  # exported before the store kept it: record it now
+            listed = {it.id: it for it in read_manifest(folder)}
+            try:  # the sizes of the images it was exported from, as export measures them
+                record = [_record(listed[id], *read_header(samples[id].image)[:2])
+                          for id in store.selection(round, "expert")]
+            except (KeyError, AlsegError, OSError):  # a source gone: the image headers in the folder serve
+                record = None
+            if record is not None:
+                store.record_batch(round, record)
+        return folder
+    if folder.exists() or folder.is_symlink():
+        _clear_leftover(folder, run.dir.root, run.reporter)
     ids = store.selection(round, "expert")
     reasons = store.selection_reasons(round)
     scores = store.scores(round)
-    samples = {s.id: s for s in run.dataset.samples}
     mc = None
     # A model no better than a constant mask offers no head start: its masks would cost the expert
     # more to correct than to draw (alseg.active.gate); the uncertainty overlays still show where it is lost.
@@ -143,13 +296,13 @@ def export_batch(run, round: int) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     for sub in ("images", "predicted", "uncertainty", "masks"):
         (tmp / sub).mkdir(parents=True)
-    taken: set[str] = set()
+    stems = batch_stems(ids)
     rows = []
     try:
         for k, id in enumerate(ids):
             image = read_image(samples[id].image)
             height, width = image.shape[:2]
-            stem = file_stem(id, taken)
+            stem = stems[id]
             suffix, image_data = image_file(Path(samples[id].image), image)
             row = {"id": id, "image": f"images/{stem}{suffix}", "predicted": "", "uncertainty": "",
                    "mask": f"masks/{stem}.png", "score": "", "reason": reason_label(reasons.get(id)),
@@ -172,8 +325,16 @@ def export_batch(run, round: int) -> Path:
         writer.writeheader()
         writer.writerows(rows)
         (tmp / MANIFEST).write_text(buf.getvalue(), encoding="utf-8")
+        # recorded before the rename: a manifest in place always has its record (a kill between the two
+        # leaves no manifest, so the batch is exported again and recorded again, identically)
+        store.record_batch(round, [_record(_item({k: str(v) for k, v in row.items()}), row["width"], row["height"])
+                                   for row in rows])
         os.replace(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return folder
+
+
+def _record(item: BatchItem, width: int, height: int) -> dict:
+    return {**dataclasses.asdict(item), "width": int(width), "height": int(height)}

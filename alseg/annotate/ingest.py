@@ -3,12 +3,22 @@
 Every mask, from a folder (``alseg ingest``) or from the review page, passes the same checks:
 
 * it names an id of an exported batch (by the manifest's mask or image file name, or the id itself,
-  with an optional ``_mask`` / ``_segmentation`` suffix); ids are looked up, never joined into paths;
+  with an optional ``_mask`` / ``_segmentation`` suffix); ids are looked up, never joined into paths.
+  The manifest's mask file name always means its image; any other name must mean one image only
+  (a name that could be two images' is refused: "could be X or Y; name it as manifest.csv does");
+* it is the only file for its image in the folder (``x.png`` and ``x_mask.png`` together: both refused,
+  the image stays as it was);
+* it is a regular file (a FIFO or a device would block the reader while it holds the writer lock);
 * it decodes and is binary (:func:`alseg.data.imageio.read_mask`: 0/255 or 0/1; a 0/255 mask may
   carry up to 1 % grey edge pixels, binarised at 128);
 * it has the image's original size or the working size;
 * it is not empty, unless the expert says so (``allow_empty``: a slice without a lesion);
 * a file in the folder that is a link leading out of it is refused.
+
+Sizes and ids come from the store (:func:`alseg.annotate.export.batch_items`), never from the
+``manifest.csv`` the user can edit; a damaged manifest is one line saying to run ``alseg query``,
+which exports the batch again. A full disk stops the ingest in one line (:class:`~alseg.store.DiskFull`);
+masks stored before it are kept, nothing half-written is.
 
 Any image the expert labelled, in any exported round, can be corrected, not only the open batch's:
 the open batch is searched first, then the batch of the round that selected the id
@@ -35,6 +45,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import stat
 import tempfile
 import time
 from dataclasses import dataclass
@@ -42,11 +53,11 @@ from pathlib import Path
 
 import numpy as np
 
-from alseg.annotate.export import BatchItem, read_manifest
+from alseg.annotate.export import BatchItem, batch_items
 from alseg.data.imageio import read_mask
 from alseg.data.sources import IMAGE_SUFFIXES
 from alseg.errors import AlsegError
-from alseg.store import DEFAULT_ANNOTATOR, RunStore, mask_png
+from alseg.store import DEFAULT_ANNOTATOR, DiskFull, RunStore, mask_png
 
 MASK_SUFFIXES = ("_mask", "_segmentation")
 EFFORT_TYPES = {"active_seconds": float, "strokes": int, "clicks": int}
@@ -79,11 +90,11 @@ class Batch:
 
 
 def batch_of(store: RunStore, round: int) -> Batch | None:
-    """The batch exported for ``round`` (``rounds/RRR/manifest.csv``), or None."""
+    """The batch exported for ``round`` (``rounds/RRR/manifest.csv``), or None; AlsegError when its
+    manifest is damaged (:func:`alseg.annotate.export.batch_items`: items as the store recorded them)."""
     folder = store.dir.batch(round)
-    if not (folder / "manifest.csv").is_file():
-        return None
-    return Batch(round, folder, read_manifest(folder))
+    items = batch_items(store, round, folder)
+    return None if items is None else Batch(round, folder, items)
 
 
 def exported_rounds(store: RunStore) -> list[int]:
@@ -93,7 +104,8 @@ def exported_rounds(store: RunStore) -> list[int]:
 
 
 def latest_batch(store: RunStore) -> Batch | None:
-    """The batch of the latest round that queued images for the expert (open or labelled), if exported."""
+    """The batch of the latest round that queued images for the expert (open or labelled), if exported;
+    AlsegError when its manifest is damaged (the server shows it; ``alseg query`` exports it again)."""
     rounds = [r["round"] for r in store.rounds() if store.selection(r["round"], "expert")]
     return batch_of(store, max(rounds)) if rounds else None
 
@@ -159,19 +171,36 @@ def check_effort(effort: dict | None, id: str) -> dict:
     return out
 
 
-def _names(batch: Batch, names: dict[str, BatchItem], only: set[str] | None = None) -> None:
+def _tier(batch: Batch, only: set[str] | None = None) -> tuple[Batch, dict[str, BatchItem], dict[str, list[BatchItem]]]:
+    """A batch's names: its manifest's mask file stems (each one image's), and every name an image
+    answers to (mask and image file stems, the id), which may be several images'."""
+    exact: dict[str, BatchItem] = {}
+    names: dict[str, list[BatchItem]] = {}
     for it in batch.items:
-        if only is None or it.id in only:
-            for name in (Path(it.mask).stem, Path(it.image).stem, it.id):
-                names.setdefault(name, (batch, it))
+        if only is not None and it.id not in only:
+            continue
+        exact.setdefault(Path(it.mask).stem, it)
+        for name in {Path(it.mask).stem, Path(it.image).stem, it.id}:
+            names.setdefault(name, []).append(it)
+    return batch, exact, names
 
 
-def _match(stem: str, names: dict) -> tuple[Batch, BatchItem] | None:
-    if stem in names:
-        return names[stem]
-    for suffix in MASK_SUFFIXES:
-        if stem.endswith(suffix) and stem[: -len(suffix)] in names:
-            return names[stem[: -len(suffix)]]
+def _match(stem: str, tiers: list) -> tuple[Batch, BatchItem] | None:
+    """The image ``stem`` names, in the first tier (the open batch, then older rounds) that knows it.
+
+    The manifest's mask file name wins; else the stem, or the stem less a mask suffix, must name one
+    image: AlsegError when it could be two."""
+    for batch, exact, names in tiers:
+        if stem in exact:
+            return batch, exact[stem]
+        for key in [stem] + [stem[: -len(s)] for s in MASK_SUFFIXES if stem.endswith(s) and len(stem) > len(s)]:
+            found = {it.id: it for it in names.get(key, [])}
+            if len(found) == 1:
+                return batch, next(iter(found.values()))
+            if len(found) > 1:
+                a, b = sorted(found.values(), key=lambda it: it.id)[:2]
+                raise AlsegError(f"could be {a.id!r} or {b.id!r}; name it as manifest.csv does "
+                                 f"({Path(a.mask).name} or {Path(b.mask).name})")
     return None
 
 
@@ -198,32 +227,65 @@ def ingest_folder(store: RunStore, size: int, folder: str | Path | None = None, 
     folder = Path(folder) if folder is not None else batch.folder / "masks"
     if not folder.is_dir():
         raise AlsegError("no such folder", folder)
-    names: dict[str, tuple[Batch, BatchItem]] = {}
-    _names(batch, names)
+    tiers = [_tier(batch)]
     if round is None:
         expert = set(store.expert_ids())
         for r in sorted(exported_rounds(store), reverse=True):
             if r != batch.round:
-                _names(batch_of(store, r), names, only=expert)
+                try:
+                    other = batch_of(store, r)
+                except AlsegError:  # a past round's damaged manifest: its images cannot be named now
+                    continue
+                if other is not None:
+                    tiers.append(_tier(other, only=expert))
     result: dict = {"stored": [], "replaced": [], "unchanged": [], "second": [], "invalid": [], "rounds": {}}
     real_folder = folder.resolve()
+    matched: list[tuple[Path, Batch, BatchItem]] = []
     for path in sorted(folder.iterdir()):
-        if path.name.startswith(".") or path.is_dir() or path.suffix.lower() not in IMAGE_SUFFIXES:
+        if path.name.startswith(".") or path.suffix.lower() not in IMAGE_SUFFIXES:
             continue
         try:
             if path.is_symlink() and not path.resolve().is_relative_to(real_folder):
                 raise AlsegError("is a link that leads out of the folder; copy the file instead", path)
-            found = _match(path.stem, names)
+            try:
+                mode = path.stat().st_mode
+            except OSError as exc:
+                raise AlsegError(f"cannot be read ({exc.strerror})", path) from None
+            if stat.S_ISDIR(mode):
+                continue
+            if not stat.S_ISREG(mode):  # a FIFO would block the reader forever, holding the writer lock
+                raise AlsegError("not a regular file", path)
+            try:
+                found = _match(path.stem, tiers)
+            except AlsegError as exc:
+                raise AlsegError(exc.problem, path) from None
             if found is None:
                 raise AlsegError("names no image of the batch (see manifest.csv)", path)
-            item_batch, item = found
+            matched.append((path, *found))
+        except AlsegError as exc:
+            result["invalid"].append({"file": str(path), "problem": exc.problem})
+    files_of: dict[str, list[Path]] = {}
+    for path, _, item in matched:
+        files_of.setdefault(item.id, []).append(path)
+    for path, item_batch, item in matched:
+        try:
+            if len(files_of[item.id]) > 1:  # which one the expert meant is not ours to guess
+                others = ", ".join(p.name for p in files_of[item.id] if p != path)
+                raise AlsegError(f"{item.id!r} has another file here too ({others}); keep one (nothing of "
+                                 "either was stored)", path)
             mask = validate_mask(path, item, size, allow_empty)
             stored = store.store_version(item.id, mask, source="files", annotator=annotator,
                                          predicted=predicted_mask(item_batch, item))
             result[stored["outcome"]].append(item.id)
             result["rounds"][item.id] = item_batch.round
+        except DiskFull as exc:
+            done = sum(len(result[k]) for k in ("stored", "replaced", "second"))
+            raise DiskFull(f"disk full while storing {path.name}; nothing half-written was kept ({done} mask(s) "
+                           "stored before it are kept); free space and run `alseg ingest` again",
+                           exc.path) from None
         except AlsegError as exc:
             result["invalid"].append({"file": str(path), "problem": exc.problem})
+    result["invalid"].sort(key=lambda bad: bad["file"])
     return _with_progress(store, latest if latest is not None else batch, result)
 
 
