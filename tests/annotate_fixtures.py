@@ -99,23 +99,22 @@ def predicted(batch, item) -> np.ndarray:
     return np.asarray(Image.open(batch.folder / item.predicted).convert("L")) >= 128
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class ThreadServer:
-    """uvicorn serving ``app`` on 127.0.0.1 in a background thread of this process."""
+    """uvicorn serving ``app`` on 127.0.0.1 in a background thread of this process.
+
+    The socket is bound (port 0) and listening before uvicorn starts: no free port is picked and
+    bound later by someone else, and a request sent at once is queued, not refused."""
 
     def __init__(self, app):
         import uvicorn
 
-        self.port = free_port()
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
-                                                   access_log=False, lifespan="off"))
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(128)
+        self.port = self.sock.getsockname()[1]
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off"))
         self.server.install_signal_handlers = lambda: None  # older uvicorn
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
     @property
     def url(self) -> str:
@@ -123,8 +122,8 @@ class ThreadServer:
 
     def __enter__(self) -> "ThreadServer":
         self.thread.start()
-        deadline = time.monotonic() + 20
-        while not self.server.started:
+        deadline = time.monotonic() + 60
+        while not self.server.started:  # waits on uvicorn's own flag; the bound is only a hang guard
             if time.monotonic() > deadline or not self.thread.is_alive():
                 raise RuntimeError("uvicorn did not start")
             time.sleep(0.02)
@@ -133,6 +132,7 @@ class ThreadServer:
     def __exit__(self, *exc) -> None:
         self.server.should_exit = True
         self.thread.join(10)
+        self.sock.close()
 
 
 def artifacts_dir(tmp_path: Path) -> Path:
