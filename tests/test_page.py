@@ -1,15 +1,19 @@
 """The review page as the expert's workplace, in real headless Chromium: confirmations, undo of a
 submit, leaving with edits, zoom and pan, past rounds, tokens, thumbnails and the overlay on
-demand, polygon and clear, window/level, and a finished batch leading to the next one.
+demand, polygon and clear, window/level, a finished batch leading to the next one, a large image
+shown from its preview until zoomed in, and undo steps that keep only the box they changed.
 
 Shares the driver and the project template with ``test_browser.py``.
 """
 from __future__ import annotations
 
 import contextlib
+import csv
+import io
 import json
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,9 +25,12 @@ from test_browser import WAIT, Page, _background_row, _empty_box, driver, templa
 
 
 @contextlib.contextmanager
-def _served(driver, template, tmp_path, query: str = "", **app_options):
-    """A copy of the template project served with ``app_options``; the page opened at ``/?query``."""
+def _served(driver, template, tmp_path, query: str = "", prepare=None, **app_options):
+    """A copy of the template project (changed by ``prepare(project_dir)``) served with ``app_options``;
+    the page opened at ``/?query``."""
     project_dir = copy_project(template[0], tmp_path / "project")
+    if prepare is not None:
+        prepare(project_dir)
     p = Project(project_dir, command="serve")
     try:
         options = {key: (value(p) if callable(value) else value) for key, value in app_options.items()}
@@ -322,3 +329,171 @@ def _png(mask: np.ndarray) -> bytes:
     from annotate_fixtures import png
 
     return png(mask)
+
+
+# ------------------------------------------------------------------ a large image: preview, full size, undo boxes
+LARGE = (2400, 1600)  # width, height of the first image in the large-image test; its previews: 1024 px
+
+
+def _large_first_image(project_dir: Path) -> None:
+    """The open batch's first image becomes a 2400x1600 JPEG with a predicted lesion at (1500, 1000),
+    r 300 (the store's record of the batch and its manifest say so); no uncertainty overlay."""
+    from PIL import Image
+
+    from annotate_fixtures import png
+
+    w, h = LARGE
+    with Project(project_dir, command="test") as p:
+        batch = p.batch()
+        it = batch.items[0]
+        yy, xx = np.mgrid[0:h, 0:w]
+        pixels = np.stack([xx * 255 // w, yy * 255 // h, ((xx // 150 + yy // 150) % 2) * 100 + 80], axis=2)
+        (batch.folder / it.image).unlink()
+        image = f"images/{Path(it.image).stem}.jpg"
+        Image.fromarray(pixels.astype(np.uint8)).save(batch.folder / image, quality=90)
+        (batch.folder / it.predicted).write_bytes(png((xx - 1500) ** 2 + (yy - 1000) ** 2 < 300 ** 2))
+        change = {"image": image, "width": w, "height": h, "uncertainty": None}
+        recorded = p.store.batch_record(batch.round)
+        for row in recorded:
+            if row["id"] == it.id:
+                row.update(change)
+        p.store.record_batch(batch.round, recorded)
+        manifest = batch.folder / "manifest.csv"
+        with manifest.open(newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            fields, rows = reader.fieldnames, list(reader)
+        for row in rows:
+            if row["id"] == it.id:
+                row.update({k: "" if v is None else str(v) for k, v in change.items()})
+        out = io.StringIO()
+        writer = csv.DictWriter(out, fieldnames=fields, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        manifest.write_text(out.getvalue(), encoding="utf-8")
+
+
+def _shown(pg: Page) -> dict:
+    """What #image holds (loaded or not) and the stage's width on screen (CSS px = device px here)."""
+    return pg.d.execute_script("""
+        const i = document.getElementById('image'), r = document.getElementById('stage').getBoundingClientRect();
+        return {complete: i.complete, width: i.naturalWidth, height: i.naturalHeight, src: i.getAttribute('src'),
+                stage: r.width, dpr: window.devicePixelRatio};""")
+
+
+def _drag_on_stage(pg: Page, item, points) -> None:
+    """Drag through ``points`` (image px) whatever the zoom (Page.drag needs several screen px per image px)."""
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    stage = pg.el("stage")
+    w, h = pg.d.execute_script("const r = arguments[0].getBoundingClientRect(); return [r.width, r.height];", stage)
+    offsets = [(round((x + 0.5) * w / item.width - w / 2), round((y + 0.5) * h / item.height - h / 2))
+               for x, y in points]
+    chain = ActionChains(pg.d, duration=20)
+    chain.move_to_element_with_offset(stage, *offsets[0]).click_and_hold()
+    last = offsets[0]
+    for off in offsets[1:]:
+        chain.move_by_offset(off[0] - last[0], off[1] - last[1])
+        last = off
+    chain.release().perform()
+
+
+def test_a_large_image_shows_its_preview_until_zoomed_in_and_strokes_land_at_full_resolution(driver, template,
+                                                                                            tmp_path):
+    with _served(driver, template, tmp_path, prepare=_large_first_image, preview_sides=(1024,)) as pg:
+        item = pg.batch.items[0]
+        assert (item.width, item.height) == LARGE
+        shown = _shown(pg)
+        assert shown["dpr"] == 1 and shown["stage"] * shown["dpr"] <= 1024  # fitted: no more screen px than the preview's
+        assert shown["complete"] and (shown["width"], shown["height"]) == (1024, 683)
+        assert "max_side=1024" in shown["src"]
+        full = lambda: [n for n in _resources(pg, f"/api/image/{item.id}") if "max_side" not in n]
+        assert not full()  # the 2400x1600 image was never fetched
+        # a stroke with a 9 px brush drawn on the preview, in the background left of the lesion
+        pg.d.execute_script("const b = document.getElementById('brush-size'); b.value = '9';"
+                            "b.dispatchEvent(new Event('input'));")
+        _drag_on_stage(pg, item, [(300, 400), (600, 400), (900, 400)])
+        pg.wait(lambda: not pg.el("undo").get_property("disabled"), "the stroke")
+        # its undo step keeps the stroke's box of the mask, not the 3.8 MP mask
+        steps = pg.d.execute_script("return state.undo.map(s => [s.x0, s.y0, s.x1, s.y1, s.data.length]);")
+        assert len(steps) == 1
+        x0, y0, x1, y1, size = steps[0]
+        assert size == (x1 - x0) * (y1 - y0) < 0.01 * item.width * item.height
+        assert x0 <= 300 - 3 and x1 >= 900 + 3 and y0 <= 400 - 3 and y1 >= 400 + 3
+        # zoomed in past the preview's resolution: the full image replaces it; zoomed out, the preview again
+        while _shown(pg)["stage"] <= 1024:
+            pg.key("+")
+        pg.wait(lambda: (lambda s: s["complete"] and s["width"] == 2400)(_shown(pg)), "the full image shown")
+        assert "max_side" not in _shown(pg)["src"] and full()
+        pg.key("0")
+        pg.wait(lambda: (lambda s: s["complete"] and s["width"] == 1024)(_shown(pg)), "the preview shown again")
+        assert "max_side=1024" in _shown(pg)["src"]
+        pg.click("submit")
+        stored = pg.stored(item.id)
+    pred = pg.predicted(item)
+    assert stored.shape == (LARGE[1], LARGE[0])
+    changed = stored ^ pred
+    ys, xs = np.nonzero(changed)
+    # at the full image's pixels (the preview's would be 2.34x nearer the corner), give or take a screen pixel
+    assert stored[398:403, 305:896].all()
+    assert 393 <= ys.min() and ys.max() <= 407 and 292 <= xs.min() and xs.max() <= 908
+    assert 0.8 * 9 * 600 < changed.sum() < 1.2 * 9 * 610
+    assert not (pred & ~stored).any()  # the lesion untouched
+
+
+def test_undo_steps_keep_only_their_box_and_restore_each_edit_exactly(page):
+    item = page.batch.items[0]
+    pred = page.predicted(item)
+    assert pred.any()
+
+    def mask() -> np.ndarray:
+        flat = page.d.execute_script("return Array.from(state.mask);")
+        return np.array(flat, bool).reshape(item.height, item.width)
+
+    def steps() -> list:
+        return page.d.execute_script("return state.undo.map(s => [s.x0, s.y0, s.x1, s.y1, s.data.length]);")
+
+    def box(changed: np.ndarray) -> list[int]:
+        ys, xs = np.nonzero(changed)
+        return [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]
+
+    masks = [mask()]
+    assert np.array_equal(masks[0], pred)
+    ys, xs = np.nonzero(pred)
+    cy, cx = int(np.median(ys)), int(np.median(xs))
+    assert pred[cy, cx]
+    page.key("f")  # a fill inside the lesion erases it: its step is the lesion's box, exactly
+    page.drag(item, [(cx, cy)])
+    page.wait(lambda: len(steps()) == 1, "the fill")
+    masks.append(mask())
+    assert steps()[-1][:4] == box(masks[-2] ^ masks[-1]) and not masks[-1][cy, cx]
+    page.key("b")
+    _stroke(page, item)
+    page.wait(lambda: len(steps()) == 2, "the stroke")
+    masks.append(mask())
+    x0, y0, x1, y1, _ = steps()[-1]
+    bx0, by0, bx1, by1 = box(masks[-2] ^ masks[-1])  # a stroke's box: its dabs' squares, within a brush of it
+    brush = int(page.el("brush-size").get_attribute("value"))
+    assert x0 <= bx0 and y0 <= by0 and x1 >= bx1 and y1 >= by1
+    assert x0 >= bx0 - brush and y0 >= by0 - brush and x1 <= bx1 + brush and y1 <= by1 + brush
+    page.key("c")  # clear: the box of what was set
+    page.wait(lambda: len(steps()) == 3, "the clear")
+    masks.append(mask())
+    assert not masks[-1].any() and steps()[-1][:4] == box(masks[-2])
+    page.key("l")  # a polygon
+    y, x = 10, 10
+    for point in [(x, y), (x + 12, y), (x + 12, y + 12), (x, y + 12), (x, y)]:
+        page.drag(item, [point])
+    page.wait(lambda: len(steps()) == 4, "the polygon")
+    masks.append(mask())
+    assert masks[-1][y + 1:y + 12, x + 1:x + 12].all()
+    for x0, y0, x1, y1, size in steps():
+        assert size == (x1 - x0) * (y1 - y0) < item.width * item.height
+    for k in range(len(masks) - 1, 0, -1):  # each undo brings back the mask before its edit
+        page.key("z")
+        page.wait(lambda: np.array_equal(mask(), masks[k - 1]), f"undo to step {k - 1}")
+    assert page.el("undo").get_property("disabled")
+    for k in range(1, len(masks)):  # and each redo the one after
+        page.key("y")
+        page.wait(lambda: np.array_equal(mask(), masks[k]), f"redo to step {k}")
+    page.click("submit")
+    assert np.array_equal(page.stored(item.id), masks[-1])

@@ -137,20 +137,38 @@ def test_path_tricks_in_ids_are_404_and_write_nothing(client, project_dir, opene
 
 
 def test_only_the_batch_s_own_files_are_served(project_dir, opened, client):
-    """A manifest or a link that points out of the batch folder serves nothing."""
+    """Nothing outside the batch folder is ever served: not through a manifest that points out of it
+    (the batch is then refused as damaged, every image), nor the store's record of the batch, nor a
+    link in the folder; a link affects only its own image."""
     batch = opened.batch()
     first, second = batch.items[0], batch.items[1]
+    secret = (project_dir / "config.yaml").read_bytes()
     manifest = batch.folder / "manifest.csv"
     text = manifest.read_text()
     manifest.write_text(text.replace(first.image, "../../run.db").replace(second.image, str(project_dir / "config.yaml")))
+    for it in batch.items[:3]:
+        for query in ("", "?max_side=1024"):
+            res = client.get(f"/api/image/{it.id}{query}")
+            assert res.status_code == 404 and "damaged" in res.json()["error"], (it.id, query)
+    manifest.write_text(text)
+    # the store's record pointing out of the folder (the manifest listing the same ids) serves nothing either
+    recorded = opened.store.batch_record(batch.round)
+    recorded[0]["image"], recorded[1]["image"] = "../../run.db", str(project_dir / "config.yaml")
+    opened.store.record_batch(batch.round, recorded)
+    for it in batch.items[:2]:
+        for query in ("", "?max_side=1024"):
+            res = client.get(f"/api/image/{it.id}{query}")
+            assert res.status_code == 404 and "error" in res.json(), (it.id, query)
+            assert secret not in res.content
+    # a link inside the folder to a file outside it: that image alone is 404
     outside = project_dir.parent / "secret.png"
     outside.write_bytes(png(np.ones((4, 4), bool)))
     link = batch.folder / batch.items[2].image
     link.unlink()
     link.symlink_to(outside)
-    for it in batch.items[:3]:
-        res = client.get(f"/api/image/{it.id}")
-        assert res.status_code == 404 and "error" in res.json(), it.id
+    for kind in ("image", "thumb"):
+        res = client.get(f"/api/{kind}/{batch.items[2].id}")
+        assert res.status_code == 404 and "not inside the batch folder" in res.json()["error"], kind
     assert client.get(f"/api/image/{batch.items[3].id}").status_code == 200
 
 
@@ -488,6 +506,81 @@ def test_a_large_jpeg_thumbnail_is_small_and_a_jpeg_source_stays_jpeg(tmp_path):
     flat = tmp_path / "scan.png"
     Image.fromarray(pixels[:64, :64, 0]).save(flat)
     assert image_file(flat, read_image(flat))[0] == ".png"
+
+
+def _large_photo(width: int, height: int) -> np.ndarray:
+    """Smooth colour gradients with a few edges: what a scaled copy should look like, shrunk."""
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    out = np.stack([xx / width * 255, yy / height * 255, ((xx // 97 + yy // 61) % 2) * 120 + 60], axis=2)
+    return out.astype(np.uint8)
+
+
+def test_a_preview_is_a_cached_jpeg_of_the_image_at_most_max_side(opened, project_dir):
+    from alseg.annotate.server import preview_size
+
+    batch = opened.batch()
+    wide = next(it for it in batch.items if (it.width, it.height) == NON_SQUARE)
+    square = next(it for it in batch.items if (it.width, it.height) == (64, 64))
+    with TestClient(create_app(opened, preview_sides=(48, 64))) as c:
+        listed = {it["id"]: it for it in c.get("/api/batch").json()["items"]}
+        # offered only where smaller than the image: 48 for both, 64 for the 80x56 one alone
+        assert [p["side"] for p in listed[wide.id]["previews"]] == [48, 64]
+        assert [p["side"] for p in listed[square.id]["previews"]] == [48]
+        url = listed[wide.id]["previews"][0]["url"]
+        assert url == f"/api/image/{wide.id}?round={batch.round}&max_side=48"
+        res = c.get(url)
+        assert res.status_code == 200 and res.headers["content-type"] == "image/jpeg"
+        with Image.open(io.BytesIO(res.content)) as im:
+            assert im.format == "JPEG" and im.size == preview_size(80, 56, 48) == (48, 34)
+            shown = np.asarray(im.convert("RGB"), float)
+        with Image.open(batch.folder / wide.image) as im:  # the image itself, scaled: not another one
+            expect = np.asarray(im.convert("RGB").resize((48, 34), Image.BILINEAR), float)
+        assert np.abs(shown - expect).mean() < 12
+        other = np.asarray(Image.open(batch.folder / square.image).convert("RGB").resize((48, 34)), float)
+        assert np.abs(shown - other).mean() > np.abs(shown - expect).mean() + 5
+        # cached under rounds/RRR/previews/, served from there until the image is newer
+        cached = batch.folder / "previews" / f"{Path(wide.image).stem}-48.jpg"
+        assert cached.read_bytes() == res.content
+        before = cached.stat()
+        assert c.get(url).content == res.content
+        assert (cached.stat().st_ino, cached.stat().st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+        os.utime(cached, ns=(before.st_atime_ns, before.st_mtime_ns - 10**10))  # older than the image
+        assert c.get(url).status_code == 200  # written again (a fresh file: its time is the image's or later)
+        assert cached.stat().st_mtime_ns >= (batch.folder / wide.image).stat().st_mtime_ns
+        assert not [p for p in cached.parent.iterdir() if p.name.startswith(".")]  # no temporary left
+        # as large as the image or larger: the image itself, its own bytes and type
+        res = c.get(f"/api/image/{square.id}?max_side=64")
+        assert res.status_code == 200 and res.content == (batch.folder / square.image).read_bytes()
+        assert not (batch.folder / "previews" / f"{Path(square.image).stem}-64.jpg").exists()
+        # sizes not offered are 422, naming those that are; unknown ids 404
+        for bad in ("1024", "47", "0", "-48", "big"):
+            res = c.get(f"/api/image/{wide.id}?max_side={bad}")
+            assert res.status_code == 422 and "max_side" in res.json()["error"], bad
+        assert "48, 64" in c.get(f"/api/image/{wide.id}?max_side=1024").json()["error"]
+        assert c.get("/api/image/nope?max_side=48").status_code == 404
+        assert c.head(url).status_code == 200
+    with TestClient(create_app(opened, preview_sides=())) as c:  # none offered: the page loads full images
+        assert all(it["previews"] == [] for it in c.get("/api/batch").json()["items"])
+        assert c.get(f"/api/image/{wide.id}?max_side=48").status_code == 422
+    with pytest.raises(AlsegError, match="preview_sides"):
+        create_app(opened, preview_sides=(0,))
+
+
+def test_a_preview_of_a_large_photo_is_drafted_and_scaled(tmp_path):
+    from alseg.annotate.server import preview_jpeg
+
+    photo = tmp_path / "photo.jpg"
+    pixels = _large_photo(2400, 1600)
+    Image.fromarray(pixels).save(photo, quality=92)
+    with Image.open(io.BytesIO(preview_jpeg(photo, 1024))) as im:
+        assert im.format == "JPEG" and im.size == (1024, 683)
+        shown = np.asarray(im.convert("RGB"), float)
+    expect = np.asarray(Image.fromarray(pixels).resize((1024, 683), Image.LANCZOS), float)
+    assert np.abs(shown - expect).mean() < 4
+    grey = tmp_path / "scan.png"
+    Image.fromarray(pixels[:, :, 0]).save(grey)
+    with Image.open(io.BytesIO(preview_jpeg(grey, 600))) as im:
+        assert im.mode == "L" and im.size == (600, 400)
 
 
 def test_batch_lists_rounds_annotator_and_thumbs(client, opened):

@@ -9,7 +9,11 @@ rounds can be reopened and corrected.
 GET     ``/api/batch``                  a batch (``?round=R``, default latest): round, progress,
                                         items and their URLs, ``rounds``, ``annotator``,
                                         ``job`` (the next round's worker), ``next_mode``
-GET     ``/api/image/{id}``             the image (its real type: JPEG stays JPEG, else PNG)
+GET     ``/api/image/{id}``             the image (its real type: JPEG stays JPEG, else PNG);
+                                        ``?max_side=N`` (N one of the app's ``preview_sides``,
+                                        else 422): a JPEG of it at most N px on its long side,
+                                        cached under ``rounds/RRR/previews/`` (the image itself
+                                        when it is no larger)
 GET     ``/api/thumb/{id}``             a JPEG at most 192 px on its long side, cached under
                                         ``rounds/RRR/thumbs/``
 GET     ``/api/predicted/{id}``         the model's predicted mask (0/255 PNG, original size)
@@ -203,6 +207,11 @@ def _hostname(host: str) -> str | None:
 
 THUMB_SIDE = 192
 THUMB_QUALITY = 80
+# a display-sized copy of a large image: the page shows it while the screen has no more pixels for
+# the image than it has (a 6000x4000 photo fitted in a window), so the browser decodes 2048x1365
+# (11 MB RGBA) instead of 24 MP (96 MB); only zoomed in past it does it load the next size up
+PREVIEW_SIDES = (1024, 2048, 4096)
+PREVIEW_QUALITY = 90
 _MEDIA = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg"}
 NEXT_MODES = ("button", "auto")
 
@@ -211,7 +220,8 @@ def create_app(project, *, max_upload_bytes: int = MAX_UPLOAD_BYTES,
                allowed_hosts: tuple[str, ...] | None = None, annotators=None,
                default_annotator: str = DEFAULT_ANNOTATOR, turnover=None, next_mode: str = "button",
                upload_deadline: float = UPLOAD_DEADLINE, upload_slots: int = UPLOAD_SLOTS,
-               busy_wait: float = BUSY_WAIT, spool_bytes: int = SPOOL_BYTES) -> FastAPI:
+               busy_wait: float = BUSY_WAIT, spool_bytes: int = SPOOL_BYTES,
+               preview_sides: tuple[int, ...] = PREVIEW_SIDES) -> FastAPI:
     """The review app over an open :class:`alseg.project.Project` (which the caller closes).
 
     ``allowed_hosts``: the Host names served (``None``: any; :func:`serve` passes the loopback
@@ -224,11 +234,16 @@ def create_app(project, *, max_upload_bytes: int = MAX_UPLOAD_BYTES,
     ``upload_deadline``: seconds for an upload's whole body (then 408); ``upload_slots``: upload
     bodies received and stored at once (one more waits ``busy_wait`` seconds, then 503);
     ``spool_bytes``: a body past this size is spooled to the project's ``.incoming/``.
+    ``preview_sides``: the long sides (px) of the display-sized JPEGs offered for images larger
+    than them (``/api/image/{id}?max_side=N``); ``()`` offers none (the page loads full images).
     """
     if next_mode not in NEXT_MODES:
         raise AlsegError(f"next_mode must be one of {', '.join(NEXT_MODES)}, not {next_mode!r}")
     if upload_slots < 1 or not upload_deadline > 0 or busy_wait < 0:
         raise AlsegError("upload_slots must be 1 or more, upload_deadline above 0 and busy_wait 0 or more")
+    if any(not isinstance(side, int) or not 16 <= side <= 16384 for side in preview_sides):
+        raise AlsegError(f"preview_sides must be whole numbers of pixels from 16 to 16384, not {preview_sides!r}")
+    preview_sides = tuple(sorted(set(preview_sides)))
     slots: dict = {}  # the running event loop -> its semaphore (a test may serve one app from several loops)
     app = FastAPI(title="alseg review", docs_url=None, redoc_url=None, openapi_url="/api/openapi.json")
     # the last added runs first: Host and Origin are checked before the token
@@ -338,6 +353,9 @@ def create_app(project, *, max_upload_bytes: int = MAX_UPLOAD_BYTES,
                 "id": it.id, "reason": it.reason, "score": it.score, "width": it.width, "height": it.height,
                 "labelled": done, "labelled_by": labelled_by(it.id) if done else None,
                 "uncertainty_scale": it.uncertainty_scale,
+                # smaller first; the page shows the smallest that has a pixel for each screen pixel
+                "previews": [{"side": side, "url": url("image") + f"&max_side={side}"}
+                             for side in preview_sides if side < max(it.width, it.height)],
                 "urls": {"image": url("image"), "thumb": url("thumb"),
                          "predicted": url("predicted") if it.predicted else None,
                          "uncertainty": url("uncertainty") if it.uncertainty else None, "mask": url("mask")},
@@ -347,8 +365,23 @@ def create_app(project, *, max_upload_bytes: int = MAX_UPLOAD_BYTES,
                 "labelled": done, "total": len(items), "complete": done == len(items), "items": items}
 
     @app.get("/api/image/{id:anytext}")
-    def get_image(id: str, round: int | None = None):
-        return batch_file(id, "image", round)
+    def get_image(id: str, round: int | None = None, max_side: int | None = None):
+        if max_side is None:
+            return batch_file(id, "image", round)
+        if max_side not in preview_sides:
+            offered = ", ".join(map(str, preview_sides)) or "none on this server"
+            raise ApiError(422, f"max_side must be one of the preview sizes ({offered}), not {max_side}", id)
+        source, batch, item = batch_path(id, "image", round)
+        if max(item.width, item.height) <= max_side:  # no larger than asked: the image itself
+            return batch_file(id, "image", round)
+        path = batch.folder / "previews" / f"{Path(item.image).stem}-{max_side}.jpg"
+        if not path.is_file() or path.stat().st_mtime < source.stat().st_mtime:
+            from alseg.store import atomic_write_bytes
+
+            # the server holds the writer lock; two requests at once both write whole files
+            atomic_write_bytes(path, preview_jpeg(source, max_side))
+        # no-cache (revalidated by ETag): a batch exported again must not show an old preview under its mask
+        return FileResponse(path, media_type="image/jpeg", headers={"Cache-Control": "private, no-cache"})
 
     @app.get("/api/predicted/{id:anytext}")
     def get_predicted(id: str, round: int | None = None):
@@ -557,6 +590,31 @@ def thumbnail_jpeg(source: Path) -> bytes:
         im.thumbnail((THUMB_SIDE, THUMB_SIDE), Image.BILINEAR)
         buf = io.BytesIO()
         im.save(buf, format="JPEG", quality=THUMB_QUALITY)
+    return buf.getvalue()
+
+
+def preview_size(width: int, height: int, max_side: int) -> tuple[int, int]:
+    """The size of a ``width`` x ``height`` image scaled to ``max_side`` px on its long side (never up)."""
+    scale = min(1.0, max_side / max(width, height))
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def preview_jpeg(source: Path, max_side: int) -> bytes:
+    """A JPEG of the image in ``source`` scaled to at most ``max_side`` px on its long side.
+
+    A batch's images are 8-bit grey or RGB without an EXIF rotation (:func:`alseg.annotate.export.image_file`),
+    so the preview's pixels cover exactly what the full image's do, and the page lays either over the mask.
+    """
+    from PIL import Image
+
+    with Image.open(source) as im:
+        size = preview_size(im.width, im.height, max_side)
+        im.draft("RGB", size)  # a JPEG decodes at 1/2..1/8 scale, no smaller than asked: 24 MP at 6 MP
+        im = im.convert("L" if im.mode in ("L", "I;16", "I", "F", "1") else "RGB")
+        if im.size != size:
+            im = im.resize(size, Image.LANCZOS, reducing_gap=3.0)
+        buf = io.BytesIO()
+        im.save(buf, format="JPEG", quality=PREVIEW_QUALITY)
     return buf.getvalue()
 
 

@@ -8,6 +8,13 @@
  * whole image while that stays under OVERLAY_PX canvas pixels, else over the visible part and a
  * margin, redrawn from the mask when a zoom or pan leaves it; an edit redraws only the canvas
  * pixels it touched. So a 24-megapixel photo costs the mask (24 MB), not a 96 MB RGBA canvas.
+ * The image itself is shown from the smallest of its sizes (the server's display-sized previews,
+ * /api/image/{id}?max_side=N, then the full image) that has a pixel for each screen pixel at the
+ * current zoom: fitted in a window, a 6000x4000 photo is a 2048-px JPEG (11 MB decoded, not 96);
+ * zoomed in past it, the next size up replaces it in the same <img>, and zoomed out again, the
+ * larger one is let go. Strokes land in the full-resolution mask whichever size is shown.
+ * Each undo step keeps only the box of the mask its edit changed (a stroke's, a fill's, a
+ * polygon's, a clear's), as it was: undo and redo swap that box with the mask's.
  * Masks arrive as PNG and are decoded through a small canvas in bands; submitting encodes the
  * mask as a 0/255 greyscale PNG row by row (CompressionStream) and PUTs it to
  * /api/mask/{id}?round=R with the seconds spent on the image
@@ -22,9 +29,12 @@
 const $ = (id) => document.getElementById(id);
 const OVERLAY = [0, 200, 255];      // mask colour
 const EDGE = [0, 120, 255];         // its outline (opaque, so a thin stroke shows too)
-const UNDO_BYTES = 256 * 1024 * 1024;
+const UNDO_BYTES = 64 * 1024 * 1024;  // the mask boxes the undo steps keep, at most, in all
+const UNDO_STEPS = 500;
+const FILL_MARK = 2;                // a flood fill's pixels before they take their value (masks are 0/1)
 const OVERLAY_PX = 4 << 20;         // the most canvas pixels (16 MB RGBA) the overlay may hold
-const BAND_BYTES = 4 << 20;         // RGBA rows handled at once when decoding or drawing a mask
+const BAND_BYTES = 4 << 20;         // RGBA rows handled at once when a canvas decodes a mask
+const DRAW_BYTES = 1 << 20;         // RGBA rows of the overlay drawn at once (one buffer, kept)
 const IDLE_MS = 30000;              // no input for this long: the expert is not working on the image
 const JOB_POLL_MS = 1000;
 const CLOSE_PX = 10;                // a polygon click this near its first point closes it
@@ -48,7 +58,10 @@ const state = {
   mask: null,           // Uint8Array w*h, 0/1
   w: 0, h: 0,
   view: null,           // the overlay canvas: {k, x0, y0, x1, y1, cw, ch}: image px x0..x1, y0..y1, k per canvas px
-  undo: [], redo: [],
+  levels: null,         // the current image's sizes, smallest first: [{side, url}] (side: its long side, px)
+  level: null,          // the one #image shows
+  undo: [], redo: [],   // steps {x0, y0, x1, y1, data}: the mask's pixels in that box before (undo) / after (redo)
+  edit: null,           // the step a stroke in progress writes into
   drafts: new Map(),    // round/id -> {mask, undo, redo}: unsubmitted edits kept while navigating
   tool: "brush",
   brush: 4,
@@ -303,6 +316,31 @@ function pollJob() {
 }
 
 // ---------------------------------------------------------------- loading an item
+// The sizes the image can be shown at, smallest first: the server's previews, then the image itself.
+function imageLevels(it) {
+  const full = { side: Math.max(it.width, it.height), url: it.urls.image };
+  return [...(it.previews || []).filter((p) => p.side < full.side), full];
+}
+
+// The smallest size with at least one pixel per screen (device) pixel at ``zoom``; else the image itself.
+function levelFor(levels, zoom, w, h) {
+  const shown = Math.max(w, h) * zoom * (window.devicePixelRatio || 1);
+  return levels.find((l) => l.side >= shown - 0.5) || levels[levels.length - 1];
+}
+
+// Show the size the zoom needs. The <img> keeps showing the last one until the new one has loaded;
+// then the last one's decoded pixels have no holder (zoomed out, the full image's 96 MB go).
+function updateImageLevel() {
+  if (!state.levels) return;
+  const want = levelFor(state.levels, state.zoom, state.w, state.h);
+  if (want === state.level) return;
+  state.level = want;
+  const img = $("image"), token = state.loadToken;
+  img.onload = () => { if (token === state.loadToken) img.dataset.side = String(want.side); };
+  img.onerror = () => { if (token === state.loadToken) say(`could not load ${want.url}`, "error"); };
+  img.src = want.url;
+}
+
 function loadImage(img, url) {
   return new Promise((resolve, reject) => {
     img.onload = () => resolve(img);
@@ -314,13 +352,93 @@ function loadImage(img, url) {
 async function maskFromUrl(url, w, h) {
   const res = await fetch(url, { cache: "no-store", headers: withToken() });
   if (!res.ok) return null;
-  const bitmap = await createImageBitmap(await res.blob(), { colorSpaceConversion: "none", premultiplyAlpha: "none" });
-  // through a canvas of a few rows at a time: no full-size canvas or RGBA copy of a large mask
+  const blob = await res.blob();
+  const mask = await maskFromPng(blob, w, h).catch(() => null);
+  return mask || maskByCanvas(blob, w, h);
+}
+
+// A PNG of 8-bit channels at the image's size, decoded here row by row (DecompressionStream): the
+// mask is the first channel >= 128. No decoded bitmap or RGBA copy of the whole mask (96 MB on a
+// 24 MP photo, left for the garbage collector) is made. Null for anything else (another size,
+// bit depth, palette, interlacing): the canvas decodes those.
+async function maskFromPng(blob, w, h) {
+  if (typeof DecompressionStream === "undefined") return null;
+  const bytes = new Uint8Array(await blob.arrayBuffer());  // a mask's PNG is small: kB, not MB
+  const view = new DataView(bytes.buffer);
+  const signature = [137, 80, 78, 71, 13, 10, 26, 10];
+  if (bytes.length < 33 || signature.some((b, i) => bytes[i] !== b)) return null;
+  const type = (at) => String.fromCharCode(bytes[at + 4], bytes[at + 5], bytes[at + 6], bytes[at + 7]);
+  if (type(8) !== "IHDR") return null;
+  const [pw, ph, depth, colour, interlace] = [view.getUint32(16), view.getUint32(20), bytes[24], bytes[25], bytes[28]];
+  const channels = { 0: 1, 2: 3, 4: 2, 6: 4 }[colour];
+  if (pw !== w || ph !== h || depth !== 8 || !channels || interlace !== 0) return null;
+  const inflate = new DecompressionStream("deflate");
+  const writer = inflate.writable.getWriter();
+  const feeding = (async () => {
+    for (let at = 8; at + 12 <= bytes.length;) {
+      const length = view.getUint32(at), kind = type(at);
+      if (kind === "IDAT") await writer.write(bytes.subarray(at + 8, at + 8 + length));
+      if (kind === "IEND") break;
+      at += 12 + length;
+    }
+    await writer.close();
+  })();
+  feeding.catch(() => null);  // a broken stream shows up on the reading side too
+  const stride = w * channels, bpp = channels;
+  const mask = new Uint8Array(w * h);
+  let prev = new Uint8Array(stride), row = new Uint8Array(stride);
+  let filter = -1, fill = 0, y = 0;
+  const reader = inflate.readable.getReader();
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    for (let i = 0; i < value.length && y < h;) {
+      if (filter < 0) { filter = value[i++]; fill = 0; continue; }
+      const n = Math.min(stride - fill, value.length - i);
+      row.set(value.subarray(i, i + n), fill);
+      fill += n; i += n;
+      if (fill < stride) continue;
+      if (!unfilter(filter, row, prev, bpp)) throw new Error("bad PNG filter");
+      for (let x = 0, o = y * w; x < w; x++) mask[o + x] = row[x * bpp] >= 128 ? 1 : 0;
+      [prev, row] = [row, prev];
+      filter = -1; y++;
+    }
+  }
+  await feeding;
+  if (y < h) throw new Error("PNG cut short");
+  return mask;
+}
+
+// Undo a PNG row filter in place (``prev``: the row above, unfiltered; zeros for the first).
+function unfilter(filter, row, prev, bpp) {
+  const n = row.length;
+  switch (filter) {
+    case 0: return true;
+    case 1: for (let i = bpp; i < n; i++) row[i] = (row[i] + row[i - bpp]) & 255; return true;
+    case 2: for (let i = 0; i < n; i++) row[i] = (row[i] + prev[i]) & 255; return true;
+    case 3:
+      for (let i = 0; i < n; i++) row[i] = (row[i] + (((i >= bpp ? row[i - bpp] : 0) + prev[i]) >> 1)) & 255;
+      return true;
+    case 4:
+      for (let i = 0; i < n; i++) {
+        const a = i >= bpp ? row[i - bpp] : 0, b = prev[i], c = i >= bpp ? prev[i - bpp] : 0;
+        const p = a + b - c, pa = Math.abs(p - a), pb = Math.abs(p - b), pc = Math.abs(p - c);
+        row[i] = (row[i] + (pa <= pb && pa <= pc ? a : pb <= pc ? b : c)) & 255;
+      }
+      return true;
+    default: return false;
+  }
+}
+
+// Any other image the browser reads, scaled to w x h (nearest neighbour: a mask at the working
+// size), through a canvas of a few rows at a time: no full-size canvas or RGBA copy of a large mask.
+async function maskByCanvas(blob, w, h) {
+  const bitmap = await createImageBitmap(blob, { colorSpaceConversion: "none", premultiplyAlpha: "none" });
   const band = Math.max(1, Math.min(h, Math.floor(BAND_BYTES / (4 * w))));
   const c = document.createElement("canvas");
   c.width = w; c.height = band;
   const ctx = c.getContext("2d", { willReadFrequently: true });
-  ctx.imageSmoothingEnabled = false;  // a mask at the working size is scaled nearest-neighbour
+  ctx.imageSmoothingEnabled = false;
   const mask = new Uint8Array(w * h);
   try {
     for (let y0 = 0; y0 < h; y0 += band) {
@@ -353,9 +471,16 @@ async function select(k, { keepDraft = true } = {}) {
   cancelPolygon();
   const token = ++state.loadToken;
   const it = state.batch.items[k];
+  // the size of the image to load: the one for the zoom it will be shown at
+  const levels = imageLevels(it);
+  const zoom = state.fitted || state.w !== it.width || state.h !== it.height ? fitZoom(it.width, it.height) : state.zoom;
+  const level = levelFor(levels, zoom, it.width, it.height);
   state.index = k;
   state.item = it;
-  state.undo = []; state.redo = [];
+  // let the last image's mask and steps go now (a draft keeps them): no 24 MB copy waits for the next one
+  state.mask = null;
+  state.undo = []; state.redo = []; state.edit = null;
+  state.levels = null;  // the last image's sizes: no size switch while this one loads
   $("stage").removeAttribute("data-loaded-id");
   refreshList();
   const key = draftKey(it.id);
@@ -364,7 +489,7 @@ async function select(k, { keepDraft = true } = {}) {
   let mask = null, source = "";
   try {
     $("uncertainty").removeAttribute("src");  // the last image's overlay must not show over this one
-    await loadImage($("image"), it.urls.image);
+    await loadImage($("image"), level.url);
     if (draft) {
       mask = draft.mask; source = "your unsubmitted edits";
     }
@@ -385,6 +510,8 @@ async function select(k, { keepDraft = true } = {}) {
   const resized = state.w !== it.width || state.h !== it.height;
   state.w = it.width; state.h = it.height;
   state.mask = mask;
+  state.levels = levels; state.level = level;
+  $("image").dataset.side = String(level.side);
   state.undo = draft ? draft.undo : [];
   state.redo = draft ? draft.redo : [];
   state.drafts.delete(key);
@@ -490,15 +617,17 @@ function render(x0, y0, x1, y1) {
   let above = new Uint8Array(gw), row = new Uint8Array(gw), below = new Uint8Array(gw);
   gridRow(by0 - 1, above);
   gridRow(by0, row);
-  // in bands of rows, so a large region never needs one big ImageData at once
-  const band = Math.max(1, Math.floor(BAND_BYTES / (4 * (bx1 - bx0))));
+  // in bands of rows through one ImageData kept with the view (a new one per band would leave MBs
+  // of garbage per redraw); it is the canvas's width, so its rows are cleared only where drawn
+  const bw = bx1 - bx0, stride = 4 * v.cw;
+  const img = bandImage(ctx, v);
+  const d = img.data, band = img.height;
   for (let b0 = by0; b0 < by1; b0 += band) {
     const b1 = Math.min(by1, b0 + band);
-    const img = ctx.createImageData(bx1 - bx0, b1 - b0);
-    const d = img.data;
-    let o = 0;
     for (let by = b0; by < b1; by++) {
       gridRow(by + 1, below);
+      let o = (by - b0) * stride;
+      d.fill(0, o, o + 4 * bw);
       for (let j = 1; j < gw - 1; j++, o += 4) {
         if (!row[j]) continue;
         const edge = !row[j - 1] || !row[j + 1] || !above[j] || !below[j];
@@ -508,8 +637,15 @@ function render(x0, y0, x1, y1) {
       }
       [above, row, below] = [row, below, above];
     }
-    ctx.putImageData(img, bx0, b0);
+    ctx.putImageData(img, bx0, b0, 0, 0, bw, b1 - b0);  // its top-left bw x rows, at (bx0, b0)
   }
+}
+
+// The ImageData render() draws through: the view's width, DRAW_BYTES of rows (or fewer).
+function bandImage(ctx, v) {
+  const rows = Math.max(1, Math.min(v.ch, Math.floor(DRAW_BYTES / (4 * v.cw))));
+  if (!v.band || v.band.width !== v.cw || v.band.height !== rows) v.band = ctx.createImageData(v.cw, rows);
+  return v.band;
 }
 
 // ---------------------------------------------------------------- editing
@@ -522,27 +658,96 @@ function count(kind) {
   if (state.item) effortOf(state.item.id)[kind] += 1;
 }
 
-function pushUndo() {
-  state.undo.push(state.mask.slice());
-  const limit = Math.max(5, Math.floor(UNDO_BYTES / Math.max(1, state.mask.length)));
-  while (state.undo.length > limit) state.undo.shift();
+// The mask can be edited: an image is loaded and no submit is encoding (or sending) it, which reads
+// the mask itself, not a copy.
+function editable() { return !!state.mask && !state.busy && !state.drawing; }
+
+// A new undo step, empty until ``cover`` gives it a box: every write of an edit lies inside its box.
+function beginEdit() {
+  const step = { x0: 0, y0: 0, x1: 0, y1: 0, data: new Uint8Array(0), touched: null };
+  state.undo.push(step);
   state.redo = [];
   updateUndoButtons();
   refreshList();
+  return step;
+}
+
+// The step is complete: its box shrinks to what the edit asked for (a stroke's box grew with margins),
+// and the oldest steps go past UNDO_BYTES or UNDO_STEPS.
+function endEdit(step) {
+  const t = step.touched;
+  if (t && (t[0] !== step.x0 || t[1] !== step.y0 || t[2] !== step.x1 || t[3] !== step.y1)) {
+    const bw = step.x1 - step.x0, tw = t[2] - t[0];
+    const data = new Uint8Array(tw * (t[3] - t[1]));
+    for (let y = t[1], o = 0; y < t[3]; y++, o += tw) {
+      const from = (y - step.y0) * bw + (t[0] - step.x0);
+      data.set(step.data.subarray(from, from + tw), o);
+    }
+    [step.x0, step.y0, step.x1, step.y1] = t;
+    step.data = data;
+  }
+  step.touched = null;
+  let bytes = 0;
+  for (const s of state.undo) bytes += s.data.length;
+  while (state.undo.length > 1 && (bytes > UNDO_BYTES || state.undo.length > UNDO_STEPS)) bytes -= state.undo.shift().data.length;
+  updateUndoButtons();
+}
+
+// Grow the step's box to take in image px x0..x1, y0..y1 (ends exclusive; clamped to the image),
+// copying the mask's pixels it newly covers: the edit has not written there yet. ``grow`` widens
+// the box further on each side it grows to (a stroke's margin, so a long stroke copies little twice).
+function cover(step, x0, y0, x1, y1, grow = 0) {
+  const { w, h, mask } = state;
+  x0 = Math.max(0, Math.floor(x0)); y0 = Math.max(0, Math.floor(y0));
+  x1 = Math.min(w, Math.ceil(x1)); y1 = Math.min(h, Math.ceil(y1));
+  if (x1 <= x0 || y1 <= y0) return;
+  const t = step.touched;
+  step.touched = t ? [Math.min(t[0], x0), Math.min(t[1], y0), Math.max(t[2], x1), Math.max(t[3], y1)] : [x0, y0, x1, y1];
+  const empty = step.x1 <= step.x0;
+  if (!empty && x0 >= step.x0 && y0 >= step.y0 && x1 <= step.x1 && y1 <= step.y1) return;
+  const nx0 = empty || x0 < step.x0 ? Math.max(0, x0 - grow) : step.x0;
+  const ny0 = empty || y0 < step.y0 ? Math.max(0, y0 - grow) : step.y0;
+  const nx1 = empty || x1 > step.x1 ? Math.min(w, x1 + grow) : step.x1;
+  const ny1 = empty || y1 > step.y1 ? Math.min(h, y1 + grow) : step.y1;
+  const nw = nx1 - nx0, ow = step.x1 - step.x0;
+  const data = new Uint8Array(nw * (ny1 - ny0));
+  for (let y = ny0, o = 0; y < ny1; y++, o += nw) {
+    data.set(mask.subarray(y * w + nx0, y * w + nx1), o);  // the mask as it is: unchanged outside the old box
+    if (!empty && y >= step.y0 && y < step.y1) {  // inside the old box: what the step kept from before
+      const from = (y - step.y0) * ow;
+      data.set(step.data.subarray(from, from + ow), o + step.x0 - nx0);
+    }
+  }
+  step.x0 = nx0; step.y0 = ny0; step.x1 = nx1; step.y1 = ny1;
+  step.data = data;
+}
+
+// Exchange the step's pixels with the mask's in its box: undoes it, and (once more) redoes it.
+function swapStep(step) {
+  const { w, mask } = state;
+  const bw = step.x1 - step.x0;
+  const row = new Uint8Array(bw);
+  for (let y = step.y0, o = 0; y < step.y1; y++, o += bw) {
+    const now = mask.subarray(y * w + step.x0, y * w + step.x1), kept = step.data.subarray(o, o + bw);
+    row.set(now); now.set(kept); kept.set(row);
+  }
+  render(step.x0, step.y0, step.x1, step.y1);
 }
 
 function undo() {
-  if (!state.undo.length || state.drawing) return;
-  state.redo.push(state.mask);
-  state.mask = state.undo.pop();
-  renderAll(); updateInfo(); updateUndoButtons(); refreshList();
+  if (!state.undo.length || !editable()) return;
+  const step = state.undo.pop();
+  swapStep(step);
+  state.redo.push(step);
+  updateInfo(); updateUndoButtons(); refreshList();
 }
 
 function redo() {
-  if (!state.redo.length || state.drawing) return;
-  state.undo.push(state.mask);
-  state.mask = state.redo.pop();
-  renderAll(); updateInfo(); updateUndoButtons(); refreshList();
+  if (!state.redo.length || !editable()) return;
+  const step = state.redo.pop();
+  swapStep(step);
+  state.undo.push(step);
+  updateInfo(); updateUndoButtons(); refreshList();
 }
 
 function updateUndoButtons() {
@@ -551,12 +756,26 @@ function updateUndoButtons() {
 }
 
 function clearMask() {
-  if (!state.mask || state.busy) return;
-  if (!state.mask.some((v) => v)) return;
-  pushUndo();
-  state.mask = new Uint8Array(state.w * state.h);
+  if (!editable()) return;
+  const { w, h, mask } = state;
+  let x0 = w, y0 = h, x1 = 0, y1 = 0;  // the box of the set pixels: all the clear changes
+  for (let y = 0; y < h; y++) {
+    const row = mask.subarray(y * w, (y + 1) * w);
+    const first = row.indexOf(1);
+    if (first < 0) continue;
+    if (y < y0) y0 = y;
+    y1 = y + 1;
+    if (first < x0) x0 = first;
+    const last = row.lastIndexOf(1);
+    if (last + 1 > x1) x1 = last + 1;
+  }
+  if (x1 <= x0) return;  // nothing to clear
+  const step = beginEdit();
+  cover(step, x0, y0, x1, y1);
+  for (let y = y0; y < y1; y++) mask.fill(0, y * w + x0, y * w + x1);
+  endEdit(step);
   count("clicks");
-  renderAll(); updateInfo(); refreshList();
+  render(x0, y0, x1, y1); updateInfo(); refreshList();
 }
 
 function dab(cx, cy, value) {
@@ -564,13 +783,18 @@ function dab(cx, cy, value) {
   const r = state.brush / 2;
   const x0 = Math.max(0, Math.floor(cx - r)), x1 = Math.min(w - 1, Math.floor(cx + r));
   const y0 = Math.max(0, Math.floor(cy - r)), y1 = Math.min(h - 1, Math.floor(cy + r));
+  const px = Math.floor(cx), py = Math.floor(cy);  // a 1-px brush still marks the pixel under it
+  const step = state.edit;  // the stroke's undo step keeps what this dab is about to change
+  if (step) {
+    const margin = Math.max(state.brush, 32, (step.x1 - step.x0 + step.y1 - step.y0) >> 3);
+    cover(step, Math.min(x0, px), Math.min(y0, py), Math.max(x1, px) + 1, Math.max(y1, py) + 1, margin);
+  }
   for (let y = y0; y <= y1; y++) {
     for (let x = x0; x <= x1; x++) {
       const dx = x + 0.5 - cx, dy = y + 0.5 - cy;
       if (dx * dx + dy * dy <= r * r) mask[y * w + x] = value;
     }
   }
-  const px = Math.floor(cx), py = Math.floor(cy);  // a 1-px brush still marks the pixel under it
   if (px >= 0 && py >= 0 && px < w && py < h) mask[py * w + px] = value;
   render(cx - r, cy - r, cx + r + 1, cy + r + 1);
 }
@@ -584,27 +808,54 @@ function strokeTo(x, y) {
   state.drawing.last = [x, y];
 }
 
+// The 4-connected region of equal pixels at (px, py) takes the other value. It is marked first
+// (FILL_MARK), which gives the box the fill changes; that box, with the marks read as the old value,
+// is the undo step; then the marks take the new value.
 function floodFill(px, py) {
   const { w, h, mask } = state;
   if (px < 0 || py < 0 || px >= w || py >= h) return;
   const start = py * w + px;
   const from = mask[start], to = from ? 0 : 1;
-  pushUndo();
   count("clicks");
-  const stack = new Int32Array(w * h + 1);
+  let stack = new Int32Array(1 << 16);  // grows as needed: a small fill on a 24 MP mask needs little
   let top = 0;
-  stack[top++] = start;
-  mask[start] = to;
+  const push = (i) => {
+    if (top === stack.length) { const more = new Int32Array(stack.length * 2); more.set(stack); stack = more; }
+    mask[i] = FILL_MARK;
+    stack[top++] = i;
+  };
+  let x0 = px, x1 = px, y0 = py, y1 = py;
+  push(start);
   while (top > 0) {
     const i = stack[--top];
-    const x = i % w;
-    if (x > 0 && mask[i - 1] === from) { mask[i - 1] = to; stack[top++] = i - 1; }
-    if (x < w - 1 && mask[i + 1] === from) { mask[i + 1] = to; stack[top++] = i + 1; }
-    if (i >= w && mask[i - w] === from) { mask[i - w] = to; stack[top++] = i - w; }
-    if (i + w < w * h && mask[i + w] === from) { mask[i + w] = to; stack[top++] = i + w; }
+    const x = i % w, y = (i - x) / w;
+    if (x < x0) x0 = x; else if (x > x1) x1 = x;
+    if (y < y0) y0 = y; else if (y > y1) y1 = y;
+    if (x > 0 && mask[i - 1] === from) push(i - 1);
+    if (x < w - 1 && mask[i + 1] === from) push(i + 1);
+    if (i >= w && mask[i - w] === from) push(i - w);
+    if (i + w < w * h && mask[i + w] === from) push(i + w);
   }
-  renderAll();
+  stack = null;
+  const step = beginEdit();
+  cover(step, x0, y0, x1 + 1, y1 + 1);
+  const kept = step.data;
+  for (let i = 0; i < kept.length; i++) if (kept[i] === FILL_MARK) kept[i] = from;
+  for (let y = y0; y <= y1; y++) {
+    for (let i = y * w + x0, end = y * w + x1 + 1; i < end; i++) if (mask[i] === FILL_MARK) mask[i] = to;
+  }
+  endEdit(step);
+  render(x0, y0, x1 + 1, y1 + 1);
   updateInfo();
+}
+
+// The box of image px that fillPolygon(points) may change: [x0, y0, x1, y1], ends exclusive.
+function polygonBox(points) {
+  let minY = Infinity, maxY = -Infinity, minX = Infinity, maxX = -Infinity;
+  for (const [x, y] of points) {
+    minY = Math.min(minY, y); maxY = Math.max(maxY, y); minX = Math.min(minX, x); maxX = Math.max(maxX, x);
+  }
+  return [Math.floor(minX), Math.floor(minY), Math.floor(maxX) + 1, Math.ceil(maxY) + 1];
 }
 
 // Every pixel whose centre lies inside the polygon (even-odd rule) takes ``value``.
@@ -640,12 +891,15 @@ function drawPolygonPreview() {
 }
 
 function closePolygon() {
+  if (state.poly && !editable()) return;  // a submit is reading the mask: the polygon stays open
   const poly = state.poly;
   state.poly = null;
   drawPolygonPreview();
   if (!poly || poly.points.length < 3) return;
-  pushUndo();
+  const step = beginEdit();
+  cover(step, ...polygonBox(poly.points));
   fillPolygon(poly.points, poly.value);
+  endEdit(step);
   count("strokes");
   updateInfo();
   say(`filled a ${poly.lasso ? "lasso" : "polygon"} of ${poly.points.length} points (undo: z)`, "");
@@ -679,7 +933,7 @@ function toImage(ev) {
 function wantsPan(ev) { return ev.button === 1 || (ev.button === 0 && state.space); }
 
 function onPointerDown(ev) {
-  if (!state.mask || wantsPan(ev) || ev.button !== 0) return;  // a pan is the viewport's
+  if (!editable() || wantsPan(ev) || ev.button !== 0) return;  // a pan is the viewport's
   ev.preventDefault();
   const [x, y] = toImage(ev);
   if (state.tool === "fill") {
@@ -690,7 +944,7 @@ function onPointerDown(ev) {
     polygonDown(ev, x, y);
     return;
   }
-  pushUndo();
+  state.edit = beginEdit();
   count("strokes");
   state.drawing = { value: state.tool === "eraser" ? 0 : 1, last: [x, y] };
   $("mask").setPointerCapture(ev.pointerId);
@@ -727,6 +981,8 @@ function onPointerUp(ev) {
   const [x, y] = toImage(ev);
   strokeTo(x, y);
   state.drawing = null;
+  if (state.edit) endEdit(state.edit);
+  state.edit = null;
   updateInfo();
 }
 
@@ -758,11 +1014,16 @@ function setBrush(size, byUser = true) {
   if (byUser) state.brushSet = true;
 }
 
+function fitZoom(w, h) {
+  const vp = $("viewport");
+  const z = Math.min((vp.clientWidth - 16) / w, (vp.clientHeight - 16) / h);
+  return Math.max(0.01, Math.min(32, z));
+}
+
 function fit() {
   if (!state.w) return;
   const vp = $("viewport");
-  const z = Math.min((vp.clientWidth - 16) / state.w, (vp.clientHeight - 16) / state.h);
-  state.zoom = Math.max(0.01, Math.min(32, z));
+  state.zoom = fitZoom(state.w, state.h);
   state.panX = (vp.clientWidth - state.w * state.zoom) / 2;
   state.panY = (vp.clientHeight - state.h * state.zoom) / 2;
   state.fitted = true;
@@ -795,6 +1056,7 @@ function applyZoom() {
   stage.classList.toggle("pixelated", state.zoom >= 2);
   $("zoom-value").textContent = `${Math.round(state.zoom * 100)}%`;
   updateOverlay();
+  updateImageLevel();
 }
 
 function onWheel(ev) {
@@ -967,12 +1229,15 @@ async function maskBlob(mask, w, h) {
   const writer = deflate.writable.getWriter();
   const compressed = new Response(deflate.readable).arrayBuffer();
   const rows = Math.max(1, Math.floor((1 << 20) / (w + 1)));
+  // one buffer for every band of rows: the stream has compressed a band when its write resolves
+  const buffer = new Uint8Array(Math.min(rows, h) * (w + 1));  // each row: filter type 0, then its pixels
   for (let y0 = 0; y0 < h; y0 += rows) {
     const n = Math.min(rows, h - y0);
-    const raw = new Uint8Array(n * (w + 1));  // each row: filter type 0, then its pixels
+    const raw = buffer.subarray(0, n * (w + 1));
     for (let r = 0; r < n; r++) {
-      const src = (y0 + r) * w, o = r * (w + 1) + 1;
-      for (let x = 0; x < w; x++) raw[o + x] = mask[src + x] ? 255 : 0;
+      const src = (y0 + r) * w, o = r * (w + 1);
+      raw[o] = 0;
+      for (let x = 0; x < w; x++) raw[o + 1 + x] = mask[src + x] ? 255 : 0;
     }
     await writer.write(raw);
   }
@@ -1032,6 +1297,7 @@ async function upload(what, getBlob, allowEmpty = false) {
   say(`sending ${what} for ${it.id}…`, "");
   try {
     const blob = await getBlob();
+    getBlob = null;  // what it read from (the mask) is not needed here any more
     const base = `/api/mask/${enc(it.id)}?round=${batch.round}&${effortQuery(it.id)}` + (allowEmpty ? "&allow_empty=true" : "");
     let res;
     try {
@@ -1088,9 +1354,9 @@ async function goNextUnlabelled(from) {
 }
 
 function submitCurrent() {
-  const { mask, w, h } = state;
-  if (!mask) return;
-  return upload("your mask", () => maskBlob(mask.slice(), w, h));
+  if (!state.mask || state.drawing) return;
+  // the mask itself, no 24 MB copy: while a submit is busy no edit changes it (editable())
+  return upload("your mask", () => maskBlob(state.mask, state.w, state.h));
 }
 
 function acceptPrediction() {
@@ -1105,7 +1371,7 @@ function acceptPrediction() {
 
 function nothingHere() {
   const { w, h } = state;
-  if (!state.item) return;
+  if (!state.item || !state.mask) return;  // (w, h are the last image's while one loads)
   return upload("an empty mask", () => maskBlob(new Uint8Array(w * h), w, h), true);
 }
 
