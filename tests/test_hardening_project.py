@@ -358,6 +358,12 @@ def test_a_damaged_manifest_is_one_line_the_page_starts_and_query_exports_again(
         assert p.status()["open_round"] == 1
         with pytest.raises(AlsegError, match="manifest.csv is damaged"):
             p.batch()
+        from fastapi.testclient import TestClient
+
+        from alseg.annotate.server import create_app
+
+        answer = TestClient(create_app(p)).get("/api/batch")
+        assert answer.status_code == 409 and "manifest.csv is damaged" in answer.json()["error"]
     query(path)
     assert [r["id"] for r in _rows(folder)] == [r["id"] for r in rows]
     assert (path / "rounds" / "001.aside-1" / "masks" / Path(rows[0]["mask"]).name).is_file()

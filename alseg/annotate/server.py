@@ -328,7 +328,10 @@ def create_app(project, *, max_upload_bytes: int = MAX_UPLOAD_BYTES,
 
     @app.get("/api/batch")
     def get_batch(request: Request, round: int | None = None):
-        batch = project.batch(round)
+        try:
+            batch = project.batch(round)
+        except AlsegError as exc:  # a damaged manifest: the page says what is wrong and what to run
+            raise ApiError(409, exc.problem) from None
         status = project.status()
         # what the page says about the model: its latest validation Dice against a constant mask
         # (with a warning when it is no better) and this round's pseudo-label gate
@@ -691,10 +694,12 @@ def serve(project_path, host: str = "127.0.0.1", port: int = 8765, open_browser:
             shown = host if loopback else reachable_host(host)
             shown = f"[{shown.strip('[]')}]" if ":" in shown else shown
             url = f"http://{shown}:{sock.getsockname()[1]}/"
-            batch = project.batch()
-            if batch is None:
-                state = "no batch is open yet"
-            else:
+            state = "no batch is open yet"
+            try:
+                batch = project.batch()
+            except AlsegError as exc:  # the page still starts, and says this
+                batch, state = None, exc.problem
+            if batch is not None:
                 state = f"round {batch.round}: {len(project.labelled(batch.round))} of {len(batch.items)} labelled"
             if token is not None:
                 log(f"alseg review page: {url}?token={token} ({state}); Ctrl-C to stop")
