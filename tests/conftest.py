@@ -54,3 +54,35 @@ def run_cli(*args: str, check: bool = True, env_extra: dict | None = None) -> su
 
 def run_json(*args: str) -> dict:
     return json.loads(run_cli(*args, "--json").stdout)
+
+
+# --- the review project (tests/annotate_fixtures.py): one template per session, a copy per test ---
+@pytest.fixture(scope="session")
+def template(tmp_path_factory):
+    """(template project with an open batch of 8, the batch's true masks); never written by tests."""
+    from annotate_fixtures import build_project
+
+    return build_project(tmp_path_factory)
+
+
+@pytest.fixture
+def project(template, tmp_path):
+    """(a fresh copy of the template project, its batch's true masks)."""
+    from annotate_fixtures import copy_project
+
+    return copy_project(template[0], tmp_path / "project"), template[1]
+
+
+@pytest.fixture
+def project_dir(project) -> Path:
+    return project[0]
+
+
+@pytest.fixture
+def opened(project_dir):
+    """The copy opened as the review server opens it (holding the writer lock)."""
+    from alseg.project import Project
+
+    p = Project(project_dir, command="serve")
+    yield p
+    p.close()

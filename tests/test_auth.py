@@ -121,7 +121,7 @@ def test_token_command_prints_a_token_that_the_project_accepts(tmp_path, capsys)
     assert "annotator name" in capsys.readouterr().err
 
 
-def test_a_loopback_server_behind_a_proxy_asks_for_the_projects_tokens(tmp_path):
+def test_a_loopback_server_behind_a_proxy_asks_for_the_projects_tokens(project_dir):
     """Tokens made with `alseg token` count on 127.0.0.1 too: an HTTPS proxy in front forwards
     another Host and Origin, which the token, not a list of names, then vouches for."""
     import re
@@ -129,11 +129,9 @@ def test_a_loopback_server_behind_a_proxy_asks_for_the_projects_tokens(tmp_path)
     import subprocess
     import sys
 
-    from annotate_fixtures import build_project, copy_project
     from test_server_hardening import _request
 
-    project, _ = build_project(_Factory(tmp_path))
-    path = copy_project(project, tmp_path / "p")
+    path = project_dir
     token = Annotators.load(path).add("alice")
     code = "import sys; import alseg.annotate.server as s; s.serve(sys.argv[1], port=0, log=lambda t: print(t, flush=True))"
     proc = subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE,
@@ -155,17 +153,3 @@ def test_a_loopback_server_behind_a_proxy_asks_for_the_projects_tokens(tmp_path)
         proc.send_signal(signal.SIGINT)
         proc.wait(30)
 
-
-class _Factory:
-    """tmp_path_factory's one method that build_project uses, over one test's folder."""
-
-    def __init__(self, root):
-        self.root = root
-
-    def getbasetemp(self):
-        return self.root
-
-    def mktemp(self, name):
-        folder = self.root / name
-        folder.mkdir()
-        return folder

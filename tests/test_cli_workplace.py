@@ -7,16 +7,11 @@ import json
 import numpy as np
 import pytest
 
-from annotate_fixtures import build_project, copy_project, png
+from annotate_fixtures import copy_project, png
 
 from alseg.cli import main
 from alseg.project import Project
 from alseg.store import RunStore
-
-
-@pytest.fixture(scope="session")
-def template(tmp_path_factory):
-    return build_project(tmp_path_factory)
 
 
 def _run(capsys, *args) -> tuple[int, dict | str]:

@@ -23,21 +23,10 @@ from alseg.errors import AlsegError
 from alseg.progress import Reporter
 from alseg.project import Project, ingest, init_project, query
 from alseg.store import SCHEMA_VERSION, RunStore
-from annotate_fixtures import build_project, copy_project, png
+from annotate_fixtures import copy_project, png
 
 TINY = {"data": {"size": 32}, "model": {"width": 4}, "train": {"epochs": 1, "min_epoch_steps": 5},
         "active": {"round_epochs": 1, "mc_passes": 2}}
-
-
-@pytest.fixture(scope="session")
-def template(tmp_path_factory):
-    return build_project(tmp_path_factory)
-
-
-@pytest.fixture
-def project(template, tmp_path):
-    path, truth = template
-    return copy_project(path, tmp_path / "project"), truth
 
 
 def _one_line(capsys, argv: list[str], *needles: str) -> str:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from annotate_fixtures import BATCH, build_project, copy_project, png, predicted
+from annotate_fixtures import BATCH, png, predicted
 from alseg.active.loop import ActiveRun, status
 from alseg.annotate.effort import EVENT_COLUMNS, effort_by_round, effort_rows
 from alseg.annotate.ingest import NeedsConfirm
@@ -22,16 +22,6 @@ from alseg.errors import AlsegError
 from alseg.metrics import dice_per_image
 from alseg.project import Project, export_effort, ingest, query, undo
 from alseg.store import RunStore
-
-
-@pytest.fixture(scope="session")
-def template(tmp_path_factory):
-    return build_project(tmp_path_factory)
-
-
-@pytest.fixture
-def project(template, tmp_path):
-    return copy_project(template[0], tmp_path / "project"), template[1]
 
 
 def _changed(a: np.ndarray, b: np.ndarray) -> int:

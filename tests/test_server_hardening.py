@@ -24,29 +24,11 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from annotate_fixtures import build_project, copy_project, png
+from annotate_fixtures import png
 from alseg.annotate import server as server_module
 from alseg.annotate.auth import Annotators
 from alseg.annotate.server import LOOPBACK_HOSTS, create_app, server_config
-from alseg.project import Project
 from alseg.store import RunStore
-
-
-@pytest.fixture(scope="session")
-def template(tmp_path_factory):
-    return build_project(tmp_path_factory)
-
-
-@pytest.fixture
-def project_dir(template, tmp_path) -> Path:
-    return copy_project(template[0], tmp_path / "project")
-
-
-@pytest.fixture
-def opened(project_dir):
-    p = Project(project_dir, command="serve")
-    yield p
-    p.close()
 
 
 def _blob(item) -> np.ndarray:

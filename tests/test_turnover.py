@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from annotate_fixtures import build_project, copy_project, png
+from annotate_fixtures import copy_project, png
 
 from alseg.annotate.turnover import Turnover, needed
 from alseg.errors import AlsegError
@@ -21,11 +21,6 @@ from alseg.rundir import RunDir
 from alseg.store import RunStore
 
 JOB_TIMEOUT = 300
-
-
-@pytest.fixture(scope="session")
-def template(tmp_path_factory):
-    return build_project(tmp_path_factory)
 
 
 def _labelled_copy(template, dest: Path) -> Path:
