@@ -4,7 +4,9 @@ Owns the working-size arrays every later stage reads. Images are resized with Pi
 antialiased bilinear filter (area-like when shrinking), masks with nearest neighbour and
 then binarised. The cache folder is keyed by a fingerprint of the source files (paths,
 sizes, mtimes), the working size and the channel count, so it is reused across runs and
-rebuilt when any input changes. It is built in a temporary folder and renamed into place
+rebuilt when any input changes (a volume's slices: every channel file, the slice and its
+axis). Samples are decoded through :mod:`alseg.data.samples`, so volume slices arrive already
+normalised per volume. It is built in a temporary folder and renamed into place
 only when every file decoded, so a failed read leaves nothing behind.
 
 A cache folder is checked when opened (``meta.json`` parses and carries this version and the
@@ -35,7 +37,7 @@ from typing import Callable, Sequence
 import numpy as np
 from PIL import Image
 
-from alseg.data.imageio import read_header, read_image, read_mask
+from alseg.data.samples import sample_header, sample_image, sample_mask
 from alseg.data.sources import Dataset
 from alseg.errors import AlsegError
 
@@ -94,17 +96,28 @@ def fingerprint(dataset: Dataset, size: int, channels: int) -> str:
                 raise AlsegError("file not found", p) from None
             h.update(os.fsencode(p) + f"|{st.st_size}|{st.st_mtime_ns}".encode())
         h.update(f"{s.id}|{s.group}|{s.subset}".encode("utf-8", "surrogateescape"))
+        if s.slice is not None:  # only for volume slices, so 2D datasets keep their existing caches
+            for p in s.channel_files:
+                try:
+                    st = p.stat()
+                except OSError:
+                    raise AlsegError("file not found", p) from None
+                h.update(os.fsencode(p) + f"|{st.st_size}|{st.st_mtime_ns}".encode())
+            h.update(f"|slice {s.axis} {s.slice}".encode())
     return h.hexdigest()
 
 
 def infer_channels(dataset: Dataset) -> int:
-    """3 when any image is colour (ISIC RGB, LGG's three MRI channels), 1 only when all are grey.
+    """3 when any image is colour (ISIC RGB, LGG's three MRI channels), 1 only when all are grey;
+    for volumes, their channel count (the same for every volume, any number).
 
     Reads image headers only (no pixels), stopping at the first colour image; grey images in a
     colour dataset are widened to 3 channels by :func:`fit_image`.
     """
+    if dataset.volumes:
+        return dataset.volumes[0].channels
     for sample in dataset.samples:
-        if read_header(sample.image)[2] == 3:
+        if sample_header(sample)[2] == 3:
             return 3
     return 1
 
@@ -128,13 +141,18 @@ def map_to_size(plane: np.ndarray, width: int, height: int) -> np.ndarray:
 def fit_image(img: np.ndarray, size: int, channels: int) -> np.ndarray:
     """An ``(H, W, C)`` uint8 image at the working size: ``(size, size, channels)`` uint8.
 
-    Grey becomes RGB by repeating the plane, RGB becomes grey by the rounded channel mean;
-    then each plane is resized with Pillow's antialiased bilinear filter (skipped when the
+    Grey becomes ``channels`` planes by repeating the plane, several channels become grey by the
+    rounded channel mean (any other change of channel count is refused); then each plane is resized with Pillow's antialiased bilinear filter (skipped when the
     image already has the working size). Training, evaluation and prediction all see pixels
     prepared by this one function.
     """
     if img.shape[2] != channels:
-        img = np.repeat(img, 3, axis=2) if img.shape[2] == 1 else img.mean(axis=2, keepdims=True).round().astype(np.uint8)
+        if img.shape[2] == 1:
+            img = np.repeat(img, channels, axis=2)
+        elif channels == 1:
+            img = img.mean(axis=2, keepdims=True).round().astype(np.uint8)
+        else:
+            raise AlsegError(f"image has {img.shape[2]} channels; the model takes {channels}")
     if img.shape[:2] != (size, size):
         planes = [np.asarray(Image.fromarray(img[:, :, c]).resize((size, size), Image.BILINEAR)) for c in range(channels)]
         img = np.stack(planes, axis=2)
@@ -142,11 +160,11 @@ def fit_image(img: np.ndarray, size: int, channels: int) -> np.ndarray:
 
 
 def _decode(sample, size: int, channels: int):
-    img = read_image(sample.image)
+    img = sample_image(sample)
     h, w = img.shape[:2]
     mask, positive = None, False
     if sample.mask is not None:
-        m = read_mask(sample.mask)
+        m = sample_mask(sample)
         if m.shape != (h, w):
             raise AlsegError(f"mask is {m.shape[1]}x{m.shape[0]} but its image is {w}x{h}", sample.mask)
         positive = bool(m.any())  # at native size: a tiny lesion may vanish when shrunk

@@ -10,7 +10,17 @@ Owns the readers for the three layouts alseg understands and their detection:
   folder is read as a one-patient dataset;
 * ``folder``: ``images/`` and optional ``masks/`` paired by file stem, for users' own data,
   with an optional ``groups.csv`` (``image,group``, UTF-8) for grouped splits, which then
-  must give every image exactly one non-empty group.
+  must give every image exactly one non-empty group;
+* ``nifti``: NIfTI volumes (``.nii``, ``.nii.gz``), either nnU-Net's ``imagesTr/`` +
+  ``labelsTr/`` (and ``imagesTs/`` [+ ``labelsTs/``], subset ``test``), images
+  ``CASE_0000.nii.gz``, ``CASE_0001.nii.gz``, ... one per channel (or one ``CASE.nii.gz``, 4D
+  for several channels) and the label ``CASE.nii.gz``; or one flat folder of ``CASE.nii.gz``
+  (or its ``CASE_0000..`` channel files) beside ``CASE_mask.nii.gz`` (a case without one is
+  unlabelled). Every slice along the slicing axis is a sample (tumour-free ones included),
+  with id ``CASE/z042`` (the axis letter, the slice number zero-padded to at least three
+  digits), group = the case. The axis is ``volume_axis`` or, by default, each volume's axis
+  with the fewest voxels. Headers are checked here (:mod:`alseg.data.volumes`); each
+  volume's description is kept in :attr:`Dataset.volumes`.
 
 Nothing is dropped silently: a broken symbolic link to an image or mask, or two files that
 would be the same sample (``X.jpg`` beside ``X.JPG``), is an error naming the files.
@@ -25,9 +35,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from alseg.data.volumes import AXIS_NAMES, VolumeInfo, is_nifti, nifti_stem, parse_axis, read_volume_info
 from alseg.errors import AlsegError
 
-FORMATS = ("isic2017", "lgg", "folder")
+FORMATS = ("isic2017", "lgg", "folder", "nifti")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff"}
 
 _ISIC_SPLITS = (("Training", "training"), ("Validation", "validation"), ("Test_v2", "test"), ("Test", "test"))
@@ -35,14 +46,19 @@ _ISIC_IMAGE = re.compile(r"^(ISIC_\d{7})\.jpe?g$", re.IGNORECASE)
 _ISIC_MASK = re.compile(r"^(ISIC_\d{7})_segmentation\.png$", re.IGNORECASE)
 _LGG_IMAGE = re.compile(r"^(?P<patient>.+)_(?P<n>\d+)\.tiff?$", re.IGNORECASE)
 _MASK_SUFFIXES = ("", "_mask", "_segmentation")
+_CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
+_NNUNET_SPLITS = (("imagesTr", "labelsTr", "training"), ("imagesTs", "labelsTs", "test"))
 
 
 @dataclass(frozen=True)
 class Sample:
     """One image of a dataset: where its pixels and (optional) mask live, and its group.
 
-    ``group`` ties samples that must stay in one split (an LGG patient); ``subset`` is the
-    official partition the file came from (``training``/``validation``/``test``) or None.
+    ``group`` ties samples that must stay in one split (an LGG patient, a volume's case);
+    ``subset`` is the official partition the file came from (``training``/``validation``/``test``)
+    or None. A slice of a volume has ``slice`` (its index) and ``axis`` (0, 1, 2: canonical x, y,
+    z) set, ``image`` is the volume's (first channel's) file and ``channel_files`` the further
+    per-channel files; a 2D image has neither. Read pixels through :mod:`alseg.data.samples`.
     """
 
     id: str
@@ -50,15 +66,28 @@ class Sample:
     mask: Path | None
     group: str | None = None
     subset: str | None = None
+    slice: int | None = None
+    axis: int | None = None
+    channel_files: tuple[Path, ...] = ()
+
+    @property
+    def image_files(self) -> tuple[Path, ...]:
+        """Every file the image's pixels come from (one, or one per channel)."""
+        return (self.image, *self.channel_files)
 
 
 @dataclass(frozen=True)
 class Dataset:
-    """A dataset's samples in a stable order, with the layout they were read from."""
+    """A dataset's samples in a stable order, with the layout they were read from.
+
+    ``volumes`` describes each volume (shape, spacing, orientation, slicing axis) for the
+    ``nifti`` layout, in the order its slices appear; empty for 2D layouts.
+    """
 
     format: str
     root: Path
     samples: tuple[Sample, ...]
+    volumes: tuple[VolumeInfo, ...] = ()
 
     @property
     def ids(self) -> list[str]:
@@ -78,23 +107,38 @@ def detect_format(path: str | Path) -> str:
         return "folder"
     if _lgg_root(root) is not None or _is_lgg_patient(root):
         return "lgg"
+    if _nifti_files(root / "imagesTr") or _nifti_files(root):
+        return "nifti"
     raise AlsegError(
         "unknown layout: expected ISIC-2017_*_Data folders (isic2017), kaggle_3m patient folders "
-        "with *_mask.tif (lgg), or images/ [+ masks/] (folder)", root)
+        "with *_mask.tif (lgg), images/ [+ masks/] (folder), or NIfTI volumes in imagesTr/ [+ labelsTr/] "
+        "or beside their CASE_mask.nii.gz (nifti)", root)
 
 
-def open_dataset(path: str | Path, format: str | None = None) -> Dataset:
-    """Read the layout at ``path`` (detected unless ``format`` names one) into a :class:`Dataset`."""
+def open_dataset(path: str | Path, format: str | None = None, volume_axis: int | str | None = None) -> Dataset:
+    """Read the layout at ``path`` (detected unless ``format`` names one) into a :class:`Dataset`.
+
+    ``volume_axis`` (``nifti`` only) slices every volume along that axis (0/1/2, x/y/z or
+    sagittal/coronal/axial of the canonical RAS+ volume); None or ``"auto"``: each volume's
+    axis with the fewest voxels.
+    """
     root = Path(path).absolute()
     fmt = format or detect_format(root)
     if fmt not in FORMATS:
         raise AlsegError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    axis = parse_axis(volume_axis)
+    if axis is not None and fmt != "nifti":
+        raise AlsegError(f"a volume axis applies to NIfTI volumes, not to the {fmt} layout", root)
     if not root.is_dir():
         raise AlsegError("no such folder", root)
-    reader = {"isic2017": _read_isic2017, "lgg": _read_lgg, "folder": _read_folder}[fmt]
-    samples = reader(root)
+    volumes: tuple[VolumeInfo, ...] = ()
+    if fmt == "nifti":
+        samples, volumes = _read_nifti(root, axis)
+    else:
+        reader = {"isic2017": _read_isic2017, "lgg": _read_lgg, "folder": _read_folder}[fmt]
+        samples = reader(root)
     for s in samples:  # ids become database keys and file names: they must be text
-        for file in (s.image, s.mask):
+        for file in (*s.image_files, s.mask):
             try:
                 None if file is None else str(file).encode("utf-8")
             except UnicodeEncodeError:
@@ -105,7 +149,7 @@ def open_dataset(path: str | Path, format: str | None = None) -> Dataset:
     if len(set(ids)) != len(ids):
         dup = next(i for i in ids if ids.count(i) > 1)
         raise AlsegError(f"sample id {dup!r} appears twice", root)
-    return Dataset(fmt, root, tuple(samples))
+    return Dataset(fmt, root, tuple(samples), volumes)
 
 
 def _files(folder: Path) -> list[Path]:
@@ -292,3 +336,99 @@ def _read_groups(path: Path, images: dict[str, Path]) -> dict[str, str]:
         raise AlsegError(f"groups.csv has no row for image {images[missing[0]].name!r}{more}; "
                          "every image needs a group", path)
     return groups
+
+
+def _nifti_files(folder: Path) -> list[Path]:
+    """The NIfTI files directly in ``folder`` (none when it is not a folder)."""
+    if not folder.is_dir():
+        return []
+    found = []
+    for p in folder.iterdir():
+        if p.name.startswith(".") or not is_nifti(p):
+            continue
+        if p.is_symlink() and not p.exists():
+            raise AlsegError("broken symbolic link (its target does not exist)", p)
+        if p.is_file():
+            found.append(p)
+    return sorted(found)
+
+
+def _cases(images: list[Path], labelled: set[str]) -> dict[str, tuple[Path, ...]]:
+    """Image files by case: ``CASE_0000``, ``CASE_0001``, ... are one case's channels, in order;
+    a file whose whole stem is a case (a label of that name exists, or no ``_NNNN`` ending) is the
+    case's only file."""
+    whole: dict[str, Path] = {}
+    channels: dict[str, dict[int, Path]] = {}
+    for f in images:
+        stem = nifti_stem(f)
+        m = _CHANNEL_FILE.match(stem)
+        if m and stem not in labelled:
+            case, k = m.group("case"), int(m.group("channel"))
+            if k in channels.setdefault(case, {}):
+                raise AlsegError(f"two files for channel {k} of case {case!r}: {channels[case][k].name} and {f.name}", f)
+            channels[case][k] = f
+        else:
+            _add_unique(whole, stem, f, "image")
+    cases: dict[str, tuple[Path, ...]] = {}
+    for case, by_channel in channels.items():
+        if case in whole:
+            raise AlsegError(f"case {case!r} has both {whole[case].name} and per-channel files; keep one form",
+                             whole[case])
+        missing = [k for k in range(max(by_channel) + 1) if k not in by_channel]
+        if missing:
+            first = by_channel[min(by_channel)]
+            raise AlsegError(f"case {case!r} lacks its channel file {case}_{missing[0]:04d} "
+                             f"(channels must run 0000, 0001, ... without gaps)", first)
+        cases[case] = tuple(by_channel[k] for k in sorted(by_channel))
+    for case, f in whole.items():
+        cases[case] = (f,)
+    return dict(sorted(cases.items()))
+
+
+def _read_nifti(root: Path, axis: int | None) -> tuple[list[Sample], tuple[VolumeInfo, ...]]:
+    """Every slice of every volume, by case; the volumes' headers checked on the way."""
+    found: list[tuple[str, tuple[Path, ...], Path | None, str | None]] = []  # case, images, mask, subset
+    if (root / "imagesTr").is_dir():
+        for image_name, label_name, subset in _NNUNET_SPLITS:
+            image_dir, label_dir = root / image_name, root / label_name
+            if not image_dir.is_dir():
+                continue
+            labels: dict[str, Path] = {}
+            for f in _nifti_files(label_dir):
+                _add_unique(labels, nifti_stem(f), f, "label")
+            cases = _cases(_nifti_files(image_dir), set(labels))
+            for case, label in labels.items():
+                if case not in cases:
+                    raise AlsegError(f"label has no image in {image_name}/ (expected {case}_0000.nii.gz)", label)
+            for case, files in cases.items():
+                if label_dir.is_dir() and case not in labels:
+                    raise AlsegError(f"image has no label {case}.nii.gz in {label_name}/", files[0])
+                found.append((case, files, labels.get(case), subset))
+    else:
+        files = _nifti_files(root)
+        masks: dict[str, Path] = {}
+        for f in files:
+            stem = nifti_stem(f)
+            if stem.lower().endswith("_mask"):
+                _add_unique(masks, stem[: -len("_mask")], f, "mask")
+        images = [f for f in files if not nifti_stem(f).lower().endswith("_mask")]
+        cases = _cases(images, set(masks))
+        for case, mask in masks.items():
+            if case not in cases:
+                raise AlsegError(f"mask has no image {case}.nii.gz (or {case}_0000.nii.gz) beside it", mask)
+        found = [(case, files, masks.get(case), None) for case, files in cases.items()]
+    if not found:
+        raise AlsegError("no NIfTI volumes found (imagesTr/*.nii.gz, or CASE.nii.gz beside CASE_mask.nii.gz)", root)
+    samples: list[Sample] = []
+    volumes: list[VolumeInfo] = []
+    for case, files, mask, subset in found:
+        info = read_volume_info(case, files, mask, axis)
+        if volumes and info.channels != volumes[0].channels:
+            raise AlsegError(f"case {case!r} has {info.channels} channels but case {volumes[0].case!r} has "
+                             f"{volumes[0].channels}; every volume needs the same channels", files[0])
+        volumes.append(info)
+        digits = max(3, len(str(info.slices - 1)))
+        letter = AXIS_NAMES[info.axis]
+        samples.extend(Sample(f"{case}/{letter}{k:0{digits}d}", files[0], mask, case, subset, k, info.axis, files[1:])
+                       for k in range(info.slices))
+    return samples, tuple(volumes)
