@@ -37,6 +37,7 @@ class Format(str, Enum):
     isic2017 = "isic2017"
     lgg = "lgg"
     folder = "folder"
+    nifti = "nifti"
 
 
 class PresetName(str, Enum):

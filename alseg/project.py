@@ -203,7 +203,7 @@ def _ingest_exchange(store: RunStore, size: int, source: Path, **options) -> dic
     import numpy as np
 
     from alseg.annotate.exchange import initial_masks, masks_from_exchange
-    from alseg.data.imageio import read_mask
+    from alseg.data.samples import sample_mask
     from alseg.store import mask_png
 
     masks = masks_from_exchange(source)
@@ -211,9 +211,10 @@ def _ingest_exchange(store: RunStore, size: int, source: Path, **options) -> dic
     # mask back is unchanged and a different one is refused, naming the file to correct
     initial, same, changed = initial_masks(store), [], []
     for name in [n for n in masks if n in initial]:
-        id, file = initial[name]
+        sample = initial[name]
+        id, file = sample.id, sample.mask
         mask = masks.pop(name)
-        stored = read_mask(file)
+        stored = sample_mask(sample)
         if stored.shape != mask.shape:  # compare at the file's size
             from PIL import Image
 

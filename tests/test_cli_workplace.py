@@ -87,7 +87,7 @@ def _initial_file(path, id):
     from alseg.annotate.exchange import initial_masks
 
     with RunStore.open_readonly(path) as store:
-        return next(file for i, file in initial_masks(store).values() if i == id)
+        return next(sample.mask for sample in initial_masks(store).values() if sample.id == id)
 
 
 def test_effort_csv_and_status_show_what_the_expert_did(labelled, tmp_path, capsys):

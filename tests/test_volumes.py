@@ -4,6 +4,7 @@ the headers and masks that must be refused, each in one line."""
 from __future__ import annotations
 
 import gzip
+import re
 from pathlib import Path
 
 import nibabel as nib
@@ -256,3 +257,42 @@ def test_case_pairing_problems_are_refused(tmp_path):
     _case(flat)
     (flat / "c1.nii.gz").rename(flat / "c9.nii.gz")
     _refused("mask has no image", open_dataset, flat)
+
+
+def test_a_project_over_nifti_volumes_exports_slices_and_takes_their_masks(lgg_nifti, tmp_path):
+    """The lab's side on volumes: a batch of slices (ids CASE/zNNN) exported as pictures, labelled by
+    files named as the manifest says, and every mask out again through an export."""
+    import csv
+
+    from PIL import Image
+
+    from alseg.annotate.exchange import export_project
+    from alseg.project import ingest, init_project, query
+
+    import shutil
+
+    data = tmp_path / "volumes"  # two patients with masks, the third's slices are the pool
+    shutil.copytree(lgg_nifti["flat"], data)
+    pool_patient = PATIENTS[2]
+    (data / f"{pool_patient}_mask.nii.gz").unlink()
+    project = tmp_path / "p"
+    init_project(project, data, preset="demo", pretrain=False,
+                 overrides={"data": {"size": 32}, "model": {"width": 4}, "train": {"epochs": 1, "min_epoch_steps": 5},
+                            "active": {"round_epochs": 1, "mc_passes": 2}})
+    batch = query(project, n=4)["batch"]
+    folder = Path(batch["folder"])
+    with (folder / "manifest.csv").open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 4 and all(re.fullmatch(r".+/[xyz]\d{3}", r["id"]) for r in rows)
+    truth = lgg_nifti["truth"]
+    for r in rows:
+        patient, plane = r["id"].split("/")
+        assert patient == pool_patient
+        image = np.asarray(Image.open(folder / r["image"]))
+        assert image.shape[:2] == (int(r["height"]), int(r["width"]))
+        mask = truth[patient][1][..., int(plane[1:])]  # the fixture's volumes are (H, W, S), sliced along S
+        Image.fromarray(mask.astype(np.uint8) * 255).save(folder / r["mask"])
+    result = ingest(project, allow_empty=True)
+    assert sorted(result["stored"]) == sorted(r["id"] for r in rows) and not result["invalid"]
+    out = export_project(project, "png", tmp_path / "out")
+    assert out["masks"] >= 4 and not any("/" in p.name for p in (tmp_path / "out" / "masks").iterdir())

@@ -62,7 +62,8 @@ import numpy as np
 from alseg.annotate import coco, cvat, labelstudio
 from alseg.annotate.export import MANIFEST, file_stem, read_manifest
 from alseg.annotate.ingest import latest_batch
-from alseg.data.imageio import png_bytes, read_header, read_image, read_mask
+from alseg.data.imageio import png_bytes, read_mask
+from alseg.data.samples import sample_header, sample_image, sample_mask
 from alseg.data.sources import Sample, open_dataset
 from alseg.errors import AlsegError
 from alseg.progress import SILENT, Reporter, staged
@@ -252,10 +253,10 @@ def _items(store: RunStore, predictions: bool) -> tuple[list[_Item], list[_Item]
     return labelled, to_label, batch.round if batch is not None else None
 
 
-def initial_masks(store: RunStore) -> dict[str, tuple[str, Path]]:
-    """``{exported name: (id, mask file)}`` of the lab's initial masks, which train from their own files."""
+def initial_masks(store: RunStore) -> dict[str, Sample]:
+    """``{exported name: sample}`` of the lab's initial masks, which train from their own files."""
     labelled, _, _ = _items(store, predictions=False)
-    return {it.name: (it.id, Path(it.sample.mask)) for it in labelled if it.origin == "initial"}
+    return {it.name: it.sample for it in labelled if it.origin == "initial"}
 
 
 def _at_size(mask: np.ndarray, width: int, height: int) -> np.ndarray:
@@ -272,7 +273,7 @@ def _mask(store: RunStore, item: _Item, width: int, height: int) -> np.ndarray:
         if mask is None:
             raise AlsegError("labelled, but its mask is missing from run.db", item.id)
     else:
-        mask = read_mask(item.sample.mask)
+        mask = sample_mask(item.sample)
     return _at_size(mask, width, height)
 
 
@@ -285,10 +286,10 @@ def _copy_image(item: _Item, folder: Path) -> tuple[str, int, int]:
     from PIL import Image
 
     source = Path(item.sample.image)
-    width, height, _ = read_header(source)
+    width, height, _ = sample_header(item.sample)
     suffix = source.suffix.lower()
     as_shown = False
-    if suffix in _COPIED:
+    if suffix in _COPIED and item.sample.slice is None:
         try:
             with Image.open(source) as im:
                 as_shown = im.format == _COPIED[suffix] and im.getexif().get(0x0112, 1) == 1
@@ -298,8 +299,8 @@ def _copy_image(item: _Item, folder: Path) -> tuple[str, int, int]:
     if as_shown:
         file = f"{item.name}{suffix}"
         shutil.copyfile(source, folder / file)
-    else:  # a TIFF, or a photo a viewer would turn: the pixels as alseg reads them
-        image = read_image(source)
+    else:  # a TIFF, a volume's slice, or a photo a viewer would turn: the pixels as alseg reads them
+        image = sample_image(item.sample)
         file = f"{item.name}.png"
         (folder / file).write_bytes(png_bytes(image if image.shape[2] == 3 else image[:, :, 0]))
     return file, width, height

@@ -43,7 +43,8 @@ import numpy as np
 
 from alseg.active.strategies import reason_label
 from alseg.data.cache import map_to_size
-from alseg.data.imageio import png_bytes, read_header, read_image
+from alseg.data.imageio import png_bytes, read_header  # read_header: the batch folder's own files
+from alseg.data.samples import sample_header, sample_image
 from alseg.errors import AlsegError
 from alseg.runtime import step_seed
 
@@ -270,7 +271,7 @@ def export_batch(run, round: int) -> Path:
         if store.batch_record(round) is None:  # exported before the store kept it: record it now
             listed = {it.id: it for it in read_manifest(folder)}
             try:  # the sizes of the images it was exported from, as export measures them
-                record = [_record(listed[id], *read_header(samples[id].image)[:2])
+                record = [_record(listed[id], *sample_header(samples[id])[:2])
                           for id in store.selection(round, "expert")]
             except (KeyError, AlsegError, OSError):  # a source gone: the image headers in the folder serve
                 record = None
@@ -300,7 +301,7 @@ def export_batch(run, round: int) -> Path:
     rows = []
     try:
         for k, id in enumerate(ids):
-            image = read_image(samples[id].image)
+            image = sample_image(samples[id])  # a 2D file, or a volume's slice
             height, width = image.shape[:2]
             stem = stems[id]
             suffix, image_data = image_file(Path(samples[id].image), image)
