@@ -1,7 +1,8 @@
 """The review page as the expert's workplace, in real headless Chromium: confirmations, undo of a
 submit, leaving with edits, zoom and pan, past rounds, tokens, thumbnails and the overlay on
 demand, polygon and clear, window/level, a finished batch leading to the next one, a large image
-shown from its preview until zoomed in, and undo steps that keep only the box they changed.
+shown from its preview until zoomed in, undo steps that keep only the box they changed, masks
+inflated by the page itself (any deflate blocks, PNG filters, widths) and freed when left.
 
 Shares the driver and the project template with ``test_browser.py``.
 """
@@ -497,3 +498,106 @@ def test_undo_steps_keep_only_their_box_and_restore_each_edit_exactly(page):
         page.wait(lambda: np.array_equal(mask(), masks[k]), f"redo to step {k}")
     page.click("submit")
     assert np.array_equal(page.stored(item.id), masks[-1])
+
+
+# ------------------------------------------------------------------ masks inflated by the page itself
+def _filtered_png(pixels: np.ndarray, filters: list[int], level: int, strategy: int, idat_parts: int = 2) -> bytes:
+    """A PNG of ``pixels`` (h x w x channels, uint8) whose rows take PNG filter ``filters[y % len]``,
+    its zlib stream made at ``level`` with ``strategy`` and split over ``idat_parts`` IDAT chunks."""
+    import struct
+    import zlib
+
+    h, w, c = pixels.shape
+    colour = {1: 0, 2: 4, 3: 2, 4: 6}[c]
+    raw, prev = bytearray(), np.zeros(w * c, int)
+    for y in range(h):
+        row = pixels[y].reshape(-1).astype(int)
+        a = np.concatenate([np.zeros(c, int), row[:-c]])  # the byte one pixel to the left
+        up_left = np.concatenate([np.zeros(c, int), prev[:-c]])
+        f = filters[y % len(filters)]
+        if f == 4:
+            p = a + prev - up_left
+            pa, pb, pc = np.abs(p - a), np.abs(p - prev), np.abs(p - up_left)
+            predictor = np.where((pa <= pb) & (pa <= pc), a, np.where(pb <= pc, prev, up_left))
+        else:
+            predictor = [np.zeros_like(row), a, prev, (a + prev) // 2][f]
+        raw.append(f)
+        raw += ((row - predictor) & 255).astype(np.uint8).tobytes()
+        prev = row
+    deflate = zlib.compressobj(level, zlib.DEFLATED, 15, 9, strategy)
+    stream = deflate.compress(bytes(raw)) + deflate.flush()
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    cut = np.linspace(0, len(stream), idat_parts + 1).astype(int)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, colour, 0, 0, 0))
+            + b"".join(chunk(b"IDAT", stream[cut[k]:cut[k + 1]]) for k in range(idat_parts)) + chunk(b"IEND", b""))
+
+
+def _decode_in_page(pg: Page, data: bytes, w: int, h: int):
+    """The page's own decoding of a PNG (``decodeMaskPng``): the mask as h x w bools, None when it
+    declines the file, or the message of what it threw."""
+    import base64
+
+    got = pg.d.execute_script("""
+        const bytes = Uint8Array.from(atob(arguments[0]), (ch) => ch.charCodeAt(0));
+        try {
+          const mask = decodeMaskPng(bytes, arguments[1], arguments[2]);
+          return mask === null ? null : {mask: mask.join("")};
+        } catch (e) { return {error: e.message}; }""", base64.b64encode(data).decode(), w, h)
+    if got is None or "error" in got:
+        return got and got["error"]
+    return np.frombuffer(got["mask"].encode(), np.uint8).reshape(h, w) == ord("1")
+
+
+def test_masks_are_decoded_exactly_whatever_the_deflate_blocks_filters_and_width(page):
+    import zlib
+
+    rng = np.random.default_rng(7)
+    cases = [  # (w, h, channels, level, strategy): widths not a multiple of 8, stored/fixed/dynamic blocks
+        (13, 7, 1, 0, zlib.Z_DEFAULT_STRATEGY), (1, 1, 1, 9, zlib.Z_DEFAULT_STRATEGY), (61, 9, 4, 1, zlib.Z_FIXED),
+        (37, 11, 2, 6, zlib.Z_HUFFMAN_ONLY), (29, 5, 3, 9, zlib.Z_RLE),
+        # larger than the inflate's window and its 256 kB piece: matches reach across both
+        (1021, 700, 1, 9, zlib.Z_DEFAULT_STRATEGY), (517, 300, 1, 0, zlib.Z_DEFAULT_STRATEGY),
+    ]
+    for w, h, c, level, strategy in cases:
+        yy, xx = np.mgrid[0:h, 0:w]
+        first = np.where((xx - w / 3) ** 2 + (yy - h / 2) ** 2 < (min(w, h) / 3) ** 2, 255, 0)
+        near = rng.random((h, w)) < 0.02  # values either side of the 128 threshold
+        first[near] = rng.integers(120, 136, int(near.sum()))
+        pixels = np.concatenate([first[:, :, None], rng.integers(0, 256, (h, w, c - 1))], axis=2).astype(np.uint8)
+        data = _filtered_png(pixels, [0, 1, 2, 3, 4, 4, 3, 1], level, strategy)
+        got = _decode_in_page(page, data, w, h)
+        assert isinstance(got, np.ndarray), (w, h, c, level, strategy, got)
+        assert np.array_equal(got, pixels[:, :, 0] >= 128), (w, h, c, level, strategy)
+        assert got[-1].any() or not (pixels[-1, :, 0] >= 128).any()  # the last row too
+    data = _filtered_png(np.full((4, 10, 1), 255, np.uint8), [0], 6, zlib.Z_DEFAULT_STRATEGY, idat_parts=1)
+    assert _decode_in_page(page, data, 11, 4) is None  # another size: left to the canvas
+    stream_end = data.index(b"IEND") - 4
+    cut = data[:stream_end - 10]  # the IDAT cut short: refused, not a partial mask
+    assert isinstance(_decode_in_page(page, cut, 10, 4), str)
+    assert np.array_equal(_decode_in_page(page, data, 10, 4), np.ones((4, 10), bool))
+
+
+def test_a_mask_is_freed_when_left_unless_a_draft_or_a_submit_holds_it(page):
+    item = page.batch.items[0]
+    pred = page.predicted(item)
+    size = item.width * item.height
+    page.d.execute_script("window.first = state.mask;")
+    y, x = _stroke(page, item)
+    page.select(1)  # the edit is a draft now: its mask is kept whole
+    assert page.d.execute_script("return window.first.length;") == size
+    page.d.execute_script("window.second = state.mask;")
+    page.select(0)
+    assert "unsubmitted edits" in page.text("item-info")
+    assert page.d.execute_script("return [window.first === state.mask, window.second.length];") == [True, 0]
+    page.click("submit")  # encoded from the mask itself, which is freed only once the next image is chosen
+    stored = page.stored(item.id)
+    page.wait_loaded(page.batch.items[1].id)
+    assert page.d.execute_script("return window.first.length;") == 0
+    brush = int(page.el("brush-size").get_attribute("value"))
+    outside = np.ones_like(pred)
+    outside[y - brush:y + brush + 1, x - brush:x + 13 + brush] = False
+    assert stored[y, x:x + 13].all() and (stored >= pred).all()  # the stroke added, nothing lost
+    assert np.array_equal(stored[outside], pred[outside])

@@ -15,7 +15,11 @@
  * larger one is let go. Strokes land in the full-resolution mask whichever size is shown.
  * Each undo step keeps only the box of the mask its edit changed (a stroke's, a fill's, a
  * polygon's, a clear's), as it was: undo and redo swap that box with the mask's.
- * Masks arrive as PNG and are decoded through a small canvas in bands; submitting encodes the
+ * Masks arrive as PNG and are inflated here (a small inflate through one reused buffer: no
+ * DecompressionStream chunks, 24 MB of garbage on a 24 MP mask) and written where they are set: a
+ * new mask is zeroed, its pages never written hold no memory. A mask no draft keeps is freed
+ * (its buffer detached) when the next image is chosen, not left to the garbage collector. Other
+ * images a browser reads are decoded through a small canvas in bands. Submitting encodes the
  * mask as a 0/255 greyscale PNG row by row (CompressionStream) and PUTs it to
  * /api/mask/{id}?round=R with the seconds spent on the image
  * (wall and active: input in the last 30 s, tab visible), strokes and clicks. A submit that
@@ -82,6 +86,7 @@ const state = {
   display: { channel: "all", lo: 0, hi: 255 },
   job: null,
   jobTimer: null,
+  encoding: null,       // the mask a submit is encoding now (it reads the mask itself, not a copy)
 };
 
 // ---------------------------------------------------------------- API
@@ -357,14 +362,20 @@ async function maskFromUrl(url, w, h) {
   return mask || maskByCanvas(blob, w, h);
 }
 
-// A PNG of 8-bit channels at the image's size, decoded here row by row (DecompressionStream): the
-// mask is the first channel >= 128. No decoded bitmap or RGBA copy of the whole mask (96 MB on a
-// 24 MP photo, left for the garbage collector) is made. Null for anything else (another size,
-// bit depth, palette, interlacing): the canvas decodes those.
+// A PNG of 8-bit channels at the image's size, decoded here row by row: the mask is the first
+// channel >= 128. The zlib data is inflated by ``inflate`` below through one reused buffer, not by a
+// DecompressionStream, whose output chunks (a 24 MP mask inflates to 24 MB) are garbage the collector
+// leaves in the page for long: measured, 24 MB of the page's memory after loading a 6000x4000 photo.
+// Only the foreground is written: the mask starts zeroed, and pages of it never written hold no
+// memory. No decoded bitmap or RGBA copy of the whole mask is made. Null for anything else (another
+// size, bit depth, palette, interlacing): the canvas decodes those.
 async function maskFromPng(blob, w, h) {
-  if (typeof DecompressionStream === "undefined") return null;
   const bytes = new Uint8Array(await blob.arrayBuffer());  // a mask's PNG is small: kB, not MB
-  const view = new DataView(bytes.buffer);
+  return decodeMaskPng(bytes, w, h);
+}
+
+function decodeMaskPng(bytes, w, h) {
+  const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
   const signature = [137, 80, 78, 71, 13, 10, 26, 10];
   if (bytes.length < 33 || signature.some((b, i) => bytes[i] !== b)) return null;
   const type = (at) => String.fromCharCode(bytes[at + 4], bytes[at + 5], bytes[at + 6], bytes[at + 7]);
@@ -372,26 +383,22 @@ async function maskFromPng(blob, w, h) {
   const [pw, ph, depth, colour, interlace] = [view.getUint32(16), view.getUint32(20), bytes[24], bytes[25], bytes[28]];
   const channels = { 0: 1, 2: 3, 4: 2, 6: 4 }[colour];
   if (pw !== w || ph !== h || depth !== 8 || !channels || interlace !== 0) return null;
-  const inflate = new DecompressionStream("deflate");
-  const writer = inflate.writable.getWriter();
-  const feeding = (async () => {
-    for (let at = 8; at + 12 <= bytes.length;) {
-      const length = view.getUint32(at), kind = type(at);
-      if (kind === "IDAT") await writer.write(bytes.subarray(at + 8, at + 8 + length));
-      if (kind === "IEND") break;
-      at += 12 + length;
-    }
-    await writer.close();
-  })();
-  feeding.catch(() => null);  // a broken stream shows up on the reading side too
+  const idat = [];  // the IDAT chunks' data, joined: the zlib stream (small, like the file)
+  let size = 0;
+  for (let at = 8; at + 12 <= bytes.length;) {
+    const length = view.getUint32(at), kind = type(at);
+    if (at + 12 + length > bytes.length) throw new Error("PNG cut short");
+    if (kind === "IDAT") { idat.push(bytes.subarray(at + 8, at + 8 + length)); size += length; }
+    if (kind === "IEND") break;
+    at += 12 + length;
+  }
+  const zlib = new Uint8Array(size);
+  for (let k = 0, o = 0; k < idat.length; o += idat[k].length, k++) zlib.set(idat[k], o);
   const stride = w * channels, bpp = channels;
   const mask = new Uint8Array(w * h);
   let prev = new Uint8Array(stride), row = new Uint8Array(stride);
   let filter = -1, fill = 0, y = 0;
-  const reader = inflate.readable.getReader();
-  for (;;) {
-    const { value, done } = await reader.read();
-    if (done) break;
+  inflate(zlib, (value) => {
     for (let i = 0; i < value.length && y < h;) {
       if (filter < 0) { filter = value[i++]; fill = 0; continue; }
       const n = Math.min(stride - fill, value.length - i);
@@ -399,14 +406,130 @@ async function maskFromPng(blob, w, h) {
       fill += n; i += n;
       if (fill < stride) continue;
       if (!unfilter(filter, row, prev, bpp)) throw new Error("bad PNG filter");
-      for (let x = 0, o = y * w; x < w; x++) mask[o + x] = row[x * bpp] >= 128 ? 1 : 0;
+      for (let x = 0, o = y * w; x < w; x++) if (row[x * bpp] >= 128) mask[o + x] = 1;
       [prev, row] = [row, prev];
       filter = -1; y++;
     }
-  }
-  await feeding;
+  });
   if (y < h) throw new Error("PNG cut short");
   return mask;
+}
+
+// ---------------------------------------------------------------- inflate (RFC 1950, 1951)
+const INFLATE_WINDOW = 32768;       // the farthest back a deflate match may reach
+const INFLATE_PIECE = 256 * 1024;   // output handed on at once
+const LENGTH_BASE = [3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 15, 17, 19, 23, 27, 31, 35, 43, 51, 59, 67, 83, 99, 115,
+                     131, 163, 195, 227, 258];
+const LENGTH_EXTRA = [0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3, 4, 4, 4, 4, 5, 5, 5, 5, 0];
+const DIST_BASE = [1, 2, 3, 4, 5, 7, 9, 13, 17, 25, 33, 49, 65, 97, 129, 193, 257, 385, 513, 769, 1025, 1537,
+                   2049, 3073, 4097, 6145, 8193, 12289, 16385, 24577];
+const DIST_EXTRA = [0, 0, 0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7, 8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13, 13];
+const CODE_ORDER = [16, 17, 18, 0, 8, 7, 9, 6, 10, 5, 11, 4, 12, 3, 13, 2, 14, 1, 15];
+let FIXED_CODES = null;
+
+// A canonical Huffman code from its code lengths: how many codes of each length, symbols in code order.
+function huffman(lengths) {
+  const counts = new Uint16Array(16), offsets = new Uint16Array(16), symbols = new Uint16Array(lengths.length);
+  for (const l of lengths) counts[l]++;
+  counts[0] = 0;
+  for (let l = 1; l < 16; l++) offsets[l] = offsets[l - 1] + counts[l - 1];
+  for (let s = 0; s < lengths.length; s++) if (lengths[s]) symbols[offsets[lengths[s]]++] = s;
+  return { counts, symbols };
+}
+
+// Inflate the zlib stream ``src`` (held whole), calling ``sink(bytes)`` with the output in order, in
+// pieces of at most INFLATE_PIECE bytes that are views of one buffer (valid only during the call).
+function inflate(src, sink) {
+  if (src.length < 2 || (src[0] & 15) !== 8 || ((src[0] << 8) | src[1]) % 31 !== 0 || (src[1] & 32)) {
+    throw new Error("not a zlib stream");
+  }
+  let pos = 2, acc = 0, held = 0;  // bits not yet used: ``held`` of them, in ``acc`` (lowest first)
+  const bits = (n) => {
+    while (held < n) {
+      if (pos >= src.length) throw new Error("deflate data cut short");
+      acc |= src[pos++] << held; held += 8;
+    }
+    const v = acc & ((1 << n) - 1);
+    acc >>>= n; held -= n;
+    return v;
+  };
+  const decode = (code) => {  // one symbol, bit by bit (puff's canonical decoding)
+    let value = 0, first = 0, index = 0;
+    for (let len = 1; len < 16; len++) {
+      value |= bits(1);
+      const count = code.counts[len];
+      if (value - first < count) return code.symbols[index + value - first];
+      index += count; first = (first + count) << 1; value <<= 1;
+    }
+    throw new Error("bad deflate code");
+  };
+  const out = new Uint8Array(INFLATE_WINDOW + INFLATE_PIECE + 258);
+  let o = 0, from = 0;  // out[from..o) not handed on yet; out[..o) the window matches read from
+  const flush = () => {
+    if (o > from) sink(out.subarray(from, o));
+    if (o > INFLATE_WINDOW) { out.copyWithin(0, o - INFLATE_WINDOW, o); o = INFLATE_WINDOW; }
+    from = o;
+  };
+  const full = INFLATE_WINDOW + INFLATE_PIECE;
+  for (let last = 0; !last;) {
+    last = bits(1);
+    const kind = bits(2);
+    if (kind === 0) {  // stored: a byte-aligned length, its one's complement, the bytes
+      acc = 0; held = 0;
+      if (pos + 4 > src.length) throw new Error("deflate data cut short");
+      const len = src[pos] | (src[pos + 1] << 8);
+      if ((len ^ (src[pos + 2] | (src[pos + 3] << 8))) !== 0xffff) throw new Error("bad stored block");
+      pos += 4;
+      if (pos + len > src.length) throw new Error("deflate data cut short");
+      for (let k = 0; k < len; k++) {
+        out[o++] = src[pos++];
+        if (o >= full) flush();
+      }
+      continue;
+    }
+    let lit, dist;
+    if (kind === 1) {
+      if (!FIXED_CODES) {
+        const l = new Uint8Array(288).fill(8, 0, 144).fill(9, 144, 256).fill(7, 256, 280).fill(8, 280);
+        FIXED_CODES = [huffman(l), huffman(new Uint8Array(30).fill(5))];
+      }
+      [lit, dist] = FIXED_CODES;
+    } else if (kind === 2) {
+      const nlit = bits(5) + 257, ndist = bits(5) + 1, ncode = bits(4) + 4;
+      const codeLengths = new Uint8Array(19);
+      for (let k = 0; k < ncode; k++) codeLengths[CODE_ORDER[k]] = bits(3);
+      const lengthCode = huffman(codeLengths);
+      const lengths = new Uint8Array(nlit + ndist);
+      for (let k = 0; k < nlit + ndist;) {
+        const sym = decode(lengthCode);
+        if (sym < 16) { lengths[k++] = sym; continue; }
+        let repeat, value = 0;
+        if (sym === 16) {
+          if (k === 0) throw new Error("bad deflate lengths");
+          value = lengths[k - 1]; repeat = 3 + bits(2);
+        } else repeat = sym === 17 ? 3 + bits(3) : 11 + bits(7);
+        if (k + repeat > nlit + ndist) throw new Error("bad deflate lengths");
+        lengths.fill(value, k, k + repeat);
+        k += repeat;
+      }
+      lit = huffman(lengths.subarray(0, nlit));
+      dist = huffman(lengths.subarray(nlit));
+    } else throw new Error("bad deflate block type");
+    for (;;) {
+      const sym = decode(lit);
+      if (sym < 256) { out[o++] = sym; if (o >= full) flush(); continue; }
+      if (sym === 256) break;
+      if (sym > 285) throw new Error("bad deflate length");
+      const len = LENGTH_BASE[sym - 257] + bits(LENGTH_EXTRA[sym - 257]);
+      const dsym = decode(dist);
+      if (dsym > 29) throw new Error("bad deflate distance");
+      const back = DIST_BASE[dsym] + bits(DIST_EXTRA[dsym]);
+      if (back > o) throw new Error("deflate distance too far back");
+      for (let k = 0; k < len; k++, o++) out[o] = out[o - back];
+      if (o >= full) flush();
+    }
+  }
+  flush();
 }
 
 // Undo a PNG row filter in place (``prev``: the row above, unfiltered; zeros for the first).
@@ -461,6 +584,16 @@ function saveDraft() {
   }
 }
 
+// Let a mask go that nothing holds any more (no draft keeps it, no submit is encoding it): detaching
+// its buffer frees its memory now (up to 24 MB on a 24 MP photo). Only dropped, it would wait for a
+// garbage collection, which the page's little other garbage may not bring for long: measured, the
+// last photo's mask was still held after the next image had loaded, in one run of two.
+function releaseMask(mask) {
+  if (!mask || mask === state.encoding || !mask.buffer.transfer) return;
+  for (const draft of state.drafts.values()) if (draft.mask === mask) return;
+  mask.buffer.transfer(0);
+}
+
 function hasUnsavedEdits() {
   return state.drafts.size > 0 || (state.item !== null && state.undo.length > 0);
 }
@@ -478,6 +611,7 @@ async function select(k, { keepDraft = true } = {}) {
   state.index = k;
   state.item = it;
   // let the last image's mask and steps go now (a draft keeps them): no 24 MB copy waits for the next one
+  releaseMask(state.mask);
   state.mask = null;
   state.undo = []; state.redo = []; state.edit = null;
   state.levels = null;  // the last image's sizes: no size switch while this one loads
@@ -505,7 +639,7 @@ async function select(k, { keepDraft = true } = {}) {
     if (token === state.loadToken) say(e.message, "error");
     return;
   }
-  if (token !== state.loadToken) return;  // the expert moved on meanwhile
+  if (token !== state.loadToken) { releaseMask(mask); return; }  // the expert moved on meanwhile
   if (!mask) { mask = new Uint8Array(it.width * it.height); source = "an empty mask (no prediction)"; }
   const resized = state.w !== it.width || state.h !== it.height;
   state.w = it.width; state.h = it.height;
@@ -1355,8 +1489,13 @@ async function goNextUnlabelled(from) {
 
 function submitCurrent() {
   if (!state.mask || state.drawing) return;
-  // the mask itself, no 24 MB copy: while a submit is busy no edit changes it (editable())
-  return upload("your mask", () => maskBlob(state.mask, state.w, state.h));
+  // the mask itself, no 24 MB copy: while a submit is busy no edit changes it (editable()), and
+  // while it is encoded no one releases it (releaseMask)
+  const { mask, w, h } = state;
+  return upload("your mask", async () => {
+    state.encoding = mask;
+    try { return await maskBlob(mask, w, h); } finally { state.encoding = null; }
+  });
 }
 
 function acceptPrediction() {
