@@ -1,6 +1,7 @@
 """The comparison's statistics on hand-made numbers, and one tiny comparison on real LGG data."""
 import importlib
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -465,3 +466,179 @@ def test_compare_workers_stop_when_the_parent_is_killed_outright(tmp_path):
     alive = [w for w in workers if Path(f"/proc/{w}").exists()
              and Path(f"/proc/{w}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"]
     assert alive == []
+
+
+# --- killed studies resume to the uninterrupted study's summary ----------------------------------------
+# `alseg compare` in child processes, as a user runs it: LGG at 32 px, width 4, one round, two seeds,
+# random only, always with --jobs 2 (each worker then trains with cores / 2 threads, so every study
+# below trains its runs with the same thread count as the uninterrupted one: the same floats).
+
+STUDY = ["compare", "--preset", "quick-lgg", "--data", str(LGG), "--size", "32", "--width", "4", "--epochs", "2",
+         "--round-epochs", "1", "--rounds", "1", "--mc-passes", "3", "--strategies", "random", "--jobs", "2"]
+STUDY_WAIT_S = 600  # a hang guard only: a whole study takes about a minute here
+
+
+def _study_cmd(out: Path, *extra: str) -> list[str]:
+    import sys
+
+    return [sys.executable, "-m", "alseg", *STUDY, *extra, "--out", str(out)]
+
+
+def _study_env(fault: str | None = None) -> dict:
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "ALSEG_FAULT"}
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", COLUMNS="400")
+    if fault:
+        env["ALSEG_FAULT"] = fault  # inherited by the spawned workers: each counts its own visits
+    return env
+
+
+def _run_study(out: Path, *extra: str, fault: str | None = None):
+    import subprocess
+
+    return subprocess.run(_study_cmd(out, *extra), env=_study_env(fault), capture_output=True, text=True,
+                          timeout=STUDY_WAIT_S)
+
+
+def _run_state(run_dir: Path) -> dict:
+    """What a study's run must reproduce after kills and resumes (no wall-clock seconds)."""
+    import sqlite3
+
+    conn = sqlite3.connect(f"file:{run_dir / 'run.db'}?mode=ro", uri=True)
+    try:
+        return {name: conn.execute(sql).fetchall() for name, sql in {
+            "rounds": "SELECT round, status, expert_labelled, pseudo_labelled, pool, test_dice, val_dice "
+                      "FROM rounds ORDER BY round",
+            "selections": "SELECT round, id, kind, reason FROM selections ORDER BY round, id",
+            "masks": "SELECT id, round, sha256 FROM masks ORDER BY id",
+            "epochs": "SELECT phase, round, epoch, train_loss, train_dice, val_dice FROM epochs "
+                      "ORDER BY phase, round, epoch",
+            "evaluations": "SELECT round, split, images, mean_dice, pooled_dice FROM evaluations ORDER BY round, split",
+        }.items()}
+    finally:
+        conn.close()
+
+
+def _round_statuses(run_dir: Path) -> dict[int, str]:
+    """A run's round statuses as another process sees them now ({} before its database has rounds)."""
+    import sqlite3
+
+    try:
+        conn = sqlite3.connect(f"file:{run_dir / 'run.db'}?mode=ro", uri=True)
+        try:
+            return dict(conn.execute("SELECT round, status FROM rounds"))
+        finally:
+            conn.close()
+    except sqlite3.Error:  # not made yet, or being created
+        return {}
+
+
+def _comparable(summary_file: Path) -> dict:
+    """A compare.json without the one entry that names its own folder."""
+    summary = json.loads(summary_file.read_text())
+    assert summary.pop("figure") == str(summary_file.parent / "compare.png")
+    return summary
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_study(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("study") / "whole"
+    proc = _run_study(out, "--seeds", "2")
+    assert proc.returncode == 0, proc.stderr
+    summary = _comparable(out / "compare.json")
+    assert summary["seed_list"] == [0, 1] and set(summary["runs"]) == {"random-s0", "random-s1"}
+    assert all(len(run["curve"]["test_dice"]) == 2 for run in summary["runs"].values())  # round 0 and round 1
+    return out
+
+
+def test_a_killed_compare_jobs_study_resumes_to_the_uninterrupted_summary(uninterrupted_study, tmp_path):
+    """A worker killed (ALSEG_FAULT), then the parent killed outright (SIGKILL) mid-study: the same
+    command finishes, with every run's rounds and Dice and the compare.json of an uninterrupted study."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    out = tmp_path / "killed"
+    runs = [out / "runs" / f"random-s{seed}" for seed in (0, 1)]
+    # 1. each worker SIGKILLs itself after its first training, before round 0 is recorded: one line, exit 2
+    first = _run_study(out, "--seeds", "2", fault="trained@1")
+    assert first.returncode == 2, first.stderr
+    assert re.search(r"random-s[01]: worker exited with code -9", first.stderr), first.stderr
+    assert not (out / "compare.json").exists()
+    assert all(_round_statuses(r).get(0) != "done" for r in runs)
+    # 2. the same command, its parent killed outright once a run has finished round 0 (round 1 is left)
+    proc = subprocess.Popen(_study_cmd(out, "--seeds", "2"), env=_study_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + STUDY_WAIT_S  # hang guard
+        while not any(_round_statuses(r).get(0) == "done" for r in runs):
+            assert proc.poll() is None, "the study ended before it could be killed"
+            assert time.monotonic() < deadline, "no run finished round 0"
+            time.sleep(0.2)
+        workers = [c for c in _children(proc.pid) if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(60)
+    assert workers and not (out / "compare.json").exists()
+    assert not all(_round_statuses(r).get(1) == "done" for r in runs)  # killed mid-study, not after it
+    deadline = time.monotonic() + 60  # orphaned workers notice within a second or so and exit
+    while any(_alive(w) for w in workers):
+        assert time.monotonic() < deadline, "workers outlived their killed parent"
+        time.sleep(0.2)
+    # 3. the same command again finishes the study
+    last = _run_study(out, "--seeds", "2")
+    assert last.returncode == 0, last.stderr
+    assert _comparable(out / "compare.json") == _comparable(uninterrupted_study / "compare.json")
+    for run_dir in runs:
+        assert _run_state(run_dir) == _run_state(uninterrupted_study / "runs" / run_dir.name), run_dir.name
+
+
+def test_studies_made_apart_one_killed_and_resumed_merge_to_the_whole_study(uninterrupted_study, tmp_path):
+    """Seed 0 and seed 1 made apart with --only-seeds (seed 1's worker killed mid-labelling and
+    resumed by the same command), each summarised in its own folder, then `alseg merge`d: the
+    whole study's summary."""
+    import subprocess
+    import sys
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    made = _run_study(a, "--seeds", "2", "--only-seeds", "0")
+    assert made.returncode == 0, made.stderr
+    killed = _run_study(b, "--seeds", "2", "--only-seeds", "1", fault="mask-stored@10")
+    assert killed.returncode == 2 and "random-s1: worker exited with code -9" in killed.stderr, killed.stderr
+    assert _round_statuses(b / "runs" / "random-s1") == {0: "done", 1: "awaiting"}
+    resumed = _run_study(b, "--seeds", "2", "--only-seeds", "1")
+    assert resumed.returncode == 0, resumed.stderr
+    assert not (a / "compare.json").exists() and not (b / "compare.json").exists()  # --only-seeds: no summary
+    for folder, seed in ((a, "0,"), (b, "1,")):  # each study summarises its own seed (a list of one)
+        summary = _run_study(folder, "--seeds", seed)
+        assert summary.returncode == 0, summary.stderr
+    merged = subprocess.run([sys.executable, "-m", "alseg", "merge", str(a / "compare.json"), str(b),
+                             "--out", str(tmp_path / "merged")], env=_study_env(), capture_output=True, text=True,
+                            timeout=STUDY_WAIT_S)
+    assert merged.returncode == 0, merged.stderr
+    assert _comparable(tmp_path / "merged" / "compare.json") == _comparable(uninterrupted_study / "compare.json")
+    assert _run_state(b / "runs" / "random-s1") == _run_state(uninterrupted_study / "runs" / "random-s1")

@@ -186,13 +186,13 @@ def test_oversized_upload_is_413(opened, project_dir):
 
         res = c.put(f"/api/mask/{item.id}", content=chunks())
         assert res.status_code == 413 and "limit" in res.json()["error"]
-    # the declared length alone is refused, before the body is read
+    # the declared length alone is refused, before the body is read: only 100 of the 50 MiB declared
+    # are ever sent, so an answer at all (not the 408 of the 60 s body deadline) shows it; the socket's
+    # 30 s is a hang guard, not a speed bound
     with ThreadServer(create_app(opened)) as server:
-        start = time.monotonic()
         status, body = _raw(server.port, f"PUT /api/mask/{item.id} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-                                         f"Content-Length: {50 * 1024 * 1024}\r\n\r\n" + "x" * 100, timeout=10)
-        assert status == 413 and b"over the limit" in body
-        assert time.monotonic() - start < 5
+                                         f"Content-Length: {50 * 1024 * 1024}\r\n\r\n" + "x" * 100, timeout=30)
+        assert status == 413 and b"upload of 52428800 bytes is over the limit" in body
     assert _snapshot(project_dir) == before
 
 
@@ -328,7 +328,7 @@ def test_cross_site_writes_and_foreign_hosts_are_refused(opened):
 
 
 # ------------------------------------------------------------------ the real server process
-def _raw(port: int, request: str, timeout: float = 10) -> tuple[int, bytes]:
+def _raw(port: int, request: str, timeout: float = 30) -> tuple[int, bytes]:  # timeout: a hang guard
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
         s.sendall(request.encode("latin-1"))
         data = b""
@@ -350,12 +350,55 @@ def _expected_length(data: bytes) -> int:
     return len(head) + 4 + int(m.group(1)) if m else 1 << 30
 
 
-def _start_server(project: Path) -> tuple[subprocess.Popen, int]:
-    proc = subprocess.Popen([sys.executable, "-m", "alseg", "serve", str(project), "--port", "0"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "COLUMNS": "400"})
+# `alseg serve` with two kill points around the store's transaction of an upload (the ALSEG_FAULT
+# mechanism of alseg.faults, placed here because store.py imports nothing of alseg above rundir):
+# `mask-uncommitted` with every row of the upload written inside the transaction and COMMIT not yet
+# run; `mask-committed` right after the commit, before the server answers.
+_SERVE_WITH_STORE_KILL_POINTS = """
+import contextlib, sys
+from alseg.faults import point
+from alseg.store import RunStore
+
+store_version, transaction = RunStore.store_version, RunStore.transaction
+
+def storing(self, *args, **kwargs):
+    self._storing_version = True
+    try:
+        result = store_version(self, *args, **kwargs)
+    finally:
+        self._storing_version = False
+    point("mask-committed")
+    return result
+
+@contextlib.contextmanager
+def committing(self):
+    with transaction(self) as conn:
+        yield conn
+        if getattr(self, "_storing_version", False):
+            point("mask-uncommitted")
+
+RunStore.store_version, RunStore.transaction = storing, committing
+sys.argv = ["alseg", "serve", *sys.argv[1:]]
+from alseg.cli import entry
+entry()
+"""
+
+
+def _start_server(project: Path, fault: str | None = None) -> tuple[subprocess.Popen, int]:
+    """``alseg serve PROJECT`` on a free port, answering; with ``fault``, the server with the store's
+    kill points and ALSEG_FAULT set to it. ``proc.lines`` collects its log; ``proc.log_ended`` is
+    set when the log is closed (the process has exited)."""
+    env = {**os.environ, "COLUMNS": "400"}
+    env.pop("ALSEG_FAULT", None)
+    if fault is None:
+        args = [sys.executable, "-m", "alseg", "serve", str(project), "--port", "0"]
+    else:
+        args = [sys.executable, "-c", _SERVE_WITH_STORE_KILL_POINTS, str(project), "--port", "0"]
+        env["ALSEG_FAULT"] = fault
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     lines: list[str] = []
     found = threading.Event()
+    ended = threading.Event()
     port = []
 
     def read():
@@ -365,9 +408,11 @@ def _start_server(project: Path) -> tuple[subprocess.Popen, int]:
             if m and not port:
                 port.append(int(m.group(1)))
                 found.set()
+        ended.set()
 
     threading.Thread(target=read, daemon=True).start()
     proc.lines = lines  # type: ignore[attr-defined]
+    proc.log_ended = ended  # type: ignore[attr-defined]
     if not found.wait(90):
         proc.kill()
         raise AssertionError(f"alseg serve did not start: {''.join(lines)}")
@@ -381,6 +426,18 @@ def _start_server(project: Path) -> tuple[subprocess.Popen, int]:
         if time.monotonic() > deadline:
             raise AssertionError(f"alseg serve does not answer: {''.join(lines)}")
         time.sleep(0.1)
+
+
+def _unread_by_server(client: socket.socket) -> int | None:
+    """Bytes the client sent that the server has not yet taken off its socket (the receive queue of
+    the server's end of this loopback connection, from /proc/net/tcp); None when not found."""
+    here, there = client.getsockname()[1], client.getpeername()[1]
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local, remote = int(fields[1].split(":")[1], 16), int(fields[2].split(":")[1], 16)
+        if (local, remote) == (there, here):
+            return int(fields[4].split(":")[1], 16)
+    return None
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
@@ -404,7 +461,12 @@ def test_server_holds_the_lock_and_a_kill_mid_upload_leaves_nothing(project_dir)
         s = socket.create_connection(("127.0.0.1", port), timeout=10)
         s.sendall((f"PUT /api/mask/{item_id}?seconds=5 HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                    f"Content-Type: image/png\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body[: len(body) // 2])
-        time.sleep(0.5)
+        # killed once the server has taken the half body off the socket (uvicorn stops reading past
+        # its buffer until the handler drains it: so the handler is receiving it); the bound is a hang guard
+        deadline = time.monotonic() + 60
+        while _unread_by_server(s) != 0:
+            assert time.monotonic() < deadline, "the server never read the upload"
+            time.sleep(0.05)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(30)
         s.close()
@@ -424,6 +486,84 @@ def test_server_holds_the_lock_and_a_kill_mid_upload_leaves_nothing(project_dir)
         assert len(p.store.queued(1)) == BATCH
 
 
+def _upload_cut_by_a_kill(port: int, item_id: str, body: bytes) -> bytes:
+    """PUT ``body`` whole and read until the server closes the connection: what it answered, if anything."""
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as s:
+        s.sendall((f"PUT /api/mask/{item_id}?seconds=5 HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/png\r\n"
+                   f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode() + body)
+        data = b""
+        try:
+            while chunk := s.recv(65536):
+                data += chunk
+        except ConnectionResetError:
+            pass
+    return data
+
+
+def _get_json(port: int, path: str) -> tuple[int, dict]:
+    import json
+
+    status, body = _raw(port, f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n", timeout=30)
+    return status, json.loads(body)
+
+
+@pytest.mark.parametrize("fault, kept", [("mask-uncommitted", False), ("mask-committed", True)])
+def test_a_server_killed_inside_the_store_transaction_keeps_the_whole_upload_or_nothing(project_dir, fault, kept):
+    """SIGKILL with the upload's rows written in the store's transaction but not committed: after a
+    restart the image is still queued with nothing of the upload kept; killed just after the commit:
+    labelled with the complete mask, its time recorded. Never half."""
+    proc, port = _start_server(project_dir, fault=fault)
+    try:
+        _, listed = _get_json(port, "/api/batch")
+        item = next(it for it in listed["items"] if (it["width"], it["height"]) == NON_SQUARE)
+        sent = np.zeros((item["height"], item["width"]), bool)
+        sent[10:30, 12:50] = True
+        answer = _upload_cut_by_a_kill(port, item["id"], png(sent))
+        assert proc.wait(60) == -signal.SIGKILL, "".join(proc.lines)
+        assert answer == b"", answer  # killed before it could answer
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+    with RunStore.open_readonly(project_dir) as store:  # the database as the kill left it
+        queued, mask, annotations = store.queued(1), store.mask(item["id"]), store.annotations(item["id"])
+        seconds = store.expert_seconds()
+    if kept:
+        assert np.array_equal(mask, sent) and item["id"] not in queued and len(queued) == BATCH - 1
+        assert [(a["action"], a["seconds"]) for a in annotations] == [("stored", 5)]
+    else:
+        assert mask is None and item["id"] in queued and len(queued) == BATCH
+        assert annotations == [] and seconds == {}
+    assert not list((project_dir / "rounds" / "001" / "masks").iterdir())  # masks live in run.db only
+    # restarted, the server shows the same and takes the upload again
+    proc, port = _start_server(project_dir)
+    try:
+        incoming = project_dir / ".incoming"
+        assert not incoming.exists() or not list(incoming.iterdir())
+        _, listed = _get_json(port, "/api/batch")
+        shown = next(it for it in listed["items"] if it["id"] == item["id"])
+        assert (shown["labelled"], listed["labelled"]) == ((True, 1) if kept else (False, 0))
+        status, body = _raw(port, f"GET /api/mask/{item['id']} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                                  "Connection: close\r\n\r\n", timeout=30)
+        if kept:
+            assert status == 200 and np.array_equal(decode(body) > 127, sent)
+        else:
+            assert status == 404
+        status, body = _raw(port, f"PUT /api/mask/{item['id']}?seconds=1 HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                                  f"Content-Length: {len(png(sent))}\r\nConnection: close\r\n\r\n"
+                                  + png(sent).decode("latin-1"), timeout=30)
+        assert status == 200 and (b'"outcome":"unchanged"' if kept else b'"outcome":"stored"') in body, body
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+    with RunStore.open_readonly(project_dir) as store:
+        assert np.array_equal(store.mask(item["id"]), sent) and len(store.queued(1)) == BATCH - 1
+        assert store.mask_ids().count(item["id"]) == 1
+
+
 def test_server_stops_cleanly_on_ctrl_c(project_dir):
     proc, port = _start_server(project_dir)
     try:
@@ -432,7 +572,7 @@ def test_server_stops_cleanly_on_ctrl_c(project_dir):
     finally:
         if proc.poll() is None:
             proc.kill()
-    time.sleep(0.2)
+    assert proc.log_ended.wait(30), "the server's log was not closed"  # every line read, not a guess at when
     assert any("stopped" in line for line in proc.lines), proc.lines
     with Project(project_dir):  # the lock is free again
         pass
@@ -465,6 +605,40 @@ def test_no_open_batch_is_reported(tmp_path, template):
             it = p.batch().items[0]
             assert np.array_equal(decode(c.get(f"/api/mask/{it.id}").content) > 127, truth[it.id])
             assert predicted(p.batch(), it).shape == truth[it.id].shape
+
+
+def test_a_project_without_any_batch_yet_says_so(tmp_path, template):
+    """Before the first `alseg query` the page has nothing to show: round null, no items, and what to
+    do next (run `alseg query`, or with a turnover the page's own button); no file of any round."""
+    from alseg.annotate.turnover import Turnover
+    from alseg.project import init_project
+
+    made = template[0].parent  # the template's own images and the lab's first masks
+    overrides = {"data": {"size": 32}, "model": {"width": 4}, "train": {"epochs": 1},
+                 "active": {"round_epochs": 1, "mc_passes": 3}}
+    init_project(tmp_path / "fresh", made / "images", made / "masks", preset="demo", overrides=overrides,
+                 pretrain=False)
+    with Project(tmp_path / "fresh", command="serve") as p:
+        assert p.batch() is None
+        some = sorted(p.store.sample_ids(state="pool"))[0]  # an image of the pool
+        with TestClient(create_app(p)) as c:
+            data = c.get("/api/batch").json()
+            assert (data["round"], data["latest"], data["labelled"], data["total"], data["complete"],
+                    data["items"]) == (None, True, 0, 0, False, [])
+            assert data["message"] == "no batch is open yet: run `alseg query` to choose one"
+            assert data["can_start_next"] is False and data["working_size"] == 32
+            res = c.get("/api/batch?round=1")
+            assert res.status_code == 404 and "round 1 has no exported batch" in res.json()["error"]
+            for kind in ("image", "predicted", "uncertainty", "mask", "thumb"):
+                assert c.get(f"/api/{kind}/{some}").status_code == 404, kind
+            res = c.put(f"/api/mask/{some}", content=png(np.ones((64, 64), bool)))
+            assert 400 <= res.status_code < 500 and "error" in res.json()
+            assert c.get("/").status_code == 200  # the page itself still loads
+        with TestClient(create_app(p, turnover=Turnover(p.dir.root, p._fd, log=lambda text: None))) as c:
+            data = c.get("/api/batch").json()
+            assert data["round"] is None and data["can_start_next"] is True
+            assert data["message"] == "no batch is open yet: start the first one with 'Next batch'"
+        assert p.batch() is None and not (tmp_path / "fresh" / "rounds").exists()
 
 
 # ------------------------------------------------------------------ the workplace: rounds, replace, undo, tokens
