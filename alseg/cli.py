@@ -514,7 +514,7 @@ def compare(preset: PresetName = typer.Option(..., help="Settings preset shared 
                 "Comma-separated strategies, of:")),
             seeds: str = typer.Option("3", help="N for seeds 0..N-1 of each strategy (error bands), or a "
                                       "comma-separated list of seeds (e.g. 0,2: the seeds of a split study that "
-                                      "have finished)."),
+                                      "have finished; one seed alone: 2, with its comma)."),
             full: bool = typer.Option(False, "--full", help="Also train the full-supervision reference per seed."),
             out_dir: Path = typer.Option(..., "--out", help="Comparison folder (reused and resumed if it exists)."),
             external: Optional[Path] = typer.Option(None, "--external", help="A second labelled dataset (any layout "
