@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import shutil
 import socket
 import threading
@@ -133,6 +134,57 @@ class ThreadServer:
         self.server.should_exit = True
         self.thread.join(10)
         self.sock.close()
+
+
+class ServeProcess:
+    """``alseg.annotate.server.serve`` on ``project`` in a child process (port 0), as ``alseg serve`` runs it.
+
+    ``setup``: Python run first in the child (``s`` is the server module), e.g. ``s.IDLE_SECONDS = 1``;
+    ``options``: serve's keyword arguments as Python source, e.g. ``host='0.0.0.0'``. ``first`` is the
+    line the server logs with its address; on leaving, Ctrl-C stops it and ``rest`` holds what it said
+    after."""
+
+    def __init__(self, project: Path, setup: str = "", options: str = ""):
+        import subprocess
+        import sys
+
+        code = (f"import sys; import alseg.annotate.server as s; {setup or 'pass'}; "
+                f"s.serve(sys.argv[1], port=0, log=lambda t: print(t, flush=True){', ' + options if options else ''})")
+        self.proc = subprocess.Popen([sys.executable, "-c", code, str(project)], stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True)
+        self.first, self.rest = "", ""
+
+    def __enter__(self) -> "ServeProcess":
+        self.first = self.proc.stdout.readline()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        self.proc.send_signal(signal.SIGINT)
+        self.proc.wait(30)
+        self.rest = self.proc.stdout.read()
+
+    def port(self, pattern: str = r"http://[^/\s]+:(\d+)/") -> int:
+        found = re.search(pattern, self.first)
+        assert found, self.first + (self.proc.stdout.read() if self.proc.poll() is not None else "")
+        return int(found.group(1))
+
+
+def project_state(root: Path) -> dict:
+    """What a refused or killed write must leave as it was: every file but the database (content
+    hashes), the store's masks and annotations, the queue and the expert's seconds."""
+    import hashlib
+
+    from alseg.store import RunStore
+
+    files = {}
+    for path in sorted(root.rglob("*")):
+        if path.is_file() and not path.is_symlink() and not path.name.startswith("run.db"):
+            files[str(path.relative_to(root))] = hashlib.sha256(path.read_bytes()).hexdigest()
+    with RunStore.open_readonly(root) as store:
+        return {"files": files, "masks": store.mask_ids(), "annotations": len(store.annotations()),
+                "queued": store.queued(), "seconds": store.expert_seconds()}
 
 
 def artifacts_dir(tmp_path: Path) -> Path:

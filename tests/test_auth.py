@@ -124,21 +124,13 @@ def test_token_command_prints_a_token_that_the_project_accepts(tmp_path, capsys)
 def test_a_loopback_server_behind_a_proxy_asks_for_the_projects_tokens(project_dir):
     """Tokens made with `alseg token` count on 127.0.0.1 too: an HTTPS proxy in front forwards
     another Host and Origin, which the token, not a list of names, then vouches for."""
-    import re
-    import signal
-    import subprocess
-    import sys
-
+    from annotate_fixtures import ServeProcess
     from test_server_hardening import _request
 
     path = project_dir
     token = Annotators.load(path).add("alice")
-    code = "import sys; import alseg.annotate.server as s; s.serve(sys.argv[1], port=0, log=lambda t: print(t, flush=True))"
-    proc = subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    try:
-        first = proc.stdout.readline()
-        port = int(re.search(r"http://127\.0\.0\.1:(\d+)/ ", first).group(1))
+    with ServeProcess(path) as server:
+        port = server.port(r"http://127\.0\.0\.1:(\d+)/ ")
         get = "GET /api/batch HTTP/1.1\r\nHost: {}\r\n{}Connection: close\r\n\r\n"
         status, _, _ = _request(port, get.format(f"127.0.0.1:{port}", ""))
         assert status == 401  # on loopback too, once the project has tokens
@@ -149,7 +141,4 @@ def test_a_loopback_server_behind_a_proxy_asks_for_the_projects_tokens(project_d
                f"Authorization: Bearer {token}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
         status, _, body = _request(port, put)
         assert status != 403, body  # the proxy's Origin is not refused: the token vouches (404: no such image)
-    finally:
-        proc.send_signal(signal.SIGINT)
-        proc.wait(30)
 

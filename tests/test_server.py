@@ -18,29 +18,12 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from annotate_fixtures import BATCH, NON_SQUARE, ThreadServer, build_project, copy_project, decode, png, predicted
+from annotate_fixtures import BATCH, NON_SQUARE, ServeProcess, ThreadServer, copy_project, decode, png, predicted, project_state
 from alseg.annotate.server import LOOPBACK_HOSTS, create_app, serve
 from alseg.errors import AlsegError
 from alseg.project import Project
 from alseg.store import RunStore, mask_png
 
-
-
-@pytest.fixture(scope="session")
-def template(tmp_path_factory):
-    return build_project(tmp_path_factory)
-
-
-@pytest.fixture
-def project_dir(template, tmp_path) -> Path:
-    return copy_project(template[0], tmp_path / "project")
-
-
-@pytest.fixture
-def opened(project_dir):
-    p = Project(project_dir, command="serve")
-    yield p
-    p.close()
 
 
 @pytest.fixture
@@ -60,17 +43,6 @@ def _blob(item, seed=0) -> np.ndarray:
     mask[y:y + 12, x:x + 14] = True
     mask[y + 3, x + 20] = True
     return mask
-
-
-def _snapshot(root: Path) -> dict:
-    """Every file under the project (but the database) with its content hash; the store's masks."""
-    files = {}
-    for path in sorted(root.rglob("*")):
-        if path.is_file() and not path.is_symlink() and not path.name.startswith("run.db"):
-            files[str(path.relative_to(root))] = hashlib.sha256(path.read_bytes()).hexdigest()
-    with RunStore.open_readonly(root) as store:
-        return {"files": files, "masks": store.mask_ids(), "annotations": len(store.annotations()),
-                "queued": store.queued()}
 
 
 # ------------------------------------------------------------------ reading
@@ -114,7 +86,7 @@ BAD_IDS = ["..%2F..%2Frun.db", "%2e%2e%2f%2e%2e%2frun.db", "..%2f..%2f..%2fevil.
 
 
 def test_path_tricks_in_ids_are_404_and_write_nothing(client, project_dir, opened, tmp_path):
-    before = _snapshot(project_dir)
+    before = project_state(project_dir)
     absolute = str(project_dir / "run.db")
     ids = BAD_IDS + [absolute.replace("/", "%2F"), absolute]
     for bad in ids:
@@ -132,7 +104,7 @@ def test_path_tricks_in_ids_are_404_and_write_nothing(client, project_dir, opene
                 status, body = _raw(server.port, f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                                                  "Content-Length: 4\r\nConnection: close\r\n\r\nabcd")
                 assert status == 404 and b"SQLite" not in body, (method, path, status)
-    assert _snapshot(project_dir) == before
+    assert project_state(project_dir) == before
     assert not (tmp_path / "evil.png").exists() and not (project_dir.parent / "evil.png").exists()
 
 
@@ -174,7 +146,7 @@ def test_only_the_batch_s_own_files_are_served(project_dir, opened, client):
 
 # ------------------------------------------------------------------ uploads refused
 def test_oversized_upload_is_413(opened, project_dir):
-    before = _snapshot(project_dir)
+    before = project_state(project_dir)
     item = _items(opened)[0]
     limit = 4000
     with TestClient(create_app(opened, max_upload_bytes=limit)) as c:
@@ -193,7 +165,7 @@ def test_oversized_upload_is_413(opened, project_dir):
         status, body = _raw(server.port, f"PUT /api/mask/{item.id} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                                          f"Content-Length: {50 * 1024 * 1024}\r\n\r\n" + "x" * 100, timeout=30)
         assert status == 413 and b"upload of 52428800 bytes is over the limit" in body
-    assert _snapshot(project_dir) == before
+    assert project_state(project_dir) == before
 
 
 @pytest.mark.parametrize("case", ["truncated", "not-png", "gradient", "wrong-size", "empty", "colour", "no-body"])
@@ -210,12 +182,12 @@ def test_invalid_masks_are_refused_with_the_reason(client, opened, project_dir, 
         "no-body": (b"", "empty upload"),
     }[case]
     assert (item.width, item.height) == (80, 56)
-    before = _snapshot(project_dir)
+    before = project_state(project_dir)
     res = client.put(f"/api/mask/{item.id}?seconds=3", content=body)
     assert 400 <= res.status_code < 500
     assert expect in res.json()["error"], res.json()
     assert opened.stored_mask(item.id) is None
-    assert _snapshot(project_dir) == before  # nothing written, the image still queued
+    assert project_state(project_dir) == before  # nothing written, the image still queued
 
 
 def test_empty_mask_needs_allow_empty(client, opened):
@@ -825,14 +797,9 @@ def test_without_a_turnover_the_next_round_is_refused(client):
 def test_serve_off_loopback_makes_a_token_and_prints_the_reachable_url(project_dir):
     from alseg.annotate.auth import Annotators, reachable_host
 
-    code = ("import sys; from alseg.annotate.server import serve; "
-            "serve(sys.argv[1], host='0.0.0.0', port=0, log=lambda t: print(t, flush=True), annotator='carla')")
-    proc = subprocess.Popen([sys.executable, "-c", code, str(project_dir)], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    try:
-        first = proc.stdout.readline()
-        url = re.search(r"(http://\S+)/\?token=(\S+) ", first)
-        assert url, first + proc.stdout.read()
+    with ServeProcess(project_dir, options="host='0.0.0.0', annotator='carla'") as server:
+        url = re.search(r"(http://\S+)/\?token=(\S+) ", server.first)
+        assert url, server.first
         assert "127.0.0.1" not in url.group(1) and reachable_host("0.0.0.0") in url.group(1)
         assert Annotators.load(project_dir).name_for(url.group(2)) == "carla"
         port = int(url.group(1).rsplit(":", 1)[1])
@@ -841,6 +808,3 @@ def test_serve_off_loopback_makes_a_token_and_prints_the_reachable_url(project_d
         status, body = _raw(port, f"GET /api/batch HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {url.group(2)}\r\n"
                                   "Connection: close\r\n\r\n")
         assert status == 200 and b'"annotator":"carla"' in body
-    finally:
-        proc.send_signal(signal.SIGINT)
-        proc.wait(30)

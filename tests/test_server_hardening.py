@@ -7,46 +7,27 @@ Servers here bind port 0 and read the port they got (no free-port-then-bind race
 from __future__ import annotations
 
 import errno
-import hashlib
 import logging
-import re
-import signal
 import socket
 import sqlite3
-import subprocess
-import sys
 import threading
 import time
 import tracemalloc
-from pathlib import Path
 
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from annotate_fixtures import png
+from annotate_fixtures import ServeProcess, png, project_state
 from alseg.annotate import server as server_module
 from alseg.annotate.auth import Annotators
 from alseg.annotate.server import LOOPBACK_HOSTS, create_app, server_config
-from alseg.store import RunStore
 
 
 def _blob(item) -> np.ndarray:
     mask = np.zeros((item.height, item.width), bool)
     mask[10:25, 12:30] = True
     return mask
-
-
-def _state(root: Path) -> dict:
-    """What a refused upload must leave as it was: every file but the database, the store's masks and
-    annotations, the queue, the expert's seconds, and an empty .incoming/."""
-    files = {}
-    for path in sorted(root.rglob("*")):
-        if path.is_file() and not path.is_symlink() and not path.name.startswith("run.db"):
-            files[str(path.relative_to(root))] = hashlib.sha256(path.read_bytes()).hexdigest()
-    with RunStore.open_readonly(root) as store:
-        return {"files": files, "masks": store.mask_ids(), "annotations": len(store.annotations()),
-                "queued": store.queued(), "seconds": store.expert_seconds()}
 
 
 class LiveServer:
@@ -140,7 +121,7 @@ DISK_FULL_ERRORS = {
 @pytest.mark.parametrize("error", sorted(DISK_FULL_ERRORS))
 def test_a_full_disk_during_an_upload_is_507_json_and_stores_nothing(opened, project_dir, monkeypatch, error, where):
     item = opened.batch().items[0]
-    before = _state(project_dir)
+    before = project_state(project_dir)
     calls = []
 
     def full(*args, **kwargs):
@@ -156,7 +137,7 @@ def test_a_full_disk_during_an_upload_is_507_json_and_stores_nothing(opened, pro
         assert res.status_code == 507, res.text
         assert res.headers["content-type"] == "application/json"
         assert res.json()["error"].startswith("disk full; nothing was stored") and res.json()["id"] == item.id
-        assert _state(project_dir) == before
+        assert project_state(project_dir) == before
         assert not list((project_dir / ".incoming").iterdir())
         monkeypatch.undo()  # space freed: the same upload goes through
         assert c.put(f"/api/mask/{item.id}?seconds=4", content=png(_blob(item))).json()["outcome"] == "stored"
@@ -172,7 +153,7 @@ def test_a_full_disk_while_the_body_is_spooled_is_507(opened, project_dir, monke
 
     monkeypatch.setattr(server_module.tempfile, "SpooledTemporaryFile", FullSpool)
     item = opened.batch().items[0]
-    before = _state(project_dir)
+    before = project_state(project_dir)
     with TestClient(create_app(opened)) as c:
         res = c.put(f"/api/mask/{item.id}", content=png(_blob(item)))
         assert res.status_code == 507 and res.json()["error"].startswith("disk full"), res.text
@@ -181,7 +162,7 @@ def test_a_full_disk_while_the_body_is_spooled_is_507(opened, project_dir, monke
             OSError(errno.ENOSPC, "No space left on device")))
         res = c.get(f"/api/thumb/{item.id}")
         assert res.status_code == 507 and res.json()["error"].startswith("disk full"), res.text
-    assert _state(project_dir) == before
+    assert project_state(project_dir) == before
 
 
 def test_a_bug_is_a_json_500_and_still_raises(opened, monkeypatch):
@@ -199,7 +180,7 @@ def test_with_a_token_every_path_and_method_needs_it(opened, project_dir):
     annotators = Annotators()
     token = annotators.add("dana")
     item = opened.batch().items[0]
-    before = _state(project_dir)
+    before = project_state(project_dir)
     with TestClient(create_app(opened, annotators=annotators)) as c:
         for method, path in [("GET", "/"), ("GET", "/index.html"), ("GET", "/app.js"), ("GET", "/style.css"),
                              ("HEAD", "/"), ("HEAD", "/app.js"), ("HEAD", "/api/batch"), ("OPTIONS", "/"),
@@ -218,7 +199,7 @@ def test_with_a_token_every_path_and_method_needs_it(opened, project_dir):
         assert c.put(f"/api/mask/{item.id}", content=png(_blob(item)), headers=rebound).status_code == 401
         assert c.post(f"/api/skip/{item.id}?seconds=5", headers=rebound).status_code == 401
         assert c.get("/api/batch", headers=rebound).status_code == 401
-        assert _state(project_dir) == before
+        assert project_state(project_dir) == before
         auth = {"Authorization": f"Bearer {token}"}
         assert c.get("/", headers=auth).status_code == 200
         assert c.head("/api/batch", headers=auth).status_code == 200
@@ -229,7 +210,7 @@ def test_with_a_token_every_path_and_method_needs_it(opened, project_dir):
 # ------------------------------------------------------------------ 14: slow, many and big uploads
 def test_a_slow_upload_body_is_cut_off_at_the_deadline(opened, project_dir):
     item = opened.batch().items[0]
-    before = _state(project_dir)
+    before = project_state(project_dir)
     with LiveServer(create_app(opened, upload_deadline=1.0)) as server, _connect(server.port) as s:
         start = time.monotonic()
         s.sendall(_upload_head(item.id, 5000) + b"\x89PNG" + b"\0" * 96)  # 100 of 5000 bytes, then nothing
@@ -239,14 +220,14 @@ def test_a_slow_upload_body_is_cut_off_at_the_deadline(opened, project_dir):
         assert 0.9 < took < 6
         assert _closed_within(s, 5)
         assert not server.errors
-    assert _state(project_dir) == before
+    assert project_state(project_dir) == before
 
 
 def test_upload_bodies_are_capped_in_number_and_spooled_not_held(opened, project_dir):
     """Two stalled 2 MB uploads take the two slots without holding their bytes in memory; a third is told
     the server is busy; when the stalled ones go away (no traceback) an upload goes through."""
     item = opened.batch().items[0]
-    before = _state(project_dir)
+    before = project_state(project_dir)
     part = b"\0" * (2 * 1024 * 1024)
     app = create_app(opened, upload_slots=2, busy_wait=0.3, spool_bytes=64 * 1024, max_upload_bytes=8 * 1024 * 1024,
                      upload_deadline=60)
@@ -274,7 +255,7 @@ def test_upload_bodies_are_capped_in_number_and_spooled_not_held(opened, project
                                    + data.decode("latin-1"))
         assert status == 200 and b'"outcome":"stored"' in body, body
         assert not server.errors, [r.getMessage() for r in server.errors]
-    assert _state(project_dir)["masks"] == before["masks"] + [item.id]
+    assert project_state(project_dir)["masks"] == before["masks"] + [item.id]
     assert not list((project_dir / ".incoming").iterdir())
 
 
@@ -342,7 +323,7 @@ def test_head_is_answered_like_get_without_a_body(opened):
 
 def test_an_aborted_upload_logs_nothing_and_stores_nothing(opened, project_dir):
     item = opened.batch().items[0]
-    before = _state(project_dir)
+    before = project_state(project_dir)
     with LiveServer(create_app(opened)) as server:
         for size in (1000, 3 * 1024 * 1024):  # in memory, and spooled to disk
             s = _connect(server.port)
@@ -353,7 +334,7 @@ def test_an_aborted_upload_logs_nothing_and_stores_nothing(opened, project_dir):
         status, _, _ = _request(server.port, "GET /api/status HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         assert status == 200
         assert not server.errors, [r.getMessage() for r in server.errors]
-    assert _state(project_dir) == before
+    assert project_state(project_dir) == before
     assert not list((project_dir / ".incoming").iterdir())
 
 
@@ -365,28 +346,21 @@ MALFORMED_HOSTS = ["127.0.0.1:8765@evil.example", "127.0.0.1@evil.example", "loc
 @pytest.mark.parametrize("allowed", [LOOPBACK_HOSTS, None], ids=["loopback", "any-host"])
 def test_a_host_header_that_is_not_name_and_port_is_refused(opened, project_dir, allowed):
     item = opened.batch().items[0]
-    before = _state(project_dir)
+    before = project_state(project_dir)
     with TestClient(create_app(opened, allowed_hosts=allowed), base_url="http://127.0.0.1:8765") as c:
         for host in MALFORMED_HOSTS:
             res = c.get("/api/batch", headers={"host": host})
             assert res.status_code == 400 and "malformed Host" in res.json()["error"], (host, res.status_code)
             res = c.put(f"/api/mask/{item.id}", content=png(_blob(item)), headers={"host": host})
             assert res.status_code == 400, host
-        assert _state(project_dir) == before
+        assert project_state(project_dir) == before
         for host in ("127.0.0.1:8765", "localhost", "LocalHost:1", "[::1]:8765"):
             assert c.get("/api/batch", headers={"host": host}).status_code == 200, host
 
 
 def test_the_real_serve_refuses_a_foreign_host_and_closes_idle_connections(project_dir):
-    code = ("import sys; import alseg.annotate.server as s; s.IDLE_SECONDS = 1; "
-            "s.serve(sys.argv[1], port=0, log=lambda t: print(t, flush=True))")
-    proc = subprocess.Popen([sys.executable, "-c", code, str(project_dir)], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    try:
-        first = proc.stdout.readline()
-        m = re.search(r"http://127\.0\.0\.1:(\d+)/ ", first)
-        assert m, first + proc.stdout.read()
-        port = int(m.group(1))
+    with ServeProcess(project_dir, setup="s.IDLE_SECONDS = 1") as server:
+        port = server.port(r"http://127\.0\.0\.1:(\d+)/ ")
         get = "GET /api/batch HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n"
         status, _, body = _request(port, get.format(f"127.0.0.1:{port}"))
         assert status == 200 and b'"round":1' in body
@@ -396,7 +370,4 @@ def test_the_real_serve_refuses_a_foreign_host_and_closes_idle_connections(proje
         assert status == 400 and b"malformed Host" in body
         with _connect(port) as idle:
             assert _closed_within(idle, 4)
-    finally:
-        proc.send_signal(signal.SIGINT)
-        proc.wait(30)
-    assert "stopped" in proc.stdout.read()
+    assert "stopped" in server.rest
