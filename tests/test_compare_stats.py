@@ -437,17 +437,6 @@ def test_compare_workers_stop_when_the_parent_is_killed_outright(tmp_path):
     import sys
     import time
 
-    def children(pid):
-        found = []
-        for stat in Path("/proc").glob("[0-9]*/stat"):
-            try:
-                fields = stat.read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid:
-                found.append(int(stat.parent.name))
-        return found
-
     proc = subprocess.Popen([sys.executable, "-m", "alseg", "compare", "--preset", "quick-lgg", "--data", str(LGG),
                              "--size", "32", "--width", "4", "--epochs", "200", "--rounds", "1", "--strategies",
                              "random", "--seeds", "2", "--out", str(tmp_path / "cmp"), "--jobs", "2"],
@@ -456,7 +445,7 @@ def test_compare_workers_stop_when_the_parent_is_killed_outright(tmp_path):
     workers = []
     while len(workers) < 2 and time.time() < deadline:  # two workers (and the resource tracker)
         time.sleep(0.5)
-        workers = [c for c in children(proc.pid) if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
+        workers = [c for c in _children(proc.pid) if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
     assert len(workers) == 2
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
