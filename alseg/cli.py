@@ -38,6 +38,7 @@ class Format(str, Enum):
     lgg = "lgg"
     folder = "folder"
     nifti = "nifti"
+    dicom = "dicom"
 
 
 class PresetName(str, Enum):

@@ -1,6 +1,8 @@
 """NIfTI volumes as samples: three real LGG patients converted to NIfTI (nnU-Net's per-channel
 files, and a flat folder of 4D images stored left-right flipped), read back slice by slice, and
-the headers and masks that must be refused, each in one line."""
+the headers and masks that must be refused, each in one line; DICOM series (written here with
+pydicom, shuffled names and instance numbers, and one real patient with its NIfTI twin) read as
+the same volumes, and the series that must be refused."""
 from __future__ import annotations
 
 import gzip
@@ -296,3 +298,258 @@ def test_a_project_over_nifti_volumes_exports_slices_and_takes_their_masks(lgg_n
     assert sorted(result["stored"]) == sorted(r["id"] for r in rows) and not result["invalid"]
     out = export_project(project, "png", tmp_path / "out")
     assert out["masks"] >= 4 and not any("/" in p.name for p in (tmp_path / "out" / "masks").iterdir())
+
+
+# ---------------------------------------------------------------- DICOM series
+
+AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)  # rows run to the patient's left (+x LPS), columns to posterior (+y)
+
+
+def _dicom_slice(path: Path, pixels: np.ndarray, position, *, series="1.2.3.4", instance=1,
+                 orientation=AXIAL, spacing=(0.9, 0.8), slope=1.0, intercept=0.0, syntax=None, modality="MR",
+                 drop=()) -> Path:
+    """One 2D DICOM slice written by pydicom (explicit VR little endian unless ``syntax`` says)."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = MRImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = syntax or ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = MRImageStorage, meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.SeriesInstanceUID, ds.InstanceNumber = modality, series, instance
+    ds.ImageOrientationPatient = [f"{v:g}" for v in orientation]
+    ds.ImagePositionPatient = [f"{v:g}" for v in position]
+    ds.PixelSpacing = [f"{v:g}" for v in spacing]
+    ds.RescaleSlope, ds.RescaleIntercept = f"{slope:g}", f"{intercept:g}"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+    if syntax is None:
+        ds.PixelData = pixels.astype("<i2").tobytes()
+    else:  # a compressed syntax: placeholder fragments (the refusal comes from the header alone)
+        ds.PixelData = encapsulate([b"\xff\xd8\xff\xd9"] * 1)
+        ds["PixelData"].VR = "OB"
+    for keyword in drop:
+        delattr(ds, keyword)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def _series(folder: Path, volume: np.ndarray, *, step=2.5, origin=(-20.0, -30.0, 10.0), seed=0,
+            extensionless=False, slopes=None, intercepts=None, positions=None, **kw) -> list[Path]:
+    """``volume`` (Rows, Columns, slices) as a DICOM series, stored as ``slopes * raw + intercepts``
+    per slice, under shuffled file names and instance numbers."""
+    folder.mkdir(parents=True, exist_ok=True)
+    n = volume.shape[2]
+    rng = np.random.default_rng(seed)
+    names, instances = rng.permutation(n), rng.permutation(n) + 1
+    paths = []
+    for k in range(n):
+        slope = 1.0 if slopes is None else slopes[k]
+        intercept = 0.0 if intercepts is None else intercepts[k]
+        raw = np.round((volume[..., k] - intercept) / slope).astype(np.int16)
+        z = origin[2] + step * k if positions is None else positions[k]
+        name = f"IM{names[k]:04d}" + ("" if extensionless else ".dcm")
+        paths.append(_dicom_slice(folder / name, raw, (origin[0], origin[1], z), instance=int(instances[k]),
+                                  slope=slope, intercept=intercept, **kw))
+    return paths
+
+
+# The canonical (RAS+) affine of a _series by hand: x = 20 - 0.8 i runs right to left, so the
+# canonical x starts at the last column (20 - 0.8 * 15 = 8); y = 30 - 0.9 j starts at 30 - 0.9 * 11.
+SERIES_AFFINE = np.array([[0.8, 0, 0, 8.0], [0, 0.9, 0, 20.1], [0, 0, 2.5, 10.0], [0, 0, 0, 1]])
+
+
+def _as_canonical(volume: np.ndarray) -> np.ndarray:
+    """A (Rows, Columns, slices) axial LPS series as RAS+ (x, y, z): columns reversed become x,
+    rows reversed become y."""
+    return volume[::-1, ::-1].transpose(1, 0, 2)
+
+
+@pytest.fixture(scope="session")
+def dicom_cases(tmp_path_factory) -> dict:
+    """Two 12 x 16 x 6 axial series with per-slice rescale values: ``A`` (``*.dcm``, its mask
+    ``A_mask.nii.gz`` beside it) and ``B`` (extensionless DICM files, its mask in ``masks/``)."""
+    root = tmp_path_factory.mktemp("dicom")
+    rng = np.random.default_rng(7)
+    truth = {}
+    for case, seed in (("A", 1), ("B", 2)):
+        volume = rng.integers(0, 400, (12, 16, 6)).astype(np.float64) * 3 - 500  # what the scanner measured
+        _series(root / case, volume, seed=seed, extensionless=case == "B",
+                slopes=[3.0, 1.5, 3.0, 0.5, 1.0, 3.0], intercepts=[-500 - 10 * k for k in range(6)])
+        mask = volume > 0
+        truth[case] = (volume, mask)
+        target = root / "A_mask.nii.gz" if case == "A" else root / "masks" / "B.nii.gz"
+        target.parent.mkdir(exist_ok=True)
+        _save(target, _as_canonical(mask).astype(np.uint8), SERIES_AFFINE)
+    (root / "B" / "notes.txt").write_text("not a slice")
+    return {"root": root, "truth": truth}
+
+
+def test_a_dicom_series_reads_as_a_volume_in_position_order(dicom_cases):
+    root, truth = dicom_cases["root"], dicom_cases["truth"]
+    clear_cache()
+    assert detect_format(root) == "dicom"
+    ds = open_dataset(root)
+    assert ds.format == "dicom" and ds.ids == [f"{c}/z{k:03d}" for c in "AB" for k in range(6)]
+    assert [s.group for s in ds.samples] == [c for c in "AB" for _ in range(6)]
+    assert [s.mask.name for s in ds.samples[::6]] == ["A_mask.nii.gz", "B.nii.gz"]
+    info = ds.volumes[0]
+    assert info.shape == (16, 12, 6) and info.channels == 1 and info.axis == 2
+    assert info.spacing == pytest.approx((0.8, 0.9, 2.5)) and info.orientation == ("L", "P", "S")
+    np.testing.assert_allclose(np.array(info.affine), SERIES_AFFINE, atol=1e-6)
+    for case, (volume, mask) in truth.items():
+        want = _normalised(_as_canonical(volume)[..., None])  # the rescaled values, normalised per volume
+        assert len(np.unique(want)) > 100  # a real test of every pixel, not of a constant image
+        for s in (s for s in ds.samples if s.group == case):
+            assert sample_header(s) == (12, 16, 1)
+            got = sample_image(s)
+            assert got.shape == (16, 12, 1)
+            assert np.abs(got.astype(int) - want[:, :, s.slice].astype(int)).max() <= 1, s.id
+            np.testing.assert_array_equal(sample_mask(s), _as_canonical(mask)[:, :, s.slice])
+    coronal = open_dataset(root, volume_axis="y")
+    assert coronal.ids[:2] == ["A/y000", "A/y001"] and sample_header(coronal.samples[0]) == (6, 16, 1)
+    positives = sum(bool(m[..., k].any()) for _, m in truth.values() for k in range(6))
+    assert summarize(ds) == {"format": "dicom", "samples": 12, "with_mask": 12, "positive": positives, "groups": 2,
+                             "image_sizes": {"12x16": 12}, "volumes": 2, "channels": 1}
+
+
+def test_dicom_cache_key_sees_a_slice_rewritten_in_place(dicom_cases, tmp_path):
+    """The decoded series is cached by the versions of all its files, not by the folder's mtime."""
+    import os
+    import shutil
+
+    from pydicom import dcmread
+
+    root = tmp_path / "copy"
+    shutil.copytree(dicom_cases["root"], root)
+    before = [sample_image(s) for s in open_dataset(root).samples[:6]]
+    first = min((root / "A").iterdir())
+    stamp = (root / "A").stat().st_mtime_ns
+    ds = dcmread(first)
+    ds.PixelData = np.full(12 * 16, 7, "<i2").tobytes()  # the same header, other pixels
+    ds.save_as(first, enforce_file_format=True)
+    os.utime(root / "A", ns=(stamp, stamp))  # the folder itself looks untouched
+    after = [sample_image(s) for s in open_dataset(root).samples[:6]]
+    assert any(not np.array_equal(x, y) for x, y in zip(before, after))
+
+
+def test_dicom_slices_sort_by_position_along_the_normal_not_by_name(tmp_path):
+    """A sagittal series (normal along -x in LPS: positions decrease) written in shuffled names."""
+    volume = np.arange(8 * 10 * 4, dtype=np.float64).reshape(8, 10, 4)
+    folder = tmp_path / "sag" / "s1"
+    folder.mkdir(parents=True)
+    sagittal = (0.0, 1.0, 0.0, 0.0, 0.0, -1.0)  # rows run posterior, columns inferior: normal = (-1, 0, 0)
+    for k in range(4):
+        _dicom_slice(folder / f"{(k * 3) % 4}.dcm", volume[..., k].astype(np.int16), (5.0 - 2.0 * k, 0, 0),
+                     orientation=sagittal, spacing=(1.0, 1.0), instance=4 - k)
+    ds = open_dataset(tmp_path / "sag", volume_axis="x")
+    info = ds.volumes[0]
+    # LPS x = 5 - 2k is RAS x = 2k - 5: slice k is canonical x = k; y = -j (columns, posterior) is RAS
+    # anterior reversed; z = -row runs inferior, reversed.
+    assert info.shape == (4, 10, 8) and info.spacing == pytest.approx((2.0, 1.0, 1.0))
+    canonical = volume.transpose(2, 1, 0)[:, ::-1, ::-1]
+    got = np.stack([sample_image(s)[..., 0] for s in ds.samples], axis=0)
+    np.testing.assert_array_equal(got, _normalised(canonical[..., None])[..., 0])
+
+
+def test_an_lgg_patient_as_dicom_reads_like_its_nifti_twin(tmp_path):
+    """One real patient's FLAIR channel as a DICOM series, beside the same voxels as NIfTI."""
+    patient = PATIENTS[0]
+    image, mask = _tiff_stack(patient)
+    flair = image[..., 1].astype(np.float64)  # (rows, columns, slices)
+    dicom_root, nifti_root = tmp_path / "dicom", tmp_path / "nifti"
+    nifti_root.mkdir()
+    _series(dicom_root / patient, flair, step=5.0, origin=(0.0, 0.0, 0.0), spacing=(1.0, 1.0))
+    twin = np.diag([1.0, 1.0, 5.0, 1.0])
+    twin[:2, 3] = -63.0  # RAS x = -i, so the canonical x starts at the last column
+    _save(nifti_root / f"{patient}.nii.gz", _as_canonical(flair).astype(np.uint8), twin)
+    for root in (dicom_root, nifti_root):
+        _save(root / f"{patient}_mask.nii.gz", _as_canonical(mask).astype(np.uint8), twin)
+    a, b = open_dataset(dicom_root), open_dataset(nifti_root)
+    assert a.format == "dicom" and b.format == "nifti" and a.ids == b.ids and len(a.ids) == mask.shape[2]
+    assert a.volumes[0].shape == b.volumes[0].shape and a.volumes[0].spacing == b.volumes[0].spacing
+    np.testing.assert_allclose(a.volumes[0].affine, b.volumes[0].affine, atol=1e-6)
+    assert sum(bool(sample_mask(s).any()) for s in a.samples) == sum(bool(mask[..., k].any()) for k in range(mask.shape[2]))
+    for sa, sb in zip(a.samples, b.samples):
+        np.testing.assert_array_equal(sample_image(sa), sample_image(sb))
+        np.testing.assert_array_equal(sample_mask(sa), sample_mask(sb))
+
+
+def _small(folder: Path, n=3, **kw) -> list[Path]:
+    return _series(folder, np.random.default_rng(3).integers(0, 100, (8, 8, n)).astype(np.float64), **kw)
+
+
+def test_dicom_series_problems_are_refused_in_one_line(tmp_path):
+    from pydicom.uid import JPEGLSLossless
+
+    mixed = tmp_path / "mixed"
+    _small(mixed / "c1")
+    _dicom_slice(mixed / "c1" / "other.dcm", np.zeros((8, 8), np.int16), (-20, -30, 30), series="9.9")
+    assert _refused(r"mixes 2 series", open_dataset, mixed).path.endswith("c1")
+
+    for keyword in ("ImageOrientationPatient", "ImagePositionPatient"):
+        missing = tmp_path / f"no{keyword}"
+        paths = _small(missing / "c1")
+        _dicom_slice(paths[1], np.zeros((8, 8), np.int16), (-20, -30, 12.5), drop=(keyword,))
+        assert _refused(f"{keyword} is missing", open_dataset, missing).path == str(paths[1])
+
+    gap = tmp_path / "gap"  # slice positions 0, 2, 4, 8: a slice is missing
+    _small(gap / "c1", n=4, positions=[0.0, 2.0, 4.0, 8.0])
+    _refused(r"slice spacing is not uniform \(steps from 2 to 4 mm", open_dataset, gap)
+    _small(tmp_path / "jitter" / "c1", n=4, positions=[0.0, 2.001, 4.0, 6.002])  # within 1 %: accepted
+    assert len(open_dataset(tmp_path / "jitter").samples) == 4
+    twice = tmp_path / "twice"
+    _small(twice / "c1", n=3, positions=[0.0, 2.0, 2.0])
+    _refused("two slices at one position", open_dataset, twice)
+
+    single = tmp_path / "single"
+    _small(single / "c1", n=1)
+    _refused("a single DICOM file .* posing as a volume", open_dataset, single)
+
+    packed = tmp_path / "jpegls"
+    _small(packed / "c1", syntax=JPEGLSLossless)
+    err = _refused("compressed transfer syntax JPEG-LS Lossless .* cannot be decoded by pydicom without plugins",
+                   open_dataset, packed)
+    assert "pyjpegls" in str(err) or "gdcm" in str(err)
+
+    seg = tmp_path / "seg"
+    _small(seg / "c1")
+    _dicom_slice(seg / "c1" / "seg.dcm", np.zeros((8, 8), np.int16), (-20, -30, 0), modality="SEG")
+    _refused("DICOM SEG and RTSTRUCT masks are not supported", open_dataset, seg)
+
+    junk = tmp_path / "junk"
+    _small(junk / "c1")
+    (junk / "c1" / "broken.dcm").write_bytes(b"\x00" * 10)
+    assert _refused("not a DICOM file", open_dataset, junk).path.endswith("broken.dcm")
+
+
+def test_dicom_masks_must_match_the_series_and_pair_by_case(tmp_path):
+    shape = tmp_path / "shape"
+    _small(shape / "c1")  # 8 x 8 x 3
+    _save(shape / "c1_mask.nii.gz", np.zeros((8, 8, 4), np.uint8), SERIES_AFFINE)
+    assert _refused(r"mask has shape \(8, 8, 4\) but its image c1 has \(8, 8, 3\)", open_dataset,
+                    shape).path.endswith("c1_mask.nii.gz")
+    moved = tmp_path / "moved"
+    _small(moved / "c1")
+    affine = np.diag([0.8, 0.9, 2.5, 1.0])  # the right spacing, but not where the series lies
+    _save(moved / "c1_mask.nii.gz", np.zeros((8, 8, 3), np.uint8), affine)
+    _refused("another affine than its image c1", open_dataset, moved)
+
+    stray = tmp_path / "stray"
+    _small(stray / "c1")
+    (stray / "reports").mkdir()
+    (stray / "reports" / "r.txt").write_text("x")
+    assert _refused("folder holds no DICOM files", open_dataset, stray, "dicom").path.endswith("reports")
+    orphan = tmp_path / "orphan"
+    _small(orphan / "c1")
+    _save(orphan / "c2_mask.nii.gz", np.zeros((8, 8, 3), np.uint8))
+    _refused("mask has no case folder c2/", open_dataset, orphan)
+    loose = tmp_path / "loose"
+    _small(loose)
+    _refused("DICOM files lie directly in this folder", open_dataset, loose)
+    _refused("applies to NIfTI volumes", open_dataset, LGG, volume_axis=2)

@@ -39,6 +39,7 @@ from PIL import Image
 
 from alseg.data.samples import sample_header, sample_image, sample_mask
 from alseg.data.sources import Dataset
+from alseg.data.volumes import volume_version
 from alseg.errors import AlsegError
 
 CACHE_VERSION = 4  # 3: meta.json carries the full fingerprint, checked on open; 4: EXIF orientation, chunk checksums
@@ -85,6 +86,7 @@ class CachedData:
 def fingerprint(dataset: Dataset, size: int, channels: int) -> str:
     h = hashlib.sha256()
     h.update(json.dumps([CACHE_VERSION, dataset.format, size, channels]).encode())
+    versions: dict[tuple, bytes] = {}
     for s in dataset.samples:
         for p in (s.image, s.mask):
             if p is None:
@@ -97,13 +99,11 @@ def fingerprint(dataset: Dataset, size: int, channels: int) -> str:
             h.update(os.fsencode(p) + f"|{st.st_size}|{st.st_mtime_ns}".encode())
         h.update(f"{s.id}|{s.group}|{s.subset}".encode("utf-8", "surrogateescape"))
         if s.slice is not None:  # only for volume slices, so 2D datasets keep their existing caches
-            for p in s.channel_files:
-                try:
-                    st = p.stat()
-                except OSError:
-                    raise AlsegError("file not found", p) from None
-                h.update(os.fsencode(p) + f"|{st.st_size}|{st.st_mtime_ns}".encode())
-            h.update(f"|slice {s.axis} {s.slice}".encode())
+            # every file of the volume (each channel file, each file of a DICOM series: a folder's own
+            # mtime misses a slice rewritten in place), once per volume however many slices it has
+            if s.image_files not in versions:
+                versions[s.image_files] = repr(volume_version(s.image_files)).encode("utf-8", "surrogateescape")
+            h.update(versions[s.image_files] + f"|slice {s.axis} {s.slice}".encode())
     return h.hexdigest()
 
 

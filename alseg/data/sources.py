@@ -1,6 +1,6 @@
 """Data sources: turn an on-disk layout into :class:`Sample` records, without decoding pixels.
 
-Owns the readers for the three layouts alseg understands and their detection:
+Owns the readers for the layouts alseg understands and their detection:
 
 * ``isic2017``: the official ISIC 2017 Part 1 download,
   ``ISIC-2017_{Training,Validation,Test_v2}_Data/ISIC_NNNNNNN.jpg`` with masks in
@@ -21,6 +21,12 @@ Owns the readers for the three layouts alseg understands and their detection:
   digits), group = the case. The axis is ``volume_axis`` or, by default, each volume's axis
   with the fewest voxels. Headers are checked here (:mod:`alseg.data.volumes`); each
   volume's description is kept in :attr:`Dataset.volumes`.
+* ``dicom``: DICOM series, one folder per case holding one series of 2D slices (``*.dcm`` or
+  extensionless files with the DICM preamble, read by :mod:`alseg.data.dicom`), the case's
+  mask a NIfTI volume on the series' voxel grid, ``CASE_mask.nii.gz`` beside the case folder or
+  ``masks/CASE.nii.gz`` (a case without one is unlabelled; DICOM SEG masks are not supported).
+  Once read, a series is a volume like a NIfTI one: the same slicing axis, ids ``CASE/z042``,
+  group = the case. Every visible folder but ``masks/`` must be a case.
 
 Nothing is dropped silently: a broken symbolic link to an image or mask, or two files that
 would be the same sample (``X.jpg`` beside ``X.JPG``), is an error naming the files.
@@ -35,10 +41,12 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from alseg.data.dicom import dicom_files, holds_dicom
 from alseg.data.volumes import AXIS_NAMES, VolumeInfo, is_nifti, nifti_stem, parse_axis, read_volume_info
 from alseg.errors import AlsegError
 
-FORMATS = ("isic2017", "lgg", "folder", "nifti")
+FORMATS = ("isic2017", "lgg", "folder", "nifti", "dicom")
+VOLUME_FORMATS = ("nifti", "dicom")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff"}
 
 _ISIC_SPLITS = (("Training", "training"), ("Validation", "validation"), ("Test_v2", "test"), ("Test", "test"))
@@ -81,7 +89,7 @@ class Dataset:
     """A dataset's samples in a stable order, with the layout they were read from.
 
     ``volumes`` describes each volume (shape, spacing, orientation, slicing axis) for the
-    ``nifti`` layout, in the order its slices appear; empty for 2D layouts.
+    ``nifti`` and ``dicom`` layouts, in the order its slices appear; empty for 2D layouts.
     """
 
     format: str
@@ -107,12 +115,16 @@ def detect_format(path: str | Path) -> str:
         return "folder"
     if _lgg_root(root) is not None or _is_lgg_patient(root):
         return "lgg"
-    if _nifti_files(root / "imagesTr") or _nifti_files(root):
+    if _nifti_files(root / "imagesTr"):
+        return "nifti"
+    if _dicom_cases(root) or holds_dicom(root):  # before flat NIfTI: their masks are NIfTI files too
+        return "dicom"
+    if _nifti_files(root):
         return "nifti"
     raise AlsegError(
         "unknown layout: expected ISIC-2017_*_Data folders (isic2017), kaggle_3m patient folders "
-        "with *_mask.tif (lgg), images/ [+ masks/] (folder), or NIfTI volumes in imagesTr/ [+ labelsTr/] "
-        "or beside their CASE_mask.nii.gz (nifti)", root)
+        "with *_mask.tif (lgg), images/ [+ masks/] (folder), NIfTI volumes in imagesTr/ [+ labelsTr/] "
+        "or beside their CASE_mask.nii.gz (nifti), or DICOM series, a folder per case (dicom)", root)
 
 
 def open_dataset(path: str | Path, format: str | None = None, volume_axis: int | str | None = None) -> Dataset:
@@ -127,13 +139,15 @@ def open_dataset(path: str | Path, format: str | None = None, volume_axis: int |
     if fmt not in FORMATS:
         raise AlsegError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     axis = parse_axis(volume_axis)
-    if axis is not None and fmt != "nifti":
-        raise AlsegError(f"a volume axis applies to NIfTI volumes, not to the {fmt} layout", root)
+    if axis is not None and fmt not in VOLUME_FORMATS:
+        raise AlsegError(f"a volume axis applies to NIfTI volumes and DICOM series, not to the {fmt} layout", root)
     if not root.is_dir():
         raise AlsegError("no such folder", root)
     volumes: tuple[VolumeInfo, ...] = ()
     if fmt == "nifti":
         samples, volumes = _read_nifti(root, axis)
+    elif fmt == "dicom":
+        samples, volumes = _read_dicom(root, axis)
     else:
         reader = {"isic2017": _read_isic2017, "lgg": _read_lgg, "folder": _read_folder}[fmt]
         samples = reader(root)
@@ -419,6 +433,12 @@ def _read_nifti(root: Path, axis: int | None) -> tuple[list[Sample], tuple[Volum
         found = [(case, files, masks.get(case), None) for case, files in cases.items()]
     if not found:
         raise AlsegError("no NIfTI volumes found (imagesTr/*.nii.gz, or CASE.nii.gz beside CASE_mask.nii.gz)", root)
+    return _volume_samples(found, axis)
+
+
+def _volume_samples(found: list[tuple[str, tuple[Path, ...], Path | None, str | None]],
+                    axis: int | None) -> tuple[list[Sample], tuple[VolumeInfo, ...]]:
+    """Every slice of every ``(case, image files, mask, subset)``, their headers checked."""
     samples: list[Sample] = []
     volumes: list[VolumeInfo] = []
     for case, files, mask, subset in found:
@@ -432,3 +452,43 @@ def _read_nifti(root: Path, axis: int | None) -> tuple[list[Sample], tuple[Volum
         samples.extend(Sample(f"{case}/{letter}{k:0{digits}d}", files[0], mask, case, subset, k, info.axis, files[1:])
                        for k in range(info.slices))
     return samples, tuple(volumes)
+
+
+def _dicom_cases(root: Path) -> list[Path]:
+    """The visible folders in ``root`` (``masks/`` aside) that hold DICOM files."""
+    if not root.is_dir():
+        return []
+    return sorted(d for d in root.iterdir()
+                  if d.is_dir() and not d.name.startswith(".") and d.name != "masks" and holds_dicom(d))
+
+
+def _read_dicom(root: Path, axis: int | None) -> tuple[list[Sample], tuple[VolumeInfo, ...]]:
+    """Every slice of every case folder's series, with its NIfTI mask beside it or in ``masks/``."""
+    if dicom_files(root):
+        raise AlsegError("DICOM files lie directly in this folder: give the folder above the case folders "
+                         "(one folder per case, holding that case's series)", root)
+    cases: dict[str, Path] = {}
+    for d in sorted(root.iterdir()):
+        if not d.is_dir() or d.name.startswith(".") or d.name == "masks":
+            continue
+        if not holds_dicom(d):
+            raise AlsegError("folder holds no DICOM files: every folder here is one case's series "
+                             "(masks go beside it as CASE_mask.nii.gz or in masks/)", d)
+        cases[d.name] = d
+    if not cases:
+        raise AlsegError("no DICOM series found (a folder per case holding *.dcm slices)", root)
+    masks: dict[str, Path] = {}
+    for f in _nifti_files(root):
+        stem = nifti_stem(f)
+        if not stem.lower().endswith("_mask"):
+            raise AlsegError("a NIfTI file beside DICOM case folders must be a mask named CASE_mask.nii.gz", f)
+        _add_unique(masks, stem[: -len("_mask")], f, "mask")
+    for f in _nifti_files(root / "masks"):
+        stem = nifti_stem(f)
+        case = stem[: -len("_mask")] if stem.lower().endswith("_mask") and stem not in cases else stem
+        _add_unique(masks, case, f, "mask")
+    for case, mask in masks.items():
+        if case not in cases:
+            raise AlsegError(f"mask has no case folder {case}/ holding a DICOM series", mask)
+    found = [(case, (folder,), masks.get(case), None) for case, folder in cases.items()]
+    return _volume_samples(found, axis)

@@ -1,7 +1,10 @@
-"""NIfTI volumes: their headers checked, and their voxels read as 2D slices.
+"""Volumes (NIfTI files, DICOM series): their headers checked, and their voxels read as 2D slices.
 
-Owns everything alseg knows about a 3D (or 3D + channels) image file, so the layout readers in
-:mod:`alseg.data.sources` and the sample readers in :mod:`alseg.data.samples` never touch nibabel:
+Owns everything alseg knows about a 3D (or 3D + channels) image, so the layout readers in
+:mod:`alseg.data.sources` and the sample readers in :mod:`alseg.data.samples` never touch nibabel.
+A volume's image is a NIfTI file or a folder holding one DICOM series; :mod:`alseg.data.dicom`
+turns a series into a stored voxel array and its RAS affine, and from there it is treated exactly
+as a NIfTI volume with that affine (same canonical orientation, checks, slicing, normalisation):
 
 * the header (:func:`read_volume_info`): shape, channels, voxel spacing and orientation, read
   without the voxels. Every volume is used in nibabel's closest canonical orientation (RAS+,
@@ -39,6 +42,7 @@ from typing import Callable, Sequence
 import numpy as np
 from PIL import Image
 
+from alseg.data.dicom import read_series, read_series_voxels, series_key
 from alseg.errors import AlsegError
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
@@ -148,9 +152,11 @@ def _load(path: Path):
 
 
 def _header(path: Path) -> _Header:
-    import nibabel as nib
-    from nibabel.orientations import inv_ornt_aff, io_orientation
-
+    """A NIfTI file's header, or (a folder) a DICOM series' headers, checked and made canonical."""
+    if path.is_dir():
+        series = read_series(path)
+        zooms = np.sqrt((series.affine[:3, :3] ** 2).sum(axis=0))
+        return _geometry(series.shape, series.affine, zooms, path, "DICOM")
     img = _load(path)
     shape = tuple(int(n) for n in img.shape)
     if len(shape) < 3:
@@ -163,22 +169,29 @@ def _header(path: Path) -> _Header:
         raise AlsegError(f"unsupported NIfTI shape {shape}: expected X x Y x Z, or X x Y x Z x channels", path)
     if int(np.prod(shape, dtype=np.int64)) > MAX_VOLUME_VOXELS:
         raise AlsegError(f"volume of shape {shape} is over the limit of {MAX_VOLUME_VOXELS} voxels", path)
-    affine = img.affine
+    return _geometry(shape, img.affine, img.header.get_zooms()[:3], path, "NIfTI")
+
+
+def _geometry(shape: tuple[int, ...], affine, zooms, path: Path, kind: str) -> _Header:
+    """The canonical (RAS+) shape, affine and spacing of a stored ``shape`` with ``affine``."""
+    import nibabel as nib
+    from nibabel.orientations import inv_ornt_aff, io_orientation
+
     if affine is None or not np.all(np.isfinite(affine)):
-        raise AlsegError("bad NIfTI header: its affine is missing or not finite", path)
+        raise AlsegError(f"bad {kind} header: its affine is missing or not finite", path)
     ornt = io_orientation(affine)
     if np.isnan(ornt).any() or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
-        raise AlsegError("bad NIfTI header: its affine is degenerate (no orientation)", path)
-    zooms = np.asarray(img.header.get_zooms()[:3], float)
+        raise AlsegError(f"bad {kind} header: its affine is degenerate (no orientation)", path)
+    zooms = np.asarray(zooms, float)
     if zooms.size < 3 or not np.all(np.isfinite(zooms)) or np.any(zooms <= 0):
-        raise AlsegError(f"bad NIfTI header: voxel sizes {tuple(zooms.tolist())} are not positive", path)
+        raise AlsegError(f"bad {kind} header: voxel sizes {tuple(zooms.tolist())} are not positive", path)
     canonical_shape = [0, 0, 0]
     spacing = [0.0, 0.0, 0.0]
     for i, (j, _) in enumerate(ornt):
         canonical_shape[int(j)] = shape[i]
         spacing[int(j)] = float(zooms[i])
     canonical_affine = affine @ inv_ornt_aff(ornt, shape[:3])
-    return _Header(shape, ornt, tuple(canonical_shape), canonical_affine, tuple(spacing),
+    return _Header(tuple(shape), ornt, tuple(canonical_shape), canonical_affine, tuple(spacing),
                    tuple(nib.aff2axcodes(affine)))
 
 
@@ -302,9 +315,19 @@ def clear_cache() -> None:
         _GEOMETRY.clear()
 
 
+def volume_version(image_files: Sequence[Path]) -> tuple:
+    """What identifies this version of a volume's files: each file's path, size and mtime, and for a
+    DICOM series folder those of every file in it (a folder's own mtime misses a slice rewritten
+    in place). Cache keys and fingerprints of volumes should use it."""
+    return _key(tuple(Path(f) for f in image_files))
+
+
 def _key(files: Sequence[Path]) -> tuple:
     parts = []
     for f in files:
+        if f.is_dir():  # a DICOM series: any of its files changing makes another version
+            parts.append(series_key(f))
+            continue
         try:
             st = f.stat()
         except FileNotFoundError:
@@ -314,9 +337,12 @@ def _key(files: Sequence[Path]) -> tuple:
 
 
 def _canonical_voxels(path: Path) -> np.ndarray:
-    """The file's voxels (scaled as its header says) in canonical RAS+ order."""
-    from nibabel.orientations import apply_orientation
+    """The file's (or DICOM series folder's) voxels, scaled as its header says, in canonical RAS+ order."""
+    from nibabel.orientations import apply_orientation, io_orientation
 
+    if path.is_dir():
+        series, data = read_series_voxels(path)
+        return apply_orientation(data, io_orientation(series.affine))
     head = _header(path)
     img = _load(path)
     try:
