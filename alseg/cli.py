@@ -187,18 +187,32 @@ def evaluate(target: Path = typer.Argument(..., help="Checkpoint file or run dir
              split: str = typer.Option("all", help="all, or train/val/test of the run (needs a run directory)."),
              device: str = typer.Option("auto", help="auto, cpu or cuda."),
              per_image: Optional[Path] = typer.Option(None, help="Also write per-image Dice to this CSV."),
+             per_volume: Optional[Path] = typer.Option(None, "--per-volume", help="Grouped data: also write Dice "
+                                                       "per volume to this CSV."),
+             largest_component: bool = typer.Option(False, "--largest-component", help="Grouped data: keep only each "
+                                                    "predicted volume's largest 3D component (26-connected) before "
+                                                    "scoring, as Buda et al.; Dice per volume is reported both ways."),
              cache_dir: Optional[Path] = typer.Option(None, help="Decoded-pixel cache (default ~/.cache/alseg)."),
              as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON.")):
     """Dice per image (mean, median), pooled, and per volume (grouped data).
 
+    Grouped data (LGG patients, NIfTI or DICOM volumes): Dice per volume over all its slices, the
+    tumour-free ones included (Buda et al.'s convention; a volume with no lesion predicted empty
+    scores 1, and volume_dice_mean_nonempty leaves such volumes out, as Buda's code does), Dice on
+    lesion slices, and false-positive voxels (and mL) on lesion-free slices.
     Empty-mask convention: an image whose mask and prediction are both empty scores 1.0.
     """
     from alseg.evaluate import evaluate as run_eval, write_per_image_csv
 
     result = run_eval(target, data, format=format.value if format else None, positive_only=positive_only,
-                      split=split, device=device, cache_dir=cache_dir, reporter=RichReporter(quiet=as_json))
+                      split=split, device=device, cache_dir=cache_dir, largest_component=largest_component,
+                      reporter=RichReporter(quiet=as_json))
     if per_image:
         write_per_image_csv(per_image, result.ids, result.dice)
+    if per_volume:
+        if not result.volumes:
+            raise AlsegError("--per-volume needs grouped data (volumes or patients)", data)
+        write_per_image_csv(per_volume, list(result.volumes), result.volumes.values())
     _emit(result.summary, as_json, lambda r: out.print(_kv_table(f"Dice on {data}", r)))
 
 
@@ -396,19 +410,26 @@ def predict(checkpoint: Path = typer.Argument(..., help="Checkpoint file or run 
             mc: int = typer.Option(20, "--mc", help="MC-dropout passes T (0: one deterministic pass, no uncertainty)."),
             format: Optional[Format] = typer.Option(None, "--format", help="Override layout detection."),
             device: str = typer.Option("auto", help="auto, cpu or cuda."),
+            volume_axis: Optional[str] = typer.Option(None, "--volume-axis", help="Volumes (nifti, dicom): the axis "
+                                                      "to slice along: auto (the one with the fewest voxels), "
+                                                      "0/1/2, x/y/z or sagittal/coronal/axial."),
             as_json: bool = typer.Option(False, "--json", help="Print the result as JSON.")):
     """Apply a model to new images: a mask at each image's original size, an uncertainty map, scores.
 
-    Unreadable images are listed and skipped; the exit status is 2 only when none could be read.
+    On volumes (NIfTI, DICOM series) every slice is predicted and each case gets masks/CASE.nii.gz
+    and uncertainty/CASE.nii.gz on the input's grid (a NIfTI input's own orientation and affine),
+    with volumes.csv giving each case's lesion volume in mL. Unreadable images are listed and
+    skipped; the exit status is 2 only when none could be read.
     """
     from alseg.predict import predict_folder
 
     result = predict_folder(checkpoint, images, out_dir, mc=mc, format=format.value if format else None,
-                            device=device, reporter=RichReporter(quiet=as_json))
+                            volume_axis=volume_axis, device=device, reporter=RichReporter(quiet=as_json))
 
     def render(r):
         how = f"MC dropout x{r['mc']}" if r["mc"] else "deterministic"
-        out.print(f"predicted {r['images']} images ({how}), skipped {len(r['skipped'])}; results in {r['out']}",
+        what = f"{r['images']} slices in {r['volumes']} volumes" if "volumes" in r else f"{r['images']} images"
+        out.print(f"predicted {what} ({how}), skipped {len(r['skipped'])}; results in {r['out']}",
                   markup=False, highlight=False, soft_wrap=True)
         for s in r["skipped"]:
             out.print(f"skipped {s['file']}: {s['problem']}", markup=False, highlight=False, soft_wrap=True)

@@ -1,28 +1,43 @@
 """Applying a trained model to labelled images and scoring it with Dice.
 
 Owns the step from "a checkpoint and some images with masks" to a Dice summary (see
-:mod:`alseg.metrics` for the empty-mask convention). Dice is measured at the checkpoint's
-working size, on the deterministic prediction (dropout off) thresholded at 0.5.
+:mod:`alseg.metrics` for the empty-mask and volume conventions). Dice is measured at the
+checkpoint's working size, on the deterministic prediction (dropout off) thresholded at 0.5.
+
+Grouped data (LGG patients as TIFF slices, NIfTI volumes as slices, a folder with
+``groups.csv``) is also scored per volume, as Buda et al. count it: each group's slices are
+stacked in slice order (the slice index, never the id's string order; gaps stay empty) and
+scored as one 3D mask, tumour-free slices included. The summary then adds the per-volume
+figures of :func:`alseg.metrics.summarize_volumes` and the mean volume Dice both without
+(``volume_dice_mean_raw``) and with (``volume_dice_mean_largest_component``) keeping only the
+largest 3D component (26-connected) of each predicted volume; ``largest_component`` says
+which of the two the primary figures (every per-image, per-volume and false-positive figure,
+and the per-image CSV) were measured on. Predictions are made volume by volume, so memory
+holds about one volume's masks, not the dataset's.
 """
 from __future__ import annotations
 
 import csv
 import io
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
 from alseg.data.cache import CachedData, load_cached
-from alseg.data.sources import open_dataset
+from alseg.data.sources import Dataset, open_dataset
 from alseg.errors import AlsegError
-from alseg.metrics import dice_counts, summarize_dice
+from alseg.metrics import (VolumeScore, dice_counts, largest_component_3d, score_volume, stack_slices,
+                           summarize_dice, summarize_volumes)
 from alseg.progress import SILENT, Reporter, staged
 from alseg.runtime import resolve_device
 from alseg.train import Checkpoint, predict_probs
 
 EVAL_SPLITS = ("all", "train", "val", "test")
+CHUNK = 256  # images predicted at once: bounded memory on large sets
+_TRAILING_NUMBER = re.compile(r"_(\d+)$")  # an LGG slice id: <patient>_<n>
 
 
 @dataclass
@@ -30,33 +45,139 @@ class Evaluation:
     summary: dict
     ids: list[str]
     dice: np.ndarray
+    volumes: dict[str, float] = field(default_factory=dict)  # group -> 3D Dice (primary figures)
 
     def per_image(self) -> list[dict]:
         return [{"id": i, "dice": float(d)} for i, d in zip(self.ids, self.dice)]
 
+    def per_volume(self) -> list[dict]:
+        return [{"volume": g, "dice": float(d)} for g, d in self.volumes.items()]
+
+
+def slice_indices(dataset: Dataset) -> list[int]:
+    """Each sample's position in its volume, in ``dataset.samples`` order: a volume slice's index,
+    an LGG slice's number (``<patient>_<n>``), else its place among its group's samples."""
+    seen: dict[str | None, int] = {}
+    out = []
+    for s in dataset.samples:
+        place = seen.get(s.group, 0)
+        seen[s.group] = place + 1
+        m = _TRAILING_NUMBER.search(s.id) if dataset.format == "lgg" else None
+        out.append(s.slice if s.slice is not None else int(m.group(1)) if m else place)
+    return out
+
+
+def voxel_ml_by_volume(dataset: Dataset, data: CachedData) -> dict[str, float]:
+    """mL of one working-size voxel of each volume whose spacing is known (NIfTI): the native
+    voxel (mm³) times the native pixels one working pixel stands for, over 1000."""
+    first_row: dict[str | None, int] = {}
+    for i, g in enumerate(data.groups):
+        first_row.setdefault(g, i)
+    out = {}
+    for info in dataset.volumes:
+        if info.case in first_row:
+            w, h = data.orig_sizes[first_row[info.case]]
+            out[info.case] = float(np.prod(info.spacing)) * w * h / data.size ** 2 / 1000.0
+    return out
+
 
 def score_model(checkpoint: Checkpoint, data: CachedData, indices: np.ndarray, *, device="cpu",
-                precision: str = "auto", batch_size: int = 16, reporter: Reporter = SILENT) -> Evaluation:
-    """Dice of ``checkpoint`` on ``data`` rows ``indices`` (which must all have masks)."""
+                precision: str = "auto", batch_size: int = 16, reporter: Reporter = SILENT,
+                slice_index: Sequence[int] | None = None, voxel_ml: Mapping[str, float] | None = None,
+                largest_component: bool = False) -> Evaluation:
+    """Dice of ``checkpoint`` on ``data`` rows ``indices`` (which must all have masks).
+
+    For grouped rows, ``slice_index`` (one per row of ``data``; default the row number, which
+    the readers keep in slice order) places each slice in its volume, ``voxel_ml`` (group -> mL
+    per working-size voxel) turns false positives into mL, and ``largest_component`` measures
+    the primary figures after keeping each volume's largest 3D component.
+    """
     indices = np.asarray(indices, dtype=np.int64)
     if len(indices) == 0:
         raise AlsegError("no images with masks to evaluate")
+    groups = [data.groups[i] for i in indices]
+    if any(g is not None for g in groups):
+        where = np.arange(len(data.ids)) if slice_index is None else np.asarray(slice_index, dtype=np.int64)
+        if len(where) != len(data.ids):
+            raise ValueError(f"slice_index has {len(where)} entries for {len(data.ids)} rows")
+        return _score_volumes(checkpoint, data, indices, groups, where[indices], device=device, precision=precision,
+                              batch_size=batch_size, reporter=reporter, voxel_ml=voxel_ml,
+                              largest_component=largest_component)
+    if largest_component:
+        raise AlsegError("the largest 3D component needs volumes (grouped data: LGG patients, NIfTI volumes, "
+                         "a folder with groups.csv); these images have no groups")
     inter_all, total_all = [], []
     with staged(reporter, "evaluate", len(indices)) as advance:
-        for start in range(0, len(indices), 256):  # bounded memory on large sets
-            idx = indices[start:start + 256]
-            probs = predict_probs(checkpoint.model, np.asarray(data.images[idx]), checkpoint.normalizer,
-                                  device=device, precision=precision, batch_size=batch_size)
-            inter, total = dice_counts(probs > 0.5, np.asarray(data.masks[idx]) > 0)
+        for start in range(0, len(indices), CHUNK):
+            idx = indices[start:start + CHUNK]
+            inter, total = dice_counts(_predict(checkpoint, data, idx, device, precision, batch_size),
+                                       np.asarray(data.masks[idx]) > 0)
             inter_all.append(inter)
             total_all.append(total)
             advance(start + len(idx))
     inter, total = np.concatenate(inter_all), np.concatenate(total_all)
-    groups = [data.groups[i] for i in indices]
-    grouped = any(g is not None for g in groups)
-    summary = summarize_dice(inter, total, groups if grouped else None)
+    summary = summarize_dice(inter, total, None)
     dice = np.where(total > 0, 2 * inter / np.maximum(total, 1), 1.0)
     return Evaluation(summary, [data.ids[i] for i in indices], dice)
+
+
+def _predict(checkpoint: Checkpoint, data: CachedData, idx: np.ndarray, device, precision: str,
+             batch_size: int) -> np.ndarray:
+    probs = predict_probs(checkpoint.model, np.asarray(data.images[idx]), checkpoint.normalizer,
+                          device=device, precision=precision, batch_size=batch_size)
+    return probs > 0.5
+
+
+def _score_volumes(checkpoint: Checkpoint, data: CachedData, indices: np.ndarray, groups: list[str | None],
+                   where: np.ndarray, *, device, precision: str, batch_size: int, reporter: Reporter,
+                   voxel_ml: Mapping[str, float] | None, largest_component: bool) -> Evaluation:
+    """Grouped rows: predicted in volume order, each volume scored when its last slice is in."""
+    n = len(indices)
+    # ungrouped rows first, then volume by volume in slice order
+    order = sorted(range(n), key=lambda j: (groups[j] is not None, groups[j] or "", int(where[j]), j))
+    left: dict[str, int] = {}
+    for g in groups:
+        if g is not None:
+            left[g] = left.get(g, 0) + 1
+    pending: dict[str, list[tuple[int, np.ndarray, np.ndarray]]] = {}
+    inter = np.zeros(n, np.int64)
+    total = np.zeros(n, np.int64)
+    raw: dict[str, VolumeScore] = {}
+    lcc: dict[str, VolumeScore] = {}
+    with staged(reporter, "evaluate", n) as advance:
+        for start in range(0, n, CHUNK):
+            pos = np.asarray(order[start:start + CHUNK], dtype=np.int64)
+            idx = indices[pos]
+            pred = _predict(checkpoint, data, idx, device, precision, batch_size)
+            truth = np.asarray(data.masks[idx]) > 0
+            for j, p, t in zip(pos, pred, truth):
+                g = groups[j]
+                if g is None:
+                    i, tot = dice_counts(p[None], t[None])
+                    inter[j], total[j] = i[0], tot[0]
+                    continue
+                pending.setdefault(g, []).append((int(j), p, t))
+                left[g] -= 1
+                if left[g] == 0:
+                    rows = pending.pop(g)
+                    at = where[[r[0] for r in rows]]
+                    pred_vol = stack_slices(np.stack([r[1] for r in rows]), at)
+                    truth_vol = stack_slices(np.stack([r[2] for r in rows]), at)
+                    kept = largest_component_3d(pred_vol)
+                    raw[g], lcc[g] = score_volume(pred_vol, truth_vol), score_volume(kept, truth_vol)
+                    primary = kept if largest_component else pred_vol
+                    planes = at - at.min()
+                    i, tot = dice_counts(primary[planes], truth_vol[planes])
+                    inter[[r[0] for r in rows]], total[[r[0] for r in rows]] = i, tot
+            advance(start + len(pos))
+    scores = lcc if largest_component else raw
+    summary = summarize_dice(inter, total, groups)
+    summary.update(summarize_volumes(scores, voxel_ml))
+    summary["volume_dice_mean_raw"] = summarize_volumes(raw)["volume_dice_mean"]
+    summary["volume_dice_mean_largest_component"] = summarize_volumes(lcc)["volume_dice_mean"]
+    summary["largest_component"] = largest_component
+    dice = np.where(total > 0, 2 * inter / np.maximum(total, 1), 1.0)
+    return Evaluation(summary, [data.ids[i] for i in indices], dice, {g: s.dice for g, s in sorted(scores.items())})
 
 
 def write_per_image_csv(path: str | Path, ids: Sequence[str], dice: Iterable[float]) -> None:
@@ -89,10 +210,12 @@ def resolve_checkpoint(target: str | Path) -> tuple[Path, Path | None]:
 
 def evaluate(target: str | Path, data_path: str | Path, *, format: str | None = None, positive_only: bool = False,
              split: str = "all", device: str = "auto", cache_dir: str | Path | None = None,
-             reporter: Reporter = SILENT) -> Evaluation:
+             largest_component: bool = False, reporter: Reporter = SILENT) -> Evaluation:
     """Evaluate a checkpoint (or a run's latest model) on the labelled images at ``data_path``.
 
     ``split`` other than ``all`` needs a run directory and keeps that split's ids of the run.
+    Grouped data is also scored per volume (see the module's docstring); ``largest_component``
+    measures the primary figures after keeping each volume's largest 3D component.
     """
     from alseg.store import RunStore
 
@@ -118,4 +241,5 @@ def evaluate(target: str | Path, data_path: str | Path, *, format: str | None = 
     if len(indices) == 0:
         raise AlsegError("no images with masks to evaluate" + (" (after --positive-only)" if positive_only else ""),
                          data_path)
-    return score_model(ckpt, data, indices, device=dev, reporter=reporter)
+    return score_model(ckpt, data, indices, device=dev, reporter=reporter, slice_index=slice_indices(dataset),
+                       voxel_ml=voxel_ml_by_volume(dataset, data), largest_component=largest_component)

@@ -86,3 +86,11 @@ def opened(project_dir):
     p = Project(project_dir, command="serve")
     yield p
     p.close()
+
+
+@pytest.fixture(scope="session")
+def lgg_nifti(tmp_path_factory) -> dict:
+    """Three LGG patients as NIfTI (tests/volume_fixtures.py): ``nnunet``, ``flat`` and ``truth``."""
+    from volume_fixtures import build_lgg_nifti
+
+    return build_lgg_nifti(tmp_path_factory.mktemp("lgg-nifti"))

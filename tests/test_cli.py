@@ -41,10 +41,15 @@ def test_train_full_takes_epochs_as_the_references_count(tmp_path):
 def test_evaluate_run_dir_json_keys_and_options(lgg_run, tmp_path):
     out, result = lgg_run
     test = run_json("evaluate", out, "--data", LGG, "--split", "test")
-    assert set(test) == {"images", "mean_dice", "median_dice", "pooled_dice", "volume_dice_mean"}
+    assert {"images", "mean_dice", "median_dice", "pooled_dice", "volume_dice_mean"} <= set(test)
+    # grouped data (LGG patients): Dice per volume over all slices, lesion slices, false positives
+    assert {"volumes", "volume_dice_mean_nonempty", "lesion_slice_dice_mean", "false_positive_voxels",
+            "volume_dice_mean_largest_component"} <= set(test)
     assert test["images"] == result["split"]["test"]
     assert test["mean_dice"] == pytest.approx(result["test"]["mean_dice"])
-    everything = run_json("evaluate", out / "checkpoints" / "best.pt", "--data", LGG, "--per-image", tmp_path / "d.csv")
+    everything = run_json("evaluate", out / "checkpoints" / "best.pt", "--data", LGG, "--per-image", tmp_path / "d.csv",
+                          "--per-volume", tmp_path / "v.csv")
+    assert len(list(csv.DictReader(open(tmp_path / "v.csv")))) == everything["volumes"]
     positive = run_json("evaluate", out, "--data", LGG, "--positive-only")
     assert everything["images"] == 1073 and positive["images"] == 360
     rows = list(csv.DictReader(open(tmp_path / "d.csv")))
