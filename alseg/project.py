@@ -204,7 +204,7 @@ def _ingest_exchange(store: RunStore, size: int, source: Path, **options) -> dic
 
     from alseg.annotate.exchange import initial_masks, masks_from_exchange
     from alseg.data.samples import sample_mask
-    from alseg.store import mask_png
+    from alseg.store import mask_png, resize_nearest
 
     masks = masks_from_exchange(source)
     # an export holds the lab's first masks too; they train from the lab's own files, so the same
@@ -215,11 +215,7 @@ def _ingest_exchange(store: RunStore, size: int, source: Path, **options) -> dic
         id, file = sample.id, sample.mask
         mask = masks.pop(name)
         stored = sample_mask(sample)
-        if stored.shape != mask.shape:  # compare at the file's size
-            from PIL import Image
-
-            mask = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(stored.shape[::-1], Image.NEAREST)) >= 128
-        (same if np.array_equal(mask, stored) else changed).append((id, file))
+        (same if np.array_equal(resize_nearest(mask, stored.shape), stored) else changed).append((id, file))
     store.dir.incoming.mkdir(exist_ok=True)
     unusable = [name for name in masks if not name or "/" in name or "\\" in name or name.startswith(".")]
     with tempfile.TemporaryDirectory(prefix="exchange-", dir=store.dir.incoming) as tmp:

@@ -15,7 +15,7 @@ from PIL import Image
 
 from annotate_fixtures import BATCH, png, predicted
 from alseg.active.loop import ActiveRun, status
-from alseg.annotate.effort import EVENT_COLUMNS, effort_by_round, effort_rows
+from alseg.annotate.effort import EVENT_COLUMNS, effort_rows
 from alseg.annotate.ingest import NeedsConfirm
 from alseg.data.cache import mask_to_size
 from alseg.errors import AlsegError
@@ -241,7 +241,7 @@ def test_effort_is_computed_per_event_and_per_round_and_written_as_csv(project, 
         reasons = p.store.selection_reasons(batch.round)
         assert all(r["reason"] == reasons[r["id"]] and r["round"] == batch.round for r in rows)
 
-        summary = effort_by_round(p.store)
+        summary = p.store.effort_by_round()
         finals = [_changed(fixed, predicted(batch, it0)), 0, int(truth[empty.id].sum())]
         totals = p.status()["effort"]["totals"]
         assert (totals["images"], totals["versions"], totals["seconds"], totals["active_seconds"]) == (3, 4, 22.0, 9.5)

@@ -4,8 +4,9 @@ What each annotation cost (wall seconds, the seconds the page saw the expert act
 strokes, clicks) and what it changed (pixels against the previous version and against the
 model's predicted mask; ``accepted`` when the prediction was taken as it was), per event, per
 round and per selection reason, so a lab can see whether the head start saves time and which
-kind of image costs most. The figures are recorded by the store with each event
-(:meth:`alseg.store.RunStore.store_version`); this module shapes them and writes the CSV.
+kind of image costs most. The figures are recorded and summarised by the store
+(:meth:`alseg.store.RunStore.store_version`, ``effort_by_round``, ``effort_totals``, ``agreement``);
+this module writes the per-event CSV.
 """
 from __future__ import annotations
 
@@ -22,22 +23,6 @@ EVENT_COLUMNS = ("round", "id", "reason", "annotator", "role", "action", "source
 def effort_rows(store: RunStore) -> list[dict]:
     """One row per annotation event, oldest first (the columns of :data:`EVENT_COLUMNS`)."""
     return [{k: e[k] for k in EVENT_COLUMNS} for e in store.effort_events()]
-
-
-def effort_by_round(store: RunStore) -> list[dict]:
-    """Per round and selection reason: images, versions, seconds, active_seconds, strokes, clicks, pixels
-    changed from the prediction (sum and median over each image's final mask) and accepted_as_is."""
-    return store.effort_by_round()
-
-
-def effort_totals(store: RunStore) -> dict:
-    """:func:`effort_by_round`'s figures over every event."""
-    return store.effort_totals()
-
-
-def agreement(store: RunStore) -> dict:
-    """Dice between each owner's current mask and the latest second reading, per image, and the mean."""
-    return store.agreement()
 
 
 def write_effort_csv(store: RunStore, path: str | Path) -> int:

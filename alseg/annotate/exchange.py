@@ -67,7 +67,7 @@ from alseg.data.samples import sample_header, sample_image, sample_mask
 from alseg.data.sources import Sample, open_dataset
 from alseg.errors import AlsegError
 from alseg.progress import SILENT, Reporter, staged
-from alseg.store import RunStore, disk_full_error
+from alseg.store import RunStore, disk_full_error, resize_nearest
 
 FORMATS = ("png", "coco", "cvat", "labelstudio")
 MAX_ENTRIES = 10_000  # images (tasks, masks) one file may bring back
@@ -260,11 +260,7 @@ def initial_masks(store: RunStore) -> dict[str, Sample]:
 
 
 def _at_size(mask: np.ndarray, width: int, height: int) -> np.ndarray:
-    if mask.shape == (height, width):
-        return mask
-    from PIL import Image
-
-    return np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((width, height), Image.NEAREST)) >= 128
+    return resize_nearest(mask, (height, width))
 
 
 def _mask(store: RunStore, item: _Item, width: int, height: int) -> np.ndarray:

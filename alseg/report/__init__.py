@@ -153,22 +153,15 @@ _EFFORT_SOURCE = {"changed_prediction_sum": "pixels_changed_from_prediction",
 def expert_effort(store: RunStore) -> list[dict]:
     """The expert's effort per round and selection reason, as the report shows it and writes it to
     ``effort.csv`` (:data:`EFFORT_COLUMNS`; None where nothing was measured), from
-    :func:`alseg.annotate.effort.effort_by_round`."""
-    from alseg.annotate.effort import effort_by_round
-
-    return [{k: r.get(k, r.get(_EFFORT_SOURCE.get(k, k))) for k in EFFORT_COLUMNS} for r in effort_by_round(store)]
+    :meth:`RunStore.effort_by_round`."""
+    return [{k: r.get(_EFFORT_SOURCE.get(k, k)) for k in EFFORT_COLUMNS} for r in store.effort_by_round()]
 
 
 def annotator_agreement(store: RunStore) -> dict | None:
     """Dice between two annotators' masks of the same images: ``{count, mean_dice, rows}``, or None when
-    no image has a second reading."""
-    from alseg.annotate.effort import agreement
-
-    found = agreement(store)
-    rows = found.get("rows", found.get("images"))
-    rows = rows if isinstance(rows, list) else []
-    count = found.get("count", len(rows))
-    return {"count": count, "mean_dice": found.get("mean_dice"), "rows": rows} if count else None
+    no image has a second reading (:meth:`RunStore.agreement`)."""
+    found = store.agreement()
+    return {"count": found["count"], "mean_dice": found["mean_dice"], "rows": found["images"]} if found["count"] else None
 
 
 def _building_folder(target: Path) -> Path:
@@ -392,11 +385,10 @@ def _effort_html(rec: Recorded, figure: str) -> str:
         images = "1 image was" if a["count"] == 1 else f"{a['count']} images were"
         agreement = (f"<h3>Annotator agreement</h3><p>{images} labelled by two annotators; the mean Dice between "
                      f"the owner's mask and the second reading is <b>{_fmt(a['mean_dice'])}</b>.</p>")
-        keys = list(a["rows"][0]) if a["rows"] and isinstance(a["rows"][0], dict) else []
-        if keys:
-            agreement += ("<table><tr>" + "".join(f"<th>{e(k.replace('_', ' '))}</th>" for k in keys) + "</tr>"
-                          + "".join("<tr>" + "".join(f"<td>{e(_fmt(r.get(k)))}</td>" for k in keys) + "</tr>"
-                                    for r in a["rows"]) + "</table>")
+        keys = list(a["rows"][0])
+        agreement += ("<table><tr>" + "".join(f"<th>{e(k.replace('_', ' '))}</th>" for k in keys) + "</tr>"
+                      + "".join("<tr>" + "".join(f"<td>{e(_fmt(r.get(k)))}</td>" for k in keys) + "</tr>"
+                                for r in a["rows"]) + "</table>")
     return (f"<h2>The expert's effort</h2><p>Per round and selection reason: the images the expert labelled, the mask "
             "versions stored (a correction adds one), the minutes the review page was open on them (wall) and spent "
             "drawing (active), and how much of the model's predicted mask was changed or accepted as it was. "

@@ -272,7 +272,7 @@ def expert_effort(path, title: str, rows: Sequence[dict]) -> Path:
     clock, with active minutes marked), images labelled (with mask versions and images accepted as
     predicted marked) and pixels changed from the model's predicted mask.
 
-    ``rows``: one per (round, reason) as :func:`alseg.annotate.effort.effort_by_round` gives them;
+    ``rows``: one per (round, reason) as :meth:`alseg.store.RunStore.effort_by_round` gives them (renamed as :data:`alseg.report.EFFORT_COLUMNS`);
     a value that was not recorded is None and is left out of its panel.
     """
     rows = [r for r in rows if r["round"] is not None]  # time on an image no round selected has no bar to join
