@@ -83,6 +83,9 @@ class DataConfig:
     labelled_fraction: float = 0.375
     test_source: str = "auto"
     cache_dir: str | None = None
+    # Volumes (NIfTI, DICOM): the slicing axis, 0/1/2, x/y/z, sagittal/coronal/axial or "auto"
+    # (a DICOM series along its acquisition, a NIfTI volume along its axis with the fewest voxels)
+    volume_axis: str = "auto"
 
 
 @dataclass
@@ -103,6 +106,12 @@ class ActiveConfig:
     mc_batch_size: int = 16
     mc_precision: str = "auto"       # bf16 on CUDA and on CPUs with bf16 instructions, else fp32
     weighting: str = "none"          # "edt": weight variance maps by the distance transform (CEAL code option)
+    # Grouped data (volumes, patients): "slices" picks slices wherever they are; "volumes" ranks
+    # the volumes by their slices' scores (volume_score) and gives the expert the chosen slices of
+    # a few volumes (alseg.active.volumes)
+    volume_selection: str = "slices"
+    volume_score: str = "mean"       # "mean" of a volume's pool slices, or "top3": the mean of its 3 highest
+    max_per_volume: int | None = None  # expert slices of one volume per round (None: no cap)
     ceal: CealParams = field(default_factory=CealParams)
 
     @property

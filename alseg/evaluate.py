@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import csv
 import io
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
@@ -37,7 +36,6 @@ from alseg.train import Checkpoint, predict_probs
 
 EVAL_SPLITS = ("all", "train", "val", "test")
 CHUNK = 256  # images predicted at once: bounded memory on large sets
-_TRAILING_NUMBER = re.compile(r"_(\d+)$")  # an LGG slice id: <patient>_<n>
 
 
 @dataclass
@@ -52,19 +50,6 @@ class Evaluation:
 
     def per_volume(self) -> list[dict]:
         return [{"volume": g, "dice": float(d)} for g, d in self.volumes.items()]
-
-
-def slice_indices(dataset: Dataset) -> list[int]:
-    """Each sample's position in its volume, in ``dataset.samples`` order: a volume slice's index,
-    an LGG slice's number (``<patient>_<n>``), else its place among its group's samples."""
-    seen: dict[str | None, int] = {}
-    out = []
-    for s in dataset.samples:
-        place = seen.get(s.group, 0)
-        seen[s.group] = place + 1
-        m = _TRAILING_NUMBER.search(s.id) if dataset.format == "lgg" else None
-        out.append(s.slice if s.slice is not None else int(m.group(1)) if m else place)
-    return out
 
 
 def voxel_ml_by_volume(dataset: Dataset, data: CachedData) -> dict[str, float]:
@@ -241,5 +226,5 @@ def evaluate(target: str | Path, data_path: str | Path, *, format: str | None = 
     if len(indices) == 0:
         raise AlsegError("no images with masks to evaluate" + (" (after --positive-only)" if positive_only else ""),
                          data_path)
-    return score_model(ckpt, data, indices, device=dev, reporter=reporter, slice_index=slice_indices(dataset),
+    return score_model(ckpt, data, indices, device=dev, reporter=reporter, slice_index=dataset.slice_indices(),
                        voxel_ml=voxel_ml_by_volume(dataset, data), largest_component=largest_component)

@@ -11,7 +11,7 @@ from scipy import ndimage
 
 from alseg.data import load_cached, open_dataset
 from alseg.errors import AlsegError
-from alseg.evaluate import evaluate, slice_indices
+from alseg.evaluate import evaluate
 from alseg.metrics import (false_positive_voxels, largest_component_3d, lesion_slice_dice, per_volume_scores,
                            score_volume, stack_slices, summarize_volumes, volume_dice_3d)
 from alseg.train import Checkpoint, predict_probs
@@ -226,10 +226,10 @@ def test_evaluate_on_real_patients_matches_numpy(three_patients, layout):
 def test_slice_order_comes_from_the_slice_number(three_patients):
     layouts, _ = three_patients
     ds = open_dataset(layouts["tiff"])
-    assert slice_indices(ds) == [_slice_number(i) for i in ds.ids]
+    assert ds.slice_indices() == [_slice_number(i) for i in ds.ids]
     assert sorted(ds.ids[:20], key=str) != ds.ids[:20]  # string order would put _10 before _2
     flat = open_dataset(layouts["nifti"])
-    assert slice_indices(flat) == [s.slice for s in flat.samples]
+    assert flat.slice_indices() == [s.slice for s in flat.samples]
 
 
 def test_ungrouped_data_keeps_its_keys_and_refuses_largest_component(three_patients, tmp_path):

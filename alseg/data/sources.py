@@ -45,6 +45,8 @@ from alseg.data.dicom import dicom_files, holds_dicom
 from alseg.data.volumes import AXIS_NAMES, VolumeInfo, is_nifti, nifti_stem, parse_axis, read_volume_info
 from alseg.errors import AlsegError
 
+_TRAILING_NUMBER = re.compile(r"_(\d+)$")  # an LGG slice id: <patient>_<n>
+
 FORMATS = ("isic2017", "lgg", "folder", "nifti", "dicom")
 VOLUME_FORMATS = ("nifti", "dicom")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff"}
@@ -100,6 +102,18 @@ class Dataset:
     @property
     def ids(self) -> list[str]:
         return [s.id for s in self.samples]
+
+    def slice_indices(self) -> list[int]:
+        """Each sample's position in its volume, in ``samples`` order: a volume slice's index, an
+        LGG slice's number (``<patient>_<n>``), else its place among its group's samples."""
+        seen: dict[str | None, int] = {}
+        out = []
+        for s in self.samples:
+            place = seen.get(s.group, 0)
+            seen[s.group] = place + 1
+            m = _TRAILING_NUMBER.search(s.id) if self.format == "lgg" else None
+            out.append(s.slice if s.slice is not None else int(m.group(1)) if m else place)
+        return out
 
 
 def detect_format(path: str | Path) -> str:
