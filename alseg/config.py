@@ -146,13 +146,14 @@ MIN_EPOCH_STEPS = 20
 
 def _preset(preset: str, size: int, width: int, dropout: float, lr: float, split: str,
             initial: int, per_round: int, batch: int, rounds: int, full: int | None = None,
-            min_epoch_steps: int = MIN_EPOCH_STEPS, augment: str = "standard") -> ExperimentConfig:
+            min_epoch_steps: int = MIN_EPOCH_STEPS, augment: str = "standard",
+            empty_ratio: float | None = None) -> ExperimentConfig:
     return ExperimentConfig(
         preset=preset,
         data=DataConfig(size=size, split_preset=split),
         model=ModelConfig(width=width, depth=5, dropout=dropout, dropout_scope="all", norm="none"),
         train=TrainConfig(epochs=initial, batch_size=batch, lr=lr, full_epochs=full, min_epoch_steps=min_epoch_steps,
-                          augment_strength=augment),
+                          augment_strength=augment, empty_ratio=empty_ratio),
         active=ActiveConfig(round_epochs=per_round, rounds=rounds),
     )
 
@@ -164,6 +165,10 @@ PRESETS: dict[str, ExperimentConfig] = {
     # 0.02 / 0.00 (docs/benchmarks.md, "Learning from the first masks"); the paper presets keep theirs
     "quick-isic": _preset("quick-isic", 96, 16, 0.1, 1e-3, "isic", 25, 6, 8, 5, full=30, augment="strong"),
     "quick-lgg": _preset("quick-lgg", 128, 16, 0.1, 1e-3, "lgg", 30, 5, 8, 3, full=70, augment="strong"),
+    # whole patients, tumour-free slices included (issue 30); the empty-slice ratio and epochs are
+    # chosen on validation (docs/benchmarks.md, "LGG as whole patients")
+    "quick-lgg-volume": _preset("quick-lgg-volume", 128, 16, 0.1, 1e-3, "lgg-volume", 30, 5, 8, 3, full=35,
+                                augment="strong", empty_ratio=1.0),
     # generated data, two minutes: its 52 labelled images take 7 steps an epoch, as before
     "demo": _preset("demo", 64, 8, 0.1, 1e-3, "default", 8, 3, 8, 3, min_epoch_steps=0),
 }
@@ -184,15 +189,19 @@ def preset_for_images(fmt: str | None, channels: int, short_side: int) -> tuple[
 
     A known layout takes its quick preset. A plain folder goes by its images: grey ones (MRI or CT
     slices, microscopy) take quick-lgg's settings, whose 128 px keep small structures; colour
-    photos (dermoscopy, endoscopy, histology) quick-isic's 96 px. Images smaller than the preset's
+    photos (dermoscopy, endoscopy, histology) quick-isic's 96 px; NIfTI and DICOM volumes, whatever
+    their channels, quick-lgg-volume's (128 px, lesion-free slices sampled against lesion ones). Images smaller than the preset's
     working size are not blown up: the size drops to the largest multiple of 16 within their
     median shorter side (16 at least; the U-Net halves it four times). Never ``demo``: its 64 px
     and width 8 are for generated data.
     """
     if fmt in ("isic2017", "lgg"):
         return preset_for_format(fmt), None, f"the {fmt} layout"
-    name = "quick-lgg" if channels == 1 else "quick-isic"
-    kind = "grey images" if channels == 1 else "colour images"
+    if fmt in ("nifti", "dicom"):  # MRI/CT channels, not colour; mostly lesion-free slices
+        name, kind = "quick-lgg-volume", f"{fmt} volumes"
+    else:
+        name = "quick-lgg" if channels == 1 else "quick-isic"
+        kind = "grey images" if channels == 1 else "colour images"
     size = PRESETS[name].data.size
     why = f"{kind}, median shorter side {short_side} px"
     if short_side < size:

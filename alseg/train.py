@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from alseg import distributed
 from alseg.errors import AlsegError
-from alseg.metrics import dice_per_image
+from alseg.metrics import dice_per_image, per_volume_scores
 from alseg.model import ModelConfig, UNet, pass_generators, seeded_dropout
 from alseg.runtime import Normalizer, autocast, resolve_device, resolve_precision, to_unit
 from alseg.store import atomic_torch_save
@@ -57,6 +57,9 @@ class TrainConfig:
     min_epoch_steps: int = 0
     # Linear learning-rate warm-up over the first warmup_steps optimiser steps of a fit.
     warmup_steps: int = 0
+    # Whole volumes hold mostly lesion-free slices: each epoch trains on every slice with a lesion
+    # and this many lesion-free ones per lesion slice, drawn afresh (None: every slice every epoch).
+    empty_ratio: float | None = None
     # dice_bce (per-image soft Dice + BCE), batch_dice_bce (Dice over the batch + BCE) or bce
     loss: str = "dice_bce"
     device: str = "auto"
@@ -67,6 +70,8 @@ class TrainConfig:
     def __post_init__(self):
         if self.loss not in LOSSES:
             raise AlsegError(f"train.loss must be one of {', '.join(LOSSES)}, not {self.loss!r}")
+        if self.empty_ratio is not None and not self.empty_ratio >= 0:
+            raise AlsegError(f"train.empty_ratio must be a number >= 0 or null, not {self.empty_ratio!r}")
 
     @property
     def reference_epochs(self) -> int:
@@ -213,10 +218,13 @@ BatchCallback = Callable[[int, int], None]
 def fit(model: UNet, train_images: np.ndarray, train_masks: np.ndarray, val_images: np.ndarray | None,
         val_masks: np.ndarray | None, config: TrainConfig, normalizer: Normalizer, *, size: int,
         checkpoint_dir: str | Path | None = None, on_epoch: EpochCallback | None = None,
-        on_batch: BatchCallback | None = None, checkpoint_meta: dict | None = None, seed: int = 0) -> dict:
+        on_batch: BatchCallback | None = None, checkpoint_meta: dict | None = None, seed: int = 0,
+        val_volumes: tuple | None = None) -> dict:
     """Train ``model`` in place on uint8 ``train_images`` (N, S, S, C) and {0, 1} ``train_masks``.
 
-    Validates on ``val_images`` each epoch (dropout off); without them the training Dice picks the
+    Validates on ``val_images`` each epoch (dropout off): the mean Dice per image or, with
+    ``val_volumes`` = (group, slice position) of each validation image, the mean 3D Dice per
+    volume (:func:`alseg.metrics.per_volume_scores`); without them the training Dice picks the
     best epoch. Returns ``{"history": [...], "best_val_dice", "best_epoch"}``. With ``checkpoint_dir``
     it writes ``best.pt`` and ``last.pt`` there.
     """
@@ -226,7 +234,7 @@ def fit(model: UNet, train_images: np.ndarray, train_masks: np.ndarray, val_imag
         "model_config": model.config, "train_images": np.asarray(train_images), "train_masks": np.asarray(train_masks),
         "val_images": None if val_images is None else np.asarray(val_images),
         "val_masks": None if val_masks is None else np.asarray(val_masks),
-        "config": config, "normalizer": normalizer, "size": size, "seed": seed})
+        "config": config, "normalizer": normalizer, "size": size, "seed": seed, "val_volumes": val_volumes})
     rank, world = distributed.rank_and_world()
     writer = rank == 0
     device = distributed.local_device(resolve_device(config.device))
@@ -252,13 +260,17 @@ def fit(model: UNet, train_images: np.ndarray, train_masks: np.ndarray, val_imag
     history: list[dict] = []
     best_epoch = None
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir and writer else None
-    steps = epoch_steps(n, config)
+    lesion = y_all.flatten(1).any(1).cpu().numpy()
+    steps = epoch_steps(epoch_rows(lesion, config.empty_ratio), config)
     schedule = _Schedule(opt, config)
     for epoch in range(1, config.epochs + 1):
         t0 = time.perf_counter()
         model.train()
-        loss_sum, dices = _train_epoch(net, opt, scaler, x_all, y_all, config, normalizer, gen, (device, dtype),
-                                       (rank, world), on_batch, steps, schedule, (seed, (epoch - 1) * steps))
+        rows = _epoch_subset(lesion, config.empty_ratio, gen)
+        xs, ys = (x_all, y_all) if rows is None else (x_all[rows.to(device)], y_all[rows.to(device)])
+        loss_sum, dices = _train_epoch(net, opt, scaler, xs, ys, config, normalizer, gen,
+                                       (device, dtype), (rank, world), on_batch, steps, schedule,
+                                       (seed, (epoch - 1) * steps))
         if world > 1:
             shares = distributed.all_gather((loss_sum, dices))
             loss_sum, dices = sum(s[0] for s in shares), [d for s in shares for d in s[1]]
@@ -266,7 +278,7 @@ def fit(model: UNet, train_images: np.ndarray, train_masks: np.ndarray, val_imag
                   "val_dice": None, "lr": schedule.lr}
         if val_images is not None:  # every rank holds the same weights: each validates, none waits
             probs = predict_probs(model, np.asarray(val_images), normalizer, device=device, precision=config.precision)
-            record["val_dice"] = float(dice_per_image(probs > 0.5, np.asarray(val_masks) > 0).mean())
+            record["val_dice"] = validation_dice(probs > 0.5, np.asarray(val_masks) > 0, val_volumes)
         record["seconds"] = time.perf_counter() - t0
         history.append(record)
         score = record["val_dice"] if record["val_dice"] is not None else record["train_dice"]
@@ -280,6 +292,35 @@ def fit(model: UNet, train_images: np.ndarray, train_masks: np.ndarray, val_imag
         if on_epoch and writer:
             on_epoch(record)
     return {"history": history, "best_val_dice": best_val_dice, "best_epoch": best_epoch}
+
+
+def validation_dice(pred: np.ndarray, truth: np.ndarray, volumes: tuple | None = None) -> float:
+    """Mean Dice per image, or with ``volumes`` = (groups, slice positions) mean 3D Dice per volume."""
+    if volumes is None:
+        return float(dice_per_image(pred, truth).mean())
+    groups, where = volumes
+    scores = per_volume_scores(pred, truth, list(groups), list(where))
+    return float(np.mean([v.dice for v in scores.values()]))
+
+
+def epoch_rows(lesion: np.ndarray, empty_ratio: float | None) -> int:
+    """Images an epoch trains on: all, or every lesion image and ``empty_ratio`` empty ones per lesion image."""
+    n_lesion = int(lesion.sum())
+    if empty_ratio is None or n_lesion == 0:
+        return len(lesion)
+    return n_lesion + min(len(lesion) - n_lesion, round(empty_ratio * n_lesion))
+
+
+def _epoch_subset(lesion: np.ndarray, empty_ratio: float | None, gen: torch.Generator) -> torch.Tensor | None:
+    """This epoch's rows: None for every row, or the lesion rows and a fresh draw of empty ones
+    (the same on every rank: the generator is)."""
+    n_rows = epoch_rows(lesion, empty_ratio)
+    if n_rows == len(lesion):
+        return None
+    lesion_rows = torch.from_numpy(np.flatnonzero(lesion))
+    empty_rows = torch.from_numpy(np.flatnonzero(~lesion))
+    drawn = empty_rows[torch.randperm(len(empty_rows), generator=gen)[:n_rows - len(lesion_rows)]]
+    return torch.cat([lesion_rows, drawn.sort().values])
 
 
 def epoch_steps(n: int, config: TrainConfig) -> int:
@@ -372,4 +413,5 @@ def _rank_share(xb: torch.Tensor, yb: torch.Tensor, rank: int, world: int):
 @distributed.handler("fit")
 def _serve_fit(payload: dict) -> None:
     fit(UNet(payload["model_config"]), payload["train_images"], payload["train_masks"], payload["val_images"],
-        payload["val_masks"], payload["config"], payload["normalizer"], size=payload["size"], seed=payload["seed"])
+        payload["val_masks"], payload["config"], payload["normalizer"], size=payload["size"], seed=payload["seed"],
+        val_volumes=payload["val_volumes"])

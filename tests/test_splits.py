@@ -53,6 +53,20 @@ def test_lgg_preset_positive_slices_split_by_patient(lgg):
     assert len(s.labelled) == round(0.375 * len(s.train))
 
 
+def test_lgg_volume_preset_keeps_whole_patients_with_their_empty_slices(lgg):
+    s = _split(lgg, preset="lgg-volume", seed=0)
+    parts = {name: list(getattr(s, name)) for name in ("train", "val", "test")}
+    assert sum(map(len, parts.values())) == 1073  # every slice of the 31 patients, not only the 360 with tumour
+    patients = {name: {lgg.groups[i] for i in lgg.indices(ids)} for name, ids in parts.items()}
+    assert sum(map(len, patients.values())) == 31 and not (patients["train"] & patients["test"])
+    assert not (patients["train"] & patients["val"]) and not (patients["val"] & patients["test"])
+    every_slice = {name: sum(1 for g in lgg.groups if g in patients[name]) for name in parts}
+    assert every_slice == {name: len(ids) for name, ids in parts.items()}  # each patient whole
+    for name, ids in parts.items():  # tumour-free slices in every part
+        assert not all(lgg.positive[i] for i in lgg.indices(ids)), name
+    assert abs(len(s.test) - 0.2 * 1073) <= 60
+
+
 def test_sample_split_reproduces_slice_level_proportions(lgg):
     s = _split(lgg, preset="lgg", seed=0, split_by="sample")
     assert s.split_by == "sample" and (len(s.test), len(s.val), len(s.train)) == (72, 58, 230)

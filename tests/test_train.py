@@ -67,3 +67,41 @@ def test_unreadable_checkpoint(tmp_path):
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(AlsegError, match="checkpoint"):
         Checkpoint.load(bad)
+
+
+def test_empty_ratio_draws_every_lesion_image_and_fresh_empty_ones():
+    from alseg.train import _epoch_subset, epoch_rows
+
+    lesion = np.array([True] * 5 + [False] * 20)
+    assert epoch_rows(lesion, None) == 25 and epoch_rows(lesion, 1.0) == 10 and epoch_rows(lesion, 0.0) == 5
+    assert epoch_rows(lesion, 10.0) == 25 and epoch_rows(np.zeros(4, bool), 1.0) == 4
+    gen = torch.Generator().manual_seed(0)
+    assert _epoch_subset(lesion, None, gen) is None
+    draws = [_epoch_subset(lesion, 2.0, gen).tolist() for _ in range(3)]
+    for rows in draws:
+        assert len(rows) == 15 and set(range(5)) <= set(rows) and len(set(rows)) == 15
+    assert len({tuple(r) for r in draws}) == 3  # another draw of empty images each epoch
+    with pytest.raises(AlsegError, match="empty_ratio"):
+        TrainConfig(empty_ratio=-1)
+
+
+def test_validation_per_volume_picks_on_volume_dice(isic64):
+    """With val_volumes the recorded validation figure is the mean 3D Dice of the groups."""
+    from alseg.metrics import per_volume_scores
+    from alseg.train import validation_dice
+
+    truth = np.asarray(isic64.masks[:6]) > 0
+    pred = truth.copy()
+    pred[0] = ~pred[0]  # one slice of volume "a" wrong
+    groups, where = ["a", "a", "a", "b", "b", "b"], [0, 1, 2, 0, 1, 2]
+    expected = np.mean([v.dice for v in per_volume_scores(pred, truth, groups, where).values()])
+    assert validation_dice(pred, truth, (groups, where)) == pytest.approx(expected)
+    assert validation_dice(pred, truth, (groups, where)) != pytest.approx(validation_dice(pred, truth))
+    seed_everything(0)
+    model = UNet(ModelConfig(width=4, depth=3, dropout=0.1))
+    norm = Normalizer.fit(isic64.images[:16])
+    result = fit(model, isic64.images[6:22], isic64.masks[6:22], isic64.images[:6], isic64.masks[:6],
+                 TrainConfig(epochs=1, batch_size=8, device="cpu", empty_ratio=1.0), norm, size=64,
+                 val_volumes=(groups, where))
+    probs = predict_probs(model, np.asarray(isic64.images[:6]), norm)
+    assert result["history"][0]["val_dice"] == pytest.approx(validation_dice(probs > 0.5, truth, (groups, where)))

@@ -13,6 +13,10 @@ Presets (the paper's Tables 1-2):
 * ``lgg``: tumour-positive slices only; 20 % test, then 20 % of the rest validation (the paper's
   878 / 220 / 275 of 1373), 37.5 % of train labelled. Split by patient unless ``split_by="sample"``
   (the paper's slice-level split).
+* ``lgg-volume``: whole LGG patients, every slice with its mask, tumour-free ones included (Buda
+  et al.'s setting: a lab cannot filter slices by a ground truth it does not have); the ``lgg``
+  proportions (20 % test, 20 % of the rest validation), always by patient unless
+  ``split_by="sample"``.
 * ``default``: any dataset; samples with masks, 70 / 15 / 15, 37.5 % labelled.
 
 Grouped splits assign whole groups greedily (shuffled by the seed) to reach each target count,
@@ -27,7 +31,7 @@ import numpy as np
 
 from alseg.errors import AlsegError
 
-SPLIT_PRESETS = ("isic", "lgg", "default")
+SPLIT_PRESETS = ("isic", "lgg", "lgg-volume", "default")
 LABELLED_FRACTION = 0.375  # 600 of 1600 (ISIC), 37.5 % (LGG)
 
 
@@ -120,14 +124,14 @@ def make_split(ids: Sequence[str], *, has_mask: Sequence[bool], positive: Sequen
         test = []
     if not test:
         rest_idx = keep
-        test_frac = {"isic": 600 / 2600, "lgg": 0.2, "default": 0.15}[preset]
+        test_frac = {"isic": 600 / 2600, "lgg": 0.2, "lgg-volume": 0.2, "default": 0.15}[preset]
         test, _ = _pick([ids[i] for i in keep], [groups[i] for i in keep], max(1, round(test_frac * len(keep))), rng, by_group)
         if preset == "isic":
             notes.append(f"no official test masks: test carved from the {len(keep)} training pairs "
                          "in the paper's proportions 1600:400:600")
         chosen = set(test)
         rest_idx = [i for i in keep if ids[i] not in chosen]
-    val_frac = {"isic": 0.2, "lgg": 0.2, "default": 0.15 / 0.85}[preset]
+    val_frac = {"isic": 0.2, "lgg": 0.2, "lgg-volume": 0.2, "default": 0.15 / 0.85}[preset]
     rest_ids = [ids[i] for i in rest_idx]
     val, train = _pick(rest_ids, [groups[i] for i in rest_idx], max(1, round(val_frac * len(rest_ids))), rng, by_group)
     if not train:
