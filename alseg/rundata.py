@@ -14,7 +14,7 @@ from pathlib import Path
 
 from alseg.config import ExperimentConfig
 from alseg.data.cache import CachedData, load_cached
-from alseg.data.sources import Dataset, open_dataset
+from alseg.data.sources import Dataset, open_dataset, open_recorded_dataset
 from alseg.data.splits import Split, make_project_split, make_split
 from alseg.errors import AlsegError
 from alseg.progress import SILENT, Reporter, staged
@@ -39,7 +39,7 @@ def prepare_data(config: ExperimentConfig, reporter: Reporter = SILENT, *, pool:
     dc = config.data
     if not dc.path:
         raise AlsegError("no dataset given (--data PATH)")
-    dataset = open_dataset(dc.path, dc.format)
+    dataset = open_dataset(dc.path, dc.format, dc.volume_axis)
     with staged(reporter, "decode", len(dataset.samples)) as advance:
         data = load_cached(dataset, dc.size, cache_dir=dc.cache_dir, progress=advance)
     seed = config.seed if dc.split_seed is None else dc.split_seed
@@ -63,7 +63,7 @@ def prepare_data(config: ExperimentConfig, reporter: Reporter = SILENT, *, pool:
 def open_run_data(store: RunStore, cache_dir: str | Path | None = None, reporter: Reporter = SILENT) -> ExperimentData:
     """The dataset a run was made on and its decoded pixels (from the cache, or decoded again)."""
     info = store.data_info()
-    dataset = open_dataset(info["path"], info["format"])
+    dataset = open_recorded_dataset(info)
     with staged(reporter, "decode", len(dataset.samples)) as advance:
         data = load_cached(dataset, info["size"], channels=info["channels"], cache_dir=cache_dir, progress=advance)
     missing = set(store.sample_ids()) - set(data.ids)  # every split: train, validation and test
@@ -82,7 +82,7 @@ def fitted_config(config: ExperimentConfig, data: CachedData) -> ExperimentConfi
 def data_record(prepared: ExperimentData) -> dict:
     data = prepared.data
     return {"path": str(prepared.dataset.root), "format": prepared.dataset.format, "size": data.size,
-            "channels": data.channels, "cache": str(data.path)}
+            "channels": data.channels, "cache": str(data.path), "volume_axis": prepared.dataset.volume_axis}
 
 
 def sample_rows(split: Split, labelled_ids) -> list[tuple[str, str, str, str, int | None]]:

@@ -264,6 +264,8 @@ def test_presets_chosen_by_the_images():
     assert preset_for_images("folder", 1, 512)[:2] == ("quick-lgg", None)
     assert preset_for_images("folder", 3, 60)[:2] == ("quick-isic", 48)
     assert preset_for_images("lgg", 3, 256)[:2] == ("quick-lgg", None)
+    assert preset_for_images("nifti", 3, 240)[:2] == ("quick-lgg-volume", None)  # MRI channels are not colour
+    assert preset_for_images("dicom", 1, 64)[:2] == ("quick-lgg-volume", 64)
     assert all(preset_for_images(f, c, s)[0] != "demo" for f in ("folder", None) for c in (1, 3) for s in (20, 4000))
 
 

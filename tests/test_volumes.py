@@ -424,6 +424,20 @@ def test_dicom_slices_sort_by_position_along_the_normal_not_by_name(tmp_path):
     np.testing.assert_array_equal(got, _normalised(canonical[..., None])[..., 0])
 
 
+def test_a_dicom_series_is_sliced_in_its_acquisition_plane_by_default(tmp_path):
+    """20 axial slices of 8 x 10: the thinnest axis is y (8 rows), but the series was acquired axially."""
+    volume = np.random.default_rng(5).integers(0, 100, (8, 10, 20)).astype(np.float64)
+    _series(tmp_path / "dcm" / "c1", volume)
+    ds = open_dataset(tmp_path / "dcm")
+    assert ds.volumes[0].shape == (10, 8, 20) and ds.volumes[0].axis == 2 and ds.volume_axis is None
+    assert ds.ids[:2] == ["c1/z000", "c1/z001"] and len(ds.ids) == 20
+    asked = open_dataset(tmp_path / "dcm", volume_axis="coronal")
+    assert asked.volume_axis == 1 and asked.volumes[0].axis == 1 and len(asked.ids) == 8
+    (tmp_path / "nii").mkdir()
+    _save(tmp_path / "nii" / "c1.nii.gz", _as_canonical(volume).astype(np.uint8), SERIES_AFFINE)
+    assert open_dataset(tmp_path / "nii").volumes[0].axis == 1  # a NIfTI file: its thinnest axis
+
+
 def test_an_lgg_patient_as_dicom_reads_like_its_nifti_twin(tmp_path):
     """One real patient's FLAIR channel as a DICOM series, beside the same voxels as NIfTI."""
     patient = PATIENTS[0]

@@ -64,7 +64,7 @@ from alseg.annotate.export import MANIFEST, file_stem, read_manifest
 from alseg.annotate.ingest import latest_batch
 from alseg.data.imageio import png_bytes, read_mask
 from alseg.data.samples import sample_header, sample_image, sample_mask
-from alseg.data.sources import Sample, open_dataset
+from alseg.data.sources import Sample, open_recorded_dataset
 from alseg.errors import AlsegError
 from alseg.progress import SILENT, Reporter, staged
 from alseg.store import RunStore, disk_full_error, resize_nearest
@@ -196,7 +196,7 @@ def _swap(tmp: Path, out: Path) -> None:
 def _items(store: RunStore, predictions: bool) -> tuple[list[_Item], list[_Item], int | None]:
     """The labelled ids to export and the open batch's ids still to label, named."""
     info = store.data_info()
-    samples = {s.id: s for s in open_dataset(info["path"], info["format"]).samples}
+    samples = {s.id: s for s in open_recorded_dataset(info).samples}
     labelled_ids = store.sample_ids(state="labelled")
     origins: dict[str, str] = {}
     for k in range(0, len(labelled_ids), 500):  # SQLite caps the variables of one query

@@ -98,6 +98,7 @@ class Dataset:
     root: Path
     samples: tuple[Sample, ...]
     volumes: tuple[VolumeInfo, ...] = ()
+    volume_axis: int | None = None  # the axis asked for (None: each volume's own)
 
     @property
     def ids(self) -> list[str]:
@@ -144,9 +145,9 @@ def detect_format(path: str | Path) -> str:
 def open_dataset(path: str | Path, format: str | None = None, volume_axis: int | str | None = None) -> Dataset:
     """Read the layout at ``path`` (detected unless ``format`` names one) into a :class:`Dataset`.
 
-    ``volume_axis`` (``nifti`` only) slices every volume along that axis (0/1/2, x/y/z or
-    sagittal/coronal/axial of the canonical RAS+ volume); None or ``"auto"``: each volume's
-    axis with the fewest voxels.
+    ``volume_axis`` (``nifti``, ``dicom``) slices every volume along that axis (0/1/2, x/y/z or
+    sagittal/coronal/axial of the canonical RAS+ volume); None or ``"auto"``: a DICOM series
+    along its acquisition plane, a NIfTI volume along its axis with the fewest voxels.
     """
     root = Path(path).absolute()
     fmt = format or detect_format(root)
@@ -177,7 +178,13 @@ def open_dataset(path: str | Path, format: str | None = None, volume_axis: int |
     if len(set(ids)) != len(ids):
         dup = next(i for i in ids if ids.count(i) > 1)
         raise AlsegError(f"sample id {dup!r} appears twice", root)
-    return Dataset(fmt, root, tuple(samples), volumes)
+    return Dataset(fmt, root, tuple(samples), volumes, axis)
+
+
+def open_recorded_dataset(info: dict) -> Dataset:
+    """The dataset a run's store records (its ``data`` record: path, format, volume axis), sliced
+    along the axis the run was made with."""
+    return open_dataset(info["path"], info["format"], info.get("volume_axis"))
 
 
 def _files(folder: Path) -> list[Path]:

@@ -101,7 +101,8 @@ def nifti_stem(path: Path) -> str:
 
 def parse_axis(value: int | str | None) -> int | None:
     """A slicing axis from ``0``/``1``/``2``, ``x``/``y``/``z`` or ``sagittal``/``coronal``/``axial``;
-    None or ``"auto"`` means each volume's axis with the fewest voxels."""
+    None or ``"auto"`` means each volume's own: a DICOM series' acquisition plane, a NIfTI volume's
+    axis with the fewest voxels."""
     if value is None or (isinstance(value, str) and value.strip().lower() == "auto"):
         return None
     if isinstance(value, str):
@@ -209,7 +210,8 @@ def read_volume_info(case: str, image_files: Sequence[Path], mask: Path | None =
                      axis: int | None = None) -> VolumeInfo:
     """Check one case's headers (image, channel files, mask) and describe its volume.
 
-    ``axis`` is the slicing axis (None: :func:`default_axis`). No voxels are read, so a mask's
+    ``axis`` is the slicing axis (None: a DICOM series' stacking axis, the plane it was acquired
+    in; a NIfTI volume's :func:`default_axis`). No voxels are read, so a mask's
     values are checked when its slices are (:func:`mask_slice`).
     """
     files = tuple(Path(f) for f in image_files)
@@ -237,8 +239,8 @@ def read_volume_info(case: str, image_files: Sequence[Path], mask: Path | None =
         if len(m.shape) != 3:
             raise AlsegError(f"a 4D mask (shape {m.shape}): expected one 3D binary mask per case", mask)
         _same_space(head, m, "mask", Path(mask), files[0])
-    if axis is None:
-        axis = default_axis(head.canonical_shape)
+    if axis is None:  # a DICOM series along its acquisition (the slices' stacking), a NIfTI its thinnest axis
+        axis = int(head.ornt[2, 0]) if files[0].is_dir() else default_axis(head.canonical_shape)
     return VolumeInfo(case, files, None if mask is None else Path(mask), head.canonical_shape, channels,
                       head.spacing, head.axcodes, tuple(tuple(float(v) for v in row) for row in head.canonical_affine),
                       int(axis))
