@@ -57,6 +57,9 @@ class TrainConfig:
     min_epoch_steps: int = 0
     # Linear learning-rate warm-up over the first warmup_steps optimiser steps of a fit.
     warmup_steps: int = 0
+    # "constant" after the warm-up, or "cosine": decayed to lr / 20 by the fit's last step, so that
+    # the last epochs settle instead of stepping around at the full rate
+    lr_schedule: str = "constant"
     # Whole volumes hold mostly lesion-free slices: each epoch trains on every slice with a lesion
     # and this many lesion-free ones per lesion slice, drawn afresh (None: every slice every epoch).
     empty_ratio: float | None = None
@@ -70,6 +73,8 @@ class TrainConfig:
     def __post_init__(self):
         if self.loss not in LOSSES:
             raise AlsegError(f"train.loss must be one of {', '.join(LOSSES)}, not {self.loss!r}")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise AlsegError(f"train.lr_schedule must be constant or cosine, not {self.lr_schedule!r}")
         if self.empty_ratio is not None and not self.empty_ratio >= 0:
             raise AlsegError(f"train.empty_ratio must be a number >= 0 or null, not {self.empty_ratio!r}")
 
@@ -262,7 +267,7 @@ def fit(model: UNet, train_images: np.ndarray, train_masks: np.ndarray, val_imag
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir and writer else None
     lesion = y_all.flatten(1).any(1).cpu().numpy()
     steps = epoch_steps(epoch_rows(lesion, config.empty_ratio), config)
-    schedule = _Schedule(opt, config)
+    schedule = _Schedule(opt, config, config.epochs * steps)
     for epoch in range(1, config.epochs + 1):
         t0 = time.perf_counter()
         model.train()
@@ -329,17 +334,24 @@ def epoch_steps(n: int, config: TrainConfig) -> int:
 
 
 class _Schedule:
-    """The learning rate of each optimiser step: linear warm-up to ``config.lr``, then constant."""
+    """The learning rate of each optimiser step: linear warm-up to ``config.lr``, then constant or
+    a cosine down to ``config.lr / 20`` at step ``total``."""
 
-    def __init__(self, opt, config: TrainConfig):
-        self.opt, self.config, self.step = opt, config, 0
+    FLOOR = 0.05
+
+    def __init__(self, opt, config: TrainConfig, total: int):
+        self.opt, self.config, self.step, self.total = opt, config, 0, max(1, total)
         self.lr = config.lr
 
     def advance(self) -> None:
         """Set the rate of the step about to be taken."""
         warm = self.config.warmup_steps
         self.step += 1
-        self.lr = self.config.lr * (min(1.0, self.step / warm) if warm > 0 else 1.0)
+        factor = min(1.0, self.step / warm) if warm > 0 else 1.0
+        if self.config.lr_schedule == "cosine" and self.step > warm:
+            done = (self.step - warm) / max(1, self.total - warm)
+            factor = self.FLOOR + (1 - self.FLOOR) * 0.5 * (1 + math.cos(math.pi * min(1.0, done)))
+        self.lr = self.config.lr * factor
         for group in self.opt.param_groups:
             group["lr"] = self.lr
 

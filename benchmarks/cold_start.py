@@ -24,7 +24,10 @@ Variants (each a set of config overrides on the preset; ``today`` undoes this wo
   against ``pretrain``'s random n;
 * ``batchdice``, ``bce``: ``steps`` with another loss (``train.loss``): soft Dice over the batch +
   BCE, or BCE alone, against the presets' per-image soft Dice + BCE;
-* ``all``: the preset as it is now, with pre-training on (what a lab's project runs).
+* ``all``: the preset as it is now, with pre-training on (what a lab's project runs);
+* ``long``, ``cosine``, ``longcos``: ``all`` with a floor of 40 steps an epoch (twice the
+  preset's), with the learning rate decayed by a cosine to a twentieth (``train.lr_schedule``),
+  and both: what was tried next for the 80-mask target.
 
 Variants whose effective settings are the same (``all`` and the one it was chosen from) are
 trained once: the runs are deterministic, so the result is shared and the summary says so.
@@ -73,6 +76,10 @@ VARIANTS = {
     "bce": {**STEPS, "train": {**STEPS["train"], "loss": "bce"}},
     "cover": {**STEPS, "pretrain": INPAINT},
     "all": {"pretrain": {"enabled": True}},
+    # after the first study, for the 80-mask target: twice the step floor, a cosine decay, both
+    "long": {"pretrain": {"enabled": True}, "train": {"min_epoch_steps": 40}},
+    "cosine": {"pretrain": {"enabled": True}, "train": {"lr_schedule": "cosine"}},
+    "longcos": {"pretrain": {"enabled": True}, "train": {"min_epoch_steps": 40, "lr_schedule": "cosine"}},
 }
 COVER = {"cover"}  # variants whose n masks are chosen to cover the pool (the rest: at random)
 

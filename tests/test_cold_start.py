@@ -79,12 +79,20 @@ def test_the_step_floor_and_warm_up():
     assert epoch_steps(16, TrainConfig(batch_size=8, min_epoch_steps=20)) == 20
     assert epoch_steps(461, TrainConfig(batch_size=8, min_epoch_steps=20)) == 58  # the floor does not bind
     opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    schedule = _Schedule(opt, TrainConfig(lr=1e-3, warmup_steps=4))
+    schedule = _Schedule(opt, TrainConfig(lr=1e-3, warmup_steps=4), 6)
     rates = []
     for _ in range(6):
         schedule.advance()
         rates.append(opt.param_groups[0]["lr"])
     assert np.allclose(rates, [2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3])
+    schedule = _Schedule(opt, TrainConfig(lr=1e-3, warmup_steps=2, lr_schedule="cosine"), 6)
+    rates = []
+    for _ in range(6):
+        schedule.advance()
+        rates.append(opt.param_groups[0]["lr"])
+    # warm-up, then from the full rate (step 2) down to lr / 20 at the last step (6)
+    down = [0.05 + 0.95 * 0.5 * (1 + np.cos(np.pi * k / 4)) for k in (1, 2, 3, 4)]
+    assert np.allclose(rates, [5e-4, 1e-3] + [1e-3 * f for f in down]) and rates[-1] == pytest.approx(5e-5)
 
 
 # ------------------------------------------------------------------ the gate and the warning
