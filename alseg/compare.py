@@ -22,6 +22,12 @@ Owns the layout of a comparison folder and its summary:
 * ``OUT/external.json``: with ``external``, the external scores already computed, keyed by the
   dataset's path and each checkpoint's file, size and time, so a rerun does not score again.
 
+"Test Dice" throughout is each run's headline (:func:`alseg.evaluate.headline_metric`): the mean
+per-volume Dice (Buda et al.) when the test split holds whole volumes, else the mean Dice over
+images. It is read from each run's recorded evaluations, the same for the active runs and the
+full-supervision references; the summary names it (``metric``, ``metric_label``), and runs that
+measure different headlines are refused rather than compared.
+
 Studies made apart (machines or sessions that cannot share ``OUT``) with the same settings are
 summarised as one by :func:`merge` from their ``compare.json`` files, which hold every run's curve.
 
@@ -44,6 +50,7 @@ import numpy as np
 
 from alseg.config import PAPER_DICE, ExperimentConfig, config_from_dict
 from alseg.errors import AlsegError
+from alseg.evaluate import HEADLINE_TEST_LABELS, headline_label, run_headline
 from alseg.experiment import train_supervised
 from alseg.active.loop import adopt_initial_round, run_active, start_run
 from alseg.progress import SILENT, Reporter
@@ -174,11 +181,42 @@ def paired_differences(values: Sequence[float | None], baseline: Sequence[float 
 # --- the driver ---------------------------------------------------------------------------------------
 
 def _finished_full(run_dir: Path) -> float | None:
+    """A finished full-supervision reference's headline test Dice; None when it has none yet."""
     if not (run_dir / "run.db").is_file():
         return None
     with RunStore.open_readonly(run_dir) as store:
         ev = [e for e in store.evaluations() if e["split"] == "test"]
-    return ev[0]["mean_dice"] if ev else None
+        return ev[0][run_headline(store)] if ev else None
+
+
+def _recorded_curve(run_dir: Path, rounds: Sequence[dict]) -> tuple[str, list[dict]]:
+    """An active run's headline metric and its curve: per finished round of ``rounds`` (status rows),
+    the expert labels and the headline test Dice from the run's recorded evaluations (so a run whose
+    rounds recorded another figure as their test Dice, before headlines, is still read alike)."""
+    with RunStore.open_readonly(run_dir) as store:
+        metric = run_headline(store)
+        tests = {e["round"]: e for e in store.evaluations() if e["split"] == "test"}
+    curve = []
+    for r in rounds:
+        ev = tests.get(r["round"])
+        value = ev[metric] if ev is not None and ev[metric] is not None else r["test_dice"]
+        curve.append({**r, "test_dice": value})
+    return metric, curve
+
+
+def _full_metric(run_dir: Path) -> str:
+    with RunStore.open_readonly(run_dir) as store:
+        return run_headline(store)
+
+
+def _one_metric(metrics: dict[str, str], where: Path) -> str:
+    """The headline every run of a study shares; runs measuring different ones are refused."""
+    found = sorted(set(metrics.values()))
+    if len(found) > 1:
+        first = {m: next(name for name, v in metrics.items() if v == m) for m in found}
+        raise AlsegError("runs measure different test Dice and cannot be compared: "
+                         + ", ".join(f"{first[m]} {headline_label(m)} ({m})" for m in found), where)
+    return found[0] if found else "mean_dice"
 
 
 def _seed_text(seed_list: list[int]) -> str:
@@ -273,13 +311,13 @@ def _check_same_settings(runs: Path, config: ExperimentConfig, with_full: bool) 
 
 
 def _make_full(cfg: ExperimentConfig, run_dir: Path, reporter: Reporter) -> float:
-    """The full-supervision reference of ``cfg.seed`` (reused when finished); its test Dice."""
+    """The full-supervision reference of ``cfg.seed`` (reused when finished); its headline test Dice."""
     dice = _finished_full(run_dir)
     if dice is None:
         if run_dir.exists():  # an interrupted supervised run: start it again
             _remove_unfinished(RunDir(run_dir))
         reporter.note(f"full supervision, seed {cfg.seed}")
-        dice = train_supervised(cfg, run_dir, full=True, reporter=reporter)["test"]["mean_dice"]
+        dice = train_supervised(cfg, run_dir, full=True, reporter=reporter)["test"]["headline_dice"]
     return dice
 
 
@@ -405,6 +443,7 @@ class _ExternalScores:
         except (OSError, ValueError):
             saved = {}
         self.runs = saved.get("runs", {}) if isinstance(saved, dict) and saved.get("data") == self.key else {}
+        self.metric: str | None = None  # the external data's headline, once a run is scored
 
     def dice(self, name: str, run_dir: Path) -> float:
         from alseg.evaluate import evaluate, resolve_checkpoint
@@ -413,13 +452,15 @@ class _ExternalScores:
         st = ckpt.stat()
         stamp = [ckpt.relative_to(run_dir).as_posix(), st.st_size, st.st_mtime_ns]
         hit = self.runs.get(name)
-        if hit and hit.get("checkpoint") == stamp:
-            return hit["summary"]["mean_dice"]
-        self.reporter.note(f"{name}: scoring the final model on {self.data}")
-        summary = evaluate(run_dir, self.data, device=self.device, reporter=self.reporter).summary
-        self.runs[name] = {"checkpoint": stamp, "summary": summary}
-        atomic_write_text(self.file, json.dumps({"data": self.key, "runs": self.runs}, indent=2))
-        return summary["mean_dice"]
+        if hit and hit.get("checkpoint") == stamp and "headline" in hit["summary"]:  # scored before headlines: again
+            summary = hit["summary"]
+        else:
+            self.reporter.note(f"{name}: scoring the final model on {self.data}")
+            summary = evaluate(run_dir, self.data, device=self.device, reporter=self.reporter).summary
+            self.runs[name] = {"checkpoint": stamp, "summary": summary}
+            atomic_write_text(self.file, json.dumps({"data": self.key, "runs": self.runs}, indent=2))
+        self.metric = summary["headline"]
+        return summary["headline_dice"]
 
 
 def compare(config: ExperimentConfig, out: str | Path, *, strategies: Sequence[str], seeds: int | Sequence[int] = 3,
@@ -459,6 +500,7 @@ def compare(config: ExperimentConfig, out: str | Path, *, strategies: Sequence[s
     results: dict[str, list[dict]] = {s: [] for s in strategies}
     full_runs: dict[int, dict] = {}
     train_sizes: dict[int, int] = {}  # per seed: a split by patient gives each seed its own
+    metrics: dict[str, str] = {}  # run name -> its headline test Dice
     made = seed_list if only_seeds is None else sorted(set(only_seeds))
     _check_same_settings(runs, config, full)
     if jobs > 1:  # make every run in worker processes; the pass below then only collects them
@@ -468,6 +510,7 @@ def compare(config: ExperimentConfig, out: str | Path, *, strategies: Sequence[s
         if full:
             run_dir = runs / f"full-s{seed}"
             full_runs[seed] = {"test_dice": _make_full(cfg, run_dir, reporter)}
+            metrics[run_dir.name] = _full_metric(run_dir)
             if scorer:
                 full_runs[seed]["external_dice"] = scorer.dice(run_dir.name, run_dir)
         donor = _finished_round0(runs, seed)  # else the seed's first run here trains it, the others adopt it
@@ -477,17 +520,20 @@ def compare(config: ExperimentConfig, out: str | Path, *, strategies: Sequence[s
             donor = donor or run_dir
             with RunStore.open_readonly(run_dir) as store:
                 train_sizes[seed] = len(store.split()["train"])
-            record = {"seed": seed, "rounds": result["rounds"], "train_size": train_sizes[seed]}
+            metrics[run_dir.name], rounds = _recorded_curve(run_dir, result["rounds"])
+            record = {"seed": seed, "rounds": rounds, "train_size": train_sizes[seed]}
             if scorer:
                 record["external_dice"] = scorer.dice(run_dir.name, run_dir)
             results[strategy].append(record)
+    metric = _one_metric(metrics, runs)
     if only_seeds is not None:
         return {"seeds": sorted(set(only_seeds)),
                 "runs": [f"full-s{r}" for r in sorted(full_runs)]
                 + [f"{name}-s{r['seed']}" for name, per_seed in results.items() for r in per_seed]}
     return _write_summary(out, summarise(results, full_runs, _mean_size(train_sizes)), preset=config.preset,
                           split_preset=config.data.split_preset, seed_list=seed_list, external=external,
-                          settings=_study_settings(config.to_dict(), full))
+                          settings=_study_settings(config.to_dict(), full), metric=metric,
+                          external_metric=scorer.metric if scorer else None)
 
 
 def _mean_size(train_sizes: dict[int, int]) -> int | None:
@@ -496,14 +542,18 @@ def _mean_size(train_sizes: dict[int, int]) -> int | None:
 
 
 def _write_summary(out: Path, summary: dict, *, preset: str, split_preset: str, seed_list: list[int],
-                   external: str | Path | None, settings: dict) -> dict:
-    """Complete ``summary`` with what the study was and write compare.json, .csv and .png in ``out``."""
+                   external: str | Path | None, settings: dict, metric: str = "mean_dice",
+                   external_metric: str | None = None) -> dict:
+    """Complete ``summary`` with what the study was (which test Dice it compares: ``metric``, and
+    ``external_metric`` on the external dataset) and write compare.json, .csv and .png in ``out``."""
     from alseg.report import figures  # matplotlib only when a figure is drawn
 
     paper = PAPER_DICE.get(split_preset)
     summary.update({"preset": preset, "split_preset": split_preset, "seeds": len(seed_list), "seed_list": seed_list,
+                    "metric": metric, "metric_label": headline_label(metric),
                     "paper_dice": paper, "figure": str(out / "compare.png"),
-                    "external": {"data": str(external)} if external is not None else None, "settings": settings})
+                    "external": {"data": str(external)} if external is not None else None,
+                    "external_metric": external_metric, "settings": settings})
     out.mkdir(parents=True, exist_ok=True)
     _figure(figures, out / "compare.png", preset, len(seed_list), summary, paper)
     atomic_write_text(out / "compare.json", json.dumps(summary, indent=2))
@@ -534,6 +584,10 @@ def merge(studies: Sequence[str | Path], out: str | Path) -> dict:
             raise AlsegError(f"made with {key} = {summary['settings'].get(key)!r}, not "
                              f"{first['settings'].get(key)!r} as the first study: its curves are not comparable",
                              path)
+        metric = summary.get("metric", "mean_dice")  # studies summarised before headlines compared per image
+        if metric != first.get("metric", "mean_dice"):
+            raise AlsegError(f"compares {headline_label(metric)} ({metric}), not "
+                             f"{headline_label(first.get('metric', 'mean_dice'))} as the first study", path)
         if bool(summary.get("external")) != bool(first.get("external")):
             raise AlsegError("scored on an external dataset where the first study was not, or the other way "
                              "round: give studies made alike", path)
@@ -565,7 +619,9 @@ def merge(studies: Sequence[str | Path], out: str | Path) -> dict:
     seed_list = sorted({r["seed"] for r in runs.values()})
     return _write_summary(out, summarise(results, full_runs, _mean_size(train_sizes)), preset=first["preset"],
                           split_preset=first["split_preset"], seed_list=seed_list,
-                          external=(first["external"] or {}).get("data"), settings=first["settings"])
+                          external=(first["external"] or {}).get("data"), settings=first["settings"],
+                          metric=first.get("metric", "mean_dice"),
+                          external_metric=first.get("external_metric"))
 
 
 def _read_summary(study: str | Path) -> tuple[Path, dict]:
@@ -701,10 +757,11 @@ def _figure(figures, path: Path, preset: str, seeds: int, summary: dict, paper: 
         what = f"{seeds} seeds; bands: 95 % bootstrap intervals over seeds"
     else:
         what = "1 seed: no interval"
-    figures.learning_curves(path, f"{preset}: test Dice vs expert labels ({what})", curves,
+    label = HEADLINE_TEST_LABELS[summary["metric"]]
+    figures.learning_curves(path, f"{preset}: {label} vs expert labels ({what})", curves,
                             train_size=summary["train_size"], full=full_line, paper=paper,
                             full_epochs=summary["settings"].get("train.full_epochs"),
-                            ylabel="test Dice (mean over seeds)")
+                            ylabel=f"{label} (mean over seeds)")
 
 
 def _csv(summary: dict, with_external: bool) -> str:
@@ -728,6 +785,7 @@ def _csv(summary: dict, with_external: bool) -> str:
     metrics = ("aulc", "final_dice", "labels_to_95pct_full")
     for k in metrics:
         head += [f"diff_vs_random_{k}_{p}" for p in ("mean", "lo", "hi", "excludes_zero")]
+    head.append("metric")  # which test Dice every Dice column is
     writer.writerow(head)
     for s, t in summary["strategies"].items():
         need_iv = t["labels_to_95pct_full_interval"] or [None, None]
@@ -740,5 +798,6 @@ def _csv(summary: dict, with_external: bool) -> str:
         for k in metrics:
             d = (t.get("vs_random") or {}).get(k) or {}
             row += [d.get("mean"), d.get("lo"), d.get("hi"), d.get("excludes_zero")]
+        row.append(summary["metric_label"])
         writer.writerow([cell(v) for v in row])
     return buf.getvalue()

@@ -14,6 +14,15 @@ largest 3D component (26-connected) of each predicted volume; ``largest_componen
 which of the two the primary figures (every per-image, per-volume and false-positive figure,
 and the per-image CSV) were measured on. Predictions are made volume by volume, so memory
 holds about one volume's masks, not the dataset's.
+
+The headline figure (:func:`headline_metric`): the one number a run reports as its test Dice,
+that ``compare`` and the report plot. Per-volume Dice (``volume_dice_mean``) where the scored
+images are whole volumes, every slice of each, tumour-free ones included: data read as volumes
+or patients (``lgg``, ``nifti``, ``dicom``) split by group with a preset that keeps empty slices
+(every preset but ``lgg``). Elsewhere the mean Dice over images (``mean_dice``): 2D photos,
+grouped by a ``groups.csv`` or not, are no volumes, and ``lgg``'s tumour slices are only part of
+one. :func:`with_headline` names it in a summary (``headline``, ``headline_dice``);
+:func:`run_headline` reads it from a run's records.
 """
 from __future__ import annotations
 
@@ -36,6 +45,61 @@ from alseg.train import Checkpoint, predict_probs
 
 EVAL_SPLITS = ("all", "train", "val", "test")
 CHUNK = 256  # images predicted at once: bounded memory on large sets
+
+VOLUME_FORMATS = ("lgg", "nifti", "dicom")  # layouts whose groups are volumes (patients, NIfTI/DICOM)
+TUMOUR_SLICES_ONLY = "lgg"  # the split preset that keeps only lesion slices: no whole volumes
+HEADLINE_LABELS = {"volume_dice_mean": "per-volume Dice", "mean_dice": "Dice"}
+# the test figure as the report names it on axes and in tables
+HEADLINE_TEST_LABELS = {"volume_dice_mean": "per-volume test Dice (Buda et al.)", "mean_dice": "per-image test Dice"}
+
+
+def headline_metric(format: str | None, split_preset: str, split_by: str = "group") -> str:
+    """The summary key that is a run's headline test Dice: ``"volume_dice_mean"`` when the test
+    split holds whole volumes, else ``"mean_dice"``.
+
+    Whole volumes: ``format`` is a volume layout (:data:`VOLUME_FORMATS`: LGG patients, NIfTI,
+    DICOM), ``split_preset`` keeps every slice with a mask (any preset but ``lgg``, which keeps
+    tumour slices only) and the split went by group (``split_by="sample"`` scatters a volume's
+    slices over train, validation and test). Photos grouped by ``groups.csv`` (``folder``,
+    ``isic2017``) are no volumes: their headline is the mean Dice over images.
+    """
+    whole = format in VOLUME_FORMATS and split_preset != TUMOUR_SLICES_ONLY and split_by == "group"
+    return "volume_dice_mean" if whole else "mean_dice"
+
+
+def headline_label(metric: str) -> str:
+    """``"per-volume Dice"`` or ``"Dice"``: how tables name a headline metric."""
+    return HEADLINE_LABELS[metric]
+
+
+def with_headline(summary: dict, metric: str) -> dict:
+    """``summary`` with ``headline`` (the metric's key) and ``headline_dice`` (its value) first.
+
+    A per-volume headline whose summary has no volume figure (no grouped rows were scored) falls
+    back to ``mean_dice``, so ``headline`` always names the figure ``headline_dice`` holds."""
+    if summary.get(metric) is None:
+        metric = "mean_dice"
+    rest = {k: v for k, v in summary.items() if k not in ("headline", "headline_dice")}
+    return {"headline": metric, "headline_dice": summary[metric], **rest}
+
+
+def validation_volumes(dataset: Dataset, data: CachedData, split) -> tuple[list, list] | None:
+    """``(group, slice position)`` of each validation row when the validation split holds whole
+    volumes (the headline rule, a run's own split; not a project's few labelled slices), so that
+    training keeps the epoch with the best per-volume Dice (:func:`alseg.train.fit`); else None."""
+    if not split.val or split.preset == "project" or \
+            headline_metric(dataset.format, split.preset, split.split_by) != "volume_dice_mean":
+        return None
+    where = dataset.slice_indices()
+    rows = data.indices(list(split.val))
+    return [data.groups[i] for i in rows], [where[i] for i in rows]
+
+
+def run_headline(store) -> str:
+    """The headline metric of a recorded run (a :class:`~alseg.store.RunStore`), from the data
+    layout and the split it recorded."""
+    split = store.split()
+    return headline_metric(store.data_info()["format"], split["preset"], split["split_by"])
 
 
 @dataclass
@@ -226,5 +290,22 @@ def evaluate(target: str | Path, data_path: str | Path, *, format: str | None = 
     if len(indices) == 0:
         raise AlsegError("no images with masks to evaluate" + (" (after --positive-only)" if positive_only else ""),
                          data_path)
-    return score_model(ckpt, data, indices, device=dev, reporter=reporter, slice_index=dataset.slice_indices(),
-                       voxel_ml=voxel_ml_by_volume(dataset, data), largest_component=largest_component)
+    evaluation = score_model(ckpt, data, indices, device=dev, reporter=reporter, slice_index=dataset.slice_indices(),
+                             voxel_ml=voxel_ml_by_volume(dataset, data), largest_component=largest_component)
+    evaluation.summary = with_headline(evaluation.summary, _evaluated_headline(dataset.format, run_dir, split,
+                                                                               positive_only))
+    return evaluation
+
+
+def _evaluated_headline(format: str, run_dir: Path | None, split: str, positive_only: bool) -> str:
+    """The headline of an ``evaluate`` call: every masked image (``split="all"``) is whole volumes;
+    a run's split is whole volumes as the run's own headline says; ``positive_only`` never is."""
+    from alseg.store import RunStore
+
+    if positive_only:
+        return headline_metric(format, TUMOUR_SLICES_ONLY)
+    if split == "all" or run_dir is None:
+        return headline_metric(format, "default")
+    with RunStore.open_readonly(run_dir) as store:
+        recorded = store.split()
+    return headline_metric(format, recorded["preset"], recorded["split_by"])

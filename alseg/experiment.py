@@ -1,6 +1,9 @@
 """Supervised experiments (``alseg train``): data -> cache -> split -> fit -> test Dice, recorded in a
 run directory. The data comes from :mod:`alseg.rundata`, validated completely before the run
-directory is created, so bad input leaves nothing behind.
+directory is created, so bad input leaves nothing behind. The test summary names its headline
+(:func:`alseg.evaluate.headline_metric`: per-volume Dice for whole volumes, else per-image), the
+same figure an active-learning run on the same data reports, so the full-supervision reference
+and the learning curves it is drawn against measure one thing.
 """
 from __future__ import annotations
 
@@ -9,7 +12,7 @@ import time
 from pathlib import Path
 
 from alseg.config import ExperimentConfig
-from alseg.evaluate import score_model
+from alseg.evaluate import headline_metric, score_model, validation_volumes, voxel_ml_by_volume, with_headline
 from alseg.model import UNet
 from alseg.progress import SILENT, Reporter, batch_progress
 from alseg.rundata import data_record, fitted_config, prepare_data, sample_rows
@@ -54,11 +57,16 @@ def train_supervised(config: ExperimentConfig, out: str | Path, *, full: bool = 
                      size=data.size, checkpoint_dir=run_dir.checkpoint_dir(), seed=config.seed,
                      on_epoch=lambda r: (store.add_epoch("initial", 0, r), reporter.epoch("initial", 0, r)),
                      on_batch=batch_progress(reporter),
-                     checkpoint_meta={"config": config.to_dict()})
+                     checkpoint_meta={"config": config.to_dict()},
+                     val_volumes=validation_volumes(prepared.dataset, data, split))
         store.set_latest_checkpoint(run_dir.relative(run_dir.checkpoint()))
         best = Checkpoint.load(run_dir.checkpoint(), device=device)
         evaluation = score_model(best, data, data.indices(split.test), device=device,
-                                 precision=config.train.precision, reporter=reporter)
+                                 precision=config.train.precision, reporter=reporter,
+                                 slice_index=prepared.dataset.slice_indices(),
+                                 voxel_ml=voxel_ml_by_volume(prepared.dataset, data))
+        evaluation.summary = with_headline(evaluation.summary, headline_metric(prepared.dataset.format, split.preset,
+                                                                               split.split_by))
         store.add_evaluation(0, "test", evaluation.summary)
         seconds = time.perf_counter() - started
         store.set_supervised_seconds(seconds)

@@ -246,7 +246,9 @@ def test_ungrouped_data_keeps_its_keys_and_refuses_largest_component(three_patie
         mask[10:20 + k, 10:30] = 255
         Image.fromarray(mask).save(folder / "masks" / f"i{k}.png")
     summary = evaluate(run, folder).summary
-    assert set(summary) == {"images", "mean_dice", "median_dice", "pooled_dice", "volume_dice_mean"}
+    assert set(summary) == {"headline", "headline_dice", "images", "mean_dice", "median_dice", "pooled_dice",
+                            "volume_dice_mean"}
     assert summary["volume_dice_mean"] is None
+    assert summary["headline"] == "mean_dice" and summary["headline_dice"] == summary["mean_dice"]
     with pytest.raises(AlsegError, match="largest 3D component needs volumes"):
         evaluate(run, folder, largest_component=True)

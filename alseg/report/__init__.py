@@ -6,11 +6,13 @@ the run's store recorded (scores, selections, epochs, evaluations, the expert's 
 report can be redrawn without retraining; only the prediction panels apply the recorded
 checkpoints (round 0 and the last round) to a fixed set of images.
 
-Each figure says which split it shows. A run with a test split plots test Dice per round with the
-validation Dice dashed beside it; a project has no test split, so its learning curve and its
-prediction panels are on the validation images, and say so. A project's report also has the
-expert's effort per round and selection reason (:func:`expert_effort`) and, when two annotators
-labelled one image, their agreement.
+Each figure says which split it shows. A run with a test split plots its headline test Dice per
+round (:func:`alseg.evaluate.headline_metric`: "per-volume test Dice (Buda et al.)" when the test
+split holds whole volumes, else "per-image test Dice"; axis, legend and table say which) with the
+validation Dice (per image, as training measures it) dashed beside it; a project has no test
+split, so its learning curve and its prediction panels are on the validation images, and say so.
+A project's report also has the expert's effort per round and selection reason
+(:func:`expert_effort`) and, when two annotators labelled one image, their agreement.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ import numpy as np
 from alseg.config import config_from_dict
 from alseg.data.cache import mask_to_size
 from alseg.errors import AlsegError
+from alseg.evaluate import HEADLINE_TEST_LABELS, run_headline
 from alseg.rundata import open_run_data
 from alseg.metrics import dice_per_image
 from alseg.progress import SILENT, Reporter
@@ -74,10 +77,16 @@ class Recorded:
     val_images: int
     effort: list[dict] = field(default_factory=list)
     agreement: dict | None = None
+    headline: str = "mean_dice"  # the test figure the run reports (alseg.evaluate.headline_metric)
+    test_volumes: int = 0  # volumes (groups) in the test split
 
     @property
     def has_test(self) -> bool:
         return bool(self.split["test"])
+
+    @property
+    def per_volume(self) -> bool:
+        return self.headline == "volume_dice_mean"
 
 
 def make_report(run_dir: str | Path, *, images: int = 4, device: str = "auto", out: str | Path | None = None,
@@ -108,8 +117,10 @@ def make_report(run_dir: str | Path, *, images: int = 4, device: str = "auto", o
             supervised_seconds=store.supervised_seconds(), expert_seconds=store.expert_seconds(),
             facts=store.round_facts(), val_images=len(split["val"]),
             effort=expert_effort(store) if annotator != "simulated" else [],
-            agreement=annotator_agreement(store) if annotator != "simulated" else None)
+            agreement=annotator_agreement(store) if annotator != "simulated" else None,
+            headline=run_headline(store))
         data = open_run_data(store, config.data.cache_dir, reporter).data
+        rec.test_volumes = len({data.groups[k] for k in data.indices(split["test"])} - {None})
         # predictions on fixed images of the test split, or of validation for a project (it has no test split)
         positive = {i: bool(data.positive[k]) for k, i in enumerate(data.ids)}
         shown = fixed_test_ids(split["test"] or split["val"], positive, images)
@@ -284,10 +295,22 @@ def _learning_curve(out: Path, rec: Recorded, table: list[dict], figures) -> tup
                  default=None)
     common = dict(labelled=[t["expert_labelled"] for t in table], rounds=[t["round"] for t in table],
                   val=[t["val_dice"] for t in table], val_images=val_n, train_size=len(rec.split["train"]))
-    if any(test_rounds):
+    if any(test_rounds) and rec.per_volume:
+        label = HEADLINE_TEST_LABELS[rec.headline]
+        f = figures.run_learning_curve(out / "learning-curve.png", f"Learning curve: {label} (validation per image, "
+                                       "dashed) vs expert-labelled images", test=[t[rec.headline] for t in table],
+                                       test_label=f"{label}, {rec.test_volumes} "
+                                       f"volume{'s' * (rec.test_volumes != 1)}",
+                                       ylabel=f"{label}; validation per image", **common)
+        caption = (f"After each round against the expert-labelled images: the mean Dice of the {rec.test_volumes} "
+                   f"test volumes, each scored as one 3D mask over all its slices ({test_n} in all), tumour-free "
+                   f"ones included (Buda et al.; solid), and the mean Dice of the {val_n} validation images "
+                   "(dashed; per image, the best epoch's, which chose the checkpoint).")
+    elif any(test_rounds):
         f = figures.run_learning_curve(out / "learning-curve.png", "Learning curve: test Dice (validation dashed) vs "
-                                       "expert-labelled images", test=[t["mean_dice"] for t in table],
-                                       test_images=test_n, **common)
+                                       "expert-labelled images", test=[t[rec.headline] for t in table],
+                                       test_images=test_n, ylabel=f"{HEADLINE_TEST_LABELS[rec.headline]} "
+                                       "(mean over images)", **common)
         caption = (f"Mean Dice after each round against the expert-labelled images: on the {test_n} test images "
                    f"(solid) and on the {val_n} validation images (dashed; the best epoch's, which chose the "
                    "checkpoint, so it reads higher).")
@@ -345,9 +368,22 @@ def _fmt(v) -> str:
 
 _TEST_COLUMNS = ("mean_dice", "median_dice", "pooled_dice", "volume_dice_mean")
 _ROUND_HEADERS = {"round": "round", "expert_labelled": "expert-labelled", "pseudo_labelled": "pseudo-labelled",
-                  "pool": "pool", "mean_dice": "test Dice mean", "median_dice": "median", "pooled_dice": "pooled",
-                  "volume_dice_mean": "per-volume", "val_dice": "val Dice (best epoch)", "seconds": "seconds",
-                  "expert_minutes": "expert minutes"}
+                  "pool": "pool", "mean_dice": f"{HEADLINE_TEST_LABELS['mean_dice']} mean", "median_dice": "median",
+                  "pooled_dice": "pooled", "volume_dice_mean": "per-volume", "val_dice": "val Dice (best epoch)",
+                  "seconds": "seconds", "expert_minutes": "expert minutes"}
+# a run whose test split holds whole volumes: the per-volume figure is the headline, the rest per slice
+_VOLUME_HEADERS = {**_ROUND_HEADERS, "volume_dice_mean": HEADLINE_TEST_LABELS["volume_dice_mean"],
+                   "mean_dice": "per-slice Dice mean", "median_dice": "per-slice median",
+                   "pooled_dice": "pooled over slices"}
+
+
+def _round_columns(rec: Recorded, table: list[dict]) -> list[str]:
+    """The rounds table's columns: no test columns without a test split; the headline first of them."""
+    columns = [k for k in table[0] if rec.has_test or k not in _TEST_COLUMNS]
+    if rec.per_volume and rec.has_test:
+        columns.remove(rec.headline)
+        columns.insert(columns.index("mean_dice"), rec.headline)
+    return columns
 _EFFORT_HEADERS = (("round", "round"), ("reason", "selection reason"), ("images", "images labelled"),
                    ("versions", "mask versions"), ("seconds", "minutes (wall)"), ("active_seconds", "active minutes"),
                    ("strokes", "strokes"), ("clicks", "clicks"), ("changed_prediction_sum", "pixels changed from "
@@ -411,8 +447,9 @@ def _html(run_dir: Path, rec: Recorded, made: list[tuple[str, str, str]], table:
             "0.05 is not useful, exports no head start and takes no pseudo-labels. Pseudo-labels are drawn by "
             "the previous round's model only when that model passed the gate, and never more than the stated "
             f"share of the pool.</p><table><tr>{gate_head}</tr>{gate_body}</table>")
-    columns = [k for k in table[0] if rec.has_test or k not in _TEST_COLUMNS]
-    head = "<tr>" + "".join(f"<th>{e(_ROUND_HEADERS[k])}</th>" for k in columns) + "</tr>"
+    columns = _round_columns(rec, table)
+    headers = _VOLUME_HEADERS if rec.per_volume else _ROUND_HEADERS
+    head = "<tr>" + "".join(f"<th>{e(headers[k])}</th>" for k in columns) + "</tr>"
     rows = "".join("<tr>" + "".join(f"<td>{_fmt(t[k])}</td>" for k in columns) + "</tr>" for t in table)
     figure_html = {section: "".join(f'<figure><img src="{e(f)}" alt="{e(c)}"><figcaption>{e(c)}</figcaption></figure>'
                                     for s, f, c in made if s == section)
@@ -429,10 +466,16 @@ def _html(run_dir: Path, rec: Recorded, made: list[tuple[str, str, str]], table:
              f"T = {a.mc_passes} MC passes; {a.round_epochs} epochs per round, at least "
              f"{config.train.min_epoch_steps} optimiser steps an epoch; self-supervised pre-training "
              f"{'(' + config.pretrain.method + ')' if config.pretrain.enabled else 'off'}.")
-    if rec.has_test:
-        about = ("Test Dice per round (deterministic prediction, dropout off; empty mask and empty prediction score "
-                 "1), the best validation Dice of the round's training, and the minutes the expert spent labelling "
-                 "on the review page.")
+    if rec.has_test and rec.per_volume:
+        about = (f"Per-volume test Dice per round, the headline: the mean over the {rec.test_volumes} test volumes "
+                 "of each volume's Dice, its slices stacked into one 3D mask, tumour-free slices included (Buda et "
+                 "al.; deterministic prediction, dropout off; an empty volume predicted empty scores 1); beside it "
+                 "the Dice per slice (mean, median, pooled), the best validation Dice of the round's training (per "
+                 "image), and the minutes the expert spent labelling on the review page.")
+    elif rec.has_test:
+        about = ("Per-image test Dice per round (deterministic prediction, dropout off; empty mask and empty "
+                 "prediction score 1), the best validation Dice of the round's training, and the minutes the "
+                 "expert spent labelling on the review page.")
     else:
         about = (f"This run has no test split (a project keeps every masked image for training and validation), so "
                  f"its only Dice is the best validation Dice of each round's training, on {_val_images(rec)} images; "

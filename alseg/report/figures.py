@@ -213,12 +213,15 @@ def learning_curves(path, title: str, curves: dict[str, dict], *, train_size: in
 def run_learning_curve(path, title: str, labelled: Sequence[int], rounds: Sequence[int], *,
                        test: Sequence[float | None] | None = None, test_images: int | None = None,
                        val: Sequence[float | None] | None = None, val_images: int | None = None,
-                       train_size: int | None = None) -> Path:
+                       train_size: int | None = None, test_label: str | None = None,
+                       ylabel: str = "Dice (mean over images)") -> Path:
     """One run's Dice after each round against its expert-labelled images.
 
     Test Dice is the solid line when the run has a test split, with validation Dice dashed beside
     it; a project (no test split) shows validation Dice alone, solid. Each point is marked with
-    its round; ``*_images`` name how many images each Dice is the mean of.
+    its round; ``*_images`` name how many images each Dice is the mean of. ``test_label``
+    replaces the test line's legend entry (``"test Dice (N images)"``) where the test figure is
+    another (per-volume Dice), and ``ylabel`` the axis label.
     """
     fig, ax = plt.subplots(figsize=(9, 5.5))
     x = np.asarray(labelled, float)
@@ -227,7 +230,7 @@ def run_learning_curve(path, title: str, labelled: Sequence[int], rounds: Sequen
     marked = None
     if has_test:
         marked = _floats(test)
-        ax.plot(x, marked, "-o", ms=5, color="#1f77b4", label=f"test Dice ({test_images} images)")
+        ax.plot(x, marked, "-o", ms=5, color="#1f77b4", label=test_label or f"test Dice ({test_images} images)")
     if has_val:
         values = _floats(val)
         ax.plot(x, values, "--s" if has_test else "-s", ms=4 if has_test else 5, color="#2ca02c",
@@ -241,7 +244,7 @@ def run_learning_curve(path, title: str, labelled: Sequence[int], rounds: Sequen
     else:
         ax.text(0.5, 0.5, "no Dice recorded for any round", transform=ax.transAxes, ha="center", color="#777777")
     ax.set_xlabel("expert-labelled training images")
-    ax.set_ylabel("Dice (mean over images)")
+    ax.set_ylabel(ylabel)
     ax.set_ylim(0, 1.02)
     if train_size:
         sec = ax.secondary_xaxis("top", functions=(lambda v: 100 * v / train_size, lambda p: p * train_size / 100))

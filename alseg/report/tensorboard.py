@@ -4,7 +4,8 @@ A :class:`~alseg.progress.Reporter` that writes, under ``RUN_DIR/tensorboard``:
 ``initial/*`` and ``active/*`` per epoch (train loss, train and validation Dice; the active
 phase's step counts epochs across rounds) and ``round/*`` per round (test Dice mean, median,
 pooled and per-volume, pool size, seconds at step = round; ``round/test_dice_vs_labels`` at
-step = expert-labelled images, a learning curve).
+step = expert-labelled images, a learning curve of the run's headline test Dice: per volume for
+whole volumes, else per image).
 """
 from __future__ import annotations
 
@@ -43,8 +44,9 @@ class TensorboardReporter(Reporter):
         for key in ("mean_dice", "median_dice", "pooled_dice", "volume_dice_mean"):
             if test.get(key) is not None:
                 self.writer.add_scalar(f"round/test_{key}", test[key], r)
-        if test.get("mean_dice") is not None:
-            self.writer.add_scalar("round/test_dice_vs_labels", test["mean_dice"], row["expert_labelled"])
+        headline = test.get("headline_dice", test.get("mean_dice"))
+        if headline is not None:
+            self.writer.add_scalar("round/test_dice_vs_labels", headline, row["expert_labelled"])
         if row.get("val_dice") is not None:
             self.writer.add_scalar("round/val_dice", row["val_dice"], r)
         for key in ("expert_labelled", "pseudo_labelled", "pool", "seconds"):
