@@ -40,12 +40,13 @@ from alseg.active.coldstart import cover_selection
 from alseg.active.gate import ModelHealth, model_health, pseudo_gate
 from alseg.active.strategies import make_strategy
 from alseg.active.uncertainty import bottleneck_features, mc_dropout
+from alseg.active.volumes import apply_volume_rules, check_volume_rules
 from alseg.config import ExperimentConfig, config_from_dict
 from alseg.data.cache import mask_to_size
 from alseg.data.splits import Split, carve_validation
 from alseg.errors import AlsegError
 from alseg.faults import point
-from alseg.evaluate import score_model
+from alseg.evaluate import headline_metric, run_headline, score_model, validation_volumes, voxel_ml_by_volume, with_headline
 from alseg.rundata import data_record, fitted_config, open_run_data, prepare_data, sample_rows
 from alseg.model import UNet
 from alseg.pretrain import load_into, pretrain
@@ -174,6 +175,7 @@ class ActiveRun:
                            len(pool) - min(a.expert_batch, len(pool)), min_val_dice=a.ceal.pseudo_min_val_dice,
                            max_pool_fraction=a.ceal.pseudo_max_pool_fraction, enabled=a.ceal.pseudo_gate)
         sel = self.strategy.select(inputs, pool, round, rng, pseudo_held=held, pseudo_limit=gate.limit)
+        sel = self._across_volumes(sel, inputs, pool, rng)
         if gate.asked:
             self.reporter.note(f"round {round}: {gate.reason}")
         for text in sel.shortfalls:
@@ -197,6 +199,20 @@ class ActiveRun:
                                     a.keep_pseudo, timings={"score_s": scored - t0,
                                                             "select_s": time.perf_counter() - scored},
                                     facts={"gate": {**gate.to_dict(), "taken": len(sel.pseudo_ids)}})
+
+    def _across_volumes(self, sel, inputs: dict, pool: list[str], rng: np.random.Generator):
+        """The strategy's expert ids under the volume rules (:mod:`alseg.active.volumes`); its
+        pseudo-labels as they were."""
+        a = self.config.active
+        name = self.strategy.score_name
+        position = dict(zip(self.dataset.ids, self.dataset.slice_indices())) if a.volume_selection == "volumes" else None
+        choice = apply_volume_rules(sel.expert_ids, sel.reasons, pool, inputs["group"],
+                                    inputs.get(name) if name else None, rng, mode=a.volume_selection,
+                                    how=a.volume_score, cap=a.max_per_volume, exclude=sel.pseudo_ids,
+                                    positions=position)
+        pseudo_reasons = {i: sel.reasons[i] for i in sel.pseudo_ids if i in sel.reasons}
+        return dataclasses.replace(sel, expert_ids=choice.expert_ids, reasons={**choice.reasons, **pseudo_reasons},
+                                   shortfalls=[*sel.shortfalls, *choice.notes])
 
     def health(self, round: int) -> ModelHealth | None:
         """Round ``round``'s model against the constant masks on validation (None before it is trained)."""
@@ -310,16 +326,21 @@ class ActiveRun:
                      seed=step_seed(cfg.seed, round, 5),
                      on_epoch=lambda r: (self.store.add_epoch(phase, round, r), self.reporter.epoch(phase, round, r),
                                          point("epoch")),
-                     on_batch=batch_progress(self.reporter), checkpoint_meta={"round": round})
+                     on_batch=batch_progress(self.reporter), checkpoint_meta={"round": round},
+                     val_volumes=validation_volumes(self.dataset, self.data, split))
         trained = time.perf_counter()
         point("trained")
         test_dice, test_summary = None, {}
         if split.test:
             best = self._load_model(round)
             evaluation = score_model(best, self.data, self.data.indices(split.test), device=self.device,
-                                     precision=cfg.train.precision)
+                                     precision=cfg.train.precision, slice_index=self.dataset.slice_indices(),
+                                     voxel_ml=voxel_ml_by_volume(self.dataset, self.data))
             self.store.add_evaluation(round, "test", evaluation.summary)
-            test_summary, test_dice = evaluation.summary, evaluation.summary["mean_dice"]
+            # the headline (per-volume Dice for whole volumes) is what status, compare and the report show
+            test_summary = with_headline(evaluation.summary,
+                                         headline_metric(self.dataset.format, split.preset, split.split_by))
+            test_dice = test_summary["headline_dice"]
         timings = {**self.store.round_timings(round), "train_s": trained - t0,
                    "evaluate_s": time.perf_counter() - trained}
         pool_size = len(self.pool())
@@ -372,6 +393,7 @@ def start_run(config: ExperimentConfig, out: str | Path | RunDir, reporter: Repo
     """
     run_dir = out if isinstance(out, RunDir) else _new_or_unstarted(out)
     make_strategy(config.active.strategy, config.active.ceal, config.active.batch_size)  # fail early on a bad name
+    check_volume_rules(config.active.volume_selection, config.active.volume_score, config.active.max_per_volume)
     make_annotator(annotator, None)
     prepared = prepare_data(config, reporter, pool=pool)
     config = fitted_config(config, prepared.data)  # channels decided from the data, recorded once
@@ -517,4 +539,4 @@ def status(run_dir: str | Path) -> dict:
                 "expert_seconds": sum(seconds.values()), "expert_active_seconds": sum(active.values()),
                 "rounds": rows, "stopped": store.stopped(), "model": model,
                 "warning": model["warning"] if model else None, "gate": gate, "effort": effort,
-                "agreement": store.agreement()}
+                "agreement": store.agreement(), "test_metric": run_headline(store)}

@@ -60,6 +60,10 @@ The ``select`` contract. ``select(scores, pool, round, rng, *, pseudo_held=0, ps
 * returns ``Selection``: expert ids and pseudo ids (disjoint, subsets of ``pool``, no repeats),
   a reason per id (the manifest shows it), and shortfalls (notes when a region held too few).
 
+On grouped data (volumes) the loop then applies the volume rules (:mod:`alseg.active.volumes`:
+a cap of slices per volume, or whole-volume selection) to the expert ids, ranking by the
+strategy's ``score_name`` (None: random); pseudo-labels are left as the strategy chose them.
+
 Strategies are plug-ins: ``@register(name, help=..., colour=..., reasons={...})`` on a factory
 ``(params: CealParams, batch_size: int) -> Strategy`` makes a name known to the config, the CLI,
 ``compare`` and the report; ``reasons`` maps each reason the strategy records to its label and
@@ -123,6 +127,9 @@ class Strategy:
     name = "base"
     needs_features = False
     needs_scores = True  # False: the loop skips the MC passes and ``scores`` holds only ``group``
+    # the per-image scalar of ``scores`` this strategy ranks by, which the volume rules aggregate per
+    # volume and rank replacements by (alseg.active.volumes); None: it ranks nothing (random)
+    score_name: str | None = "variance"
 
     def select(self, scores: Mapping[str, np.ndarray], pool: Sequence[str], round: int,
                rng: np.random.Generator, *, pseudo_held: int = 0, pseudo_limit: int | None = None) -> Selection:
@@ -136,6 +143,7 @@ class Strategy:
 class RandomStrategy(Strategy):
     name = "random"
     needs_scores = False
+    score_name = None
 
     def __init__(self, budget: int = 35):
         self.budget = budget
@@ -153,6 +161,7 @@ class TopKStrategy(Strategy):
     def __init__(self, score: str, budget: int = 35):
         self.name = {"variance": "uncertainty"}.get(score, score)
         self.score, self.budget = score, budget
+        self.score_name = score
 
     def select(self, scores, pool, round, rng, *, pseudo_held=0, pseudo_limit=None):
         values = np.asarray(scores[self.score], float)
@@ -421,6 +430,9 @@ REASONS: dict[str, ReasonSpec] = {
     "initial": ReasonSpec("initial", "#17becf"), "pseudo": ReasonSpec("pseudo-label", "#ff7f0e"),
     "cover": ReasonSpec("initial (one per kind of image)", "#17becf"),
     "top": ReasonSpec("most uncertain (top score)", "#d62728"),
+    # selection across volumes (alseg.active.volumes, active.volume_selection: volumes)
+    "volume": ReasonSpec("best slices of the highest-scored volumes", "#bcbd22"),
+    "random volume": ReasonSpec("random slices of random volumes", "#c5b0d5"),
 }
 
 
