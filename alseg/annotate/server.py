@@ -16,6 +16,11 @@ GET     ``/api/image/{id}``             the image (its real type: JPEG stays JPE
                                         when it is no larger)
 GET     ``/api/thumb/{id}``             a JPEG at most 192 px on its long side, cached under
                                         ``rounds/RRR/thumbs/``
+GET     ``/api/volume/{id}``            the volume the image is a slice of (:class:`VolumeIndex`):
+                                        ``group``, ``slices`` in slice order (``id``, ``index``,
+                                        ``in_batch``, ``labelled``, ``url``) and ``current`` (the
+                                        image's place among them); ``group`` None and no slices for
+                                        an image that is no volume's slice
 GET     ``/api/predicted/{id}``         the model's predicted mask (0/255 PNG, original size)
 GET     ``/api/uncertainty/{id}``       the uncertainty overlay (JPEG; PNG in older batches)
 GET     ``/api/mask/{id}``              the stored expert mask (0/255 PNG; ``?version=N``), 404 if none
@@ -35,9 +40,15 @@ GET     ``/api/status``                 the project's status (as ``alseg status 
 Every GET route answers HEAD too (the same status and headers, no body), and an ``{id}`` may
 hold any character, a newline included (``%0A``).
 
+A volume's slice that no round has chosen (a neighbour the page shows for context) is served by
+``/api/image/{id}`` (without ``?round``) from the project's own dataset: the slice's pixels
+decoded as training reads them and encoded afresh (PNG, or a JPEG preview for ``max_side``),
+never a file's bytes; any other id there is looked up in the batches as before.
+
 Errors are JSON ``{"error": "..."}``: 4xx for the request, 503 when busy, 507 when the disk is
 full (nothing stored), 500 for a bug (whose traceback is still logged). Safety: ids are looked up
-in the batch, never joined into paths; only the files the batch's manifest records are served,
+in the batch (or, for a volume's slices, among the samples the project's store lists), never
+joined into paths; only the files the batch's manifest records are served,
 and only when they resolve inside the batch folder; every upload is size-capped (413 before it
 is read whole) and validated by :meth:`alseg.project.Project.submit`, which stores it
 atomically. Requests whose ``Origin`` is another site are refused (no cross-site submits); a
@@ -216,6 +227,105 @@ _MEDIA = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg"}
 NEXT_MODES = ("button", "auto")
 
 
+VOLUME_LAYOUTS = ("nifti", "dicom", "lgg")  # layouts whose groups are volumes with known slice positions
+SLICE_CACHE = 64  # encoded neighbour slices kept in memory (a few kB to a few hundred kB each)
+
+
+class VolumeIndex:
+    """The project's volumes: each volume's slices in slice order, read once from the project's dataset.
+
+    A volume is a group of more than one sample with known slice positions: a NIfTI or DICOM
+    volume's slices (``CASE/z042``), an LGG patient's numbered slices (``<patient>_<n>``). Other
+    layouts (photos, plain folders, with or without ``groups.csv``) have none. Only samples the
+    project's store lists count. A dataset that cannot be read (moved, unmounted) gives no
+    volumes: the page then works as for photos. Thread-safe.
+    """
+
+    def __init__(self, project):
+        self._project = project
+        self._lock = threading.Lock()
+        self._loaded = False
+        self._samples: dict = {}  # id -> Sample, volume slices only
+        self._group: dict[str, str] = {}  # id -> its volume
+        self._slices: dict[str, list[tuple[int, str]]] = {}  # volume -> [(index, id)] in slice order
+        self._encoded: dict = {}  # (id, max_side) -> (bytes, media type), oldest first
+
+    def _load(self) -> None:
+        with self._lock:
+            if self._loaded:
+                return
+            self._loaded = True
+            from alseg.data.sources import open_recorded_dataset
+
+            project = self._project
+            with project._lock:  # the Project serialises every use of its store
+                info = project.store.data_info() or {}
+                known = set(project.store.sample_ids())
+            if info.get("format") not in VOLUME_LAYOUTS or not info.get("path"):
+                return
+            try:  # cut along the axis the project recorded
+                dataset = open_recorded_dataset(info)
+            except (AlsegError, OSError):
+                return
+            samples = [(s, k) for s, k in zip(dataset.samples, dataset.slice_indices()) if s.id in known]
+            groups: dict[str, list] = {}
+            for sample, index in samples:
+                if sample.group is not None:
+                    groups.setdefault(sample.group, []).append((index, sample))
+            for group, members in groups.items():
+                if len(members) < 2:
+                    continue
+                members.sort(key=lambda m: (m[0], m[1].id))
+                self._slices[group] = [(index, sample.id) for index, sample in members]
+                for _, sample in members:
+                    self._samples[sample.id] = sample
+                    self._group[sample.id] = group
+
+    def group_of(self, id: str) -> str | None:
+        """The volume ``id`` is a slice of, or None."""
+        self._load()
+        return self._group.get(id)
+
+    def sample(self, id: str):
+        """The :class:`~alseg.data.sources.Sample` of the volume slice ``id``, or None."""
+        self._load()
+        return self._samples.get(id)
+
+    def slices(self, group: str) -> list[tuple[int, str]]:
+        """``(index, id)`` of every slice of ``group``, in slice order."""
+        self._load()
+        return list(self._slices.get(group, ()))
+
+    def image(self, sample, max_side: int | None) -> tuple[bytes, str]:
+        """The slice's pixels as the batch would show them (PNG; a JPEG at most ``max_side`` px on its
+        long side when it is larger): ``(bytes, media type)``, the last ``SLICE_CACHE`` kept."""
+        key = (sample.id, max_side)
+        with self._lock:
+            if key in self._encoded:
+                self._encoded[key] = self._encoded.pop(key)  # most recently used last
+                return self._encoded[key]
+        from PIL import Image
+
+        from alseg.data.imageio import png_bytes
+        from alseg.data.samples import sample_image
+
+        pixels = sample_image(sample)
+        pixels = pixels if pixels.shape[2] == 3 else pixels[:, :, 0]  # as export's image_file shows it
+        height, width = pixels.shape[:2]
+        if max_side is not None and max(width, height) > max_side:
+            im = Image.fromarray(pixels).resize(preview_size(width, height, max_side), Image.LANCZOS)
+            buf = io.BytesIO()
+            im.save(buf, format="JPEG", quality=PREVIEW_QUALITY)
+            encoded = (buf.getvalue(), "image/jpeg")
+        else:
+            encoded = (png_bytes(pixels), "image/png")
+        with self._lock:
+            self._encoded[key] = encoded
+            while len(self._encoded) > SLICE_CACHE:
+                self._encoded.pop(next(iter(self._encoded)))
+        return encoded
+
+
 def create_app(project, *, max_upload_bytes: int = MAX_UPLOAD_BYTES,
                allowed_hosts: tuple[str, ...] | None = None, annotators=None,
                default_annotator: str = DEFAULT_ANNOTATOR, turnover=None, next_mode: str = "button",
@@ -245,6 +355,7 @@ def create_app(project, *, max_upload_bytes: int = MAX_UPLOAD_BYTES,
         raise AlsegError(f"preview_sides must be whole numbers of pixels from 16 to 16384, not {preview_sides!r}")
     preview_sides = tuple(sorted(set(preview_sides)))
     slots: dict = {}  # the running event loop -> its semaphore (a test may serve one app from several loops)
+    volumes = VolumeIndex(project)
     app = FastAPI(title="alseg review", docs_url=None, redoc_url=None, openapi_url="/api/openapi.json")
     # the last added runs first: Host and Origin are checked before the token
     app.add_middleware(TokenGuard, annotators=annotators, default_annotator=default_annotator)
@@ -361,19 +472,68 @@ def create_app(project, *, max_upload_bytes: int = MAX_UPLOAD_BYTES,
                              for side in preview_sides if side < max(it.width, it.height)],
                 "urls": {"image": url("image"), "thumb": url("thumb"),
                          "predicted": url("predicted") if it.predicted else None,
-                         "uncertainty": url("uncertainty") if it.uncertainty else None, "mask": url("mask")},
+                         "uncertainty": url("uncertainty") if it.uncertainty else None, "mask": url("mask"),
+                         # the page shows a slice scroller only for an image that has this
+                         "volume": url("volume") if volumes.group_of(it.id) is not None else None},
             })
         done = sum(1 for it in items if it["labelled"])
         return {**common, "round": batch.round, "latest": latest is None or latest.round == batch.round,
                 "labelled": done, "total": len(items), "complete": done == len(items), "items": items}
 
+    def unchosen_slice(id: str, round: int | None):
+        """The volume slice ``id`` when no round ever chose it (a neighbour shown for context), else None:
+        a chosen one is served from its batch, and a damaged batch stays an error."""
+        if round is not None:
+            return None
+        sample = volumes.sample(id)
+        if sample is None:
+            return None
+        with project._lock:  # the Project serialises every use of its store
+            chosen = project.store.selected_rounds(sample.id)
+        return None if chosen else sample
+
+    @app.get("/api/volume/{id:anytext}")
+    def get_volume(id: str, round: int | None = None):
+        sample = unchosen_slice(id, round)
+        if sample is None:
+            batch, item = lookup(id, round)
+            id = item.id
+        else:
+            try:
+                batch = project.batch()
+            except AlsegError:  # a damaged latest batch: the neighbours are still shown, none marked
+                batch = None
+        group = volumes.group_of(id)
+        if group is None:
+            return {"id": id, "group": None, "round": None if batch is None else batch.round,
+                    "slices": [], "current": None}
+        in_batch = set() if batch is None else {it.id for it in batch.items}
+        with project._lock:
+            labelled = set(project.store.sample_ids(state="labelled"))
+        slices = []
+        for index, sid in volumes.slices(group):
+            if batch is not None and sid in in_batch:
+                url = f"/api/image/{quote(sid, safe='')}?round={batch.round}"
+            else:  # found in the round that chose it, else decoded from the dataset
+                url = f"/api/image/{quote(sid, safe='')}"
+            slices.append({"id": sid, "index": index, "in_batch": sid in in_batch, "labelled": sid in labelled,
+                           "url": url})
+        current = next(k for k, s in enumerate(slices) if s["id"] == id)
+        return {"id": id, "group": group, "round": None if batch is None else batch.round, "slices": slices,
+                "current": current}
+
     @app.get("/api/image/{id:anytext}")
     def get_image(id: str, round: int | None = None, max_side: int | None = None):
-        if max_side is None:
-            return batch_file(id, "image", round)
-        if max_side not in preview_sides:
+        if max_side is not None and max_side not in preview_sides:
             offered = ", ".join(map(str, preview_sides)) or "none on this server"
             raise ApiError(422, f"max_side must be one of the preview sizes ({offered}), not {max_side}", id)
+        sample = unchosen_slice(id, round)
+        if sample is not None:
+            data, media = volumes.image(sample, max_side)
+            # the dataset's pixels do not change under a project; a neighbour scrolled past again comes from the cache
+            return Response(data, media_type=media, headers={"Cache-Control": "private, max-age=600"})
+        if max_side is None:
+            return batch_file(id, "image", round)
         source, batch, item = batch_path(id, "image", round)
         if max(item.width, item.height) <= max_side:  # no larger than asked: the image itself
             return batch_file(id, "image", round)

@@ -27,6 +27,15 @@
  * expert confirms. Display settings (window/level, channel) are an SVG filter on the image: the
  * image's pixels are never copied. With a token (?token= in the address, kept in sessionStorage)
  * every request carries it. Plain JavaScript, no dependencies: the page works offline.
+ *
+ * Volumes: an image that is a slice of a volume (its item has urls.volume) gets the slice scroller
+ * (GET /api/volume/{id}): a slider and a strip of the volume's slices in slice order, this batch's
+ * slices marked. A neighbouring slice is shown for context only: its pixels replace the image in
+ * #image (the same window/level filter applies), the mask, overlay and outline are hidden, and
+ * nothing can be drawn; the mask in progress, its undo steps and any open polygon stay exactly as
+ * they were, and come back with the slice (Home, Esc, or any editing key). Clicking a marked slice
+ * of the batch opens it for labelling, as choosing it in the list does (unsubmitted edits kept as
+ * drafts).
  */
 "use strict";
 
@@ -87,6 +96,9 @@ const state = {
   job: null,
   jobTimer: null,
   encoding: null,       // the mask a submit is encoding now (it reads the mask itself, not a copy)
+  volume: null,         // GET /api/volume/{id} of the current item, when it is a volume's slice
+  context: null,        // the index (in volume.slices) of the neighbour shown for context; null: the slice itself
+  wheelSlices: 0,       // Alt+wheel travel not yet turned into slices
 };
 
 // ---------------------------------------------------------------- API
@@ -336,7 +348,7 @@ function levelFor(levels, zoom, w, h) {
 // Show the size the zoom needs. The <img> keeps showing the last one until the new one has loaded;
 // then the last one's decoded pixels have no holder (zoomed out, the full image's 96 MB go).
 function updateImageLevel() {
-  if (!state.levels) return;
+  if (!state.levels || state.context !== null) return;  // a neighbour shown for context keeps its one size
   const want = levelFor(state.levels, state.zoom, state.w, state.h);
   if (want === state.level) return;
   state.level = want;
@@ -344,6 +356,136 @@ function updateImageLevel() {
   img.onload = () => { if (token === state.loadToken) img.dataset.side = String(want.side); };
   img.onerror = () => { if (token === state.loadToken) say(`could not load ${want.url}`, "error"); };
   img.src = want.url;
+}
+
+// ---------------------------------------------------------------- volumes: the slice scroller
+async function loadVolume(it, token) {
+  if (!it.urls.volume) { hideVolume(); return; }
+  let vol;
+  try {
+    vol = await api("GET", it.urls.volume);
+  } catch (e) {
+    if (token === state.loadToken) { hideVolume(); say(`could not load the slices of ${it.id}'s volume: ${e.message}`, "error"); }
+    return;
+  }
+  if (token !== state.loadToken || state.item !== it) return;  // the expert moved on meanwhile
+  if (!vol.group || vol.slices.length < 2) { hideVolume(); return; }
+  state.volume = vol;
+  renderVolume();
+}
+
+function hideVolume() {
+  state.volume = null;
+  $("volume-bar").hidden = true;
+  $("volume-bar").removeAttribute("data-volume-of");
+  $("slice-strip").textContent = "";
+}
+
+const batchIndexOf = (id) => (state.batch ? state.batch.items.findIndex((x) => x.id === id) : -1);
+
+function renderVolume() {
+  const vol = state.volume, strip = $("slice-strip");
+  $("volume-name").textContent = vol.group;
+  $("slice-range").max = String(vol.slices.length - 1);
+  strip.textContent = "";
+  vol.slices.forEach((s, j) => {
+    const b = document.createElement("button");
+    b.type = "button";
+    b.className = "tick";
+    b.dataset.index = String(j);
+    b.dataset.id = s.id;
+    const inBatch = batchIndexOf(s.id) >= 0;
+    b.classList.toggle("batch", inBatch);
+    b.classList.toggle("labelled", s.labelled);
+    b.classList.toggle("current", j === vol.current);
+    b.title = `slice ${s.index}: ${s.id}` + (j === vol.current ? " (being labelled)" : inBatch ? " (in this batch: click to label it)" : " (click to view)")
+      + (s.labelled ? ", labelled" : "");
+    b.addEventListener("click", () => tickClicked(j));
+    strip.append(b);
+  });
+  $("volume-bar").hidden = false;
+  updateVolumeView();
+  $("volume-bar").dataset.volumeOf = vol.id;
+}
+
+// Which slice is shown: the slider, the strip's mark, the note over the image, the buttons.
+function updateVolumeView() {
+  const vol = state.volume;
+  if (!vol) return;
+  const j = state.context === null ? vol.current : state.context;
+  const s = vol.slices[j];
+  $("slice-range").value = String(j);
+  $("slice-value").textContent = `slice ${s.index} (${j + 1} of ${vol.slices.length})` + (state.context === null ? "" : " · context");
+  const ticks = $("slice-strip").children;
+  for (let k = 0; k < ticks.length; k++) ticks[k].classList.toggle("shown", k === j);
+  $("slice-back").hidden = state.context === null;
+  $("slice-label").hidden = state.context === null || batchIndexOf(s.id) < 0;
+  const note = $("context-note");
+  note.hidden = state.context === null;
+  note.textContent = state.context === null ? "" :
+    `slice ${s.index}, for context (read-only): Home or Esc goes back to slice ${vol.slices[vol.current].index}`;
+}
+
+function tickClicked(j) {
+  const vol = state.volume;
+  if (!vol) return;
+  const k = batchIndexOf(vol.slices[j].id);
+  if (j !== vol.current && k >= 0) { select(k); return; }  // a slice of the batch: label it
+  showSlice(j);
+}
+
+// Show slice ``j`` of the volume in place of the slice being labelled, for context.
+function showSlice(j) {
+  const vol = state.volume;
+  if (!vol || !state.mask || state.drawing) return;
+  j = Math.max(0, Math.min(vol.slices.length - 1, Math.round(j)));
+  if (j === vol.current) { backToSlice(); return; }
+  if (j === state.context) return;
+  state.context = j;
+  const s = vol.slices[j], img = $("image"), token = state.loadToken;
+  $("stage").classList.add("context");
+  $("cursor").hidden = true;
+  img.onload = () => { if (token === state.loadToken && state.context === j) img.dataset.shownId = s.id; };
+  img.onerror = () => { if (token === state.loadToken && state.context === j) say(`could not load slice ${s.id}`, "error"); };
+  img.src = s.url;
+  setActionsDisabled(state.busy);
+  updateUndoButtons();
+  updateVolumeView();
+}
+
+// The slice being labelled again, with its mask exactly as it was left.
+function backToSlice() {
+  if (state.context === null) return;
+  state.context = null;
+  $("stage").classList.remove("context");
+  const img = $("image"), token = state.loadToken, it = state.item;
+  if (state.levels) {
+    const want = levelFor(state.levels, state.zoom, state.w, state.h);
+    state.level = want;
+    img.onload = () => { if (token === state.loadToken && state.context === null) { img.dataset.side = String(want.side); img.dataset.shownId = it.id; } };
+    img.onerror = () => { if (token === state.loadToken) say(`could not load ${want.url}`, "error"); };
+    img.src = want.url;
+  }
+  setActionsDisabled(state.busy);
+  updateUndoButtons();
+  updateVolumeView();
+}
+
+function stepSlice(d) {
+  const vol = state.volume;
+  if (!vol) return;
+  showSlice((state.context === null ? vol.current : state.context) + d);
+}
+
+// The next (d = 1) or previous (d = -1) slice of this volume that is in the batch: open it to label.
+function jumpBatchSlice(d) {
+  const vol = state.volume;
+  if (!vol) return;
+  for (let j = vol.current + d; j >= 0 && j < vol.slices.length; j += d) {
+    const k = batchIndexOf(vol.slices[j].id);
+    if (k >= 0) { select(k); return; }
+  }
+  say("no other slice of this volume is in the batch that way", "");
 }
 
 function loadImage(img, url) {
@@ -604,6 +746,11 @@ async function select(k, { keepDraft = true } = {}) {
   cancelPolygon();
   const token = ++state.loadToken;
   const it = state.batch.items[k];
+  state.context = null;  // a neighbour shown for context belongs to the last image
+  state.volume = null;   // (the bar stays in sight until this image's volume replaces it)
+  $("stage").classList.remove("context");
+  $("context-note").hidden = true;
+  if (!it.urls.volume) hideVolume();
   // the size of the image to load: the one for the zoom it will be shown at
   const levels = imageLevels(it);
   const zoom = state.fitted || state.w !== it.width || state.h !== it.height ? fitZoom(it.width, it.height) : state.zoom;
@@ -665,7 +812,9 @@ async function select(k, { keepDraft = true } = {}) {
   updateUndoButtons();
   updateTimer();
   refreshList();
+  $("image").dataset.shownId = it.id;
   $("stage").dataset.loadedId = it.id;
+  await loadVolume(it, token);
 }
 
 function updateInfo() {
@@ -792,9 +941,9 @@ function count(kind) {
   if (state.item) effortOf(state.item.id)[kind] += 1;
 }
 
-// The mask can be edited: an image is loaded and no submit is encoding (or sending) it, which reads
-// the mask itself, not a copy.
-function editable() { return !!state.mask && !state.busy && !state.drawing; }
+// The mask can be edited: an image is loaded, no submit is encoding (or sending) it, which reads
+// the mask itself, not a copy, and the image shown is the slice itself, not a neighbour.
+function editable() { return !!state.mask && !state.busy && !state.drawing && state.context === null; }
 
 // A new undo step, empty until ``cover`` gives it a box: every write of an edit lies inside its box.
 function beginEdit() {
@@ -885,8 +1034,8 @@ function redo() {
 }
 
 function updateUndoButtons() {
-  $("undo").disabled = state.undo.length === 0;
-  $("redo").disabled = state.redo.length === 0;
+  $("undo").disabled = state.undo.length === 0 || state.context !== null;
+  $("redo").disabled = state.redo.length === 0 || state.context !== null;
 }
 
 function clearMask() {
@@ -1198,6 +1347,12 @@ function onWheel(ev) {
   ev.preventDefault();
   const rect = $("viewport").getBoundingClientRect();
   const unit = ev.deltaMode === 1 ? 33 : ev.deltaMode === 2 ? 400 : 1;
+  if (ev.altKey && state.volume) {  // Alt+wheel: through the volume's slices, one per notch (100 px)
+    state.wheelSlices += (ev.deltaY || ev.deltaX) * unit;
+    const steps = Math.trunc(state.wheelSlices / 100);
+    if (steps) { state.wheelSlices -= steps * 100; stepSlice(Math.max(-10, Math.min(10, steps))); }
+    return;
+  }
   const factor = Math.exp(-Math.max(-300, Math.min(300, ev.deltaY * unit)) * 0.002);
   zoomAt(state.zoom * factor, ev.clientX - rect.left, ev.clientY - rect.top);
 }
@@ -1473,6 +1628,7 @@ async function upload(what, getBlob, allowEmpty = false) {
 }
 
 function setActionsDisabled(disabled) {
+  disabled = disabled || state.context !== null;  // the actions are the slice's: not while a neighbour shows
   for (const id of ["submit", "skip", "empty", "upload-file", "clear"]) $(id).disabled = disabled || !state.item;
   $("accept").disabled = disabled || !(state.item && state.item.urls.predicted);
   $("undo-submit").disabled = disabled || !(state.item && state.item.labelled);
@@ -1587,6 +1743,21 @@ function onKey(ev) {
     return;
   }
   const ctrl = ev.ctrlKey || ev.metaKey;
+  if (state.volume && !ctrl && !ev.altKey && (key === "PageUp" || key === "PageDown")) {
+    ev.preventDefault();
+    const d = key === "PageDown" ? 1 : -1;
+    if (ev.shiftKey) jumpBatchSlice(d); else stepSlice(d);
+    return;
+  }
+  if (state.context !== null) {  // a neighbour is shown: Home/Esc, or a key that edits or submits, bring the slice back
+    if (key === "Home" || key === "Escape" || ctrl || ["z", "y", "Z", "c", "Enter", "a", "x", "s"].includes(key)) {
+      if (key === "Enter" && (tag === "BUTTON" || tag === "A")) return;
+      ev.preventDefault();
+      backToSlice();
+      if (key !== "Home" && key !== "Escape") say("Back on the slice being labelled: the keys act on it (press again).", "");
+      return;
+    }
+  }
   if (ctrl) {
     if (key.toLowerCase() === "z" && ev.shiftKey) { redo(); ev.preventDefault(); }
     else if (key.toLowerCase() === "z") { undo(); ev.preventDefault(); }
@@ -1653,6 +1824,16 @@ function init() {
   $("zoom-in").addEventListener("click", () => setZoom(state.zoom * 1.25));
   $("zoom-out").addEventListener("click", () => setZoom(state.zoom / 1.25));
   $("zoom-fit").addEventListener("click", fit);
+  $("slice-prev").addEventListener("click", () => stepSlice(-1));
+  $("slice-next").addEventListener("click", () => stepSlice(1));
+  $("slice-range").addEventListener("input", (ev) => showSlice(Number(ev.target.value)));
+  $("slice-range").addEventListener("change", (ev) => ev.target.blur());
+  $("slice-back").addEventListener("click", backToSlice);
+  $("slice-label").addEventListener("click", () => {
+    const vol = state.volume;
+    const k = vol && state.context !== null ? batchIndexOf(vol.slices[state.context].id) : -1;
+    if (k >= 0) select(k);
+  });
   const vp = $("viewport");
   vp.addEventListener("wheel", onWheel, { passive: false });
   vp.addEventListener("pointerdown", onPanDown);
