@@ -46,6 +46,7 @@ class PresetName(str, Enum):
     paper_lgg = "paper-lgg"
     quick_isic = "quick-isic"
     quick_lgg = "quick-lgg"
+    quick_lgg_volume = "quick-lgg-volume"
     demo = "demo"
 
 
@@ -238,7 +239,8 @@ def _num(value, spec: str) -> str:
 
 def _rounds_table(status: dict) -> Table:
     table = Table(title="rounds")
-    for col in ("round", "expert-labelled", "pseudo-labelled", "pool", "val Dice", "test Dice", "seconds",
+    test = "test per-volume Dice" if status.get("test_metric") == "volume_dice_mean" else "test Dice"
+    for col in ("round", "expert-labelled", "pseudo-labelled", "pool", "val Dice", test, "seconds",
                 "expert min", "active min"):
         table.add_column(col, justify="right")
     for r in status["rounds"]:
@@ -493,8 +495,9 @@ def _render_comparison(summary: dict) -> None:
     if r["full_dice"] is not None and r["settings"].get("train.full_epochs"):
         full_text += f" ({r['settings']['train.full_epochs']} epochs)"
     how = "mean [95 % interval over seeds]" if n > 1 else "one seed, no intervals"
-    table = Table(title=Text(f"{r['preset']}: {n} seed(s), {how}; full supervision {full_text}"))
-    cols = ["strategy", "final labels", "final Dice", "AULC (mean Dice)", "labels to 95% of full",
+    metric = r.get("metric_label", "Dice")
+    table = Table(title=Text(f"{r['preset']}: {n} seed(s), {how}; test {metric}; full supervision {full_text}"))
+    cols = ["strategy", "final labels", f"final {metric}", f"AULC (mean {metric})", "labels to 95% of full",
             "Dice at 50% labels"]
     if r["external"]:
         cols.append("external Dice")
@@ -617,7 +620,7 @@ def merge(studies: list[Path] = typer.Argument(..., metavar="STUDY...", help="co
 @app.command()
 def init(project: Path = typer.Argument(..., help="Project folder to create (new or empty)."),
          images: Path = typer.Option(..., "--images", help="Your images: a plain folder, or a layout alseg reads "
-                                     "(isic2017, lgg, folder)."),
+                                     "(isic2017, lgg, folder, nifti, dicom)."),
          masks: Optional[Path] = typer.Option(None, "--masks", help="Masks you already have, paired with a plain "
                                               "images folder by file name (a.png, a_mask.png, a_segmentation.png)."),
          preset: Optional[PresetName] = typer.Option(None, help="Settings preset (default: quick-* for the layout; "
@@ -636,6 +639,9 @@ def init(project: Path = typer.Argument(..., help="Project folder to create (new
          pool: str = typer.Option("unmasked", help="unmasked: images without a mask are the pool; split: split like "
                                   "`alseg run` and hide the pool's masks (a rehearsal on a labelled dataset)."),
          cache_dir: Optional[Path] = typer.Option(None, help="Decoded-pixel cache (default ~/.cache/alseg)."),
+         volume_axis: Optional[str] = typer.Option(None, "--volume-axis", help="Volumes (nifti, dicom): slice along "
+                                                   "this axis (x, y, z; sagittal, coronal, axial); default: a DICOM "
+                                                   "series' acquisition plane, a NIfTI volume's thinnest axis."),
          pretrain: bool = typer.Option(True, "--pretrain/--no-pretrain", help="Pre-train the U-Net on all your "
                                        "images (no masks needed) before the first model, once, cached in the "
                                        "project."),
@@ -651,7 +657,8 @@ def init(project: Path = typer.Argument(..., help="Project folder to create (new
 
     result = init_project(project, images, masks, preset=preset.value if preset else None,
                           format=format.value if format else None, config_file=config, pool=pool, pretrain=pretrain,
-                          overrides={"seed": seed, "data": {"size": size, "cache_dir": str(cache_dir) if cache_dir else None},
+                          overrides={"seed": seed, "data": {"size": size, "cache_dir": str(cache_dir) if cache_dir else None,
+                                                            "volume_axis": volume_axis},
                                      "model": {"width": width}, "train": {"epochs": epochs, "min_epoch_steps": min_epoch_steps},
                                      "active": {"round_epochs": round_epochs, "mc_passes": mc_passes}},
                           reporter=RichReporter(quiet=as_json))
@@ -696,6 +703,7 @@ def query(project: Path = typer.Argument(..., help="Project folder."),
 @app.command()
 def ingest(project: Path = typer.Argument(..., help="Project folder."),
            folder: Optional[Path] = typer.Argument(None, help="Folder of masks (default PROJECT/rounds/RRR/masks), "
+                                                   "a case's mask volume CASE.nii.gz (a volume project), "
                                                    "or another tool's export: a CVAT 'Segmentation mask 1.1' zip, a "
                                                    "Label Studio JSON, a COCO JSON, an `alseg export` folder."),
            round: Optional[int] = typer.Option(None, "--round", help="Match the masks to this round's batch (to "
@@ -711,6 +719,12 @@ def ingest(project: Path = typer.Argument(..., help="Project folder."),
     refused. The same mask twice changes nothing; a different mask for a labelled image replaces it,
     the earlier version is kept (`alseg undo PROJECT ID` restores it) and the next training uses the
     new one. Masks from CVAT, Label Studio or COCO pass the same checks.
+
+    Volumes (NIfTI, DICOM): save a case's corrected mask volume (rounds/RRR/volumes/CASE_predicted.nii.gz
+    edited in your viewer) on the image's grid as CASE.nii.gz or CASE_mask.nii.gz in rounds/RRR/masks/, or
+    give the file; the batch's slices of that case (CASE_slices.txt) are taken from it, its other slices
+    ignored (a batch slice without lesion needs --allow-empty). A volume of another shape or affine than
+    the image, or not binary, is refused.
     """
     from alseg.project import ingest as run_ingest
 
@@ -720,6 +734,10 @@ def ingest(project: Path = typer.Argument(..., help="Project folder."),
         out.print(f"round {r['round']}: stored {len(r['stored'])}, replaced {len(r['replaced'])}, unchanged "
                   f"{len(r['unchanged'])}, refused {len(r['invalid'])}; {r['labelled']} of {r['total']} labelled",
                   markup=False, highlight=False)
+        for vol in r.get("volumes", []):
+            out.print(f"{vol['file']}: case {vol['case']}, took {vol['taken']} of round {vol['round']}'s "
+                      f"{vol['slices']} slice(s), ignored its other {vol['ignored']}",
+                      markup=False, highlight=False, soft_wrap=True)
         if r["replaced"]:
             out.print(f"replaced masks keep their earlier version: `alseg undo {project} ID` restores one",
                       markup=False, highlight=False, soft_wrap=True)

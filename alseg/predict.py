@@ -55,7 +55,6 @@ from __future__ import annotations
 
 import csv
 import errno
-import gzip
 import io
 import math
 import os
@@ -71,7 +70,7 @@ from alseg.data.cache import fit_image, map_to_size as _to_original
 from alseg.data.imageio import png_bytes
 from alseg.data.samples import is_slice, sample_image
 from alseg.data.sources import Sample, detect_format, images_by_stem, open_dataset
-from alseg.data.volumes import VolumeInfo, is_nifti
+from alseg.data.volumes import VolumeInfo, nifti_gz_bytes, volume_image  # one writer for predict and export
 from alseg.errors import AlsegError
 from alseg.progress import SILENT, Reporter
 from alseg.runtime import resolve_device
@@ -84,7 +83,6 @@ SLICE_COLUMNS = ("id", "case", "axis", "slice", "file", "width", "height", "fore
 VOLUME_COLUMNS = ("case", "file", "mask", "uncertainty", "slices", "axis", "shape", "spacing_mm", "lesion_voxels",
                   "lesion_ml", "variance", "status")
 BATCH = 16
-_RAS = ((0, 1), (1, 1), (2, 1))  # nibabel orientation of a canonical array: axis i is world axis i, not flipped
 
 
 def list_samples(images: str | Path, format: str | None = None,
@@ -401,48 +399,3 @@ def _write_volume(out: Path, vol: _Volume, problem: str | None) -> dict:
 def lesion_ml(voxels: int, spacing: tuple[float, float, float]) -> float:
     """The volume in mL of ``voxels`` voxels of ``spacing`` mm (1 mL = 1000 mm^3)."""
     return voxels * math.prod(spacing) / 1000.0
-
-
-def volume_image(info: VolumeInfo, canonical: np.ndarray):
-    """A ``nib.Nifti1Image`` of a canonical (RAS+) array laid over ``info``'s volume.
-
-    A NIfTI input: the array is put back into the input file's own voxel order and given its
-    geometry (zooms, units, qform and sform with their codes), so the two overlay voxel for voxel.
-    Otherwise (a DICOM series): the canonical array with the canonical affine as qform and sform.
-    """
-    import nibabel as nib
-    from nibabel.orientations import apply_orientation, io_orientation, ornt_transform
-
-    reference = info.image_files[0]
-    if not is_nifti(reference):
-        img = nib.Nifti1Image(canonical, None)
-        affine = np.asarray(info.affine, float)
-        img.set_qform(affine, code=1)
-        img.set_sform(affine, code=1)
-        img.header.set_xyzt_units("mm")
-        img.set_data_dtype(canonical.dtype)
-        return img
-    try:
-        ref = nib.load(str(reference))
-        stored = apply_orientation(canonical, ornt_transform(np.array(_RAS, float), io_orientation(ref.affine)))
-    except Exception as exc:  # it was read moments ago: removed or rewritten while predicting
-        raise AlsegError(f"volume changed while predicting ({str(exc)[:120]})", reference) from None
-    if stored.shape != tuple(ref.shape[:3]):
-        raise AlsegError(f"volume changed while predicting (shape {tuple(ref.shape[:3])}, "
-                         f"predicted {stored.shape})", reference)
-    img = nib.Nifti1Image(np.ascontiguousarray(stored), None)
-    img.set_data_dtype(stored.dtype)
-    img.header.set_zooms(tuple(float(z) for z in ref.header.get_zooms()[:3]))
-    img.header.set_xyzt_units(*ref.header.get_xyzt_units())
-    qform, qcode = ref.header.get_qform(coded=True)
-    sform, scode = ref.header.get_sform(coded=True)
-    if qcode:
-        img.set_qform(qform, code=int(qcode))
-    if scode:
-        img.set_sform(sform, code=int(scode))
-    return img
-
-
-def nifti_gz_bytes(img) -> bytes:
-    """A NIfTI image as the bytes of a ``.nii.gz`` file (no time stamp inside: the same input, the same bytes)."""
-    return gzip.compress(img.to_bytes(), compresslevel=6, mtime=0)

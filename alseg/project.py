@@ -191,9 +191,12 @@ def ingest(project: str | Path, folder: str | Path | None = None, *, allow_empty
 
 
 def _is_exchange(path: Path) -> bool:
+    """Another tool's export (a file, or a folder alseg exported); a NIfTI mask volume is not one:
+    :func:`ingest_folder` takes a volume project's batch slices from it."""
     from alseg.annotate.exchange import MARKER
+    from alseg.data.volumes import is_nifti
 
-    return path.is_file() or (path.is_dir() and (path / MARKER).is_file())
+    return (path.is_file() and not is_nifti(path)) or (path.is_dir() and (path / MARKER).is_file())
 
 
 def _ingest_exchange(store: RunStore, size: int, source: Path, **options) -> dict:

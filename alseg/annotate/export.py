@@ -9,6 +9,14 @@ its structure shows; the scale is in the manifest; a JPEG at quality 90, as a ph
 picture it is several times smaller than a PNG) and ``manifest.csv`` (id, file names, score,
 why it was chosen). ``masks/`` is where the expert's masks are expected.
 
+A project over volumes (NIfTI files, DICOM series) also gets ``volumes/``, per case with slices in
+the batch, for a viewer (3D Slicer, ITK-SNAP, MONAI Label): ``CASE_predicted.nii.gz`` (the head start
+over every slice of the case, on the source's grid and header), ``CASE_uncertainty.nii.gz`` (the MC
+variance on the batch's slices) and ``CASE_slices.txt`` (which slices are asked for, as voxel indices
+in those files' order); see :func:`write_volumes`. The corrected volume comes back through
+:mod:`alseg.annotate.ingest`, which takes only the batch's slices from it. The PNGs stay as for 2D
+images (the review page shows them).
+
 The folder is written under a temporary name and renamed when complete, so a crash never leaves
 a half-exported batch; exporting again returns the batch already there (the same batch until it
 is labelled). Each image's file stem is its id when the id is already a safe file name, so no file
@@ -44,11 +52,13 @@ import numpy as np
 from alseg.active.strategies import reason_label
 from alseg.data.cache import map_to_size
 from alseg.data.imageio import png_bytes, read_header  # read_header: the batch folder's own files
-from alseg.data.samples import sample_header, sample_image
+from alseg.data.samples import is_slice, sample_header, sample_image
+from alseg.data.volumes import is_nifti, nifti_gz_bytes, volume_image, written_slice
 from alseg.errors import AlsegError
 from alseg.runtime import step_seed
 
 MANIFEST = "manifest.csv"
+VOLUMES = "volumes"  # a volume project's batch as NIfTI, one set of files per case (write_volumes)
 JPEG_SUFFIXES = (".jpg", ".jpeg")
 OVERLAY_QUALITY = 90
 COLUMNS = ("id", "image", "predicted", "uncertainty", "mask", "score", "reason", "width", "height",
@@ -283,7 +293,7 @@ def export_batch(run, round: int) -> Path:
     ids = store.selection(round, "expert")
     reasons = store.selection_reasons(round)
     scores = store.scores(round)
-    mc = None
+    mc = model = None
     # A model no better than a constant mask offers no head start: its masks would cost the expert
     # more to correct than to draw (alseg.active.gate); the uncertainty overlays still show where it is lost.
     health = run.health(round - 1) if round > 0 else None
@@ -321,6 +331,8 @@ def export_batch(run, round: int) -> Path:
             if scores.get(id, {}).get("variance") is not None:
                 row["score"] = f"{scores[id]['variance']:.6g}"
             rows.append(row)
+        if run.dataset.volumes:
+            write_volumes(tmp / VOLUMES, run, round, ids, mc, model if head_start else None)
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
         writer.writeheader()
@@ -339,3 +351,80 @@ def export_batch(run, round: int) -> Path:
 
 def _record(item: BatchItem, width: int, height: int) -> dict:
     return {**dataclasses.asdict(item), "width": int(width), "height": int(height)}
+
+
+def batch_cases(samples: list) -> dict[str, str]:
+    """``{case: file stem}`` of the volumes a batch's ``samples`` (in batch order) are slices of, in the
+    order their first slice comes; each stem unique and safe as a file name (:func:`batch_stems`)."""
+    cases = list(dict.fromkeys(s.group for s in samples if is_slice(s)))
+    return batch_stems(cases)
+
+
+def write_volumes(folder: Path, run, round: int, ids: list[str], mc, model) -> None:
+    """A volume project's batch as NIfTI files in ``folder``, per case with slices in the batch.
+
+    * ``CASE_predicted.nii.gz`` (only with ``model``, the model that chose the batch when it offers a
+      head start, as for the PNGs): uint8 0/1 over EVERY slice of the case, on the source's own grid and
+      header (:func:`alseg.data.volumes.volume_image`, as ``alseg predict`` writes). The batch's slices
+      hold the thresholded MC mean, exactly the batch's ``predicted/`` PNGs; the other slices one
+      deterministic pass (dropout off) on their working-size pixels from the cache, resized back to the
+      slice's size (bilinear) and thresholded at 0.5.
+    * ``CASE_uncertainty.nii.gz`` (with MC scores, from round 1): float32 per-voxel MC variance on the
+      batch's slices, 0 on the others.
+    * ``CASE_slices.txt``: which slices are asked for, as voxel axis and index (from 0) in those files'
+      own voxel order, which for a NIfTI source is the source file's (:func:`written_slice`).
+    """
+    from alseg.train import predict_probs
+
+    dataset, data, a = run.dataset, run.data, run.config.active
+    samples = {s.id: s for s in dataset.samples}
+    position = {id: k for k, id in enumerate(ids)}
+    stems = batch_cases([samples[id] for id in ids])
+    if not stems:
+        return
+    folder.mkdir()
+    infos = {v.case: v for v in dataset.volumes}
+    slices_of: dict[str, list] = {}
+    for s in dataset.samples:
+        if is_slice(s) and s.group in stems:
+            slices_of.setdefault(s.group, []).append(s)
+    for case, stem in stems.items():
+        info, slices = infos[case], slices_of[case]
+        asked = [s for s in slices if s.id in position]
+        width, height = info.slice_size()
+        if model is not None:
+            probs = predict_probs(model, data.images[data.indices([s.id for s in slices])], run.normalizer,
+                                  device=run.device, precision=a.mc_precision, batch_size=a.mc_batch_size)
+            mask = np.zeros(info.shape, np.uint8)
+            for s, prob in zip(slices, probs):
+                if s.id in position:  # the batch's own slices: the MC mean, as in predicted/
+                    prob = mc.mean[position[s.id]]
+                np.moveaxis(mask, s.axis, 0)[s.slice] = map_to_size(prob, width, height) > 0.5
+            (folder / f"{stem}_predicted.nii.gz").write_bytes(nifti_gz_bytes(volume_image(info, mask)))
+        if mc is not None:
+            variance = np.zeros(info.shape, np.float32)
+            for s in asked:
+                plane = map_to_size(mc.variance_map[position[s.id]], width, height)
+                np.moveaxis(variance, s.axis, 0)[s.slice] = np.clip(plane, 0, None)
+            (folder / f"{stem}_uncertainty.nii.gz").write_bytes(nifti_gz_bytes(volume_image(info, variance)))
+        (folder / f"{stem}_slices.txt").write_text(_slices_text(run, round, info, stem, asked, mc, model),
+                                                   encoding="utf-8")
+
+
+def _slices_text(run, round: int, info, stem: str, asked: list, mc, model) -> str:
+    source = info.image_files[0]
+    order = ("the image file's own voxel order" if is_nifti(source)
+             else "canonical RAS+ voxel order (a DICOM series has no file order to keep)")
+    written = [f"{stem}_predicted.nii.gz"] if model is not None else []
+    written += [f"{stem}_uncertainty.nii.gz"] if mc is not None else []
+    lines = [f"# case {info.case} (image {source}): the {len(asked)} slice(s) round {round}'s batch asks you to label.",
+             f"# axis and index: voxel axis (0 = i, 1 = j, 2 = k) and index along it, from 0, in {order}"
+             + (f", as in {' and '.join(written)}" if written else "") + ".",
+             "# Label them in your viewer on the image's grid and save the whole volume, 0/1 (or 0/255), as "
+             f"../masks/{stem}.nii.gz (or {stem}_mask.nii.gz), then run `alseg ingest {run.dir.root}`;",
+             "# only these slices are taken from it, the others are ignored.",
+             "id\taxis\tindex"]
+    for s in asked:
+        file_axis, file_index = written_slice(info, s.axis, s.slice)
+        lines.append(f"{s.id}\t{file_axis}\t{file_index}")
+    return "\n".join(lines) + "\n"

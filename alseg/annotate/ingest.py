@@ -15,6 +15,16 @@ Every mask, from a folder (``alseg ingest``) or from the review page, passes the
 * it is not empty, unless the expert says so (``allow_empty``: a slice without a lesion);
 * a file in the folder that is a link leading out of it is refused.
 
+A project over volumes also takes a mask volume (NIfTI, ``CASE.nii.gz``, ``CASE_mask.nii.gz`` or
+``CASE_segmentation.nii.gz``, in the folder or given as the file itself): the case's slices in the
+batch are taken from it (the open batch's, else the latest exported round asking about the case) and
+each passes the checks above as that slice's mask (at the slice's own size); its other slices are
+ignored, and the result's ``volumes`` says per file how many batch slices it gave (``slices``,
+``taken``) and ignored. The volume is refused whole, in one line naming it, unless it lies on the
+case's voxel grid (the image's shape and affine, after both are made RAS+) and is binary (0/1 or
+0/255) (:func:`alseg.data.volumes.read_mask_volume`). A slice given both as a PNG and in a volume is
+refused both ways, as two files for one image are.
+
 Sizes and ids come from the store (:func:`alseg.annotate.export.batch_items`), never from the
 ``manifest.csv`` the user can edit; a damaged manifest is one line saying to run ``alseg query``,
 which exports the batch again. A full disk stops the ingest in one line (:class:`~alseg.store.DiskFull`);
@@ -50,12 +60,14 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
-from alseg.annotate.export import BatchItem, batch_items
+from alseg.annotate.export import BatchItem, batch_cases, batch_items
 from alseg.data.imageio import read_mask
-from alseg.data.sources import IMAGE_SUFFIXES
+from alseg.data.sources import IMAGE_SUFFIXES, open_recorded_dataset
+from alseg.data.volumes import is_nifti, nifti_stem, read_mask_volume
 from alseg.errors import AlsegError
 from alseg.store import DEFAULT_ANNOTATOR, DiskFull, RunStore, mask_png
 
@@ -124,7 +136,12 @@ def find_item(store: RunStore, id: str) -> tuple[Batch, BatchItem]:
 
 def validate_mask(path: Path, item: BatchItem, size: int, allow_empty: bool) -> np.ndarray:
     """The mask in ``path`` as a bool array, or AlsegError(problem, path)."""
-    mask = read_mask(path)
+    return check_mask(read_mask(path), item, size, allow_empty, path)
+
+
+def check_mask(mask: np.ndarray, item: BatchItem, size: int, allow_empty: bool, path) -> np.ndarray:
+    """``mask`` (bool) if it fits ``item``: its image's size or the working size, and not empty unless
+    ``allow_empty``; else AlsegError(problem, path)."""
     h, w = mask.shape
     if (h, w) not in ((item.height, item.width), (size, size)):
         raise AlsegError(f"mask is {w}x{h} but its image is {item.width}x{item.height} "
@@ -214,6 +231,11 @@ def ingest_folder(store: RunStore, size: int, folder: str | Path | None = None, 
     file stands for the image's owner. A file that differs from the current mask replaces it (the
     earlier version is kept). The result's progress (``round``, ``queued``, ...) is the open batch's;
     ``rounds`` says which round each stored id belongs to.
+
+    ``folder`` may also be one NIfTI mask volume, and the folder may hold some (a volume project): each
+    gives its case's batch slices; ``volumes`` lists ``{file, case, round, slices, taken, ignored}`` per
+    volume read (``slices``: the batch's slices of the case, ``taken``: those stored or unchanged,
+    ``ignored``: the volume's other slices).
     """
     latest = latest_batch(store)
     if round is not None:
@@ -225,7 +247,8 @@ def ingest_folder(store: RunStore, size: int, folder: str | Path | None = None, 
     if batch is None:
         raise AlsegError("no batch to ingest: run `alseg query` first", store.run_dir)
     folder = Path(folder) if folder is not None else batch.folder / "masks"
-    if not folder.is_dir():
+    one_volume = folder.is_file() and is_nifti(folder)
+    if not folder.is_dir() and not one_volume:
         raise AlsegError("no such folder", folder)
     tiers = [_tier(batch)]
     if round is None:
@@ -238,11 +261,14 @@ def ingest_folder(store: RunStore, size: int, folder: str | Path | None = None, 
                     continue
                 if other is not None:
                     tiers.append(_tier(other, only=expert))
-    result: dict = {"stored": [], "replaced": [], "unchanged": [], "second": [], "invalid": [], "rounds": {}}
-    real_folder = folder.resolve()
-    matched: list[tuple[Path, Batch, BatchItem]] = []
-    for path in sorted(folder.iterdir()):
-        if path.name.startswith(".") or path.suffix.lower() not in IMAGE_SUFFIXES:
+    result: dict = {"stored": [], "replaced": [], "unchanged": [], "second": [], "invalid": [], "rounds": {},
+                    "volumes": []}
+    real_folder = folder.resolve() if not one_volume else folder.parent.resolve()
+    matched: list[_Entry] = []
+    volumes: list[Path] = [folder] if one_volume else []
+    for path in [] if one_volume else sorted(folder.iterdir()):
+        volume = is_nifti(path)
+        if path.name.startswith(".") or (path.suffix.lower() not in IMAGE_SUFFIXES and not volume):
             continue
         try:
             if path.is_symlink() and not path.resolve().is_relative_to(real_folder):
@@ -255,38 +281,119 @@ def ingest_folder(store: RunStore, size: int, folder: str | Path | None = None, 
                 continue
             if not stat.S_ISREG(mode):  # a FIFO would block the reader forever, holding the writer lock
                 raise AlsegError("not a regular file", path)
+            if volume:
+                volumes.append(path)
+                continue
             try:
                 found = _match(path.stem, tiers)
             except AlsegError as exc:
                 raise AlsegError(exc.problem, path) from None
             if found is None:
                 raise AlsegError("names no image of the batch (see manifest.csv)", path)
-            matched.append((path, *found))
+            found_batch, item = found
+            matched.append(_Entry(path, str(path), path.name, found_batch, item,
+                                  lambda path=path, item=item: validate_mask(path, item, size, allow_empty)))
         except AlsegError as exc:
             result["invalid"].append({"file": str(path), "problem": exc.problem})
-    files_of: dict[str, list[Path]] = {}
-    for path, _, item in matched:
-        files_of.setdefault(item.id, []).append(path)
-    for path, item_batch, item in matched:
+    if volumes:
+        matched += _volume_entries(store, volumes, tiers, size, allow_empty, result)
+    files_of: dict[str, list[_Entry]] = {}
+    for entry in matched:
+        files_of.setdefault(entry.item.id, []).append(entry)
+    for entry in matched:
+        item = entry.item
         try:
             if len(files_of[item.id]) > 1:  # which one the expert meant is not ours to guess
-                others = ", ".join(p.name for p in files_of[item.id] if p != path)
+                others = ", ".join(e.name for e in files_of[item.id] if e is not entry)
                 raise AlsegError(f"{item.id!r} has another file here too ({others}); keep one (nothing of "
-                                 "either was stored)", path)
-            mask = validate_mask(path, item, size, allow_empty)
+                                 "either was stored)", entry.path)
+            mask = entry.load()
             stored = store.store_version(item.id, mask, source="files", annotator=annotator,
-                                         predicted=predicted_mask(item_batch, item))
+                                         predicted=predicted_mask(entry.batch, item))
             result[stored["outcome"]].append(item.id)
-            result["rounds"][item.id] = item_batch.round
+            result["rounds"][item.id] = entry.batch.round
         except DiskFull as exc:
             done = sum(len(result[k]) for k in ("stored", "replaced", "second"))
-            raise DiskFull(f"disk full while storing {path.name}; nothing half-written was kept ({done} mask(s) "
+            raise DiskFull(f"disk full while storing {entry.name}; nothing half-written was kept ({done} mask(s) "
                            "stored before it are kept); free space and run `alseg ingest` again",
                            exc.path) from None
         except AlsegError as exc:
-            result["invalid"].append({"file": str(path), "problem": exc.problem})
+            result["invalid"].append({"file": entry.label, "problem": exc.problem})
+    taken = set(result["stored"] + result["replaced"] + result["unchanged"] + result["second"])
+    for vol in result["volumes"]:
+        vol["taken"] = sum(id in taken for id in vol.pop("ids"))
     result["invalid"].sort(key=lambda bad: bad["file"])
     return _with_progress(store, latest if latest is not None else batch, result)
+
+
+@dataclass
+class _Entry:
+    """One mask to store: a file's, or one batch slice of a mask volume (``label``: ``FILE [id]``)."""
+
+    path: Path
+    label: str  # the result's name for it
+    name: str  # the short name other entries of the same image cite
+    batch: Batch
+    item: BatchItem
+    load: Callable[[], np.ndarray]  # the checked mask, or AlsegError
+
+
+def _volume_entries(store: RunStore, files: list[Path], tiers: list, size: int, allow_empty: bool,
+                    result: dict) -> list[_Entry]:
+    """The batch slices each mask volume in ``files`` gives, one entry per slice; refusals (a name that
+    is no case of a batch, another grid, values not binary) go to ``result["invalid"]`` in one line naming
+    the file, and each volume's case, round and slice counts to ``result["volumes"]``.
+
+    A file names its case as export's ``volumes/`` does (``CASE``, ``CASE_mask`` or ``CASE_segmentation``,
+    ``.nii.gz`` or ``.nii``); its slices are those of the first batch (the open one, then older rounds)
+    that asks about that case. Only those slices are read from it; its other slices are ignored."""
+    dataset = open_recorded_dataset(store.data_info())
+    if not dataset.volumes:
+        for path in files:
+            result["invalid"].append({"file": str(path), "problem": "a NIfTI mask volume, but this project's "
+                                      "images are not volumes: give a mask file per image (see manifest.csv)"})
+        return []
+    samples = {s.id: s for s in dataset.samples}
+    infos = {v.case: v for v in dataset.volumes}
+    entries: list[_Entry] = []
+    for path in files:
+        try:
+            found = _match_volume(nifti_stem(path), tiers, samples)
+            if found is None:
+                raise AlsegError("names no case with slices in a batch (see the batch's volumes/*_slices.txt)", path)
+            batch, case, items = found
+            info = infos[case]
+            volume = read_mask_volume(info, path)
+        except AlsegError as exc:
+            result["invalid"].append({"file": str(path), "problem": exc.problem})
+            continue
+        result["volumes"].append({"file": str(path), "case": case, "round": batch.round, "slices": len(items),
+                                  "ignored": info.slices - len(items), "ids": [it.id for it in items]})
+        for item in items:
+            sample = samples[item.id]
+            plane = np.ascontiguousarray(np.take(volume, sample.slice, axis=sample.axis))
+            entries.append(_Entry(path, f"{path} [{item.id}]", f"{path.name} [{item.id}]", batch, item,
+                                  lambda plane=plane, item=item: check_mask(plane, item, size, allow_empty, path)))
+    return entries
+
+
+def _match_volume(stem: str, tiers: list, samples: dict) -> tuple[Batch, str, list[BatchItem]] | None:
+    """``(batch, case, its items)`` of the case ``stem`` names in the first tier asking about it."""
+    keys = [stem] + [stem[: -len(s)] for s in MASK_SUFFIXES if stem.endswith(s) and len(stem) > len(s)]
+    for batch, _, names in tiers:
+        allowed = {it.id for its in names.values() for it in its}
+        by_case: dict[str, list[BatchItem]] = {}
+        for it in batch.items:
+            sample = samples.get(it.id)
+            if sample is not None and sample.slice is not None and it.id in allowed:
+                by_case.setdefault(sample.group, []).append(it)
+        stems = batch_cases([samples[it.id] for it in batch.items if it.id in samples])
+        case_of = {**{stem_: case for case, stem_ in stems.items()}, **{case: case for case in stems}}
+        for key in keys:
+            case = case_of.get(key)
+            if case is not None and case in by_case:
+                return batch, case, by_case[case]
+    return None
 
 
 def submit_mask(store: RunStore, size: int, id: str, data: bytes, *, seconds: float | None = None,

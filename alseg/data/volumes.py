@@ -426,3 +426,86 @@ def mask_slice(mask_file: Path, axis: int, index: int) -> np.ndarray:
 def _short(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return text[:120]
+
+
+# ---------------------------------------------------------------- writing volumes, reading mask volumes back
+
+_RAS = ((0, 1), (1, 1), (2, 1))  # nibabel orientation of a canonical array: axis i is world axis i, not flipped
+
+
+def volume_image(info: VolumeInfo, canonical: np.ndarray):
+    """A ``nib.Nifti1Image`` of a canonical (RAS+) array laid over ``info``'s volume.
+
+    A NIfTI input: the array is put back into the input file's own voxel order and given its
+    geometry (zooms, units, qform and sform with their codes), so the two overlay voxel for voxel.
+    Otherwise (a DICOM series): the canonical array with the canonical affine as qform and sform.
+    (Written by ``alseg predict`` and by a volume project's batch export.)
+    """
+    import nibabel as nib
+    from nibabel.orientations import apply_orientation, io_orientation, ornt_transform
+
+    reference = info.image_files[0]
+    if not is_nifti(reference):
+        img = nib.Nifti1Image(canonical, None)
+        affine = np.asarray(info.affine, float)
+        img.set_qform(affine, code=1)
+        img.set_sform(affine, code=1)
+        img.header.set_xyzt_units("mm")
+        img.set_data_dtype(canonical.dtype)
+        return img
+    try:
+        ref = nib.load(str(reference))
+        stored = apply_orientation(canonical, ornt_transform(np.array(_RAS, float), io_orientation(ref.affine)))
+    except Exception as exc:  # it was read moments ago: removed or rewritten since
+        raise AlsegError(f"volume changed since it was read ({str(exc)[:120]})", reference) from None
+    if stored.shape != tuple(ref.shape[:3]):
+        raise AlsegError(f"volume changed since it was read (shape {tuple(ref.shape[:3])}, "
+                         f"expected {stored.shape})", reference)
+    img = nib.Nifti1Image(np.ascontiguousarray(stored), None)
+    img.set_data_dtype(stored.dtype)
+    img.header.set_zooms(tuple(float(z) for z in ref.header.get_zooms()[:3]))
+    img.header.set_xyzt_units(*ref.header.get_xyzt_units())
+    qform, qcode = ref.header.get_qform(coded=True)
+    sform, scode = ref.header.get_sform(coded=True)
+    if qcode:
+        img.set_qform(qform, code=int(qcode))
+    if scode:
+        img.set_sform(sform, code=int(scode))
+    return img
+
+
+def nifti_gz_bytes(img) -> bytes:
+    """A NIfTI image as the bytes of a ``.nii.gz`` file (no time stamp inside: the same input, the same bytes)."""
+    import gzip
+
+    return gzip.compress(img.to_bytes(), compresslevel=6, mtime=0)
+
+
+def written_slice(info: VolumeInfo, axis: int, index: int) -> tuple[int, int]:
+    """``(file axis, file index)`` of canonical slice ``index`` along ``axis`` in the voxel order
+    :func:`volume_image` writes: a NIfTI source's own (an axis it stores flipped counts from the other
+    end), a DICOM series' canonical one (its written volume is canonical)."""
+    reference = info.image_files[0]
+    if not is_nifti(reference):
+        return axis, index
+    ornt = _header(reference).ornt
+    stored_axis = next(i for i, (j, _) in enumerate(ornt) if int(j) == axis)
+    flipped = ornt[stored_axis, 1] < 0
+    return stored_axis, (info.shape[axis] - 1 - index) if flipped else index
+
+
+def read_mask_volume(info: VolumeInfo, path: str | Path) -> np.ndarray:
+    """A mask volume given back for ``info``'s case, as a canonical ``(X, Y, Z)`` bool array.
+
+    It must lie on the case's voxel grid (the same shape and affine as the image, after both are
+    made RAS+: a file in another orientation of the same grid is fine) and be binary (0/1 or 0/255);
+    else one :class:`AlsegError` line naming ``path``."""
+    path = Path(path)
+    if not is_nifti(path):
+        raise AlsegError("not a NIfTI file (.nii or .nii.gz)", path)
+    image = _header(info.image_files[0])
+    mask = _header(path)
+    if len(mask.shape) != 3:
+        raise AlsegError(f"a 4D mask (shape {mask.shape}): expected one 3D binary mask per case", path)
+    _same_space(image, mask, "mask", path, info.image_files[0])
+    return _binary_volume(path)
