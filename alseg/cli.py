@@ -307,6 +307,14 @@ def run(preset: Optional[PresetName] = typer.Option(None, help="Settings preset 
                                                          "optimiser steps an epoch, however few the labelled images "
                                                          "(default: the preset's; 0: one pass an epoch)."),
         mc_passes: Optional[int] = typer.Option(None, help="MC-dropout passes T."),
+        volume_selection: Optional[str] = typer.Option(None, "--volume-selection", help="Grouped data (volumes, "
+                                                       "patients): slices (default: wherever they are) or volumes (the "
+                                                       "best slices of the few volumes whose slices score highest)."),
+        volume_score: Optional[str] = typer.Option(None, "--volume-score", help="How --volume-selection volumes ranks "
+                                                   "a volume: mean (default) or top3 of its slices' scores."),
+        max_per_volume: Optional[int] = typer.Option(None, "--max-per-volume", help="At most this many expert slices "
+                                                     "of one volume a round (default: none; volumes mode: a third of "
+                                                     "the batch)."),
         from_scratch: bool = typer.Option(False, "--from-scratch", help="Retrain from scratch each round (default: warm start)."),
         keep_pseudo: bool = typer.Option(False, "--keep-pseudo", help="Keep pseudo-labels for good (default: transient)."),
         pretrain: Optional[bool] = typer.Option(None, "--pretrain/--no-pretrain", help="Pre-train the U-Net on the "
@@ -339,7 +347,8 @@ def run(preset: Optional[PresetName] = typer.Option(None, help="Settings preset 
                     "--strategy": strategy, "--batch-size": batch_size, "--seed": seed, "--size": size, "--width": width, "--epochs": epochs, "--min-epoch-steps": min_epoch_steps,
                     "--round-epochs": round_epochs, "--mc-passes": mc_passes, "--from-scratch": from_scratch or None,
                     "--keep-pseudo": keep_pseudo or None, "--pretrain/--no-pretrain": pretrain,
-                    "--split-by": split_by, "--device": device,
+                    "--split-by": split_by, "--device": device, "--volume-selection": volume_selection,
+                    "--volume-score": volume_score, "--max-per-volume": max_per_volume,
                     "--cache-dir": cache_dir}
         refused = [flag for flag, value in changing.items() if value is not None]
         if refused:
@@ -369,7 +378,9 @@ def run(preset: Optional[PresetName] = typer.Option(None, help="Settings preset 
             "active": {"strategy": strategy.value if strategy else None, "batch_size": batch_size,
                        "rounds": rounds, "budget": budget,
                        "round_epochs": round_epochs, "mc_passes": mc_passes,
-                       "warm_start": False if from_scratch else None, "keep_pseudo": True if keep_pseudo else None},
+                       "warm_start": False if from_scratch else None, "keep_pseudo": True if keep_pseudo else None,
+                       "volume_selection": volume_selection, "volume_score": volume_score,
+                       "max_per_volume": max_per_volume},
         })
         out = out_dir or _default_out("run")
         _resume_hint(f"alseg run --resume {out}")
@@ -639,6 +650,14 @@ def init(project: Path = typer.Argument(..., help="Project folder to create (new
          pool: str = typer.Option("unmasked", help="unmasked: images without a mask are the pool; split: split like "
                                   "`alseg run` and hide the pool's masks (a rehearsal on a labelled dataset)."),
          cache_dir: Optional[Path] = typer.Option(None, help="Decoded-pixel cache (default ~/.cache/alseg)."),
+         volume_selection: Optional[str] = typer.Option(None, "--volume-selection", help="Grouped data (volumes, "
+                                                       "patients): slices (default: wherever they are) or volumes (the "
+                                                       "best slices of the few volumes whose slices score highest)."),
+         volume_score: Optional[str] = typer.Option(None, "--volume-score", help="How --volume-selection volumes ranks "
+                                                   "a volume: mean (default) or top3 of its slices' scores."),
+         max_per_volume: Optional[int] = typer.Option(None, "--max-per-volume", help="At most this many expert slices "
+                                                     "of one volume a round (default: none; volumes mode: a third of "
+                                                     "the batch)."),
          volume_axis: Optional[str] = typer.Option(None, "--volume-axis", help="Volumes (nifti, dicom): slice along "
                                                    "this axis (x, y, z; sagittal, coronal, axial); default: a DICOM "
                                                    "series' acquisition plane, a NIfTI volume's thinnest axis."),
@@ -660,7 +679,9 @@ def init(project: Path = typer.Argument(..., help="Project folder to create (new
                           overrides={"seed": seed, "data": {"size": size, "cache_dir": str(cache_dir) if cache_dir else None,
                                                             "volume_axis": volume_axis},
                                      "model": {"width": width}, "train": {"epochs": epochs, "min_epoch_steps": min_epoch_steps},
-                                     "active": {"round_epochs": round_epochs, "mc_passes": mc_passes}},
+                                     "active": {"round_epochs": round_epochs, "mc_passes": mc_passes,
+                                                "volume_selection": volume_selection, "volume_score": volume_score,
+                                                "max_per_volume": max_per_volume}},
                           reporter=RichReporter(quiet=as_json))
     _emit(result, as_json, lambda r: out.print(
         f"project {project}: {r['expert_labelled']} labelled, {r['pool']} in the pool; preset {r['preset']} at "

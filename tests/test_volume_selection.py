@@ -221,6 +221,30 @@ def test_a_run_with_bad_volume_settings_stops_before_it_starts(tmp_path):
                    check=False)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
     assert "unknown active.volume_selection 'patients'" in proc.stderr
+    proc = run_cli("run", "--preset", "quick-lgg", "--data", LGG, "--out", tmp_path / "flag", "--volume-selection",
+                   "volumes", "--max-per-volume", "0", check=False)
+    assert proc.returncode == 2 and "max_per_volume must be a whole number" in proc.stderr
+    assert not (tmp_path / "flag").exists()
+
+
+def test_init_takes_the_volume_rules_for_every_round(lgg_nifti, tmp_path):
+    import yaml
+
+    proc = run_cli("init", tmp_path / "p", "--images", lgg_nifti["flat"], "--no-pretrain", "--size", "32",
+                   "--volume-selection", "volumes", "--volume-score", "top3", "--max-per-volume", "3",
+                   "--volume-axis", "y")
+    assert "quick-lgg-volume" in proc.stdout
+    active = yaml.safe_load((tmp_path / "p" / "config.yaml").read_text())["active"]
+    assert (active["volume_selection"], active["volume_score"], active["max_per_volume"]) == ("volumes", "top3", 3)
+    data = yaml.safe_load((tmp_path / "p" / "config.yaml").read_text())["data"]
+    assert data["volume_axis"] == "y"
+    from alseg.data.sources import open_recorded_dataset
+    from alseg.store import RunStore
+
+    with RunStore.open_readonly(tmp_path / "p") as store:
+        info, ids = store.data_info(), store.sample_ids()
+    assert info["volume_axis"] == 1 and all("/y" in i for i in ids)
+    assert set(open_recorded_dataset(info).ids) == set(ids)  # reopened along the recorded axis
 
 
 def test_a_run_in_volumes_mode_asks_for_the_best_slices_of_the_top_volumes(tmp_path):
