@@ -50,6 +50,16 @@ class PresetName(str, Enum):
     demo = "demo"
 
 
+# the selection rules for grouped data, the same on `run` and `init`
+VOLUME_SELECTION = typer.Option(None, "--volume-selection", help="Grouped data (volumes, patients): slices (default: "
+                                "wherever they are) or volumes (the best slices of the few volumes whose slices "
+                                "score highest).")
+VOLUME_SCORE = typer.Option(None, "--volume-score", help="How --volume-selection volumes ranks a volume: mean "
+                            "(default) or top3 of its slices' scores.")
+MAX_PER_VOLUME = typer.Option(None, "--max-per-volume", help="At most this many expert slices of one volume a round "
+                              "(default: none; volumes mode: a third of the batch).")
+
+
 class RichReporter(Reporter):
     """Progress bars on stderr (so ``--json`` stdout stays clean); silent when ``quiet``."""
 
@@ -307,14 +317,9 @@ def run(preset: Optional[PresetName] = typer.Option(None, help="Settings preset 
                                                          "optimiser steps an epoch, however few the labelled images "
                                                          "(default: the preset's; 0: one pass an epoch)."),
         mc_passes: Optional[int] = typer.Option(None, help="MC-dropout passes T."),
-        volume_selection: Optional[str] = typer.Option(None, "--volume-selection", help="Grouped data (volumes, "
-                                                       "patients): slices (default: wherever they are) or volumes (the "
-                                                       "best slices of the few volumes whose slices score highest)."),
-        volume_score: Optional[str] = typer.Option(None, "--volume-score", help="How --volume-selection volumes ranks "
-                                                   "a volume: mean (default) or top3 of its slices' scores."),
-        max_per_volume: Optional[int] = typer.Option(None, "--max-per-volume", help="At most this many expert slices "
-                                                     "of one volume a round (default: none; volumes mode: a third of "
-                                                     "the batch)."),
+        volume_selection: Optional[str] = VOLUME_SELECTION,
+        volume_score: Optional[str] = VOLUME_SCORE,
+        max_per_volume: Optional[int] = MAX_PER_VOLUME,
         from_scratch: bool = typer.Option(False, "--from-scratch", help="Retrain from scratch each round (default: warm start)."),
         keep_pseudo: bool = typer.Option(False, "--keep-pseudo", help="Keep pseudo-labels for good (default: transient)."),
         pretrain: Optional[bool] = typer.Option(None, "--pretrain/--no-pretrain", help="Pre-train the U-Net on the "
@@ -650,14 +655,9 @@ def init(project: Path = typer.Argument(..., help="Project folder to create (new
          pool: str = typer.Option("unmasked", help="unmasked: images without a mask are the pool; split: split like "
                                   "`alseg run` and hide the pool's masks (a rehearsal on a labelled dataset)."),
          cache_dir: Optional[Path] = typer.Option(None, help="Decoded-pixel cache (default ~/.cache/alseg)."),
-         volume_selection: Optional[str] = typer.Option(None, "--volume-selection", help="Grouped data (volumes, "
-                                                       "patients): slices (default: wherever they are) or volumes (the "
-                                                       "best slices of the few volumes whose slices score highest)."),
-         volume_score: Optional[str] = typer.Option(None, "--volume-score", help="How --volume-selection volumes ranks "
-                                                   "a volume: mean (default) or top3 of its slices' scores."),
-         max_per_volume: Optional[int] = typer.Option(None, "--max-per-volume", help="At most this many expert slices "
-                                                     "of one volume a round (default: none; volumes mode: a third of "
-                                                     "the batch)."),
+         volume_selection: Optional[str] = VOLUME_SELECTION,
+         volume_score: Optional[str] = VOLUME_SCORE,
+         max_per_volume: Optional[int] = MAX_PER_VOLUME,
          volume_axis: Optional[str] = typer.Option(None, "--volume-axis", help="Volumes (nifti, dicom): slice along "
                                                    "this axis (x, y, z; sagittal, coronal, axial); default: a DICOM "
                                                    "series' acquisition plane, a NIfTI volume's thinnest axis."),

@@ -49,12 +49,11 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+from children import run_children
 from machine import machine_info
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -213,7 +212,6 @@ def head_start(job: dict) -> dict:
 
     import numpy as np
     import torch
-    from PIL import Image
 
     from alseg.data import open_dataset
     from alseg.data.imageio import read_mask
@@ -403,27 +401,8 @@ def _pretrain_method(dataset: str, variant: str) -> str | None:
 
 
 def _run_children(jobs: list[dict], parallel: int) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    todo = [j for j in jobs if not _result_path(Path(j["out"]), j).is_file()]
-    running: list[tuple[dict, subprocess.Popen]] = []
-    while todo or running:
-        while todo and len(running) < parallel:
-            job = todo.pop(0)
-            print(f"[cold_start {time.strftime('%H:%M:%S')}] {_result_path(Path(job['out']), job).stem}",
-                  file=sys.stderr, flush=True)
-            running.append((job, subprocess.Popen([sys.executable, __file__, "--dataset", job["dataset"], "--one",
-                                                   json.dumps(job)], env=env, cwd=ROOT, stderr=subprocess.PIPE,
-                                                  text=True)))
-        time.sleep(2)
-        for item in list(running):
-            job, proc = item
-            if proc.poll() is None:
-                continue
-            running.remove(item)
-            if proc.returncode:
-                for _, other in running:
-                    other.kill()
-                sys.exit(f"{job} failed: {proc.stderr.read()[-3000:]}")
+    run_children(jobs, parallel, script=__file__, extra_args=lambda j: ["--dataset", j["dataset"]],
+                 done=lambda j: _result_path(Path(j["out"]), j).is_file(), label=lambda j: _result_path(Path(j["out"]), j).stem, tag="cold_start")
 
 
 def summarize(out: Path, dataset: str, variants: list[str], counts: list[int], seeds: list[int]) -> dict:

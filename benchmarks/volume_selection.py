@@ -39,11 +39,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
+from children import run_children
 from machine import machine_info
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -134,26 +134,8 @@ def one_run(job: dict) -> dict:
 
 
 def _run_children(jobs: list[dict], parallel: int) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    todo = [j for j in jobs if not _result_path(Path(j["out"]), j).is_file()]
-    running: list[tuple[dict, subprocess.Popen]] = []
-    while todo or running:
-        while todo and len(running) < parallel:
-            job = todo.pop(0)
-            print(f"[volume_selection {time.strftime('%H:%M:%S')}] {job['arm']} seed {job['seed']}",
-                  file=sys.stderr, flush=True)
-            running.append((job, subprocess.Popen([sys.executable, __file__, "--one", json.dumps(job)], env=env,
-                                                  cwd=ROOT, stderr=subprocess.PIPE, text=True)))
-        time.sleep(2)
-        for item in list(running):
-            job, proc = item
-            if proc.poll() is None:
-                continue
-            running.remove(item)
-            if proc.returncode:
-                for _, other in running:
-                    other.kill()
-                sys.exit(f"{job['arm']} seed {job['seed']} failed: {proc.stderr.read()[-3000:]}")
+    run_children(jobs, parallel, script=__file__, extra_args=lambda j: [],
+                 done=lambda j: _result_path(Path(j["out"]), j).is_file(), label=lambda j: f"{j['arm']} seed {j['seed']}", tag="volume_selection")
 
 
 def summarize(out: Path, arms: list[str], seeds: list[int], settings: dict, preset: str) -> dict:
