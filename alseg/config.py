@@ -80,6 +80,9 @@ class DataConfig:
     split_preset: str = "default"
     split_by: str = "group"
     split_seed: int | None = None  # None: the experiment's seed
+    # The test split's own seed: one test set for every seed of a study, never seen by another
+    # seed's validation or by any tuning (None: carved with the split seed, as before issue 31)
+    test_seed: int | None = 0
     labelled_fraction: float = 0.375
     test_source: str = "auto"
     cache_dir: str | None = None

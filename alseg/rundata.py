@@ -49,7 +49,7 @@ def prepare_data(config: ExperimentConfig, reporter: Reporter = SILENT, *, pool:
         return ExperimentData(dataset, data, split)
     split = make_split(data.ids, has_mask=data.has_mask, positive=data.positive, groups=data.groups,
                        subsets=data.subsets, preset=dc.split_preset, split_by=dc.split_by, seed=seed,
-                       labelled_fraction=dc.labelled_fraction, test_source=dc.test_source)
+                       labelled_fraction=dc.labelled_fraction, test_source=dc.test_source, test_seed=dc.test_seed)
     for name in ("train", "val", "test"):
         if not getattr(split, name):
             groups = {g for g in data.groups if g is not None}

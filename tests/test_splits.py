@@ -78,8 +78,36 @@ def test_seeded_and_serialisable(lgg):
     assert Split.from_dict(a.to_dict()) == a
 
 
+@pytest.mark.parametrize("preset", ["lgg", "lgg-volume"])
+def test_one_test_set_for_every_seed(lgg, preset):
+    """A fixed test seed: seeds differ in validation and labelled set, never in test, and no seed's
+    validation holds another seed's test images (the leak issue 31 found)."""
+    splits = [_split(lgg, preset=preset, seed=k, test_seed=0) for k in range(4)]
+    assert len({s.test for s in splits}) == 1 and len({s.val for s in splits}) > 1
+    assert len({s.labelled for s in splits}) == 4
+    test = set(splits[0].test)
+    assert all(not (set(s.val) | set(s.train)) & test for s in splits)
+    assert _split(lgg, preset=preset, seed=0, test_seed=0) == _split(lgg, preset=preset, seed=0)
+    free = [_split(lgg, preset=preset, seed=k) for k in range(4)]  # without it, each seed its own test set
+    assert len({s.test for s in free}) > 1
+
+
 def test_bad_split_requests():
     with pytest.raises(AlsegError, match="split preset"):
         make_split(["a"], has_mask=[True], positive=[True], preset="nope")
     with pytest.raises(AlsegError, match="at least 3"):
         make_split(["a", "b"], has_mask=[True, True], positive=[True, True])
+
+
+def test_runs_of_any_seed_share_the_test_split_by_default(tmp_path):
+    from alseg.config import build_config
+    from alseg.rundata import prepare_data
+
+    def split(seed, config_file=None):
+        return prepare_data(build_config("quick-lgg", config_file, overrides={
+            "seed": seed, "data": {"path": str(LGG), "size": 32}})).split
+    a, b = split(0), split(1)
+    assert a.test == b.test and a.val != b.val
+    per_seed = tmp_path / "per-seed.yaml"
+    per_seed.write_text("data:\n  test_seed: null\n")  # restores a test set drawn by each seed
+    assert split(1, per_seed).test != a.test and split(0, per_seed).test == a.test

@@ -87,8 +87,13 @@ def _pick(ids: list[str], groups: list[str | None], target: int, rng: np.random.
 def make_split(ids: Sequence[str], *, has_mask: Sequence[bool], positive: Sequence[bool],
                groups: Sequence[str | None] | None = None, subsets: Sequence[str | None] | None = None,
                preset: str = "default", seed: int = 0, split_by: str = "group",
-               labelled_fraction: float = LABELLED_FRACTION, test_source: str = "auto") -> Split:
-    """Split ``ids`` for the ``preset``; see the module docstring for each preset's rule."""
+               labelled_fraction: float = LABELLED_FRACTION, test_source: str = "auto",
+               test_seed: int | None = None) -> Split:
+    """Split ``ids`` for the ``preset``; see the module docstring for each preset's rule.
+
+    ``test_seed`` carves the test split with its own seed, so that runs with different ``seed`` s
+    share one test set and differ in validation, the labelled start and training (None: ``seed``
+    draws everything, test included; ``test_seed == seed`` gives the same split as None)."""
     if preset not in SPLIT_PRESETS:
         raise AlsegError(f"unknown split preset {preset!r}; choose one of {', '.join(SPLIT_PRESETS)}")
     if split_by not in ("group", "sample"):
@@ -98,7 +103,7 @@ def make_split(ids: Sequence[str], *, has_mask: Sequence[bool], positive: Sequen
     n = len(ids)
     groups = list(groups) if groups is not None else [None] * n
     subsets = list(subsets) if subsets is not None else [None] * n
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(seed if test_seed is None else test_seed)
     keep = [i for i in range(n) if has_mask[i] and (preset != "lgg" or positive[i])]
     notes: list[str] = []
     if n - len(keep):
@@ -131,6 +136,9 @@ def make_split(ids: Sequence[str], *, has_mask: Sequence[bool], positive: Sequen
                          "in the paper's proportions 1600:400:600")
         chosen = set(test)
         rest_idx = [i for i in keep if ids[i] not in chosen]
+    if test_seed is not None and test_seed != seed:  # the rest of the split is the run's own draw
+        rng = np.random.default_rng(seed)
+        notes.append(f"test split fixed by test seed {test_seed}; validation and labelled set drawn with seed {seed}")
     val_frac = {"isic": 0.2, "lgg": 0.2, "lgg-volume": 0.2, "default": 0.15 / 0.85}[preset]
     rest_ids = [ids[i] for i in rest_idx]
     val, train = _pick(rest_ids, [groups[i] for i in rest_idx], max(1, round(val_frac * len(rest_ids))), rng, by_group)
