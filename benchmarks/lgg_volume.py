@@ -9,7 +9,10 @@ get more steps:
 
 * ``ratio-R``: every tumour slice of the train patients and R tumour-free slices per tumour slice,
   drawn afresh each epoch (``train.empty_ratio``); ``ratio-all``: every slice every epoch;
-* ``tumour``: the tumour slices only, as ``quick-lgg`` trains (the paper's filter).
+* ``tumour``: the tumour slices only, as ``quick-lgg`` trains (the paper's filter);
+* ``ARM+batch`` (or ``+bce``, ``+dice``): the arm with another loss (``train.loss``: soft Dice
+  over the whole batch + BCE, BCE alone, per-image soft Dice + BCE, the presets' default). An
+  empty slice's own Dice term pulls every pixel to 0; over the batch it does not.
 
 Every arm keeps the epoch with the best mean per-volume Dice on the validation patients (all
 their slices: what a lab can measure) and is scored on the test patients over all their slices:
@@ -18,8 +21,8 @@ tumour-free slices; also after keeping the largest 3D component. The ratio is ch
 validation figure only. Children run ``--jobs`` at a time with one thread each; finished runs in
 ``--out`` are reused.
 
-    .venv/bin/python benchmarks/lgg_volume.py --arms ratio-0.5 ratio-1 ratio-2 ratio-all tumour \\
-        --seeds 3 4 --steps 2000 --jobs 2 --out /work/lgg-volume --json benchmarks/results/cpu-lgg-volume.json
+    .venv/bin/python benchmarks/lgg_volume.py --arms ratio-1 ratio-all tumour ratio-1+batch ratio-all+batch \\
+        --seeds 3 --steps 2000 --jobs 2 --out /work/lgg-volume --json benchmarks/results/cpu-lgg-volume.json
 """
 from __future__ import annotations
 
@@ -36,6 +39,7 @@ from machine import machine_info
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "lgg"
 PRESET = "quick-lgg-volume"
+LOSSES = {"batch": "batch_dice_bce", "dice": "dice_bce", "bce": "bce"}  # an arm's "+LOSS" suffix
 
 
 def _fixed():
@@ -66,12 +70,12 @@ def one_run(job: dict) -> dict:
 
     torch.set_num_threads(1)
     cfg, dataset, data, split = _fixed()
-    arm = job["arm"]
+    arm, loss = (job["arm"].split("+", 1) + ["dice_bce"])[:2]
     train_ids = [i for i in split.train if arm != "tumour" or data.positive[data.indices([i])[0]]]
     ratio = None if arm in ("ratio-all", "tumour") else float(arm.split("-", 1)[1])
     ti = data.indices(train_ids)
     lesion = np.asarray(data.masks[ti]).reshape(len(ti), -1).any(1)
-    train_cfg = dataclasses.replace(cfg.train, empty_ratio=ratio, device="cpu")
+    train_cfg = dataclasses.replace(cfg.train, empty_ratio=ratio, device="cpu", loss=LOSSES.get(loss, loss))
     steps_per_epoch = epoch_steps(epoch_rows(lesion, ratio), train_cfg)
     train_cfg = dataclasses.replace(train_cfg, epochs=max(1, math.ceil(job["steps"] / steps_per_epoch)))
     model_cfg = dataclasses.replace(cfg.model, in_channels=data.channels)
