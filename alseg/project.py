@@ -288,6 +288,21 @@ class Project:
         with self._lock:
             return latest_batch(self.store) if round is None else batch_of(self.store, round)
 
+    def data_info(self) -> dict:
+        """The dataset the project was made on (path, format, size, channels, volume axis)."""
+        with self._lock:
+            return self.store.data_info() or {}
+
+    def sample_ids(self, state: str | None = None) -> list[str]:
+        """The project's sample ids, or those in ``state`` (``labelled``, ``unlabelled``, ...)."""
+        with self._lock:
+            return self.store.sample_ids(state=state)
+
+    def selected_rounds(self, id: str) -> list[int]:
+        """The rounds whose batch chose ``id`` (none for a slice no round asked about)."""
+        with self._lock:
+            return self.store.selected_rounds(id)
+
     def rounds(self) -> list[dict]:
         """Every exported batch, oldest first: ``{round, total, labelled, open}`` (open: awaiting labels)."""
         with self._lock:

@@ -258,9 +258,7 @@ class VolumeIndex:
             from alseg.data.sources import open_recorded_dataset
 
             project = self._project
-            with project._lock:  # the Project serialises every use of its store
-                info = project.store.data_info() or {}
-                known = set(project.store.sample_ids())
+            info, known = project.data_info(), set(project.sample_ids())
             if info.get("format") not in VOLUME_LAYOUTS or not info.get("path"):
                 return
             try:  # cut along the axis the project recorded
@@ -488,9 +486,7 @@ def create_app(project, *, max_upload_bytes: int = MAX_UPLOAD_BYTES,
         sample = volumes.sample(id)
         if sample is None:
             return None
-        with project._lock:  # the Project serialises every use of its store
-            chosen = project.store.selected_rounds(sample.id)
-        return None if chosen else sample
+        return None if project.selected_rounds(sample.id) else sample
 
     @app.get("/api/volume/{id:anytext}")
     def get_volume(id: str, round: int | None = None):
@@ -508,8 +504,7 @@ def create_app(project, *, max_upload_bytes: int = MAX_UPLOAD_BYTES,
             return {"id": id, "group": None, "round": None if batch is None else batch.round,
                     "slices": [], "current": None}
         in_batch = set() if batch is None else {it.id for it in batch.items}
-        with project._lock:
-            labelled = set(project.store.sample_ids(state="labelled"))
+        labelled = set(project.sample_ids(state="labelled"))
         slices = []
         for index, sid in volumes.slices(group):
             if batch is not None and sid in in_batch:
