@@ -24,7 +24,8 @@ Variants (each a set of config overrides on the preset; ``today`` undoes this wo
   against ``pretrain``'s random n;
 * ``batchdice``, ``bce``: ``steps`` with another loss (``train.loss``): soft Dice over the batch +
   BCE, or BCE alone, against the presets' per-image soft Dice + BCE;
-* ``all``: the preset as it is now, with pre-training on (what a lab's project runs);
+* ``all``: the preset as it is now, with pre-training on (what a lab's project runs; on ISIC
+  ``longcos`` since that study, ``strong`` before);
 * ``long``, ``cosine``, ``longcos``: ``all`` with a floor of 40 steps an epoch (twice the
   preset's), with the learning rate decayed by a cosine to a twentieth (``train.lr_schedule``),
   and both: what was tried next for the 80-mask target.
@@ -59,10 +60,11 @@ from machine import machine_info
 ROOT = Path(__file__).resolve().parents[1]
 DATA = {"isic": ROOT.parent / "shared" / "data" / "isic", "lgg": ROOT.parent / "shared" / "data" / "lgg"}
 PRESET = {"isic": "quick-isic", "lgg": "quick-lgg"}
-TODAY = {"train": {"min_epoch_steps": 0, "warmup_steps": 0, "augment_strength": "standard"},
+TODAY = {"train": {"min_epoch_steps": 0, "warmup_steps": 0, "augment_strength": "standard", "lr_schedule": "constant"},
          "pretrain": {"enabled": False}}
-STEPS = {"train": {"min_epoch_steps": 20, "warmup_steps": 0, "augment_strength": "standard"},
+STEPS = {"train": {"min_epoch_steps": 20, "warmup_steps": 0, "augment_strength": "standard", "lr_schedule": "constant"},
          "pretrain": {"enabled": False}}
+STRONG = {"min_epoch_steps": 20, "warmup_steps": 0, "augment_strength": "strong"}
 INPAINT = {"enabled": True, "method": "inpaint"}
 VARIANTS = {
     "today": TODAY,
@@ -76,9 +78,9 @@ VARIANTS = {
     "cover": {**STEPS, "pretrain": INPAINT},
     "all": {"pretrain": {"enabled": True}},
     # after the first study, for the 80-mask target: twice the step floor, a cosine decay, both
-    "long": {"pretrain": {"enabled": True}, "train": {"min_epoch_steps": 40}},
-    "cosine": {"pretrain": {"enabled": True}, "train": {"lr_schedule": "cosine"}},
-    "longcos": {"pretrain": {"enabled": True}, "train": {"min_epoch_steps": 40, "lr_schedule": "cosine"}},
+    "long": {"pretrain": INPAINT, "train": {**STRONG, "min_epoch_steps": 40, "lr_schedule": "constant"}},
+    "cosine": {"pretrain": INPAINT, "train": {**STRONG, "lr_schedule": "cosine"}},
+    "longcos": {"pretrain": INPAINT, "train": {**STRONG, "min_epoch_steps": 40, "lr_schedule": "cosine"}},
 }
 COVER = {"cover"}  # variants whose n masks are chosen to cover the pool (the rest: at random)
 
