@@ -57,6 +57,18 @@ class Page:
         minutes, _, seconds = self.text("timer").partition(":")
         return int(minutes) * 60 + int(seconds) if minutes.isdigit() and seconds.isdigit() else -1
 
+    def watch_requests(self) -> None:
+        """Start a fresh record of the page's requests (the browser's resource timing entries)."""
+        self.d.execute_script("performance.setResourceTimingBufferSize(5000); performance.clearResourceTimings();")
+
+    def sent(self, path: str) -> list[dict]:
+        """The query parameters of each request since :meth:`watch_requests` whose path holds ``path``."""
+        from urllib.parse import parse_qsl, urlsplit
+
+        names = self.d.execute_script("return performance.getEntriesByType('resource').map(e => e.name);")
+        return [{k: float(v) if k.endswith("seconds") else v for k, v in parse_qsl(urlsplit(n).query)}
+                for n in names if path in urlsplit(n).path]
+
     def wait_timer(self, seconds: int) -> None:
         """Until the page itself has counted ``seconds`` on this image: its own clock, whatever the load."""
         self.wait(lambda: self.timer_seconds() >= seconds, f"the timer at {seconds} s")
@@ -226,7 +238,7 @@ def test_painted_stroke_is_submitted_with_the_time_spent(page):
     page.drag(item, [(x, y), (x + 10, y), (x + 20, y)])
     page.wait(lambda: "mask" in page.text("item-info") and not page.el("undo").get_property("disabled"), "undo on")
     page.shot("painted")
-    shown = page.timer_seconds()  # what the page has counted on this image, by its own clock
+    page.watch_requests()
     page.click("submit")
     page.progress(1)
     stored = page.stored(item.id)
@@ -236,11 +248,13 @@ def test_painted_stroke_is_submitted_with_the_time_spent(page):
     changed = np.argwhere(stored != pred)
     assert abs(changed[:, 0] - y).max() <= 2  # only along the stroke
     assert "stored" in page.text("message")
-    seconds = [a["seconds"] for a in page.p.store.annotations(item.id) if a["seconds"] is not None]
-    # the recorded time is what the page counted before the submit (the wall time it sends is at
-    # least the active time its timer shows): the submit carries the page's count to the store
-    assert seconds and seconds[-1] >= shown >= 1, (seconds, shown)
-    assert page.p.status()["expert_seconds"] == pytest.approx(sum(seconds))
+    recorded = [a for a in page.p.store.annotations(item.id) if a["seconds"] is not None]
+    # the submit carries the page's own count (its timer ran, so the count is not zero) to the store
+    submits = [q for q in page.sent("/api/mask/") if "active_seconds" in q]
+    assert len(submits) == 1 and submits[0]["active_seconds"] > 0, submits
+    assert (recorded[-1]["seconds"], recorded[-1]["active_seconds"]) == \
+        pytest.approx((submits[0]["seconds"], submits[0]["active_seconds"]))
+    assert page.p.status()["expert_seconds"] == pytest.approx(sum(a["seconds"] for a in recorded))
     page.wait_loaded(page.batch.items[1].id)  # moved on to the next image
 
 
@@ -340,11 +354,14 @@ def test_refusals_are_shown_on_the_page(page, tmp_path):
 def test_skip_records_time_and_keeps_the_image_queued(page):
     item = page.batch.items[0]
     page.wait_timer(1)
-    shown = page.timer_seconds()
+    page.watch_requests()
     page.key("s")
     page.wait_loaded(page.batch.items[1].id)
-    page.wait(lambda: page.p.status()["expert_seconds"] > 0, "skip time recorded")
-    assert page.p.status()["expert_seconds"] >= shown >= 1  # the skip carries the page's count
+    page.wait(lambda: any(a["action"] == "skip" for a in page.p.store.annotations(item.id)), "skip time recorded")
+    skips = page.sent("/api/skip/")
+    assert len(skips) == 1 and skips[0]["active_seconds"] > 0, skips  # the page's own count
+    row = [a for a in page.p.store.annotations(item.id) if a["action"] == "skip"][-1]
+    assert (row["seconds"], row["active_seconds"]) == pytest.approx((skips[0]["seconds"], skips[0]["active_seconds"]))
     assert item.id in page.p.store.queued(1) and page.p.stored_mask(item.id) is None
     page.key("p")  # back; n and arrows move too
     page.wait_loaded(item.id)
