@@ -180,13 +180,14 @@ def paired_differences(values: Sequence[float | None], baseline: Sequence[float 
 
 # --- the driver ---------------------------------------------------------------------------------------
 
-def _finished_full(run_dir: Path) -> float | None:
-    """A finished full-supervision reference's headline test Dice; None when it has none yet."""
+def _finished_full(run_dir: Path) -> tuple[float, str] | None:
+    """A finished full-supervision reference's headline test Dice and which it is; None when it has none yet."""
     if not (run_dir / "run.db").is_file():
         return None
     with RunStore.open_readonly(run_dir) as store:
         ev = [e for e in store.evaluations() if e["split"] == "test"]
-        return ev[0][run_headline(store)] if ev else None
+        metric = run_headline(store)
+        return (ev[0][metric], metric) if ev else None
 
 
 def _recorded_curve(run_dir: Path, rounds: Sequence[dict]) -> tuple[str, list[dict]]:
@@ -202,11 +203,6 @@ def _recorded_curve(run_dir: Path, rounds: Sequence[dict]) -> tuple[str, list[di
         value = ev[metric] if ev is not None and ev[metric] is not None else r["test_dice"]
         curve.append({**r, "test_dice": value})
     return metric, curve
-
-
-def _full_metric(run_dir: Path) -> str:
-    with RunStore.open_readonly(run_dir) as store:
-        return run_headline(store)
 
 
 def _one_metric(metrics: dict[str, str], where: Path) -> str:
@@ -310,15 +306,17 @@ def _check_same_settings(runs: Path, config: ExperimentConfig, with_full: bool) 
                              "or another --out", run_dir)
 
 
-def _make_full(cfg: ExperimentConfig, run_dir: Path, reporter: Reporter) -> float:
-    """The full-supervision reference of ``cfg.seed`` (reused when finished); its headline test Dice."""
-    dice = _finished_full(run_dir)
-    if dice is None:
+def _make_full(cfg: ExperimentConfig, run_dir: Path, reporter: Reporter) -> tuple[float, str]:
+    """The full-supervision reference of ``cfg.seed`` (reused when finished): its headline test Dice
+    and which Dice that is."""
+    found = _finished_full(run_dir)
+    if found is None:
         if run_dir.exists():  # an interrupted supervised run: start it again
             _remove_unfinished(RunDir(run_dir))
         reporter.note(f"full supervision, seed {cfg.seed}")
-        dice = train_supervised(cfg, run_dir, full=True, reporter=reporter)["test"]["headline_dice"]
-    return dice
+        test = train_supervised(cfg, run_dir, full=True, reporter=reporter)["test"]
+        found = test["headline_dice"], test["headline"]
+    return found
 
 
 def _make_active(cfg: ExperimentConfig, strategy: str, run_dir: Path, donor: Path | None,
@@ -509,8 +507,8 @@ def compare(config: ExperimentConfig, out: str | Path, *, strategies: Sequence[s
         cfg = dataclasses.replace(config, seed=seed)
         if full:
             run_dir = runs / f"full-s{seed}"
-            full_runs[seed] = {"test_dice": _make_full(cfg, run_dir, reporter)}
-            metrics[run_dir.name] = _full_metric(run_dir)
+            dice, metrics[run_dir.name] = _make_full(cfg, run_dir, reporter)
+            full_runs[seed] = {"test_dice": dice}
             if scorer:
                 full_runs[seed]["external_dice"] = scorer.dice(run_dir.name, run_dir)
         donor = _finished_round0(runs, seed)  # else the seed's first run here trains it, the others adopt it

@@ -35,7 +35,7 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 
 from alseg.data.cache import CachedData, load_cached
-from alseg.data.sources import Dataset, open_dataset
+from alseg.data.sources import SLICED_LAYOUTS, Dataset, open_dataset
 from alseg.errors import AlsegError
 from alseg.metrics import (VolumeScore, dice_counts, largest_component_3d, score_volume, stack_slices,
                            summarize_dice, summarize_volumes)
@@ -46,8 +46,9 @@ from alseg.train import Checkpoint, predict_probs
 EVAL_SPLITS = ("all", "train", "val", "test")
 CHUNK = 256  # images predicted at once: bounded memory on large sets
 
-VOLUME_FORMATS = ("lgg", "nifti", "dicom")  # layouts whose groups are volumes (patients, NIfTI/DICOM)
 TUMOUR_SLICES_ONLY = "lgg"  # the split preset that keeps only lesion slices: no whole volumes
+# splits that hold no whole volumes: tumour slices only, or a project's few labelled slices
+PART_VOLUME_SPLITS = (TUMOUR_SLICES_ONLY, "project")
 HEADLINE_LABELS = {"volume_dice_mean": "per-volume Dice", "mean_dice": "Dice"}
 # the test figure as the report names it on axes and in tables
 HEADLINE_TEST_LABELS = {"volume_dice_mean": "per-volume test Dice (Buda et al.)", "mean_dice": "per-image test Dice"}
@@ -57,13 +58,14 @@ def headline_metric(format: str | None, split_preset: str, split_by: str = "grou
     """The summary key that is a run's headline test Dice: ``"volume_dice_mean"`` when the test
     split holds whole volumes, else ``"mean_dice"``.
 
-    Whole volumes: ``format`` is a volume layout (:data:`VOLUME_FORMATS`: LGG patients, NIfTI,
-    DICOM), ``split_preset`` keeps every slice with a mask (any preset but ``lgg``, which keeps
-    tumour slices only) and the split went by group (``split_by="sample"`` scatters a volume's
+    Whole volumes: ``format`` is a volume layout (:data:`~alseg.data.sources.SLICED_LAYOUTS`: LGG
+    patients, NIfTI, DICOM), ``split_preset`` keeps every slice with a mask (any preset but ``lgg``,
+    which keeps tumour slices only, and a project's, whose labelled slices are a few of each
+    volume) and the split went by group (``split_by="sample"`` scatters a volume's
     slices over train, validation and test). Photos grouped by ``groups.csv`` (``folder``,
     ``isic2017``) are no volumes: their headline is the mean Dice over images.
     """
-    whole = format in VOLUME_FORMATS and split_preset != TUMOUR_SLICES_ONLY and split_by == "group"
+    whole = format in SLICED_LAYOUTS and split_preset not in PART_VOLUME_SPLITS and split_by == "group"
     return "volume_dice_mean" if whole else "mean_dice"
 
 
@@ -87,8 +89,7 @@ def validation_volumes(dataset: Dataset, data: CachedData, split) -> tuple[list,
     """``(group, slice position)`` of each validation row when the validation split holds whole
     volumes (the headline rule, a run's own split; not a project's few labelled slices), so that
     training keeps the epoch with the best per-volume Dice (:func:`alseg.train.fit`); else None."""
-    if not split.val or split.preset == "project" or \
-            headline_metric(dataset.format, split.preset, split.split_by) != "volume_dice_mean":
+    if not split.val or headline_metric(dataset.format, split.preset, split.split_by) != "volume_dice_mean":
         return None
     where = dataset.slice_indices()
     rows = data.indices(list(split.val))

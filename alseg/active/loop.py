@@ -336,10 +336,10 @@ class ActiveRun:
             evaluation = score_model(best, self.data, self.data.indices(split.test), device=self.device,
                                      precision=cfg.train.precision, slice_index=self.dataset.slice_indices(),
                                      voxel_ml=voxel_ml_by_volume(self.dataset, self.data))
-            self.store.add_evaluation(round, "test", evaluation.summary)
             # the headline (per-volume Dice for whole volumes) is what status, compare and the report show
             test_summary = with_headline(evaluation.summary,
                                          headline_metric(self.dataset.format, split.preset, split.split_by))
+            self.store.add_evaluation(round, "test", test_summary)
             test_dice = test_summary["headline_dice"]
         timings = {**self.store.round_timings(round), "train_s": trained - t0,
                    "evaluate_s": time.perf_counter() - trained}

@@ -132,6 +132,11 @@ def uncertainty_overlay(image: np.ndarray, variance: np.ndarray) -> tuple[np.nda
     return (rgb * (1 - alpha) + colour * alpha).round().astype(np.uint8), scale
 
 
+def display_pixels(image: np.ndarray) -> np.ndarray:
+    """``(H, W, C)`` uint8 as a browser shows it: RGB as is, otherwise the first channel as grey."""
+    return image if image.shape[2] == 3 else image[:, :, 0]
+
+
 def image_file(source: Path, image: np.ndarray) -> tuple[str, bytes]:
     """The batch's copy of an image: ``(suffix, bytes)``.
 
@@ -139,7 +144,7 @@ def image_file(source: Path, image: np.ndarray) -> tuple[str, bytes]:
     it (8-bit grey or RGB, no EXIF rotation), else the decoded pixels re-encoded at quality 95.
     Other sources become PNG (lossless, shown by every browser).
     """
-    pixels = image if image.shape[2] == 3 else image[:, :, 0]
+    pixels = display_pixels(image)
     if source.suffix.lower() not in JPEG_SUFFIXES:
         return ".png", png_bytes(pixels)
     from PIL import Image

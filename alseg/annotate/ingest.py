@@ -67,7 +67,7 @@ import numpy as np
 from alseg.annotate.export import BatchItem, batch_cases, batch_items
 from alseg.data.imageio import read_mask
 from alseg.data.sources import IMAGE_SUFFIXES, open_recorded_dataset
-from alseg.data.volumes import is_nifti, nifti_stem, read_mask_volume
+from alseg.data.volumes import is_nifti, nifti_stem, read_mask_volume, take_slice
 from alseg.errors import AlsegError
 from alseg.store import DEFAULT_ANNOTATOR, DiskFull, RunStore, mask_png
 
@@ -371,7 +371,7 @@ def _volume_entries(store: RunStore, files: list[Path], tiers: list, size: int, 
                                   "ignored": info.slices - len(items), "ids": [it.id for it in items]})
         for item in items:
             sample = samples[item.id]
-            plane = np.ascontiguousarray(np.take(volume, sample.slice, axis=sample.axis))
+            plane = take_slice(volume, sample.axis, sample.slice)
             entries.append(_Entry(path, f"{path} [{item.id}]", f"{path.name} [{item.id}]", batch, item,
                                   lambda plane=plane, item=item: check_mask(plane, item, size, allow_empty, path)))
     return entries

@@ -227,7 +227,6 @@ _MEDIA = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg"}
 NEXT_MODES = ("button", "auto")
 
 
-VOLUME_LAYOUTS = ("nifti", "dicom", "lgg")  # layouts whose groups are volumes with known slice positions
 SLICE_CACHE = 64  # encoded neighbour slices kept in memory (a few kB to a few hundred kB each)
 
 
@@ -255,11 +254,11 @@ class VolumeIndex:
             if self._loaded:
                 return
             self._loaded = True
-            from alseg.data.sources import open_recorded_dataset
+            from alseg.data.sources import SLICED_LAYOUTS, open_recorded_dataset
 
             project = self._project
             info, known = project.data_info(), set(project.sample_ids())
-            if info.get("format") not in VOLUME_LAYOUTS or not info.get("path"):
+            if info.get("format") not in SLICED_LAYOUTS or not info.get("path"):
                 return
             try:  # cut along the axis the project recorded
                 dataset = open_recorded_dataset(info)
@@ -302,19 +301,18 @@ class VolumeIndex:
             if key in self._encoded:
                 self._encoded[key] = self._encoded.pop(key)  # most recently used last
                 return self._encoded[key]
+        import numpy as np
         from PIL import Image
 
+        from alseg.annotate.export import display_pixels, jpeg_bytes
         from alseg.data.imageio import png_bytes
         from alseg.data.samples import sample_image
 
-        pixels = sample_image(sample)
-        pixels = pixels if pixels.shape[2] == 3 else pixels[:, :, 0]  # as export's image_file shows it
+        pixels = display_pixels(sample_image(sample))
         height, width = pixels.shape[:2]
         if max_side is not None and max(width, height) > max_side:
-            im = Image.fromarray(pixels).resize(preview_size(width, height, max_side), Image.LANCZOS)
-            buf = io.BytesIO()
-            im.save(buf, format="JPEG", quality=PREVIEW_QUALITY)
-            encoded = (buf.getvalue(), "image/jpeg")
+            small = Image.fromarray(pixels).resize(preview_size(width, height, max_side), Image.LANCZOS)
+            encoded = (jpeg_bytes(np.asarray(small), PREVIEW_QUALITY), "image/jpeg")
         else:
             encoded = (png_bytes(pixels), "image/png")
         with self._lock:

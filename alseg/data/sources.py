@@ -49,6 +49,8 @@ _TRAILING_NUMBER = re.compile(r"_(\d+)$")  # an LGG slice id: <patient>_<n>
 
 FORMATS = ("isic2017", "lgg", "folder", "nifti", "dicom")
 VOLUME_FORMATS = ("nifti", "dicom")
+# layouts whose groups are volumes with known slice positions: LGG patients' numbered slices too
+SLICED_LAYOUTS = ("lgg", *VOLUME_FORMATS)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff"}
 
 _ISIC_SPLITS = (("Training", "training"), ("Validation", "validation"), ("Test_v2", "test"), ("Test", "test"))
