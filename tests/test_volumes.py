@@ -274,7 +274,7 @@ AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)  # rows run to the patient's left (+x LPS
 
 def _dicom_slice(path: Path, pixels: np.ndarray, position, *, series="1.2.3.4", instance=1,
                  orientation=AXIAL, spacing=(0.9, 0.8), slope=1.0, intercept=0.0, syntax=None, modality="MR",
-                 drop=()) -> Path:
+                 drop=(), photometric="MONOCHROME2") -> Path:
     """One 2D DICOM slice written by pydicom (explicit VR little endian unless ``syntax`` says)."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.encaps import encapsulate
@@ -293,10 +293,12 @@ def _dicom_slice(path: Path, pixels: np.ndarray, position, *, series="1.2.3.4", 
     ds.PixelSpacing = [f"{v:g}" for v in spacing]
     ds.RescaleSlope, ds.RescaleIntercept = f"{slope:g}", f"{intercept:g}"
     ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
     if syntax is None:
-        ds.PixelData = pixels.astype("<i2").tobytes()
+        # MONOCHROME1 stores the lowest value shown white: the same picture stored inverted
+        stored = pixels if photometric == "MONOCHROME2" else -1 - pixels.astype(np.int32)
+        ds.PixelData = stored.astype("<i2").tobytes()
     else:  # a compressed syntax: placeholder fragments (the refusal comes from the header alone)
         ds.PixelData = encapsulate([b"\xff\xd8\xff\xd9"] * 1)
         ds["PixelData"].VR = "OB"
@@ -422,6 +424,22 @@ def test_dicom_slices_sort_by_position_along_the_normal_not_by_name(tmp_path):
     canonical = volume.transpose(2, 1, 0)[:, ::-1, ::-1]
     got = np.stack([sample_image(s)[..., 0] for s in ds.samples], axis=0)
     np.testing.assert_array_equal(got, _normalised(canonical[..., None])[..., 0])
+
+
+def test_a_monochrome1_series_reads_as_the_same_picture_as_its_monochrome2_twin(tmp_path):
+    """MONOCHROME1 stores the lowest value shown white; read as a viewer shows it, its voxels equal
+    those of the same picture stored MONOCHROME2 (and differ from the stored values)."""
+    from alseg.data.dicom import read_series_voxels
+
+    volume = np.random.default_rng(3).integers(-300, 900, size=(12, 16, 5)).astype(np.float64)
+    _series(tmp_path / "m2", volume)
+    _series(tmp_path / "m1", volume, photometric="MONOCHROME1")
+    _, plain = read_series_voxels(tmp_path / "m2")
+    _, inverted = read_series_voxels(tmp_path / "m1")
+    np.testing.assert_array_equal(inverted, plain)
+    from pydicom import dcmread
+    stored = dcmread(sorted((tmp_path / "m1").iterdir())[0]).pixel_array
+    assert not np.isin(stored, plain).all()  # the file really holds the inverted values
 
 
 def test_a_dicom_series_is_sliced_in_its_acquisition_plane_by_default(tmp_path):

@@ -15,8 +15,9 @@ gets from a NIfTI header (a stored voxel array and its RAS+ voxel-to-world affin
   (row spacing, column spacing) and the step between the first and last positions, and turned
   from DICOM's LPS to RAS (x and y negated) like a NIfTI affine.
 * intensities: ``RescaleSlope`` / ``RescaleIntercept`` applied per slice (float32 when they
-  change values). ``MONOCHROME1`` slices are kept as stored (the per-volume normalisation does
-  not invert them).
+  change values). ``MONOCHROME1`` slices (the lowest value shown white) are inverted within their
+  stored range (``BitsStored``, ``PixelRepresentation``) before the rescale, as a viewer shows them,
+  so a model and the page see bright as bright whichever way a scanner stored it.
 * the refusals, each one :class:`AlsegError` line naming the file or folder: an unreadable file,
   several series (``SeriesInstanceUID``) in one folder, a single file posing as a series, a
   multi-frame file, colour slices, DICOM SEG or RTSTRUCT objects (masks come as NIfTI beside the
@@ -305,13 +306,24 @@ def read_series_voxels(folder: Path) -> tuple[Series, np.ndarray]:
         if plane.shape != (series.shape[1], series.shape[0]) or plane.dtype.kind not in "biuf":
             raise AlsegError(f"slice pixels have shape {plane.shape} ({plane.dtype}), expected "
                              f"{series.shape[1]} x {series.shape[0]} greyscale", path)
-        planes.append(plane)
+        planes.append(_as_monochrome2(plane, ds))
     if any(s != 1.0 for s in series.slope) or any(b != 0.0 for b in series.intercept):
         voxels = np.stack([p.astype(np.float32) * np.float32(s) + np.float32(b)
                            for p, s, b in zip(planes, series.slope, series.intercept)], axis=-1)
     else:
         voxels = np.stack(planes, axis=-1)
     return series, np.ascontiguousarray(voxels.transpose(1, 0, 2))
+
+
+def _as_monochrome2(plane: np.ndarray, ds) -> np.ndarray:
+    """A ``MONOCHROME1`` slice's stored values inverted within the range its bits can hold (a
+    ``MONOCHROME2`` slice, or a float one, as it is)."""
+    if str(ds.get("PhotometricInterpretation", "")).strip().upper() != "MONOCHROME1" or plane.dtype.kind == "f":
+        return plane
+    bits = int(ds.get("BitsStored") or plane.dtype.itemsize * 8)
+    signed = int(ds.get("PixelRepresentation") or 0) == 1
+    lo, hi = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
+    return ((lo + hi) - plane.astype(np.int64)).astype(plane.dtype)
 
 
 def _short(exc: BaseException) -> str:
