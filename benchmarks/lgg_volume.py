@@ -13,6 +13,8 @@ get more steps:
 * ``ARM+batch`` (or ``+bce``, ``+dice``): the arm with another loss (``train.loss``: soft Dice
   over the whole batch + BCE, BCE alone, per-image soft Dice + BCE, the presets' default). An
   empty slice's own Dice term pulls every pixel to 0; over the batch it does not.
+* ``ARM+LOSS+cos``: the learning rate decayed by a cosine to a twentieth over the run
+  (``train.lr_schedule``), against the preset's constant rate.
 
 Every arm keeps the epoch with the best mean per-volume Dice on the validation patients (all
 their slices: what a lab can measure) and is scored on the test patients over all their slices:
@@ -70,12 +72,14 @@ def one_run(job: dict) -> dict:
 
     torch.set_num_threads(1)
     cfg, dataset, data, split = _fixed()
-    arm, loss = (job["arm"].split("+", 1) + ["dice_bce"])[:2]
+    arm, *mods = job["arm"].split("+")
+    loss = next((m for m in mods if m != "cos"), "dice_bce")
     train_ids = [i for i in split.train if arm != "tumour" or data.positive[data.indices([i])[0]]]
     ratio = None if arm in ("ratio-all", "tumour") else float(arm.split("-", 1)[1])
     ti = data.indices(train_ids)
     lesion = np.asarray(data.masks[ti]).reshape(len(ti), -1).any(1)
-    train_cfg = dataclasses.replace(cfg.train, empty_ratio=ratio, device="cpu", loss=LOSSES.get(loss, loss))
+    train_cfg = dataclasses.replace(cfg.train, empty_ratio=ratio, device="cpu", loss=LOSSES.get(loss, loss),
+                                    lr_schedule="cosine" if "cos" in mods else "constant")
     steps_per_epoch = epoch_steps(epoch_rows(lesion, ratio), train_cfg)
     train_cfg = dataclasses.replace(train_cfg, epochs=max(1, math.ceil(job["steps"] / steps_per_epoch)))
     model_cfg = dataclasses.replace(cfg.model, in_channels=data.channels)
