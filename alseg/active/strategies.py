@@ -30,6 +30,22 @@ the bins below the top ones, going down; for *low*: the bins above the region, t
 ``bald`` (top-k mutual information) take the same expert batch per round (``active.batch_size``;
 by default CEAL's ``n_missed + n_uncertain + n_low`` = 35) and no pseudo-labels.
 
+Pseudo-labels are a rule a strategy is given (:class:`PseudoRule`), drawn after its expert batch
+from what that left: :class:`CealPseudo` (step 4 above, the gate's ``pseudo_limit`` applied) or
+:data:`NO_PSEUDO`. ``ceal``, ``diverse`` and ``suggestive`` are given CEAL's; so are these arms,
+which take a comparison's selection and its pseudo-labels apart (issue 31):
+
+* ``ceal-no-pseudo``: CEAL's expert batch (the same ids for the same inputs and rng), no pseudo-labels.
+* ``random-pseudo``: random's expert batch (drawn first, so the same ids as ``random`` for the same
+  rng), then CEAL's pseudo-labels from the rest of the pool; it needs the MC pass (the pseudo-labels
+  are its masks), ``random`` does not.
+* ``fg-random`` (foreground-aware random, after nnActive's "Random 33% FG", Lüth et al. 2025): a
+  ``fg_fraction`` (1/3) of the batch uniformly from pool images whose predicted mask has foreground
+  (``foreground`` > 0), the rest uniformly from the remaining pool; when too few have foreground the
+  rest is filled at random, with a note. A departure: nnActive's simulation uses the true label; a
+  pool holds none, so this uses the model's (it needs the MC pass). No pseudo-labels; it ranks
+  nothing (``score_name`` None), so the volume rules cap it as random.
+
 ``diverse`` (beyond the paper): the ``candidates`` x batch most uncertain pool images (variance),
 then k-center greedy (core-set) on the U-Net's bottleneck features: each pick is the candidate
 farthest from everything labelled and picked so far, so near-duplicates (neighbouring slices of one
@@ -121,133 +137,24 @@ class CealParams:
         return replace(self, n_missed=missed, n_uncertain=uncertain, n_low=n - missed - uncertain)
 
 
-class Strategy:
-    """See the module docstring for the ``select`` contract."""
-
-    name = "base"
-    needs_features = False
-    needs_scores = True  # False: the loop skips the MC passes and ``scores`` holds only ``group``
-    # the per-image scalar of ``scores`` this strategy ranks by, which the volume rules aggregate per
-    # volume and rank replacements by (alseg.active.volumes); None: it ranks nothing (random)
-    score_name: str | None = "variance"
-
-    def select(self, scores: Mapping[str, np.ndarray], pool: Sequence[str], round: int,
-               rng: np.random.Generator, *, pseudo_held: int = 0, pseudo_limit: int | None = None) -> Selection:
-        raise NotImplementedError
-
-    def pseudo_wanted(self, round: int, pseudo_held: int = 0) -> int:
-        """Pseudo-labels this strategy would take in ``round`` before any gate (0: it takes none)."""
-        return 0
-
-
-class RandomStrategy(Strategy):
-    name = "random"
-    needs_scores = False
-    score_name = None
-
-    def __init__(self, budget: int = 35):
-        self.budget = budget
-
-    def select(self, scores, pool, round, rng, *, pseudo_held=0, pseudo_limit=None):
-        k = min(self.budget, len(pool))
-        picked = [pool[i] for i in sorted(rng.choice(len(pool), size=k, replace=False))]
-        short = [f"random: pool holds {len(pool)}, wanted {self.budget}"] if k < self.budget else []
-        return Selection(picked, [], {i: "random" for i in picked}, short)
-
-
-class TopKStrategy(Strategy):
-    """The ``budget`` pool images with the highest ``score`` (ties broken by pool order)."""
-
-    def __init__(self, score: str, budget: int = 35):
-        self.name = {"variance": "uncertainty"}.get(score, score)
-        self.score, self.budget = score, budget
-        self.score_name = score
-
-    def select(self, scores, pool, round, rng, *, pseudo_held=0, pseudo_limit=None):
-        values = np.asarray(scores[self.score], float)
-        order = np.argsort(-values, kind="stable")[: self.budget]
-        picked = [pool[i] for i in order]
-        short = [f"{self.name}: pool holds {len(pool)}, wanted {self.budget}"] if len(picked) < self.budget else []
-        return Selection(picked, [], {i: f"top {self.score}" for i in picked}, short)
-
-
-class CealStrategy(Strategy):
-    name = "ceal"
-
-    def __init__(self, params: CealParams = CealParams()):
-        if params.bins < params.top_bins or params.bins < 2:
-            raise AlsegError("CEAL needs at least 2 bins and no more top bins than bins")
-        self.p = params
-
-    def pseudo_wanted(self, round: int, pseudo_held: int = 0) -> int:
-        return ceal_pseudo_count(self.p, round, pseudo_held)
-
-    def histogram(self, values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(bin of each value, counts per bin, edges): numpy's equal-width histogram, last bin closed."""
-        counts, edges = np.histogram(values, bins=self.p.bins)
-        which = np.clip(np.searchsorted(edges, values, side="right") - 1, 0, self.p.bins - 1)
-        return which, counts, edges
-
-    def regions(self, values: np.ndarray) -> dict[str, tuple[float, float]]:
-        """Score intervals of the CEAL regions for these scores (for figures): missed, low, uncertain, pseudo."""
-        p = self.p
-        values = np.asarray(values, float)
-        _, counts, edges = self.histogram(values)
-        modal = int(np.argmax(counts))
-        lo, hi = modal + p.low_offset, min(p.low_end_bin, p.bins)
-        lowest = np.sort(values)[: max(1, p.n_missed)]
-        return {"missed": (float(edges[0]), float(lowest[-1])),
-                "low": (float(edges[lo]), float(edges[hi])) if lo < hi else (0.0, 0.0),
-                "uncertain": (float(edges[p.bins - p.top_bins]), float(edges[-1])),
-                "pseudo": (float(edges[modal]), float(edges[modal + 1]))}
-
-    def select(self, scores, pool, round, rng, *, pseudo_held=0, pseudo_limit=None):
-        p = self.p
-        values = np.asarray(scores["variance"], float)
-        bins = _Bins(self, values, rng)
-        # 1. missed: the lowest scores
-        order = [int(i) for i in np.argsort(values, kind="stable")][: p.n_missed]
-        bins.take(order, "missed")
-        if len(order) < p.n_missed:
-            bins.shortfalls.append(f"missed: pool holds {len(order)} of {p.n_missed}")
-        # 2. uncertain: sparsest of the top bins, adding bins from the sparsest up
-        top = list(range(p.bins - p.top_bins, p.bins))
-        top_sorted = sorted(top, key=lambda b: (bins.free_in(b), -b))
-        primary, count = [], 0
-        for b in top_sorted:
-            c = bins.free_in(b)
-            if c == 0:
-                continue
-            primary.append(b)
-            count += c
-            if count >= p.n_uncertain:
-                break
-        bins.draw("uncertain", p.n_uncertain, primary, list(range(p.bins - p.top_bins - 1, -1, -1)))
-        # 3. low: the low-uncertainty region above the crowd; when it is short, the nearest bins
-        #    first: upward from its upper edge (from bin `hi` when the region is empty, so bins
-        #    between the modal crowd and `lo` are not skipped), then downward from below it.
-        lo, hi = bins.modal + p.low_offset, min(p.low_end_bin, p.bins)
-        region = list(range(lo, hi)) if lo < hi else []
-        above = list(range(hi, p.bins))
-        below = list(range((lo if region else hi) - 1, -1, -1))
-        bins.draw("low", p.n_low, region, above + below)
-        expert = [pool[i] for i in np.flatnonzero(bins.taken)]
-        pseudo = ceal_pseudo(p, bins, scores, round, pseudo_held, pseudo_limit)
-        return Selection(expert, [pool[i] for i in pseudo], {pool[i]: r for i, r in bins.reasons.items()},
-                         bins.shortfalls)
-
-
 class _Bins:
-    """CEAL's histogram of one pool's scores, and drawing from its bins without repeats."""
+    """The book of one pool's selection: what is taken, and why, and the notes of what fell short;
+    with scores, also CEAL's histogram of them, drawn from bin by bin without repeats."""
 
-    def __init__(self, ceal: CealStrategy, values: np.ndarray, rng: np.random.Generator):
-        self.which, counts, _ = ceal.histogram(values)
-        self.modal = int(np.argmax(counts))
+    def __init__(self, n: int, rng: np.random.Generator, which: np.ndarray | None = None,
+                 counts: np.ndarray | None = None):
+        self.which = which  # each image's bin (None: no histogram, nothing is drawn by bin)
+        self.modal = int(np.argmax(counts)) if counts is not None else None
         self.rng = rng
-        self.taken = np.zeros(len(values), bool)
-        self.barred = np.zeros(len(values), bool)  # excluded from the group being drawn, not taken
+        self.taken = np.zeros(n, bool)
+        self.barred = np.zeros(n, bool)  # excluded from the group being drawn, not taken
         self.reasons: dict[int, str] = {}
         self.shortfalls: list[str] = []
+
+    @classmethod
+    def histogram(cls, values: np.ndarray, bins: int, rng: np.random.Generator) -> "_Bins":
+        which, counts, _ = ceal_histogram(values, bins)
+        return cls(len(values), rng, which, counts)
 
     def free_in(self, b: int) -> int:
         return int(np.count_nonzero((self.which == b) & ~self.taken))
@@ -277,6 +184,222 @@ class _Bins:
                 self.shortfalls.append(f"{reason}: pool exhausted, {len(chosen)} of {k} chosen")
         self.take(chosen, reason)
         return chosen
+
+
+def ceal_histogram(values: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(bin of each value, counts per bin, edges): numpy's equal-width histogram, last bin closed."""
+    counts, edges = np.histogram(values, bins=bins)
+    which = np.clip(np.searchsorted(edges, values, side="right") - 1, 0, bins - 1)
+    return which, counts, edges
+
+
+# --- pseudo-labels: a rule a strategy is given, drawn after its expert batch ----------------------
+class PseudoRule:
+    """Which pool images a strategy pseudo-labels, drawn from what its expert batch left; this
+    base rule takes none (``random``, the top-k strategies, ``ceal-no-pseudo``, ``fg-random``)."""
+
+    needs_scores = False  # True: it draws from the MC pass (the pseudo-labels are its masks)
+
+    def wanted(self, round: int, pseudo_held: int = 0) -> int:
+        """Pseudo-labels to take in ``round`` before any gate."""
+        return 0
+
+    def ledger(self, scores: Mapping[str, np.ndarray], n: int, rng: np.random.Generator) -> _Bins:
+        """The book a strategy takes its expert batch in, holding what :meth:`draw` draws from."""
+        return _Bins(n, rng)
+
+    def draw(self, bins: _Bins, scores: Mapping[str, np.ndarray], round: int, pseudo_held: int = 0,
+             limit: int | None = None) -> list[int]:
+        """Pool indices to pseudo-label, none of them taken in ``bins`` (which takes them)."""
+        return []
+
+
+NO_PSEUDO = PseudoRule()
+
+
+class CealPseudo(PseudoRule):
+    """CEAL's pseudo-labels (:func:`ceal_pseudo`): :func:`ceal_pseudo_count` of them, at most the
+    gate's ``limit``, from the modal bin of the pool's variance histogram, widening."""
+
+    needs_scores = True
+
+    def __init__(self, params: "CealParams"):
+        self.p = params
+
+    def wanted(self, round: int, pseudo_held: int = 0) -> int:
+        return ceal_pseudo_count(self.p, round, pseudo_held)
+
+    def ledger(self, scores, n, rng):
+        return _Bins.histogram(np.asarray(scores["variance"], float), self.p.bins, rng)
+
+    def draw(self, bins, scores, round, pseudo_held=0, limit=None):
+        return ceal_pseudo(self.p, bins, scores, round, pseudo_held, limit)
+
+
+class Strategy:
+    """See the module docstring for the ``select`` contract."""
+
+    name = "base"
+    needs_features = False
+    needs_scores = True  # False: the loop skips the MC passes and ``scores`` holds only ``group``
+    # the per-image scalar of ``scores`` this strategy ranks by, which the volume rules aggregate per
+    # volume and rank replacements by (alseg.active.volumes); None: it ranks nothing (random)
+    score_name: str | None = "variance"
+    pseudo: PseudoRule = NO_PSEUDO  # the pseudo-label rule it is given
+
+    def select(self, scores: Mapping[str, np.ndarray], pool: Sequence[str], round: int,
+               rng: np.random.Generator, *, pseudo_held: int = 0, pseudo_limit: int | None = None) -> Selection:
+        raise NotImplementedError
+
+    def pseudo_wanted(self, round: int, pseudo_held: int = 0) -> int:
+        """Pseudo-labels this strategy would take in ``round`` before any gate (0: it takes none)."""
+        return self.pseudo.wanted(round, pseudo_held)
+
+    def _selection(self, pool: Sequence[str], bins: _Bins, scores: Mapping[str, np.ndarray], round: int,
+                   pseudo_held: int, pseudo_limit: int | None, shortfalls: Sequence[str] = (),
+                   order: Sequence[int] | None = None) -> Selection:
+        """The expert batch taken in ``bins`` (in ``order``, default pool order), then this
+        strategy's pseudo-labels drawn from the rest; the reasons and notes of both."""
+        expert = [pool[int(i)] for i in (np.flatnonzero(bins.taken) if order is None else order)]
+        pseudo = self.pseudo.draw(bins, scores, round, pseudo_held, pseudo_limit)
+        return Selection(expert, [pool[i] for i in pseudo], {pool[i]: r for i, r in bins.reasons.items()},
+                         [*shortfalls, *bins.shortfalls])
+
+
+class RandomStrategy(Strategy):
+    """Uniform at random. With ``fg_fraction`` > 0, that share of the batch is drawn first from the
+    pool images whose predicted mask has foreground (see :class:`ForegroundRandomStrategy`); with a
+    ``pseudo`` rule, its pseudo-labels are drawn from what the batch left (``random-pseudo``)."""
+
+    name = "random"
+    score_name = None
+
+    def __init__(self, budget: int = 35, *, fg_fraction: float = 0.0, pseudo: PseudoRule = NO_PSEUDO,
+                 name: str | None = None):
+        if not 0.0 <= fg_fraction <= 1.0:
+            raise AlsegError(f"fg_fraction must lie between 0 and 1, got {fg_fraction}")
+        self.budget, self.fg_fraction, self.pseudo = budget, fg_fraction, pseudo
+        self.name = name or self.name
+        # plain random needs no MC pass; predicted foreground and pseudo-labels come from one
+        self.needs_scores = fg_fraction > 0 or pseudo.needs_scores
+
+    def fg_wanted(self, batch: int) -> int:
+        """Images of a ``batch`` to draw from predicted foreground: ``round(fg_fraction x batch)``."""
+        return round(self.fg_fraction * batch)
+
+    def select(self, scores, pool, round, rng, *, pseudo_held=0, pseudo_limit=None):
+        n = len(pool)
+        k = min(self.budget, n)
+        bins = self.pseudo.ledger(scores, n, rng)
+        short = [f"{self.name}: pool holds {n}, wanted {self.budget}"] if k < self.budget else []
+        want = self.fg_wanted(k)
+        if want:
+            fg = np.flatnonzero(np.asarray(scores["foreground"]) > 0)
+            bins.take(sorted(fg[rng.choice(len(fg), size=min(want, len(fg)), replace=False)]), "random-fg")
+            if len(fg) < want:
+                short.append(f"{self.name}: {len(fg)} pool images have predicted foreground, wanted {want}; "
+                             "the rest at random")
+        # the expert ids first, as plain random's (the same rng draw when nothing came from foreground),
+        # then the pseudo-labels from what is left
+        rest = np.flatnonzero(~bins.taken)
+        bins.take(sorted(rest[rng.choice(len(rest), size=k - int(bins.taken.sum()), replace=False)]), "random")
+        return self._selection(pool, bins, scores, round, pseudo_held, pseudo_limit, short)
+
+
+class ForegroundRandomStrategy(RandomStrategy):
+    """Foreground-aware random (nnActive, Lüth et al. 2025, "Random 33% FG"): ``fg_fraction`` (1/3)
+    of the batch uniformly from pool images with predicted foreground (``scores["foreground"] > 0``,
+    the thresholded MC mean), the rest uniformly from the remaining pool; when too few images have
+    foreground the rest is filled at random and a note says so. A departure: nnActive, simulating,
+    uses the true label; a pool holds no labels, so this uses the model's foreground (it needs the
+    MC pass, and an empty-predicting model makes it plain random, with the note)."""
+
+    name = "fg-random"
+
+    def __init__(self, budget: int = 35, fg_fraction: float = 1 / 3, *, pseudo: PseudoRule = NO_PSEUDO,
+                 name: str | None = None):
+        super().__init__(budget, fg_fraction=fg_fraction, pseudo=pseudo, name=name)
+
+
+class TopKStrategy(Strategy):
+    """The ``budget`` pool images with the highest ``score`` (ties broken by pool order)."""
+
+    def __init__(self, score: str, budget: int = 35, *, pseudo: PseudoRule = NO_PSEUDO):
+        self.name = {"variance": "uncertainty"}.get(score, score)
+        self.score, self.budget, self.pseudo = score, budget, pseudo
+        self.score_name = score
+
+    def select(self, scores, pool, round, rng, *, pseudo_held=0, pseudo_limit=None):
+        values = np.asarray(scores[self.score], float)
+        order = np.argsort(-values, kind="stable")[: self.budget]
+        bins = self.pseudo.ledger(scores, len(pool), rng)
+        bins.take(order, f"top {self.score}")
+        short = [f"{self.name}: pool holds {len(pool)}, wanted {self.budget}"] if len(order) < self.budget else []
+        return self._selection(pool, bins, scores, round, pseudo_held, pseudo_limit, short, order=order)
+
+
+class CealStrategy(Strategy):
+    """CEAL's expert batch (missed, uncertain, low) and, given ``pseudo`` (default CEAL's own rule,
+    :class:`CealPseudo`; :data:`NO_PSEUDO` for the ``ceal-no-pseudo`` arm), its pseudo-labels."""
+
+    name = "ceal"
+
+    def __init__(self, params: CealParams = CealParams(), *, pseudo: PseudoRule | None = None,
+                 name: str | None = None):
+        if params.bins < params.top_bins or params.bins < 2:
+            raise AlsegError("CEAL needs at least 2 bins and no more top bins than bins")
+        self.p = params
+        self.pseudo = CealPseudo(params) if pseudo is None else pseudo
+        self.name = name or self.name
+
+    def histogram(self, values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(bin of each value, counts per bin, edges): numpy's equal-width histogram, last bin closed."""
+        return ceal_histogram(values, self.p.bins)
+
+    def regions(self, values: np.ndarray) -> dict[str, tuple[float, float]]:
+        """Score intervals of the CEAL regions for these scores (for figures): missed, low, uncertain, pseudo."""
+        p = self.p
+        values = np.asarray(values, float)
+        _, counts, edges = self.histogram(values)
+        modal = int(np.argmax(counts))
+        lo, hi = modal + p.low_offset, min(p.low_end_bin, p.bins)
+        lowest = np.sort(values)[: max(1, p.n_missed)]
+        return {"missed": (float(edges[0]), float(lowest[-1])),
+                "low": (float(edges[lo]), float(edges[hi])) if lo < hi else (0.0, 0.0),
+                "uncertain": (float(edges[p.bins - p.top_bins]), float(edges[-1])),
+                "pseudo": (float(edges[modal]), float(edges[modal + 1]))}
+
+    def select(self, scores, pool, round, rng, *, pseudo_held=0, pseudo_limit=None):
+        p = self.p
+        values = np.asarray(scores["variance"], float)
+        bins = _Bins.histogram(values, p.bins, rng)
+        # 1. missed: the lowest scores
+        order = [int(i) for i in np.argsort(values, kind="stable")][: p.n_missed]
+        bins.take(order, "missed")
+        if len(order) < p.n_missed:
+            bins.shortfalls.append(f"missed: pool holds {len(order)} of {p.n_missed}")
+        # 2. uncertain: sparsest of the top bins, adding bins from the sparsest up
+        top = list(range(p.bins - p.top_bins, p.bins))
+        top_sorted = sorted(top, key=lambda b: (bins.free_in(b), -b))
+        primary, count = [], 0
+        for b in top_sorted:
+            c = bins.free_in(b)
+            if c == 0:
+                continue
+            primary.append(b)
+            count += c
+            if count >= p.n_uncertain:
+                break
+        bins.draw("uncertain", p.n_uncertain, primary, list(range(p.bins - p.top_bins - 1, -1, -1)))
+        # 3. low: the low-uncertainty region above the crowd; when it is short, the nearest bins
+        #    first: upward from its upper edge (from bin `hi` when the region is empty, so bins
+        #    between the modal crowd and `lo` are not skipped), then downward from below it.
+        lo, hi = bins.modal + p.low_offset, min(p.low_end_bin, p.bins)
+        region = list(range(lo, hi)) if lo < hi else []
+        above = list(range(hi, p.bins))
+        below = list(range((lo if region else hi) - 1, -1, -1))
+        bins.draw("low", p.n_low, region, above + below)
+        return self._selection(pool, bins, scores, round, pseudo_held, pseudo_limit)
 
 
 def ceal_pseudo_count(p: CealParams, round: int, pseudo_held: int) -> int:
@@ -312,12 +435,9 @@ class DiverseStrategy(Strategy):
     needs_features = True
 
     def __init__(self, params: CealParams = CealParams(), budget: int = 35, candidates: float = 4.0,
-                 group_cap: float = 0.25):
+                 group_cap: float = 0.25, *, pseudo: PseudoRule | None = None):
         self.p, self.budget, self.candidates, self.group_cap = params, budget, candidates, group_cap
-        self._ceal = CealStrategy(params)
-
-    def pseudo_wanted(self, round: int, pseudo_held: int = 0) -> int:
-        return ceal_pseudo_count(self.p, round, pseudo_held)
+        self.pseudo = CealPseudo(params) if pseudo is None else pseudo
 
     def _greedy(self, fc: np.ndarray, fl: np.ndarray, fp: np.ndarray):
         """``(best, update)`` for the greedy pick among the candidates ``fc`` (labelled ``fl``, pool ``fp``):
@@ -369,12 +489,9 @@ class DiverseStrategy(Strategy):
             shortfalls.append(f"{self.name}: {len(chosen)} of {k} from the candidates; the rest by uncertainty")
             rest = [int(i) for i in np.argsort(-values, kind="stable") if int(i) not in set(chosen)]
             chosen.extend(rest[: k - len(chosen)])
-        bins = _Bins(self._ceal, values, rng)
+        bins = self.pseudo.ledger(scores, n, rng)
         bins.take(chosen, self.name)
-        pseudo = ceal_pseudo(self.p, bins, scores, round, pseudo_held, pseudo_limit)
-        shortfalls += bins.shortfalls
-        expert = [pool[i] for i in sorted(chosen)]
-        return Selection(expert, [pool[i] for i in pseudo], {pool[i]: r for i, r in bins.reasons.items()}, shortfalls)
+        return self._selection(pool, bins, scores, round, pseudo_held, pseudo_limit, shortfalls)
 
 
 class SuggestiveStrategy(DiverseStrategy):
@@ -480,14 +597,23 @@ def make_strategy(name: str, params: CealParams = CealParams(), batch_size: int 
     return spec.factory(params, batch_size or params.expert_budget)
 
 
+# reasons several strategies record (one reason key, one label and colour, whichever registers it)
+_CEAL_REASONS = {"missed": ("missed", "#9467bd"), "uncertain": ("uncertain", "#d62728"),
+                 "low": ("low-uncertainty random", "#2ca02c")}
+_RANDOM_REASONS = {"random": ("random", "#7f7f7f")}
+
+
+def _ceal_params(params: CealParams, batch_size: int) -> CealParams:
+    return params if batch_size == params.expert_budget else params.with_expert_budget(batch_size)
+
+
 @register("ceal", help="the paper: missed, most uncertain, low-uncertainty random; pseudo-labels", colour="#1f77b4",
-          reasons={"missed": ("missed", "#9467bd"), "uncertain": ("uncertain", "#d62728"),
-                   "low": ("low-uncertainty random", "#2ca02c")})
+          reasons=_CEAL_REASONS)
 def _ceal(params: CealParams, batch_size: int) -> Strategy:
-    return CealStrategy(params if batch_size == params.expert_budget else params.with_expert_budget(batch_size))
+    return CealStrategy(_ceal_params(params, batch_size))
 
 
-@register("random", help="uniform at random (the baseline)", colour="#7f7f7f", reasons={"random": ("random", "#7f7f7f")})
+@register("random", help="uniform at random (the baseline)", colour="#7f7f7f", reasons=_RANDOM_REASONS)
 def _random(params: CealParams, batch_size: int) -> Strategy:
     return RandomStrategy(batch_size)
 
@@ -521,3 +647,22 @@ def _suggestive(params: CealParams, batch_size: int) -> Strategy:
     return SuggestiveStrategy(params, batch_size)
 
 
+# --- ablation arms (issue 31): selection and pseudo-labels apart --------------------------------
+@register("ceal-no-pseudo", help="ablation: CEAL's expert batch (missed, uncertain, low), no pseudo-labels",
+          colour="#aec7e8", reasons=_CEAL_REASONS)
+def _ceal_no_pseudo(params: CealParams, batch_size: int) -> Strategy:
+    return CealStrategy(_ceal_params(params, batch_size), pseudo=NO_PSEUDO, name="ceal-no-pseudo")
+
+
+@register("random-pseudo", help="ablation: random's expert batch, plus CEAL's pseudo-labels from the rest of the "
+          "pool (needs the MC pass)", colour="#ffbb78", reasons=_RANDOM_REASONS)
+def _random_pseudo(params: CealParams, batch_size: int) -> Strategy:
+    return RandomStrategy(batch_size, pseudo=CealPseudo(params), name="random-pseudo")
+
+
+@register("fg-random", help="foreground-aware random (nnActive's Random 33% FG): a third of the batch at random "
+          "from images with predicted foreground (the model's, not the true label), the rest at random; "
+          "needs the MC pass", colour="#525252",
+          reasons={"random-fg": ("random, predicted foreground", "#dbdb8d"), **_RANDOM_REASONS})
+def _fg_random(params: CealParams, batch_size: int) -> Strategy:
+    return ForegroundRandomStrategy(batch_size)
