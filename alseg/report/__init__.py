@@ -37,7 +37,7 @@ from alseg.progress import SILENT, Reporter
 from alseg.runtime import resolve_device
 from alseg.rundir import RunDir
 from alseg.store import RunStore, atomic_write_bytes, atomic_write_text, current_umask, disk_full_error
-from alseg.active.strategies import CealStrategy, reason_kind, reason_label
+from alseg.active.strategies import CealStrategy, make_strategy, reason_kind, reason_label
 from alseg.train import Checkpoint
 from alseg.active.uncertainty import mc_dropout
 
@@ -223,7 +223,7 @@ def _draw(out: Path, run_dir: Path, rec: Recorded, data, shown: list[str], truth
                                             f"truth, MC-mean prediction (white: > 0.5), per-pixel MC variance.{seen}"))
 
     # per-round uncertainty figures
-    ceal = CealStrategy(config.active.ceal)
+    strategy = make_strategy(config.active.strategy, config.active.ceal, config.active.batch_size)
     for round in sorted(rec.scores):
         rows = rec.scores[round]
         if not rows:
@@ -238,7 +238,11 @@ def _draw(out: Path, run_dir: Path, rec: Recorded, data, shown: list[str], truth
             f = figures.uncertainty_vs_dice(out / f"uncertainty-vs-dice-round-{round:02d}.png", round, values, dice, kinds)
             made.append(("Uncertainty vs Dice", f.name, f"Round {round}: pool images scored by the round-{round - 1} "
                                                         "model, against their true masks (simulated annotator)."))
-        regions = ceal.regions(values) if config.active.strategy == "ceal" else {}
+        # CEAL's regions on any strategy that selects as CEAL does (ceal, ceal-no-pseudo); the
+        # pseudo-label bin only where the strategy takes pseudo-labels
+        regions = strategy.regions(values) if isinstance(strategy, CealStrategy) else {}
+        if not strategy.pseudo_wanted(round):
+            regions.pop("pseudo", None)
         f = figures.score_histogram(out / f"histogram-round-{round:02d}.png", round, values, kinds,
                                     bins=config.active.ceal.bins, regions=regions)
         made.append(("Score histograms", f.name, f"Round {round}: the pool's uncertainty scores and who was chosen."))
