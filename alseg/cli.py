@@ -473,9 +473,25 @@ def report(run_dir: Path = typer.Argument(..., help="Run directory."),
           lambda r: out.print(f"report: {r['html']} ({len(r['figures'])} figures)"))
 
 
+def _counts(text: str | None) -> list[float] | None:
+    """``--fixed-counts``: comma-separated label counts, None when not given."""
+    if text is None:
+        return None
+    try:
+        return [float(k) for k in text.split(",") if k.strip()]
+    except ValueError:
+        raise AlsegError(f"--fixed-counts takes numbers separated by commas, not {text!r}") from None
+
+
+def _first_strategy(summary: dict) -> dict:
+    return next(iter(summary["strategies"].values()), {})
+
+
 def _render_comparison(summary: dict) -> None:
     """The comparison summary as tables: per strategy over seeds, and paired against random."""
     from rich.text import Text
+
+    from alseg.stats import interval_name
 
     r = summary
     n = r["seeds"]
@@ -490,13 +506,13 @@ def _render_comparison(summary: dict) -> None:
             return fmt(mean, f)
         return f"{format(mean, f)} [{format(interval[0], f)}, {format(interval[1], f)}]"
 
-    def labels_cell(t, seeds):
-        missing = t["labels_to_95pct_full_not_reached"]
+    def labels_cell(t, seeds, pct=95):
+        missing = t.get(f"labels_to_{pct}pct_full_not_reached")
         if missing is None:
             return "- (no --full)"
         if missing:
             return f"not reached by {len(missing)} of {seeds} seeds"
-        return with_interval(t["labels_to_95pct_full"], t["labels_to_95pct_full_interval"], ".1f")
+        return with_interval(t[f"labels_to_{pct}pct_full"], t[f"labels_to_{pct}pct_full_interval"], ".1f")
 
     def diff_cell(d, f):
         if d is None:
@@ -504,34 +520,40 @@ def _render_comparison(summary: dict) -> None:
         if d["mean"] is None:
             return f"- ({d['missing']} of {d['n']} seeds without a value)" if d["missing"] else "-"
         text = with_interval(d["mean"], [d["lo"], d["hi"]], f)
-        return text + (" *" if d["excludes_zero"] else "")
+        return text + ("" if d.get("p_value") is None else f" p={d['p_value']:.3g}")
 
     full_text = "-" if r["full_dice"] is None else with_interval(
         r["full_dice"], [r["full"]["test_dice"]["lo"], r["full"]["test_dice"]["hi"]], ".4f")
     if r["full_dice"] is not None and r["settings"].get("train.full_epochs"):
         full_text += f" ({r['settings']['train.full_epochs']} epochs)"
-    how = "mean [95 % interval over seeds]" if n > 1 else "one seed, no intervals"
+    still = (r.get("full") or {}).get("still_improving_seeds")
+    if still:  # the reference kept its last epoch: more epochs might score higher
+        full_text += f", still improving on seed(s) {', '.join(map(str, still))}"
+    how = f"mean [{interval_name(n)}]" if n > 1 else "one seed, no intervals"
     metric = r.get("metric_label", "Dice")
     table = Table(title=Text(f"{r['preset']}: {n} seed(s), {how}; test {metric}; full supervision {full_text}"))
-    cols = ["strategy", "final labels", f"final {metric}", f"AULC (mean {metric})", "labels to 95% of full",
-            "Dice at 50% labels"]
+    cols = ["strategy", "final labels (+ validation)", f"final {metric}", f"AULC (mean {metric})",
+            "labels to 95% of full", "labels to 98% of full",
+            *(f"Dice at {c['labels']:.0f} labels" for c in _first_strategy(r).get("dice_at_labels") or [])]
     if r["external"]:
         cols.append("external Dice")
     for col in cols:
         table.add_column(col, justify="right")
     for name, t in r["strategies"].items():
-        row = [name, fmt(t["final_expert_labels"], ".0f"),
+        with_val = t.get("final_labels_with_validation")
+        row = [name, fmt(t["final_expert_labels"], ".0f") + ("" if with_val is None else f" ({with_val:.0f})"),
                with_interval(t["final_dice"], t["final_dice_interval"], ".4f"),
                with_interval(t["aulc"], t["aulc_interval"], ".4f"), labels_cell(t, t["curve"]["n"]),
-               fmt(t["dice_at_50pct_labels"], ".4f")]
+               labels_cell(t, t["curve"]["n"], 98),
+               *(with_interval(c["mean"], [c["lo"], c["hi"]], ".4f") for c in t.get("dice_at_labels") or [])]
         if r["external"]:
             row.append(with_interval(t["external_dice"], t["external_dice_interval"], ".4f"))
         table.add_row(*(Text(c) for c in row))
     out.print(table)
     paired = {name: t["vs_random"] for name, t in r["strategies"].items() if "vs_random" in t}
     if paired:
-        diff = Table(title=Text("paired per-seed differences vs random (strategy - random): mean [95 % interval]; "
-                                "* the interval excludes 0"))
+        diff = Table(title=Text(f"paired per-seed differences vs random (strategy - random): mean [{interval_name(n)}] "
+                                "and the sign-flip p-value"))
         for col in ("strategy", "seeds", "AULC diff", "final Dice diff", "labels-to-95% diff"):
             diff.add_column(col, justify="right")
         for name, d in paired.items():
@@ -577,12 +599,15 @@ def compare(preset: PresetName = typer.Option(..., help="Settings preset shared 
             jobs: int = typer.Option(1, "--jobs", help="Worker processes making the runs at once, each with "
                                      "cores/N threads (on CPU, one per core is faster: docs/benchmarks.md); a seed's "
                                      "round 0 is still trained once."),
+            fixed_counts: Optional[str] = typer.Option(None, "--fixed-counts", help="Comma-separated expert-label "
+                                                       "counts to read each curve's Dice at (default: round 1's and "
+                                                       "the last-but-one round's mean counts)."),
             as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON.")):
     """Learning curves of several strategies over seeds, with full supervision and the paper's Dice.
 
-    Per strategy: final test Dice, AULC and expert labels to reach 95 % of full supervision (with --full).
+    Per strategy: final test Dice, AULC, Dice at fixed label counts, expert labels to reach 95 % and 98 % of full supervision (with --full), labels counted with the validation masks, and the expert's effort (megapixels changed) where the runs recorded it.
 
-    Each is a mean over seeds with a 95 % bootstrap interval; differences against random are paired by seed.
+    Each is a mean over seeds with an interval (the seeds' range at 2-3 seeds, a 95 % bootstrap interval above); differences against random are paired by seed, each with its sign-flip p-value (exact up to 16 seeds).
 
     Writes OUT/compare.png, OUT/compare.csv and OUT/compare.json; runs live in OUT/runs/.
     """
@@ -606,7 +631,7 @@ def compare(preset: PresetName = typer.Option(..., help="Settings preset shared 
     seed_spec = numbers if "," in seeds else (numbers[0] if numbers else 0)  # a count, or the seeds listed
     summary = run_compare(cfg, out_dir, strategies=[s.strip() for s in strategies.split(",") if s.strip()],
                           seeds=seed_spec, full=full, external=external, only_seeds=chosen,
-                          jobs=jobs, reporter=RichReporter(quiet=as_json))
+                          jobs=jobs, fixed_counts=_counts(fixed_counts), reporter=RichReporter(quiet=as_json))
     if chosen is not None:
         _emit(summary, as_json, lambda r: out.print(f"seeds {', '.join(map(str, r['seeds']))}: "
                                                     f"{len(r['runs'])} runs finished ({', '.join(r['runs'])}); "
@@ -619,6 +644,7 @@ def compare(preset: PresetName = typer.Option(..., help="Settings preset shared 
 @app.command()
 def merge(studies: list[Path] = typer.Argument(..., metavar="STUDY...", help="compare.json files (or comparison folders holding one)."),
           out_dir: Path = typer.Option(..., "--out", help="Folder for the merged compare.json, .csv and .png."),
+          fixed_counts: Optional[str] = typer.Option(None, "--fixed-counts", help="As in alseg compare."),
           as_json: bool = typer.Option(False, "--json", help="Print the merged summary as JSON.")):
     """One comparison from studies made apart with the same settings, each with some seeds.
 
@@ -628,7 +654,7 @@ def merge(studies: list[Path] = typer.Argument(..., metavar="STUDY...", help="co
     """
     from alseg.compare import merge as merge_studies
 
-    _emit(merge_studies(studies, out_dir), as_json, _render_comparison)
+    _emit(merge_studies(studies, out_dir, fixed_counts=_counts(fixed_counts)), as_json, _render_comparison)
 
 
 # --- a lab's project: init -> query -> label (files or the page) -> ingest -> query ... ---------------

@@ -12,13 +12,18 @@ Owns the layout of a comparison folder and its summary:
   same preset (the full-supervision reference; one copied from a study of other active-learning
   settings or initial epochs is reused, as it depends on neither);
 * ``OUT/compare.png``: test Dice against expert labels, each strategy's mean over seeds with a
-  band of its 95 % bootstrap interval, the full-supervision line and the paper's reported Dice;
+  band of its interval (:func:`interval_name`: the range of 2-3 seeds, a 95 % bootstrap interval
+  over more), the full-supervision line and the paper's reported Dice; where the runs recorded
+  the expert's effort, a second panel of test Dice against the megapixels changed;
 * ``OUT/compare.json`` and ``OUT/compare.csv``: per strategy, over seeds (mean, 95 % interval and
   the per-seed values): the curve, the final test Dice, the area under the learning curve
-  (:func:`aulc`), the expert labels needed to reach 95 % of the seed's full-supervision Dice
-  (:func:`labels_to_reach`, interpolated between rounds), the test Dice at 50 % labels, and the
-  paired per-seed differences against ``random`` (:func:`paired_differences`); with
-  ``external``, the Dice of every run's final model on a second labelled dataset;
+  (:func:`aulc`), the expert labels needed to reach 95 % and 98 % of the seed's full-supervision
+  Dice (:func:`labels_to_reach`, interpolated between rounds), the test Dice at 50 % labels and at
+  fixed label counts, the labels counted with the validation masks (an expert drew those too), the
+  effort curve and final pixels changed (:func:`cumulative_pixels_changed`), and the paired
+  per-seed differences against ``random`` with sign-flip p-values (:func:`paired_differences`,
+  :func:`sign_flip_p`); the full-supervision references' best and last epochs (:func:`convergence`);
+  with ``external``, the Dice of every run's final model on a second labelled dataset;
 * ``OUT/external.json``: with ``external``, the external scores already computed, keyed by the
   dataset's path and each checkpoint's file, size and time, so a rerun does not score again.
 
@@ -31,9 +36,8 @@ measure different headlines are refused rather than compared.
 Studies made apart (machines or sessions that cannot share ``OUT``) with the same settings are
 summarised as one by :func:`merge` from their ``compare.json`` files, which hold every run's curve.
 
-The statistics are the pure functions below (:func:`bootstrap_interval`, :func:`aulc`,
-:func:`labels_to_reach`, :func:`seed_summary`, :func:`paired_differences`); :func:`compare` only
-runs, collects and writes.
+The statistics are pure functions of :mod:`alseg.stats` and :func:`summarise` here;
+:func:`compare` only runs, collects and writes.
 """
 from __future__ import annotations
 
@@ -57,127 +61,12 @@ from alseg.progress import SILENT, Reporter
 from alseg.rundir import LOCK_NAME, RunDir
 from alseg.store import RunStore, atomic_write_bytes, atomic_write_text
 from alseg.active.strategies import strategy_names
+from alseg.stats import (BOOTSTRAP_SEED, EXACT_FLIPS_UP_TO, LEVEL, MEGAPIXEL, MONTE_CARLO_FLIPS, RANGE_UP_TO,
+                         RESAMPLES, aulc, bootstrap_interval, convergence, cumulative_pixels_changed,
+                         default_fixed_counts, dice_at, interval_name, labels_to_reach, paired_differences,
+                         seed_summary)
 
 BASELINE = "random"
-RESAMPLES = 2000
-LEVEL = 0.95
-BOOTSTRAP_SEED = 0
-
-
-# --- statistics (pure) ------------------------------------------------------------------------------
-
-def bootstrap_interval(values: Sequence[float], *, seed: int = BOOTSTRAP_SEED, resamples: int = RESAMPLES,
-                       level: float = LEVEL) -> tuple[float, float] | None:
-    """Percentile bootstrap interval of the mean of ``values`` (one value per seed).
-
-    Draws ``resamples`` samples of ``len(values)`` values with replacement (a generator seeded with
-    ``seed``, so the same values always give the same interval), takes each sample's mean, and
-    returns the ``(1 - level) / 2`` and ``(1 + level) / 2`` quantiles of those means. One value (or
-    all values equal) gives ``(value, value)``: there is no spread to estimate. No values gives
-    None.
-
-    With very few seeds the interval is optimistic: for 2 or 3 values it is exactly their range
-    (each extreme is drawn alone more often than 2.5 % of the time), so it says how far the seeds
-    spread, not how far the mean could be.
-    """
-    v = np.asarray(values, dtype=float)
-    if v.ndim != 1:
-        raise ValueError("bootstrap_interval takes a flat list of values")
-    if not np.all(np.isfinite(v)):
-        raise ValueError("bootstrap_interval needs finite values")
-    if not 0 < level < 1 or resamples < 1:
-        raise ValueError("level must be in (0, 1) and resamples at least 1")
-    if len(v) == 0:
-        return None
-    if len(v) == 1 or np.all(v == v[0]):
-        return float(v[0]), float(v[0])
-    rng = np.random.default_rng(seed)
-    means = v[rng.integers(0, len(v), size=(resamples, len(v)))].mean(axis=1)
-    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
-    return float(lo), float(hi)
-
-
-def aulc(x: Sequence[float], y: Sequence[float]) -> float:
-    """Area under the learning curve ``y`` (test Dice) over ``x`` (expert labels), by the trapezoid
-    rule, divided by the label range ``x[-1] - x[0]``: the curve's mean Dice over the labels it
-    spans, on the same 0..1 scale as Dice. A single point (or no label range) gives its Dice.
-    """
-    xa, ya = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
-    if xa.ndim != 1 or xa.shape != ya.shape or len(xa) == 0:
-        raise ValueError("aulc needs two flat sequences of the same, non-zero length")
-    if np.any(np.diff(xa) < 0):
-        raise ValueError("aulc needs label counts in increasing order")
-    width = xa[-1] - xa[0]
-    if width == 0:
-        return float(ya[0])
-    return float(np.sum(np.diff(xa) * (ya[1:] + ya[:-1]) / 2) / width)
-
-
-def labels_to_reach(x: Sequence[float], y: Sequence[float], target: float, *,
-                    interpolate: bool = False) -> float | None:
-    """Expert labels at which the curve first reaches ``target`` (``y >= target``); None if never.
-
-    Without ``interpolate``, the label count of the first round at or above the target. With it,
-    the label count where the straight line between that round and the round before crosses the
-    target (the first round itself when the curve starts at or above it): an estimate between
-    rounds, not a count anybody labelled. Only the first crossing counts, even if the curve falls
-    back below the target later.
-    """
-    if len(x) != len(y):
-        raise ValueError("labels_to_reach needs as many label counts as Dice values")
-    for i, (xi, yi) in enumerate(zip(x, y)):
-        if yi >= target:
-            if not interpolate or i == 0:
-                return float(xi)
-            x0, y0 = float(x[i - 1]), float(y[i - 1])  # y0 < target <= yi
-            return float(x0 + (target - y0) / (float(yi) - y0) * (float(xi) - x0))
-    return None
-
-
-def dice_at(x: Sequence[float], y: Sequence[float], target: float) -> float | None:
-    """The curve's value at ``target`` labels, interpolated linearly; None outside the curve."""
-    if not len(x) or target < x[0] or target > x[-1]:
-        return None
-    return float(np.interp(target, x, y))
-
-
-def seed_summary(values: Sequence[float | None], *, seed: int = BOOTSTRAP_SEED, resamples: int = RESAMPLES,
-                 level: float = LEVEL) -> dict:
-    """``{"mean", "lo", "hi", "per_seed", "missing"}`` for one value per seed, None for a seed
-    without a value (e.g. it never reached a target). Mean and interval (:func:`bootstrap_interval`)
-    are None when any seed is missing: a mean over the seeds that happened to succeed would flatter.
-    """
-    per_seed = [None if v is None else float(v) for v in values]
-    missing = sum(v is None for v in per_seed)
-    if missing or not per_seed:
-        return {"mean": None, "lo": None, "hi": None, "per_seed": per_seed, "missing": missing}
-    lo, hi = bootstrap_interval(per_seed, seed=seed, resamples=resamples, level=level)
-    return {"mean": float(np.mean(per_seed)), "lo": lo, "hi": hi, "per_seed": per_seed, "missing": 0}
-
-
-def paired_differences(values: Sequence[float | None], baseline: Sequence[float | None], *,
-                       seed: int = BOOTSTRAP_SEED, resamples: int = RESAMPLES, level: float = LEVEL) -> dict:
-    """Per-seed differences ``values[i] - baseline[i]`` (the same seeds in the same order, so each
-    pair shares split, initial set and initial model), their mean and bootstrap interval over seeds.
-
-    Returns :func:`seed_summary` of the differences plus ``n`` (seeds) and ``excludes_zero``: True
-    when the interval lies wholly above or below 0, False when it contains 0, None when there is
-    no interval to judge (fewer than 2 seeds, or a seed without a value on either side). With 2 or
-    3 seeds the interval is the range of the differences, so it excludes 0 whenever all seeds
-    agree in sign, which happens by chance half (2 seeds) or a quarter (3 seeds) of the time.
-    """
-    if len(values) != len(baseline):
-        raise ValueError("paired_differences needs one baseline value per seed")
-    diffs = [None if a is None or b is None else float(a) - float(b) for a, b in zip(values, baseline)]
-    out = seed_summary(diffs, seed=seed, resamples=resamples, level=level)
-    out["n"] = len(diffs)
-    if out["mean"] is None or len(diffs) < 2:
-        out["excludes_zero"] = None
-    else:
-        out["excludes_zero"] = bool(out["lo"] > 0 or out["hi"] < 0)
-    return out
-
-
 # --- the driver ---------------------------------------------------------------------------------------
 
 def _finished_full(run_dir: Path) -> tuple[float, str] | None:
@@ -190,19 +79,38 @@ def _finished_full(run_dir: Path) -> tuple[float, str] | None:
         return (ev[0][metric], metric) if ev else None
 
 
+def _full_convergence(run_dir: Path) -> dict:
+    """A full-supervision reference's best and last epoch (:func:`convergence` of its recorded epochs)."""
+    with RunStore.open_readonly(run_dir) as store:
+        found = convergence(store.epochs("initial"))
+    return {"best_epoch": found["best_epoch"], "epochs": found["epochs"]}
+
+
 def _recorded_curve(run_dir: Path, rounds: Sequence[dict]) -> tuple[str, list[dict]]:
     """An active run's headline metric and its curve: per finished round of ``rounds`` (status rows),
     the expert labels and the headline test Dice from the run's recorded evaluations (so a run whose
-    rounds recorded another figure as their test Dice, before headlines, is still read alike)."""
+    rounds recorded another figure as their test Dice, before headlines, is still read alike), and
+    the round's ``effort`` fact (None where not recorded)."""
     with RunStore.open_readonly(run_dir) as store:
         metric = run_headline(store)
         tests = {e["round"]: e for e in store.evaluations() if e["split"] == "test"}
+        facts = store.round_facts()
     curve = []
     for r in rounds:
         ev = tests.get(r["round"])
         value = ev[metric] if ev is not None and ev[metric] is not None else r["test_dice"]
-        curve.append({**r, "test_dice": value})
+        curve.append({**r, "test_dice": value, "effort": facts.get(r["round"], {}).get("effort")})
     return metric, curve
+
+
+def _recorded_run(run_dir: Path, rounds: Sequence[dict]) -> tuple[str, dict]:
+    """An active run's headline metric and what :func:`summarise` takes of it: ``{"rounds"}``
+    (:func:`_recorded_curve`), ``"train_size"`` and ``"val_size"`` (its split's training and
+    validation images; the validation masks are expert labels too)."""
+    metric, curve = _recorded_curve(run_dir, rounds)
+    with RunStore.open_readonly(run_dir) as store:
+        split = store.split()
+    return metric, {"rounds": curve, "train_size": len(split["train"]), "val_size": len(split.get("val") or ())}
 
 
 def _one_metric(metrics: dict[str, str], where: Path) -> str:
@@ -463,7 +371,7 @@ class _ExternalScores:
 
 def compare(config: ExperimentConfig, out: str | Path, *, strategies: Sequence[str], seeds: int | Sequence[int] = 3,
             full: bool = False, external: str | Path | None = None, only_seeds: Sequence[int] | None = None,
-            jobs: int = 1, reporter: Reporter = SILENT) -> dict:
+            jobs: int = 1, fixed_counts: Sequence[float] | None = None, reporter: Reporter = SILENT) -> dict:
     """Run every strategy for seeds 0..seeds-1 (resuming or reusing runs in ``out``) and summarise.
 
     ``seeds`` may also list the seeds (for example those of a split study that have finished).
@@ -478,6 +386,8 @@ def compare(config: ExperimentConfig, out: str | Path, *, strategies: Sequence[s
 
     With ``jobs`` > 1, the runs are made by that many worker processes at once, each with its
     share of the CPU threads (:func:`_make_runs_in_parallel`); the results are the same runs.
+
+    ``fixed_counts``: the expert-label counts the summary reads each curve's Dice at (:func:`summarise`).
     """
     known = strategy_names()
     bad = [s for s in strategies if s not in known]
@@ -508,7 +418,7 @@ def compare(config: ExperimentConfig, out: str | Path, *, strategies: Sequence[s
         if full:
             run_dir = runs / f"full-s{seed}"
             dice, metrics[run_dir.name] = _make_full(cfg, run_dir, reporter)
-            full_runs[seed] = {"test_dice": dice}
+            full_runs[seed] = {"test_dice": dice, **_full_convergence(run_dir)}
             if scorer:
                 full_runs[seed]["external_dice"] = scorer.dice(run_dir.name, run_dir)
         donor = _finished_round0(runs, seed)  # else the seed's first run here trains it, the others adopt it
@@ -516,10 +426,9 @@ def compare(config: ExperimentConfig, out: str | Path, *, strategies: Sequence[s
             run_dir = runs / f"{strategy}-s{seed}"
             result = _make_active(cfg, strategy, run_dir, donor, reporter)
             donor = donor or run_dir
-            with RunStore.open_readonly(run_dir) as store:
-                train_sizes[seed] = len(store.split()["train"])
-            metrics[run_dir.name], rounds = _recorded_curve(run_dir, result["rounds"])
-            record = {"seed": seed, "rounds": rounds, "train_size": train_sizes[seed]}
+            metrics[run_dir.name], recorded = _recorded_run(run_dir, result["rounds"])
+            train_sizes[seed] = recorded["train_size"]
+            record = {"seed": seed, **recorded}
             if scorer:
                 record["external_dice"] = scorer.dice(run_dir.name, run_dir)
             results[strategy].append(record)
@@ -528,7 +437,8 @@ def compare(config: ExperimentConfig, out: str | Path, *, strategies: Sequence[s
         return {"seeds": sorted(set(only_seeds)),
                 "runs": [f"full-s{r}" for r in sorted(full_runs)]
                 + [f"{name}-s{r['seed']}" for name, per_seed in results.items() for r in per_seed]}
-    return _write_summary(out, summarise(results, full_runs, _mean_size(train_sizes)), preset=config.preset,
+    return _write_summary(out, summarise(results, full_runs, _mean_size(train_sizes), fixed_counts=fixed_counts),
+                          preset=config.preset,
                           split_preset=config.data.split_preset, seed_list=seed_list, external=external,
                           settings=_study_settings(config.to_dict(), full), metric=metric,
                           external_metric=scorer.metric if scorer else None)
@@ -559,12 +469,16 @@ def _write_summary(out: Path, summary: dict, *, preset: str, split_preset: str, 
     return summary
 
 
-def merge(studies: Sequence[str | Path], out: str | Path) -> dict:
+def merge(studies: Sequence[str | Path], out: str | Path, *, fixed_counts: Sequence[float] | None = None) -> dict:
     """One summary from studies of the same settings made apart (other machines or sessions that
     could not share a folder): their ``compare.json`` files (or folders holding one), each with
     some of the seeds. The runs' curves are read from the files, so nothing is trained or read
     from run folders; the result is what one ``compare`` over all their runs would summarise, and
     is written to ``out`` as compare.json, .csv and .png.
+
+    ``fixed_counts``: the expert-label counts Dice is read at (:func:`summarise`; default: its rule).
+    A study summarised before validation sizes, effort or the references' epochs were recorded
+    merges with those missing (None), not refused.
 
     Refused, naming the file: a file that is not a comparison summary or predates per-run curves,
     settings that differ from the first file's, and a run present in two files with other values
@@ -592,7 +506,9 @@ def merge(studies: Sequence[str | Path], out: str | Path) -> dict:
         for name, run in summary["runs"].items():
             # what was measured, not what a study derived from it with its other runs (AULC over the
             # rounds every seed finished, labels to 95 % of full)
-            measured = {k: run.get(k) for k in ("strategy", "seed", "curve", "train_size", "test_dice", "external_dice")}
+            # (keys a study made before they were recorded lacks are None: no validation size, no epochs)
+            measured = {k: run.get(k) for k in ("strategy", "seed", "curve", "train_size", "val_size", "test_dice",
+                                                "best_epoch", "epochs", "external_dice")}
             if name in runs and runs[name] != measured:
                 shorter, longer = sorted((runs[name], measured), key=lambda r: len((r["curve"] or {}).get("test_dice", [])))
                 if not _earlier_state(shorter, longer):
@@ -608,14 +524,19 @@ def merge(studies: Sequence[str | Path], out: str | Path) -> dict:
     for run in sorted(runs.values(), key=lambda r: r["seed"]):
         extra = {"external_dice": run["external_dice"]} if run["external_dice"] is not None else {}
         if run["strategy"] == "full":
-            full_runs[run["seed"]] = {"test_dice": run["test_dice"], **extra}
+            full_runs[run["seed"]] = {"test_dice": run["test_dice"], "best_epoch": run["best_epoch"],
+                                      "epochs": run["epochs"], **extra}
         else:
             c = run["curve"]
-            results[run["strategy"]].append({"seed": run["seed"], "train_size": run["train_size"], "rounds": [
-                {"expert_labelled": x, "test_dice": y} for x, y in zip(c["expert_labelled"], c["test_dice"])], **extra})
+            changed = c.get("pixels_changed") or [None] * len(c["test_dice"])
+            rounds = [{"expert_labelled": x, "test_dice": y, "effort": None if p is None else {"pixels_changed": p}}
+                      for x, y, p in zip(c["expert_labelled"], c["test_dice"], changed)]
+            results[run["strategy"]].append({"seed": run["seed"], "train_size": run["train_size"],
+                                             "val_size": run["val_size"], "rounds": rounds, **extra})
             train_sizes[run["seed"]] = run["train_size"]
     seed_list = sorted({r["seed"] for r in runs.values()})
-    return _write_summary(out, summarise(results, full_runs, _mean_size(train_sizes)), preset=first["preset"],
+    return _write_summary(out, summarise(results, full_runs, _mean_size(train_sizes), fixed_counts=fixed_counts),
+                          preset=first["preset"],
                           split_preset=first["split_preset"], seed_list=seed_list,
                           external=(first["external"] or {}).get("data"), settings=first["settings"],
                           metric=first.get("metric", "mean_dice"),
@@ -646,84 +567,173 @@ def _earlier_state(shorter: dict, longer: dict) -> bool:
         return False
     n = len(shorter["curve"]["test_dice"])
     same = {k: v for k, v in shorter.items() if k not in ("curve", "external_dice")}
+    def column(curve: dict, key: str) -> list:  # pixels_changed: absent from studies made before effort
+        return curve.get(key) or [None] * len(curve["test_dice"])
+
     return same == {k: v for k, v in longer.items() if k not in ("curve", "external_dice")} and all(
-        shorter["curve"][k] == longer["curve"][k][:n] for k in ("expert_labelled", "test_dice"))
+        column(shorter["curve"], k) == column(longer["curve"], k)[:n]
+        for k in ("expert_labelled", "test_dice", "pixels_changed"))
 
 
-def summarise(results: dict[str, list[dict]], full_runs: dict[int, dict], train_size: int | None) -> dict:
+def _flat_summary(name: str, values: Sequence[float | None]) -> dict:
+    """``{name: mean, name_interval: [lo, hi], name_per_seed: [...]}`` (:func:`seed_summary`), the summary's
+    layout for one value per seed."""
+    s = seed_summary(values)
+    return {name: s["mean"], f"{name}_interval": [s["lo"], s["hi"]], f"{name}_per_seed": s["per_seed"]}
+
+
+def _curve_band(ys: np.ndarray) -> dict:
+    """Mean, standard deviation and per-round interval (:func:`bootstrap_interval`) of ``ys`` (seeds x rounds)."""
+    band = [bootstrap_interval(ys[:, k]) for k in range(ys.shape[1])]
+    return {"mean": ys.mean(0).tolist(), "std": ys.std(0).tolist(), "lo": [b[0] for b in band],
+            "hi": [b[1] for b in band], "n": len(ys), "band": interval_name(len(ys))}
+
+
+def summarise(results: dict[str, list[dict]], full_runs: dict[int, dict], train_size: int | None, *,
+              fixed_counts: Sequence[float] | None = None) -> dict:
     """The comparison summary from the runs' rounds (pure: no files).
 
-    ``results[strategy]`` lists per seed ``{"seed", "rounds": [{"expert_labelled", "test_dice"}, ...],
-    "train_size"?, "external_dice"?}``; ``full_runs[seed] = {"test_dice", "external_dice"?}``. A strategy's curve
+    ``results[strategy]`` lists per seed ``{"seed", "rounds": [{"expert_labelled", "test_dice", "effort"?}, ...],
+    "train_size"?, "val_size"?, "external_dice"?}``, where a round's ``effort`` is its recorded fact
+    (``{"pixels_changed", ...}``, rounds >= 1) and ``val_size`` the run's validation images;
+    ``full_runs[seed] = {"test_dice", "best_epoch"?, "epochs"?, "external_dice"?}``. A strategy's curve
     keeps the rounds every seed finished; paired differences use the rounds both strategies finished.
+
+    ``fixed_counts``: the expert-label counts ``dice_at_labels`` reads each curve at (default:
+    :func:`default_fixed_counts` of the mean label counts of the rounds every run finished).
     """
     full_dice = {seed: f["test_dice"] for seed, f in full_runs.items()}
     with_external = any("external_dice" in r for per_seed in results.values() for r in per_seed)
+    rounds_done = {s: min(len(r["rounds"]) for r in per_seed) for s, per_seed in results.items()}
+    for strategy, done in rounds_done.items():
+        if done == 0:
+            raise AlsegError(f"{strategy}: a run has no finished round to compare")
+    common = min(rounds_done.values(), default=0)
+    mean_x = [float(np.mean([r["rounds"][k]["expert_labelled"] for per_seed in results.values() for r in per_seed]))
+              for k in range(common)]
+    if fixed_counts is not None and (not len(fixed_counts) or not all(np.isfinite(c) and c >= 0 for c in fixed_counts)):
+        raise AlsegError(f"fixed label counts must be one or more numbers >= 0, not {list(fixed_counts)}")
+    counts = [float(c) for c in fixed_counts] if fixed_counts is not None else default_fixed_counts(mean_x)
     out: dict = {"train_size": train_size, "strategies": {}, "runs": {},
                  "intervals": {"method": "percentile bootstrap of the mean over seeds (seeds resampled with "
                                          "replacement)", "level": LEVEL, "resamples": RESAMPLES,
                                "rng_seed": BOOTSTRAP_SEED,
                                "note": "one seed: the interval is the value itself (no spread to estimate); "
-                                       "2 or 3 seeds: the interval is the range of the per-seed values"},
+                                       f"2 to {RANGE_UP_TO} seeds: the interval is the range of the per-seed "
+                                       "values, so with few seeds a paired interval that excludes 0 (all seeds "
+                                       "agree in sign) is weaker evidence than its p-value says: read p_value"},
+                 "paired_tests": {"method": "two-sided sign-flip permutation test of the mean per-seed difference "
+                                            "(statistic |mean|; p counts the sign assignments at least as extreme, "
+                                            "the observed one included)",
+                                  "exact_up_to_seeds": EXACT_FLIPS_UP_TO, "monte_carlo_flips": MONTE_CARLO_FLIPS,
+                                  "rng_seed": BOOTSTRAP_SEED,
+                                  "smallest_p": "2 / 2^n for n seeds: 0.5 (2), 0.25 (3), 0.0625 (5), 0.002 (10)"},
                  "labels_to_95pct_full_rule": "per seed, expert labels where test Dice first reaches 0.95 x that "
                                               "seed's full-supervision Dice, interpolated linearly between rounds; "
                                               "mean and interval null when any seed never reaches it",
+                 "labels_to_98pct_full_rule": "the same at 0.98 x the seed's full-supervision Dice",
+                 "dice_at_labels_counts": counts,
+                 "dice_at_labels_rule": "per seed, test Dice interpolated linearly at each of dice_at_labels_counts "
+                                        "expert labels (null outside the seed's curve); "
+                                        + ("the counts were given" if fixed_counts is not None else
+                                           "the counts are the mean label counts of round 1 and of the "
+                                           "last-but-one round (the last may take every image left in the pool)"),
+                 "labels_with_validation_rule": "expert labels plus the run's validation images (masks an expert "
+                                                "drew too); fractions are of the train + validation images",
+                 "effort_rule": "megapixels (at working size) the expert changed from the model's predicted masks, "
+                                "summed over rounds 1.. (round 0: 0), from each round's recorded effort; "
+                                "null for runs that did not record it",
                  "baseline": BASELINE if BASELINE in results else None}
     if full_runs:
-        values = [full_dice[s] for s in sorted(full_dice)]
-        fs = seed_summary(values)
+        seeds = sorted(full_dice)
+        fs = seed_summary([full_dice[s] for s in seeds])
+        best = [full_runs[s].get("best_epoch") for s in seeds]
+        epochs = [full_runs[s].get("epochs") for s in seeds]
+        still = [None if b is None or e is None else b == e for b, e in zip(best, epochs)]
         out["full_dice"] = fs["mean"]
-        out["full"] = {"test_dice": fs}
+        out["full"] = {"test_dice": fs, "best_epoch_per_seed": best, "epochs_per_seed": epochs,
+                       "epochs": epochs[0] if len(set(epochs)) == 1 else None,
+                       "still_improving_per_seed": still,
+                       "still_improving_seeds": [s for s, flag in zip(seeds, still) if flag]}
         if with_external:
-            out["full"]["external_dice"] = seed_summary([full_runs[s].get("external_dice") for s in sorted(full_runs)])
-        for seed in sorted(full_runs):
-            out["runs"][f"full-s{seed}"] = {"strategy": "full", "seed": seed, **full_runs[seed]}
+            out["full"]["external_dice"] = seed_summary([full_runs[s].get("external_dice") for s in seeds])
+        for seed, flag in zip(seeds, still):
+            out["runs"][f"full-s{seed}"] = {"strategy": "full", "seed": seed, "best_epoch": None, "epochs": None,
+                                            **full_runs[seed], "still_improving": flag}
     else:
         out["full_dice"], out["full"] = None, None
 
     def per_seed_metrics(per_seed: list[dict], n_rounds: int) -> dict:
         xs = [[float(r["rounds"][k]["expert_labelled"]) for k in range(n_rounds)] for r in per_seed]
         ys = [[float(r["rounds"][k]["test_dice"]) for k in range(n_rounds)] for r in per_seed]
-        need = [labels_to_reach(x, y, 0.95 * full_dice[r["seed"]], interpolate=True) if r["seed"] in full_dice
-                else None for x, y, r in zip(xs, ys, per_seed)]
-        return {"x": xs, "y": ys, "final_dice": [y[-1] for y in ys], "aulc": [aulc(x, y) for x, y in zip(xs, ys)],
-                "labels_to_95pct_full": need}
 
-    rounds_done = {s: min(len(r["rounds"]) for r in per_seed) for s, per_seed in results.items()}
+        def need(share: float) -> list[float | None]:
+            return [labels_to_reach(x, y, share * full_dice[r["seed"]], interpolate=True) if r["seed"] in full_dice
+                    else None for x, y, r in zip(xs, ys, per_seed)]
+
+        changed = [cumulative_pixels_changed(r["rounds"][:n_rounds]) for r in per_seed]
+        with_val = [None if r.get("val_size") is None else x[-1] + r["val_size"] for x, r in zip(xs, per_seed)]
+        return {"x": xs, "y": ys, "final_dice": [y[-1] for y in ys], "aulc": [aulc(x, y) for x, y in zip(xs, ys)],
+                "labels_to_95pct_full": need(0.95), "labels_to_98pct_full": need(0.98),
+                "dice_at_labels": [[dice_at(x, y, c) for x, y in zip(xs, ys)] for c in counts],
+                "pixels_changed": changed, "final_pixels_changed": [None if c is None else c[-1] for c in changed],
+                "final_labels_with_validation": with_val,
+                "final_fraction_labelled": [x[-1] / r["train_size"] if r.get("train_size") else None
+                                            for x, r in zip(xs, per_seed)],
+                "final_fraction_labelled_with_validation": [
+                    None if v is None or not r.get("train_size") else v / (r["train_size"] + r["val_size"])
+                    for v, r in zip(with_val, per_seed)]}
+
     for strategy, per_seed in results.items():
-        if rounds_done[strategy] == 0:
-            raise AlsegError(f"{strategy}: a run has no finished round to compare")
         m = per_seed_metrics(per_seed, rounds_done[strategy])
         xs, ys = np.array(m["x"]), np.array(m["y"])
-        x, mean, std = xs.mean(0), ys.mean(0), ys.std(0)
-        band = [bootstrap_interval(ys[:, k]) for k in range(ys.shape[1])]
-        final, area = seed_summary(m["final_dice"]), seed_summary(m["aulc"])
-        need = seed_summary(m["labels_to_95pct_full"]) if full_dice else None
-        t = {
-            "curve": {"x": x.tolist(), "mean": mean.tolist(), "std": std.tolist(), "lo": [b[0] for b in band],
-                      "hi": [b[1] for b in band], "n": len(per_seed)},
-            "seeds": [r["seed"] for r in per_seed],
-            "final_dice": final["mean"], "final_dice_interval": [final["lo"], final["hi"]],
-            "final_dice_per_seed": final["per_seed"], "final_expert_labels": float(x[-1]),
-            "aulc": area["mean"], "aulc_interval": [area["lo"], area["hi"]], "aulc_per_seed": area["per_seed"],
-            "labels_to_95pct_full_per_seed": m["labels_to_95pct_full"],
-            "labels_to_95pct_full": need["mean"] if need else None,
-            "labels_to_95pct_full_interval": [need["lo"], need["hi"]] if need and need["mean"] is not None else None,
-            "labels_to_95pct_full_not_reached": ([r["seed"] for r, v in zip(per_seed, m["labels_to_95pct_full"])
-                                                  if v is None] if full_dice else None),
-            "dice_at_50pct_labels": dice_at(x, mean, 0.5 * train_size) if train_size else None,
-        }
+        x = xs.mean(0)
+        val_sizes = [r.get("val_size") for r in per_seed]
+        curve = {"x": x.tolist(), **_curve_band(ys),
+                 "labels_with_validation": None if None in val_sizes else (x + np.mean(val_sizes)).tolist()}
+        effort_curve = None
+        if all(c is not None for c in m["pixels_changed"]):
+            effort_x = np.array(m["pixels_changed"], float) / MEGAPIXEL
+            effort_curve = {"x": effort_x.mean(0).tolist(), "x_per_seed": effort_x.tolist(), **_curve_band(ys),
+                            "unit": "megapixels changed (working size)"}
+        need = {share: seed_summary(m[f"labels_to_{share}pct_full"]) if full_dice else None for share in (95, 98)}
+        t = {"curve": curve, "seeds": [r["seed"] for r in per_seed],
+             **_flat_summary("final_dice", m["final_dice"]), "final_expert_labels": float(x[-1]),
+             **_flat_summary("aulc", m["aulc"])}
+        for share in (95, 98):
+            key, s = f"labels_to_{share}pct_full", need[share]
+            t.update({f"{key}_per_seed": m[key], key: s["mean"] if s else None,
+                      f"{key}_interval": [s["lo"], s["hi"]] if s and s["mean"] is not None else None,
+                      f"{key}_not_reached": ([r["seed"] for r, v in zip(per_seed, m[key]) if v is None]
+                                             if full_dice else None)})
+        t["dice_at_50pct_labels"] = dice_at(x, curve["mean"], 0.5 * train_size) if train_size else None
+        t["dice_at_labels"] = [{"labels": c, **seed_summary(v)} for c, v in zip(counts, m["dice_at_labels"])]
+        with_val = seed_summary(m["final_labels_with_validation"])
+        t["final_labels_with_validation"] = with_val["mean"]
+        t.update(_flat_summary("final_fraction_labelled", m["final_fraction_labelled"]))
+        t.update(_flat_summary("final_fraction_labelled_with_validation", m["final_fraction_labelled_with_validation"]))
+        t["effort_curve"] = effort_curve
+        t.update(_flat_summary("final_pixels_changed", m["final_pixels_changed"]))
         if with_external:
-            ext = seed_summary([r.get("external_dice") for r in per_seed])
-            t.update({"external_dice": ext["mean"], "external_dice_interval": [ext["lo"], ext["hi"]],
-                      "external_dice_per_seed": ext["per_seed"]})
+            t.update(_flat_summary("external_dice", [r.get("external_dice") for r in per_seed]))
         out["strategies"][strategy] = t
-        for r, fd, a, nd in zip(per_seed, m["final_dice"], m["aulc"], m["labels_to_95pct_full"]):
+        for k, r in enumerate(per_seed):
+            val_size = r.get("val_size")
+            labelled = [float(v["expert_labelled"]) for v in r["rounds"]]
+            run_changed = cumulative_pixels_changed(r["rounds"])
             run = {"strategy": strategy, "seed": r["seed"], "rounds": len(r["rounds"]),
                    "final_expert_labels": float(r["rounds"][rounds_done[strategy] - 1]["expert_labelled"]),
-                   "final_dice": fd, "aulc": a, "labels_to_95pct_full": nd,
-                   "curve": {"expert_labelled": [float(k["expert_labelled"]) for k in r["rounds"]],
-                             "test_dice": [float(k["test_dice"]) for k in r["rounds"]]}}
+                   "final_dice": m["final_dice"][k], "aulc": m["aulc"][k],
+                   "labels_to_95pct_full": m["labels_to_95pct_full"][k],
+                   "labels_to_98pct_full": m["labels_to_98pct_full"][k],
+                   "dice_at_labels": [v[k] for v in m["dice_at_labels"]],
+                   "curve": {"expert_labelled": labelled, "test_dice": [float(v["test_dice"]) for v in r["rounds"]],
+                             "pixels_changed": [(v.get("effort") or {}).get("pixels_changed") for v in r["rounds"]]},
+                   "val_size": val_size,
+                   "labels_with_validation": None if val_size is None else [v + val_size for v in labelled],
+                   "final_fraction_labelled_with_validation": m["final_fraction_labelled_with_validation"][k],
+                   "effort_megapixels": None if run_changed is None else [v / MEGAPIXEL for v in run_changed],
+                   "final_pixels_changed": m["final_pixels_changed"][k]}
             for key in ("train_size", "external_dice"):
                 if key in r:
                     run[key] = r[key]
@@ -737,29 +747,39 @@ def summarise(results: dict[str, list[dict]], full_runs: dict[int, dict], train_
             n = min(rounds_done[strategy], rounds_done[BASELINE])
             mine = per_seed_metrics(paired, n)
             base = per_seed_metrics([base_by_seed[r["seed"]] for r in paired], n)
-            out["strategies"][strategy]["vs_random"] = {
-                "rounds": n, "seeds": [r["seed"] for r in paired],
-                **{k: paired_differences(mine[k], base[k]) for k in ("aulc", "final_dice", "labels_to_95pct_full")}}
+            vs = {"rounds": n, "seeds": [r["seed"] for r in paired],
+                  **{k: paired_differences(mine[k], base[k]) for k in _PAIRED}}
+            vs["dice_at_labels"] = [{"labels": c, **paired_differences(a, b)}
+                                    for c, a, b in zip(counts, mine["dice_at_labels"], base["dice_at_labels"])]
             if not full_dice:
-                out["strategies"][strategy]["vs_random"]["labels_to_95pct_full"] = None
+                vs["labels_to_95pct_full"] = vs["labels_to_98pct_full"] = None
+            if all(v is None for v in mine["final_pixels_changed"] + base["final_pixels_changed"]):
+                vs["final_pixels_changed"] = None  # neither recorded effort: nothing to pair
+            out["strategies"][strategy]["vs_random"] = vs
     return out
+
+
+# what each strategy is paired against random on (per seed); Dice at fixed counts besides
+_PAIRED = ("aulc", "final_dice", "labels_to_95pct_full", "labels_to_98pct_full", "final_pixels_changed")
 
 
 def _figure(figures, path: Path, preset: str, seeds: int, summary: dict, paper: float | None) -> None:
     curves = {s: t["curve"] for s, t in summary["strategies"].items()}
-    full_line = None
+    effort = {s: t["effort_curve"] for s, t in summary["strategies"].items() if t.get("effort_curve")}
+    full_line, full_band = None, None
     if summary["full"]:
         f = summary["full"]["test_dice"]
         full_line = (f["mean"], f["lo"], f["hi"])
+        full_band = interval_name(len(f["per_seed"]))
     if seeds > 1:
-        what = f"{seeds} seeds; bands: 95 % bootstrap intervals over seeds"
+        what = f"{seeds} seeds; bands: {interval_name(seeds)}"
     else:
         what = "1 seed: no interval"
     label = HEADLINE_TEST_LABELS[summary["metric"]]
     figures.learning_curves(path, f"{preset}: {label} vs expert labels ({what})", curves,
                             train_size=summary["train_size"], full=full_line, paper=paper,
                             full_epochs=summary["settings"].get("train.full_epochs"),
-                            ylabel=f"{label} (mean over seeds)")
+                            ylabel=f"{label} (mean over seeds)", full_band=full_band, effort=effort or None)
 
 
 def _csv(summary: dict, with_external: bool) -> str:
@@ -773,29 +793,54 @@ def _csv(summary: dict, with_external: bool) -> str:
     def seeds_cell(values):
         return " ".join("None" if v is None else str(v) for v in values)
 
+    def pair(interval):
+        return interval or [None, None]
+
+    counts = summary.get("dice_at_labels_counts") or []
+    full = summary.get("full") or {}
     buf = io.StringIO()
     writer = csv.writer(buf)
     head = ["strategy", "labels_to_95pct_full_mean", "labels_to_95pct_full_per_seed", "dice_at_50pct_labels",
             "final_dice_mean", "final_expert_labels", "final_dice_lo", "final_dice_hi", "aulc_mean", "aulc_lo",
-            "aulc_hi", "labels_to_95pct_full_lo", "labels_to_95pct_full_hi", "labels_to_95pct_full_seeds_not_reached"]
+            "aulc_hi", "labels_to_95pct_full_lo", "labels_to_95pct_full_hi", "labels_to_95pct_full_seeds_not_reached",
+            "labels_to_98pct_full_mean", "labels_to_98pct_full_lo", "labels_to_98pct_full_hi",
+            "labels_to_98pct_full_seeds_not_reached"]
+    for c in counts:
+        head += [f"dice_at_{c:g}_labels_{p}" for p in ("mean", "lo", "hi")]
+    head += ["final_labels_with_validation", "final_fraction_labelled", "final_fraction_labelled_with_validation",
+             "final_pixels_changed_mean", "final_pixels_changed_lo", "final_pixels_changed_hi"]
     if with_external:
         head += ["external_dice_mean", "external_dice_lo", "external_dice_hi"]
-    metrics = ("aulc", "final_dice", "labels_to_95pct_full")
-    for k in metrics:
-        head += [f"diff_vs_random_{k}_{p}" for p in ("mean", "lo", "hi", "excludes_zero")]
-    head.append("metric")  # which test Dice every Dice column is
+    for k in _PAIRED:
+        head += [f"diff_vs_random_{k}_{p}" for p in ("mean", "lo", "hi", "excludes_zero", "p_value")]
+    for c in counts:
+        head += [f"diff_vs_random_dice_at_{c:g}_labels_{p}" for p in ("mean", "lo", "hi", "p_value")]
+    head += ["diff_vs_random_p_method", "full_epochs", "full_best_epoch_per_seed", "full_still_improving_seeds",
+             "metric"]  # metric last: which test Dice every Dice column is
     writer.writerow(head)
     for s, t in summary["strategies"].items():
-        need_iv = t["labels_to_95pct_full_interval"] or [None, None]
-        not_reached = t["labels_to_95pct_full_not_reached"]
         row = [s, t["labels_to_95pct_full"], seeds_cell(t["labels_to_95pct_full_per_seed"]), t["dice_at_50pct_labels"],
-               t["final_dice"], t["final_expert_labels"], *t["final_dice_interval"], t["aulc"], *t["aulc_interval"],
-               *need_iv, None if not_reached is None else " ".join(map(str, not_reached))]
+               t["final_dice"], t["final_expert_labels"], *t["final_dice_interval"], t["aulc"], *t["aulc_interval"]]
+        for share in (95, 98):
+            key = f"labels_to_{share}pct_full"
+            not_reached = t[f"{key}_not_reached"]
+            if share == 98:
+                row.append(t[key])
+            row += [*pair(t[f"{key}_interval"]), None if not_reached is None else " ".join(map(str, not_reached))]
+        row += [v for d in t["dice_at_labels"] for v in (d["mean"], d["lo"], d["hi"])]
+        row += [t["final_labels_with_validation"], t["final_fraction_labelled"],
+                t["final_fraction_labelled_with_validation"], t["final_pixels_changed"],
+                *t["final_pixels_changed_interval"]]
         if with_external:
             row += [t["external_dice"], *t["external_dice_interval"]]
-        for k in metrics:
-            d = (t.get("vs_random") or {}).get(k) or {}
-            row += [d.get("mean"), d.get("lo"), d.get("hi"), d.get("excludes_zero")]
-        row.append(summary["metric_label"])
+        vs = t.get("vs_random") or {}
+        for k in _PAIRED:
+            d = vs.get(k) or {}
+            row += [d.get("mean"), d.get("lo"), d.get("hi"), d.get("excludes_zero"), d.get("p_value")]
+        at = vs.get("dice_at_labels") or [{} for _ in counts]
+        row += [v for d in at for v in (d.get("mean"), d.get("lo"), d.get("hi"), d.get("p_value"))]
+        row += [(vs.get("final_dice") or {}).get("p_method"), full.get("epochs"),
+                seeds_cell(full["best_epoch_per_seed"]) if full else None,
+                " ".join(map(str, full["still_improving_seeds"])) if full else None, summary["metric_label"]]
         writer.writerow([cell(v) for v in row])
     return buf.getvalue()

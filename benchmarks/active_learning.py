@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from alseg.compare import labels_to_reach
+from alseg.stats import labels_to_reach
 from alseg.config import build_config
 from alseg.experiment import train_supervised
 from alseg.active.loop import run_active

@@ -143,7 +143,7 @@ def summarize(out: Path, arms: list[str], seeds: list[int], settings: dict, pres
     best final Dice of the seed's arms, and the final Dice."""
     import numpy as np
 
-    from alseg.compare import labels_to_reach
+    from alseg.stats import labels_to_reach
 
     results = {a: {} for a in arms}
     for arm in arms:

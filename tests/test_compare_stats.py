@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from alseg.compare import (_remove_unfinished, _write_summary, aulc, bootstrap_interval, compare, labels_to_reach,
-                           merge, paired_differences, seed_summary, summarise)
+from alseg.compare import _remove_unfinished, _write_summary, compare, merge, summarise
+from alseg.stats import aulc, bootstrap_interval, labels_to_reach, paired_differences, seed_summary
 from alseg.errors import AlsegError
 from alseg.rundir import RunDir
 from alseg.store import RunStore

@@ -164,33 +164,30 @@ def training_curves(path, title: str, epochs: Sequence[dict], round_epochs: bool
 
 def learning_curves(path, title: str, curves: dict[str, dict], *, train_size: int | None = None,
                     full: tuple[float, ...] | None = None, full_epochs: int | None = None,
-                    paper: float | None = None, ylabel: str = "test Dice (mean over images)") -> Path:
+                    paper: float | None = None, ylabel: str = "test Dice (mean over images)",
+                    full_band: str | None = None, effort: dict[str, dict] | None = None) -> Path:
     """Test Dice against expert-labelled images, one line per ``curves[name] = {"x", "mean", "std"}``.
 
     The band around a curve of several seeds (``"n"`` > 1) is its interval ``"lo"``..``"hi"`` when
-    the curve has one (the comparison's 95 % bootstrap interval over seeds), else ±1 ``"std"``.
-    ``full`` is the full-supervision Dice as ``(mean, std)`` or ``(mean, lo, hi)``; a dotted line
-    marks 95 % of it; ``full_epochs``, when given, is named in its legend entry.
+    the curve has one, named in the legend by the curve's ``"band"`` (what the interval is for its
+    number of seeds: the range of 2-3 seeds, a bootstrap interval over more; "interval" when not
+    given), else ±1 ``"std"``. ``full`` is the full-supervision Dice as ``(mean, std)`` or
+    ``(mean, lo, hi)``, its band named by ``full_band``; a dotted line marks 95 % of it;
+    ``full_epochs``, when given, is named in its legend entry.
+
+    ``effort``, when given (``{name: {"x", "mean", "lo"?, "hi"?, "n", "band"?}}``, x in megapixels),
+    adds a second panel below: the same test Dice against the megapixels the expert changed from
+    the model's predictions, the cost of the labels rather than their count.
     """
-    fig, ax = plt.subplots(figsize=(9, 5.5))
-    for name, c in curves.items():
-        x, m, s = (np.asarray(c[k], float) for k in ("x", "mean", "std"))
-        colour = strategy_colour(name)
-        n = c.get("n", 1)
-        has_interval = "lo" in c and "hi" in c
-        if n > 1:
-            what = "mean, 95 % interval" if has_interval else "mean ± std"
-            label = f"{name} ({what}, {n} seeds)"
-        else:
-            label = name
-        ax.plot(x, m, "-o", ms=4, color=colour, label=label)
-        if n > 1:
-            lo, hi = ((np.asarray(c["lo"], float), np.asarray(c["hi"], float)) if has_interval else (m - s, m + s))
-            ax.fill_between(x, lo, hi, color=colour, alpha=0.18, linewidth=0)
+    rows = 2 if effort else 1
+    fig, axes = plt.subplots(rows, 1, figsize=(9, 5.5 * rows), squeeze=False,
+                             layout="constrained" if effort else None)
+    ax = axes[0][0]
+    _curves_with_bands(ax, curves)
     if full is not None:
         lo, hi = (full[1], full[2]) if len(full) == 3 else (full[0] - full[1], full[0] + full[1])
         band = lo is not None and hi is not None and hi > lo
-        what = (", band: 95 % interval" if len(full) == 3 else ", band: ± std") if band else ""
+        what = (f", band: {full_band or 'interval'}" if len(full) == 3 else ", band: ± std") if band else ""
         trained = f"{full_epochs} epochs, " if full_epochs else ""
         ax.axhline(full[0], color=COLOURS["full"], ls="--", lw=1.2,
                    label=f"full supervision ({trained}{full[0]:.3f}{what})")
@@ -207,7 +204,37 @@ def learning_curves(path, title: str, curves: dict[str, dict], *, train_size: in
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best", framealpha=0.85)
+    if effort:
+        cost = axes[1][0]
+        _curves_with_bands(cost, effort)
+        if full is not None:
+            cost.axhline(full[0], color=COLOURS["full"], ls="--", lw=1.2, label=f"full supervision ({full[0]:.3f})")
+        cost.set_xlabel("megapixels the expert changed from the model's predicted masks (cumulative, working size)")
+        cost.set_ylabel(ylabel)
+        cost.set_title("The same test Dice against the expert's effort (pixels changed), not the image count")
+        cost.grid(alpha=0.3)
+        cost.legend(fontsize=8, loc="best", framealpha=0.85)
     return _save(fig, path)
+
+
+def _curves_with_bands(ax, curves: dict[str, dict]) -> None:
+    """One line per curve (mean over seeds) with its band (interval or ± std) where it has several seeds."""
+    for name, c in curves.items():
+        x, m = np.asarray(c["x"], float), np.asarray(c["mean"], float)
+        colour = strategy_colour(name)
+        n = c.get("n", 1)
+        has_interval = "lo" in c and "hi" in c
+        if n > 1 and has_interval and c.get("band"):
+            label = f"{name} (mean, band: {c['band']})"  # the band's name says how many seeds
+        elif n > 1:
+            label = f"{name} (mean, {'band: interval' if has_interval else '± std'}, {n} seeds)"
+        else:
+            label = name
+        ax.plot(x, m, "-o", ms=4, color=colour, label=label)
+        if n > 1:
+            s = np.asarray(c.get("std", np.zeros_like(m)), float)
+            lo, hi = ((np.asarray(c["lo"], float), np.asarray(c["hi"], float)) if has_interval else (m - s, m + s))
+            ax.fill_between(x, lo, hi, color=colour, alpha=0.18, linewidth=0)
 
 
 def run_learning_curve(path, title: str, labelled: Sequence[int], rounds: Sequence[int], *,
