@@ -109,6 +109,13 @@ class ActiveConfig:
     rounds: int = 10
     budget: float | None = None      # stop once this fraction of the train split is expert-labelled
     round_epochs: int = 5
+    # Optimiser steps of every active round (round >= 1), whatever the size of its labelled +
+    # pseudo-labelled set (None: round_epochs passes, with the train.min_epoch_steps floor). A
+    # strategy with pseudo-labels (CEAL) otherwise takes more steps a round than one without
+    # (random): set it to compare strategies at equal training (issue 31). Spread over round_epochs
+    # epochs (train.total_steps), so it is at least round_epochs; each round records the steps it
+    # took (round fact "train_steps"). Round 0 is unchanged.
+    round_steps: int | None = None
     # How a project without masks picks its first batch: "random" (spread over groups) or "cover"
     # (one image per cluster of the pre-trained features, spread over groups; alseg.active.coldstart)
     initial_selection: str = "random"
@@ -125,6 +132,13 @@ class ActiveConfig:
     volume_score: str = "mean"       # "mean" of a volume's pool slices, or "top3": the mean of its 3 highest
     max_per_volume: int | None = None  # expert slices of one volume per round (None: no cap)
     ceal: CealParams = field(default_factory=CealParams)
+
+    def __post_init__(self):
+        if self.round_steps is not None and not (
+                isinstance(self.round_steps, int) and not isinstance(self.round_steps, bool)
+                and self.round_steps >= max(1, self.round_epochs)):
+            raise AlsegError(f"active.round_steps must be null or a whole number >= 1 and >= active.round_epochs "
+                             f"({self.round_epochs}: every epoch trains at least one batch), not {self.round_steps!r}")
 
     @property
     def expert_batch(self) -> int:

@@ -55,6 +55,12 @@ class TrainConfig:
     # many batches (from successive shuffles), so 16 images at batch 8 get 20 steps an epoch, not 2;
     # a fit of E epochs takes at least E x min_epoch_steps. 0: one pass an epoch.
     min_epoch_steps: int = 0
+    # Optimiser steps of the whole fit, whatever the number of images (None: epochs x steps per
+    # epoch as above). Spread over the epochs as evenly as whole steps allow (the first epochs take
+    # the extra ones); min_epoch_steps then does not apply. An epoch's batches come from successive
+    # shuffles, as under the floor, or from one shuffle's first rows when it has fewer batches than
+    # one pass. How `active.round_steps` gives every strategy the same steps per round.
+    total_steps: int | None = None
     # Linear learning-rate warm-up over the first warmup_steps optimiser steps of a fit.
     warmup_steps: int = 0
     # "constant" after the warm-up, or "cosine": decayed to lr / 20 by the fit's last step, so that
@@ -77,6 +83,10 @@ class TrainConfig:
             raise AlsegError(f"train.lr_schedule must be constant or cosine, not {self.lr_schedule!r}")
         if self.empty_ratio is not None and not self.empty_ratio >= 0:
             raise AlsegError(f"train.empty_ratio must be a number >= 0 or null, not {self.empty_ratio!r}")
+        if self.total_steps is not None and not (isinstance(self.total_steps, int) and not isinstance(
+                self.total_steps, bool) and self.total_steps >= max(1, self.epochs)):
+            raise AlsegError(f"train.total_steps must be null or a whole number >= train.epochs ({self.epochs}: "
+                             f"every epoch trains at least one batch), not {self.total_steps!r}")
 
     @property
     def reference_epochs(self) -> int:
@@ -230,7 +240,8 @@ def fit(model: UNet, train_images: np.ndarray, train_masks: np.ndarray, val_imag
     Validates on ``val_images`` each epoch (dropout off): the mean Dice per image or, with
     ``val_volumes`` = (group, slice position) of each validation image, the mean 3D Dice per
     volume (:func:`alseg.metrics.per_volume_scores`); without them the training Dice picks the
-    best epoch. Returns ``{"history": [...], "best_val_dice", "best_epoch"}``. With ``checkpoint_dir``
+    best epoch. Returns ``{"history": [...], "best_val_dice", "best_epoch", "steps"}`` (optimiser
+    steps taken: :func:`epoch_plan`'s sum). With ``checkpoint_dir``
     it writes ``best.pt`` and ``last.pt`` there.
     """
     if len(train_images) == 0:
@@ -266,21 +277,21 @@ def fit(model: UNet, train_images: np.ndarray, train_masks: np.ndarray, val_imag
     best_epoch = None
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir and writer else None
     lesion = y_all.flatten(1).any(1).cpu().numpy()
-    steps = epoch_steps(epoch_rows(lesion, config.empty_ratio), config)
-    schedule = _Schedule(opt, config, config.epochs * steps)
-    for epoch in range(1, config.epochs + 1):
+    plan = epoch_plan(epoch_rows(lesion, config.empty_ratio), config)
+    schedule = _Schedule(opt, config, sum(plan))
+    for epoch, steps in enumerate(plan, start=1):
         t0 = time.perf_counter()
         model.train()
         rows = _epoch_subset(lesion, config.empty_ratio, gen)
         xs, ys = (x_all, y_all) if rows is None else (x_all[rows.to(device)], y_all[rows.to(device)])
         loss_sum, dices = _train_epoch(net, opt, scaler, xs, ys, config, normalizer, gen,
                                        (device, dtype), (rank, world), on_batch, steps, schedule,
-                                       (seed, (epoch - 1) * steps))
+                                       (seed, sum(plan[:epoch - 1])))
         if world > 1:
             shares = distributed.all_gather((loss_sum, dices))
             loss_sum, dices = sum(s[0] for s in shares), [d for s in shares for d in s[1]]
         record = {"epoch": epoch, "train_loss": loss_sum / len(dices), "train_dice": float(np.mean(dices)),
-                  "val_dice": None, "lr": schedule.lr}
+                  "val_dice": None, "lr": schedule.lr, "steps": steps}
         if val_images is not None:  # every rank holds the same weights: each validates, none waits
             probs = predict_probs(model, np.asarray(val_images), normalizer, device=device, precision=config.precision)
             record["val_dice"] = validation_dice(probs > 0.5, np.asarray(val_masks) > 0, val_volumes)
@@ -296,7 +307,7 @@ def fit(model: UNet, train_images: np.ndarray, train_masks: np.ndarray, val_imag
             ckpt.save(ckpt_dir / "last.pt", epoch=epoch, val_dice=record["val_dice"], train_config=config.to_dict())
         if on_epoch and writer:
             on_epoch(record)
-    return {"history": history, "best_val_dice": best_val_dice, "best_epoch": best_epoch}
+    return {"history": history, "best_val_dice": best_val_dice, "best_epoch": best_epoch, "steps": schedule.step}
 
 
 def validation_dice(pred: np.ndarray, truth: np.ndarray, volumes: tuple | None = None) -> float:
@@ -333,6 +344,15 @@ def epoch_steps(n: int, config: TrainConfig) -> int:
     return max(math.ceil(n / config.batch_size), config.min_epoch_steps)
 
 
+def epoch_plan(n: int, config: TrainConfig) -> list[int]:
+    """Optimiser steps of each epoch of a fit on ``n`` images: :func:`epoch_steps` each, or
+    ``config.total_steps`` spread over the epochs (the first ``total % epochs`` take one more)."""
+    if config.total_steps is None:
+        return [epoch_steps(n, config)] * config.epochs
+    each, extra = divmod(config.total_steps, config.epochs)
+    return [each + (1 if e < extra else 0) for e in range(config.epochs)]
+
+
 class _Schedule:
     """The learning rate of each optimiser step: linear warm-up to ``config.lr``, then constant or
     a cosine down to ``config.lr / 20`` at step ``total``."""
@@ -358,7 +378,8 @@ class _Schedule:
 
 def _batch_order(n: int, steps: int, batch_size: int, gen: torch.Generator) -> torch.Tensor:
     """Image indices for an epoch's batches: one shuffle (the last batch may be short) or, when the
-    step floor asks for more batches than one pass, successive shuffles cut into full batches."""
+    epoch asks for more or fewer batches than one pass (the step floor, ``total_steps``), successive
+    shuffles cut into full batches (fewer: the first rows of one shuffle)."""
     if steps == math.ceil(n / batch_size):
         return torch.randperm(n, generator=gen)
     shuffles = math.ceil(steps * batch_size / n)

@@ -54,7 +54,7 @@ from alseg.progress import SILENT, Reporter, batch_progress, staged
 from alseg.rundir import RunDir
 from alseg.runtime import Normalizer, resolve_device, seed_everything, step_seed
 from alseg.store import RunStore, atomic_write_bytes, atomic_write_text
-from alseg.train import Checkpoint, fit
+from alseg.train import Checkpoint, fit, predict_probs
 
 AWAITING = "awaiting labels"
 
@@ -195,10 +195,29 @@ class ActiveRun:
         if result is not None:
             scores = {name: result.scores()[name] for name in ("variance", "entropy", "bald")}
             scores["dice"] = result.dice
+        timings = {"score_s": scored - t0, "select_s": time.perf_counter() - scored}
+        facts = {"gate": {**gate.to_dict(), "taken": len(sel.pseudo_ids)}}
+        if truth is not None:
+            facts["effort"] = self.simulated_effort(model, sel.expert_ids)
         self.store.record_selection(round, pool, scores, sel.expert_ids, sel.pseudo_ids, sel.reasons, sel.shortfalls,
-                                    a.keep_pseudo, timings={"score_s": scored - t0,
-                                                            "select_s": time.perf_counter() - scored},
-                                    facts={"gate": {**gate.to_dict(), "taken": len(sel.pseudo_ids)}})
+                                    a.keep_pseudo, timings=timings, facts=facts)
+
+    def simulated_effort(self, model: UNet, expert_ids: list[str]) -> dict:
+        """What the simulated expert would change: the pixels where the head start (``model``'s
+        deterministic prediction, dropout off, thresholded at 0.5, at working size) differs from the
+        dataset's mask, over the ``expert_ids``. One forward pass over the batch; no random numbers,
+        so the selection and every seeded stream stay as they were."""
+        size = self.data.size
+        pixels = len(expert_ids) * size * size
+        changed = 0
+        if expert_ids:
+            idx = self.data.indices(expert_ids)
+            head_start = predict_probs(model, np.asarray(self.data.images[idx]), self.normalizer, device=self.device,
+                                       precision=self.config.train.precision,
+                                       batch_size=self.config.active.mc_batch_size) > 0.5
+            changed = int(np.count_nonzero(head_start != (np.asarray(self.data.masks[idx]) > 0)))
+        return {"images": len(expert_ids), "pixels": pixels, "pixels_changed": changed,
+                "changed_fraction": changed / pixels if pixels else None, "prediction": "deterministic"}
 
     def _across_volumes(self, sel, inputs: dict, pool: list[str], rng: np.random.Generator):
         """The strategy's expert ids under the volume rules (:mod:`alseg.active.volumes`); its
@@ -320,7 +339,9 @@ class ActiveRun:
         val_images = self.data.images[self.data.indices(val_ids)]
         val_masks = self.training_masks(val_ids) if val_ids else None
         phase = "initial" if round == 0 else "active"
-        train_cfg = cfg.train if round == 0 else dataclasses.replace(cfg.train, epochs=a.round_epochs)
+        # active.round_steps: the same optimiser steps every round, whatever the set's size (None: per epoch)
+        train_cfg = cfg.train if round == 0 else dataclasses.replace(cfg.train, epochs=a.round_epochs,
+                                                                     total_steps=a.round_steps)
         result = fit(model, images, masks, val_images, val_masks, train_cfg,
                      self.normalizer, size=self.data.size, checkpoint_dir=self.dir.checkpoint_dir(round),
                      seed=step_seed(cfg.seed, round, 5),
@@ -348,11 +369,11 @@ class ActiveRun:
         health = model_health(val_dice, val_masks)
         row = {"round": round, "expert_labelled": len(expert), "pseudo_labelled": len(pseudo_ids), "pool": pool_size,
                "test": test_summary, "test_dice": test_dice, "val_dice": result["best_val_dice"],
-               "seconds": sum(timings.values()), "model": health.to_dict()}
+               "seconds": sum(timings.values()), "model": health.to_dict(), "train_steps": result["steps"]}
         self.store.finish_round(round, expert_labelled=len(expert), pseudo_labelled=len(pseudo_ids), pool=pool_size,
                                 test_dice=test_dice, val_dice=result["best_val_dice"], seconds=row["seconds"],
                                 timings=timings, latest_checkpoint=self.dir.relative(self.dir.checkpoint(round)),
-                                facts={"model": health.to_dict()})
+                                facts={"model": health.to_dict(), "train_steps": result["steps"]})
         self.reporter.round(row)
         dice = "-" if test_dice is None else f"{test_dice:.3f}"
         val = "-" if result["best_val_dice"] is None else f"{result['best_val_dice']:.3f}"
@@ -511,7 +532,11 @@ def status(run_dir: str | Path) -> dict:
     """Label counts and the finished rounds of a run or project (read-only), as ``alseg status --json``.
 
     ``effort``: the expert's effort per round and selection reason (``rounds``) and over all (``totals``),
-    as :meth:`RunStore.effort_by_round`; ``agreement``: second readings against the owners' masks."""
+    as :meth:`RunStore.effort_by_round`; ``agreement``: second readings against the owners' masks.
+    Each finished round of ``rounds`` carries its recorded facts: ``model`` (health), ``gate``,
+    ``train_steps`` (optimiser steps it trained) and, for a simulated annotator's round >= 1,
+    ``effort`` (:meth:`ActiveRun.simulated_effort`: the pixels the expert would change in the head
+    start); None where not recorded."""
     with RunStore.open_readonly(run_dir) as store:
         seconds = store.expert_seconds()
         active = store.expert_active_seconds()
@@ -530,7 +555,9 @@ def status(run_dir: str | Path) -> dict:
                          "expert_seconds": seconds.get(r["round"], 0.0),
                          "expert_active_seconds": active.get(r["round"], 0.0), "expert_ids": expert_ids,
                          "model": facts.get(r["round"], {}).get("model"),
-                         "gate": facts.get(r["round"], {}).get("gate")})
+                         "gate": facts.get(r["round"], {}).get("gate"),
+                         "train_steps": facts.get(r["round"], {}).get("train_steps"),
+                         "effort": facts.get(r["round"], {}).get("effort")})
         open_round = next((r["round"] for r in store.rounds() if r["status"] == "awaiting"), None)
         model = rows[-1]["model"] if rows else None
         gate = facts.get(open_round, {}).get("gate") if open_round is not None else None
