@@ -313,6 +313,7 @@ def run(preset: Optional[PresetName] = typer.Option(None, help="Settings preset 
         width: Optional[int] = typer.Option(None, help="U-Net base width."),
         epochs: Optional[int] = typer.Option(None, help="Initial training epochs."),
         round_epochs: Optional[int] = typer.Option(None, help="Retraining epochs per round."),
+        round_steps: Optional[int] = typer.Option(None, "--round-steps", help="Optimiser steps of every active round, whatever its labelled + pseudo-labelled set (default: the round's epochs): compare strategies at equal training."),
         min_epoch_steps: Optional[int] = typer.Option(None, "--min-epoch-steps", help="At least this many "
                                                          "optimiser steps an epoch, however few the labelled images "
                                                          "(default: the preset's; 0: one pass an epoch)."),
@@ -382,7 +383,7 @@ def run(preset: Optional[PresetName] = typer.Option(None, help="Settings preset 
             "pretrain": {"enabled": pretrain},
             "active": {"strategy": strategy.value if strategy else None, "batch_size": batch_size,
                        "rounds": rounds, "budget": budget,
-                       "round_epochs": round_epochs, "mc_passes": mc_passes,
+                       "round_epochs": round_epochs, "round_steps": round_steps, "mc_passes": mc_passes,
                        "warm_start": False if from_scratch else None, "keep_pseudo": True if keep_pseudo else None,
                        "volume_selection": volume_selection, "volume_score": volume_score,
                        "max_per_volume": max_per_volume},
@@ -591,6 +592,7 @@ def compare(preset: PresetName = typer.Option(..., help="Settings preset shared 
             full_epochs: Optional[int] = typer.Option(None, help="The full-supervision reference's epochs "
                                                       "(default: the preset's, else --epochs)."),
             round_epochs: Optional[int] = typer.Option(None, help="Retraining epochs per round."),
+            round_steps: Optional[int] = typer.Option(None, "--round-steps", help="Optimiser steps of every active round, whatever its labelled + pseudo-labelled set (default: the round's epochs): compare strategies at equal training."),
             mc_passes: Optional[int] = typer.Option(None, help="MC-dropout passes T."),
             device: Optional[str] = typer.Option(None, help="auto, cpu or cuda."),
             only_seeds: Optional[str] = typer.Option(None, "--only-seeds", help="Comma-separated seeds (of 0..N-1) "
@@ -617,7 +619,8 @@ def compare(preset: PresetName = typer.Option(..., help="Settings preset shared 
     cfg = build_config(preset.value, config, {
         "data": {"path": str(data), "size": size}, "model": {"width": width},
         "train": {"epochs": epochs, "full_epochs": full_epochs, "device": device},
-        "active": {"rounds": rounds, "budget": budget, "round_epochs": round_epochs, "mc_passes": mc_passes}})
+        "active": {"rounds": rounds, "budget": budget, "round_epochs": round_epochs, "round_steps": round_steps,
+                   "mc_passes": mc_passes}})
 
     def seed_numbers(option: str, text: str) -> list[int]:
         try:
