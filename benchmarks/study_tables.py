@@ -1,8 +1,9 @@
 """Markdown tables of an `alseg compare` summary (OUT/compare.json), for docs/benchmarks.md.
 
 Prints, from the numbers `alseg compare` computed (nothing is recomputed here): test Dice at each
-label count (mean over seeds and 95 % bootstrap interval), AULC, labels to 95 % of full
-supervision, and the paired differences against random.
+label count (mean over seeds and interval: the seeds' range at 2-3 seeds, a 95 % bootstrap interval
+above), AULC, labels to 95 % and 98 % of full supervision, and the paired differences against random
+with their sign-flip p-values (summaries written before p-values existed show none).
 
     .venv/bin/python benchmarks/study_tables.py OUT/compare.json [--variant OTHER/compare.json]
 
@@ -28,8 +29,9 @@ def _ci(mean, lo, hi, digits=3) -> str:
 def _signed(summary: dict | None, digits=3) -> str:
     if not summary or summary.get("mean") is None:
         return "–"
-    star = " *" if summary.get("excludes_zero") else ""
-    return f"{summary['mean']:+.{digits}f} [{summary['lo']:+.{digits}f}, {summary['hi']:+.{digits}f}]{star}"
+    p = summary.get("p_value")
+    tail = f", p = {p:.3g}" if p is not None else (" *" if summary.get("excludes_zero") else "")
+    return f"{summary['mean']:+.{digits}f} [{summary['lo']:+.{digits}f}, {summary['hi']:+.{digits}f}]{tail}"
 
 
 def tables(summary: dict) -> str:
@@ -48,19 +50,21 @@ def tables(summary: dict) -> str:
         else:
             labels = "not reached in " + f"{sum(r is None for r in reached)} of {len(reached)} seeds"
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {aulc} | {labels} |")
-    lines += ["", "| strategy - random (paired by seed) | AULC | final test Dice | labels to 95 % of full | per seed (AULC) |",
-              "| --- | --- | --- | --- | --- |"]
+    lines += ["", "| strategy - random (paired by seed) | AULC | final test Dice | labels to 95 % of full "
+              "| labels to 98 % of full | per seed (AULC) |",
+              "| --- | --- | --- | --- | --- | --- |"]
     for name, s in strategies.items():
         diff = s.get("vs_random")
         if not diff:
             continue
         per_seed = ", ".join(f"{v:+.3f}" for v in diff["aulc"]["per_seed"])
         lines.append(f"| {name} | {_signed(diff['aulc'])} | {_signed(diff['final_dice'])} | "
-                     f"{_signed(diff['labels_to_95pct_full'], 0)} | {per_seed} |")
+                     f"{_signed(diff['labels_to_95pct_full'], 0)} | {_signed(diff.get('labels_to_98pct_full'), 0)} "
+                     f"| {per_seed} |")
     per_seed_full = ((summary.get("full") or {}).get("test_dice") or {}).get("per_seed")
     lines += ["", f"Seeds: {summary['seeds']}; full supervision test Dice per seed: "
               + (", ".join(f"{v:.3f}" for v in per_seed_full) if per_seed_full else "not run")
-              + "; `*`: the interval excludes zero."]
+              + "; p: paired sign-flip test (`*` in older summaries: the interval excludes zero)."]
     return "\n".join(lines)
 
 
