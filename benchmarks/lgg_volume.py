@@ -14,7 +14,9 @@ get more steps:
   over the whole batch + BCE, BCE alone, per-image soft Dice + BCE, the presets' default). An
   empty slice's own Dice term pulls every pixel to 0; over the batch it does not.
 * ``ARM+LOSS+cos``: the learning rate decayed by a cosine to a twentieth over the run
-  (``train.lr_schedule``), against the preset's constant rate.
+  (``train.lr_schedule``), against the preset's constant rate; ``+pre``: the U-Net starts from
+  inpainting pre-training on the train and validation slices (``alseg.pretrain``, once per seed,
+  cached in ``--out``), as a project's round 0 does.
 
 Every arm keeps the epoch with the best mean per-volume Dice on the validation patients (all
 their slices: what a lab can measure) and is scored on the test patients over all their slices:
@@ -73,7 +75,7 @@ def one_run(job: dict) -> dict:
     torch.set_num_threads(1)
     cfg, dataset, data, split = _fixed()
     arm, *mods = job["arm"].split("+")
-    loss = next((m for m in mods if m != "cos"), "dice_bce")
+    loss = next((m for m in mods if m not in ("cos", "pre")), "dice_bce")
     train_ids = [i for i in split.train if arm != "tumour" or data.positive[data.indices([i])[0]]]
     ratio = None if arm in ("ratio-all", "tumour") else float(arm.split("-", 1)[1])
     ti = data.indices(train_ids)
@@ -87,6 +89,16 @@ def one_run(job: dict) -> dict:
     seed_everything(job["seed"])
     model = UNet(model_cfg)
     vi = data.indices(list(split.val))
+    pretrain_s = 0.0
+    if "pre" in mods:  # inpainting pre-training on the train and validation slices, cached in --out
+        from alseg.pretrain import PretrainConfig, load_into, pretrain
+
+        ids = list(split.train) + list(split.val)
+        t0 = time.process_time()
+        result = pretrain(data.images[data.indices(ids)], model_cfg, normalizer, PretrainConfig(enabled=True),
+                          folder=Path(job["out"]) / f"pretrain-s{job['seed']}", ids=ids, seed=job["seed"], device="cpu")
+        pretrain_s = time.process_time() - t0 if not result["reused"] else float(result["seconds"])
+        load_into(model, result["weights"])
     where = np.asarray(dataset.slice_indices())
     val_volumes = ([data.groups[i] for i in vi], where[vi].tolist())
     with tempfile.TemporaryDirectory() as tmp:
@@ -101,6 +113,7 @@ def one_run(job: dict) -> dict:
     return {**job, "train_slices": len(ti), "tumour_slices": int(lesion.sum()), "steps_per_epoch": steps_per_epoch,
             "epochs": train_cfg.epochs, "best_epoch": result["best_epoch"], "val_volume_dice": result["best_val_dice"],
             "val_curve": [h["val_dice"] for h in result["history"]], "cpu_seconds": seconds,
+            "pretrain_seconds": pretrain_s,
             "test": {k: raw.get(k) for k in ("volume_dice_mean", "volume_dice_mean_nonempty", "volume_dice_median",
                                              "lesion_slice_dice_mean", "false_positive_voxels", "mean_dice")},
             "test_largest_component": {k: largest.get(k) for k in ("volume_dice_mean", "lesion_slice_dice_mean",
