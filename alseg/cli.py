@@ -474,14 +474,16 @@ def report(run_dir: Path = typer.Argument(..., help="Run directory."),
           lambda r: out.print(f"report: {r['html']} ({len(r['figures'])} figures)"))
 
 
-def _counts(text: str | None) -> list[float] | None:
-    """``--fixed-counts``: comma-separated label counts, None when not given."""
+def _numbers(option: str, text: str | None, kind=int) -> list | None:
+    """A comma-separated option (``--seeds``, ``--only-seeds``, ``--fixed-counts``) as numbers of
+    ``kind``; None when not given."""
     if text is None:
         return None
     try:
-        return [float(k) for k in text.split(",") if k.strip()]
+        return [kind(k) for k in text.split(",") if k.strip()]
     except ValueError:
-        raise AlsegError(f"--fixed-counts takes numbers separated by commas, not {text!r}") from None
+        what = "whole numbers" if kind is int else "numbers"
+        raise AlsegError(f"{option} takes {what} separated by commas, not {text!r}") from None
 
 
 def _first_strategy(summary: dict) -> dict:
@@ -622,19 +624,14 @@ def compare(preset: PresetName = typer.Option(..., help="Settings preset shared 
         "active": {"rounds": rounds, "budget": budget, "round_epochs": round_epochs, "round_steps": round_steps,
                    "mc_passes": mc_passes}})
 
-    def seed_numbers(option: str, text: str) -> list[int]:
-        try:
-            return [int(k) for k in text.split(",") if k.strip()]
-        except ValueError:
-            raise AlsegError(f"{option} takes whole numbers separated by commas, not {text!r}") from None
-
     _resume_hint("the same alseg compare command (finished runs are reused, unfinished ones resumed)")
-    chosen = None if only_seeds is None else seed_numbers("--only-seeds", only_seeds)
-    numbers = seed_numbers("--seeds", seeds)
+    chosen = None if only_seeds is None else _numbers("--only-seeds", only_seeds, int)
+    numbers = _numbers("--seeds", seeds, int)
     seed_spec = numbers if "," in seeds else (numbers[0] if numbers else 0)  # a count, or the seeds listed
     summary = run_compare(cfg, out_dir, strategies=[s.strip() for s in strategies.split(",") if s.strip()],
                           seeds=seed_spec, full=full, external=external, only_seeds=chosen,
-                          jobs=jobs, fixed_counts=_counts(fixed_counts), reporter=RichReporter(quiet=as_json))
+                          jobs=jobs, fixed_counts=_numbers("--fixed-counts", fixed_counts, float),
+                          reporter=RichReporter(quiet=as_json))
     if chosen is not None:
         _emit(summary, as_json, lambda r: out.print(f"seeds {', '.join(map(str, r['seeds']))}: "
                                                     f"{len(r['runs'])} runs finished ({', '.join(r['runs'])}); "
@@ -657,7 +654,8 @@ def merge(studies: list[Path] = typer.Argument(..., metavar="STUDY...", help="co
     """
     from alseg.compare import merge as merge_studies
 
-    _emit(merge_studies(studies, out_dir, fixed_counts=_counts(fixed_counts)), as_json, _render_comparison)
+    merged = merge_studies(studies, out_dir, fixed_counts=_numbers("--fixed-counts", fixed_counts, float))
+    _emit(merged, as_json, _render_comparison)
 
 
 # --- a lab's project: init -> query -> label (files or the page) -> ingest -> query ... ---------------

@@ -86,30 +86,23 @@ def _full_convergence(run_dir: Path) -> dict:
     return {"best_epoch": found["best_epoch"], "epochs": found["epochs"]}
 
 
-def _recorded_curve(run_dir: Path, rounds: Sequence[dict]) -> tuple[str, list[dict]]:
-    """An active run's headline metric and its curve: per finished round of ``rounds`` (status rows),
-    the expert labels and the headline test Dice from the run's recorded evaluations (so a run whose
-    rounds recorded another figure as their test Dice, before headlines, is still read alike), and
-    the round's ``effort`` fact (None where not recorded)."""
+def _recorded_run(run_dir: Path, rounds: Sequence[dict]) -> tuple[str, dict]:
+    """An active run's headline metric and what :func:`summarise` takes of it, from one reading of
+    its store: ``"rounds"``, per finished round of ``rounds`` (status rows), the expert labels, the
+    headline test Dice from the run's recorded evaluations (so a run whose rounds recorded another
+    figure as their test Dice, before headlines, is still read alike) and the round's ``effort``
+    fact (None where not recorded); ``"train_size"`` and ``"val_size"`` (its split's training and
+    validation images; the validation masks are expert labels too)."""
     with RunStore.open_readonly(run_dir) as store:
         metric = run_headline(store)
         tests = {e["round"]: e for e in store.evaluations() if e["split"] == "test"}
         facts = store.round_facts()
+        split = store.split()
     curve = []
     for r in rounds:
         ev = tests.get(r["round"])
         value = ev[metric] if ev is not None and ev[metric] is not None else r["test_dice"]
         curve.append({**r, "test_dice": value, "effort": facts.get(r["round"], {}).get("effort")})
-    return metric, curve
-
-
-def _recorded_run(run_dir: Path, rounds: Sequence[dict]) -> tuple[str, dict]:
-    """An active run's headline metric and what :func:`summarise` takes of it: ``{"rounds"}``
-    (:func:`_recorded_curve`), ``"train_size"`` and ``"val_size"`` (its split's training and
-    validation images; the validation masks are expert labels too)."""
-    metric, curve = _recorded_curve(run_dir, rounds)
-    with RunStore.open_readonly(run_dir) as store:
-        split = store.split()
     return metric, {"rounds": curve, "train_size": len(split["train"]), "val_size": len(split.get("val") or ())}
 
 

@@ -78,7 +78,7 @@ from alseg.errors import AlsegError
 from alseg.model import ModelConfig
 from alseg.active.strategies import CealParams
 from alseg.pretrain import PretrainConfig
-from alseg.train import TrainConfig
+from alseg.train import TrainConfig, check_total_steps
 
 
 @dataclass
@@ -134,11 +134,7 @@ class ActiveConfig:
     ceal: CealParams = field(default_factory=CealParams)
 
     def __post_init__(self):
-        if self.round_steps is not None and not (
-                isinstance(self.round_steps, int) and not isinstance(self.round_steps, bool)
-                and self.round_steps >= max(1, self.round_epochs)):
-            raise AlsegError(f"active.round_steps must be null or a whole number >= 1 and >= active.round_epochs "
-                             f"({self.round_epochs}: every epoch trains at least one batch), not {self.round_steps!r}")
+        check_total_steps(self.round_steps, self.round_epochs, "active.round_steps", "active.round_epochs")
 
     @property
     def expert_batch(self) -> int:

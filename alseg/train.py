@@ -83,10 +83,7 @@ class TrainConfig:
             raise AlsegError(f"train.lr_schedule must be constant or cosine, not {self.lr_schedule!r}")
         if self.empty_ratio is not None and not self.empty_ratio >= 0:
             raise AlsegError(f"train.empty_ratio must be a number >= 0 or null, not {self.empty_ratio!r}")
-        if self.total_steps is not None and not (isinstance(self.total_steps, int) and not isinstance(
-                self.total_steps, bool) and self.total_steps >= max(1, self.epochs)):
-            raise AlsegError(f"train.total_steps must be null or a whole number >= train.epochs ({self.epochs}: "
-                             f"every epoch trains at least one batch), not {self.total_steps!r}")
+        check_total_steps(self.total_steps, self.epochs, "train.total_steps", "train.epochs")
 
     @property
     def reference_epochs(self) -> int:
@@ -272,7 +269,6 @@ def fit(model: UNet, train_images: np.ndarray, train_masks: np.ndarray, val_imag
     if val_images is not None and len(val_images) == 0:
         val_images = None
     best_val_dice = -1.0
-    n = len(x_all)
     history: list[dict] = []
     best_epoch = None
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir and writer else None
@@ -342,6 +338,15 @@ def _epoch_subset(lesion: np.ndarray, empty_ratio: float | None, gen: torch.Gene
 def epoch_steps(n: int, config: TrainConfig) -> int:
     """Optimiser steps per epoch on ``n`` images: one pass, or more to meet ``config.min_epoch_steps``."""
     return max(math.ceil(n / config.batch_size), config.min_epoch_steps)
+
+
+def check_total_steps(steps, epochs: int, name: str, epochs_name: str) -> None:
+    """A fixed number of optimiser steps over ``epochs`` epochs (``train.total_steps``,
+    ``active.round_steps``): null, or a whole number of at least one step an epoch."""
+    if steps is not None and not (isinstance(steps, int) and not isinstance(steps, bool)
+                                  and steps >= max(1, epochs)):
+        raise AlsegError(f"{name} must be null or a whole number >= {epochs_name} ({epochs}: every epoch trains "
+                         f"at least one batch), not {steps!r}")
 
 
 def epoch_plan(n: int, config: TrainConfig) -> list[int]:
