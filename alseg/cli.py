@@ -553,19 +553,21 @@ def _render_comparison(summary: dict) -> None:
             row.append(with_interval(t["external_dice"], t["external_dice_interval"], ".4f"))
         table.add_row(*(Text(c) for c in row))
     out.print(table)
-    paired = {name: t["vs_random"] for name, t in r["strategies"].items() if "vs_random" in t}
-    if paired:
-        diff = Table(title=Text(f"paired per-seed differences vs random (strategy - random): mean [{interval_name(n)}] "
-                                "and the sign-flip p-value"))
+    for baseline in r.get("baselines") or []:
+        key = f"vs_{baseline}"
+        diff = Table(title=Text(f"paired per-seed differences vs {baseline} (strategy - {baseline}): mean "
+                                f"[{interval_name(n)}] and the sign-flip p-value"))
         for col in ("strategy", "seeds", "AULC diff", "final Dice diff", "labels-to-95% diff"):
             diff.add_column(col, justify="right")
-        for name, d in paired.items():
-            diff.add_row(*(Text(c) for c in (name, str(len(d["seeds"])), diff_cell(d["aulc"], "+.4f"),
-                                              diff_cell(d["final_dice"], "+.4f"),
-                                              diff_cell(d["labels_to_95pct_full"], "+.1f"))))
+        for name, t in r["strategies"].items():
+            if key in t:
+                d = t[key]
+                diff.add_row(*(Text(c) for c in (name, str(len(d["seeds"])), diff_cell(d["aulc"], "+.4f"),
+                                                  diff_cell(d["final_dice"], "+.4f"),
+                                                  diff_cell(d["labels_to_95pct_full"], "+.1f"))))
         out.print(diff)
-    elif r["baseline"] is None:
-        out.print("no paired differences: random is not among the strategies")
+    if r["baseline"] is None:
+        out.print("no paired differences: neither random nor fg-random is among the strategies")
     if n == 1:
         out.print("one seed: each interval is the value itself, and nothing can be said about differences")
     elif n <= 3:

@@ -21,7 +21,8 @@ Owns the layout of a comparison folder and its summary:
   Dice (:func:`labels_to_reach`, interpolated between rounds), the test Dice at 50 % labels and at
   fixed label counts, the labels counted with the validation masks (an expert drew those too), the
   effort curve and final pixels changed (:func:`cumulative_pixels_changed`), and the paired
-  per-seed differences against ``random`` with sign-flip p-values (:func:`paired_differences`,
+  per-seed differences against each baseline among the strategies (``random``, ``fg-random``:
+  :data:`BASELINES`) with sign-flip p-values (:func:`paired_differences`,
   :func:`sign_flip_p`); the full-supervision references' best and last epochs (:func:`convergence`);
   with ``external``, the Dice of every run's final model on a second labelled dataset;
 * ``OUT/external.json``: with ``external``, the external scores already computed, keyed by the
@@ -66,7 +67,9 @@ from alseg.stats import (BOOTSTRAP_SEED, EXACT_FLIPS_UP_TO, LEVEL, MEGAPIXEL, MO
                          default_fixed_counts, dice_at, interval_name, labels_to_reach, paired_differences,
                          seed_summary)
 
-BASELINE = "random"
+# The baselines every other strategy is paired against, when they are among a comparison's strategies:
+# uniform random, and foreground-aware random (nnActive, 2025: no method there reliably beat it).
+BASELINES = ("random", "fg-random")
 # --- the driver ---------------------------------------------------------------------------------------
 
 def _finished_full(run_dir: Path) -> tuple[float, str] | None:
@@ -636,7 +639,8 @@ def summarise(results: dict[str, list[dict]], full_runs: dict[int, dict], train_
                  "effort_rule": "megapixels (at working size) the expert changed from the model's predicted masks, "
                                 "summed over rounds 1.. (round 0: 0), from each round's recorded effort; "
                                 "null for runs that did not record it",
-                 "baseline": BASELINE if BASELINE in results else None}
+                 "baselines": [b for b in BASELINES if b in results],
+                 "baseline": next((b for b in BASELINES if b in results), None)}
     if full_runs:
         seeds = sorted(full_dice)
         fs = seed_summary([full_dice[s] for s in seeds])
@@ -731,13 +735,13 @@ def summarise(results: dict[str, list[dict]], full_runs: dict[int, dict], train_
                 if key in r:
                     run[key] = r[key]
             out["runs"][f"{strategy}-s{r['seed']}"] = run
-    if BASELINE in results:
-        base_by_seed = {r["seed"]: r for r in results[BASELINE]}
+    for baseline in out["baselines"]:
+        base_by_seed = {r["seed"]: r for r in results[baseline]}
         for strategy, per_seed in results.items():
-            if strategy == BASELINE:
+            if strategy == baseline:
                 continue
             paired = [r for r in per_seed if r["seed"] in base_by_seed]
-            n = min(rounds_done[strategy], rounds_done[BASELINE])
+            n = min(rounds_done[strategy], rounds_done[baseline])
             mine = per_seed_metrics(paired, n)
             base = per_seed_metrics([base_by_seed[r["seed"]] for r in paired], n)
             vs = {"rounds": n, "seeds": [r["seed"] for r in paired],
@@ -748,11 +752,11 @@ def summarise(results: dict[str, list[dict]], full_runs: dict[int, dict], train_
                 vs["labels_to_95pct_full"] = vs["labels_to_98pct_full"] = None
             if all(v is None for v in mine["final_pixels_changed"] + base["final_pixels_changed"]):
                 vs["final_pixels_changed"] = None  # neither recorded effort: nothing to pair
-            out["strategies"][strategy]["vs_random"] = vs
+            out["strategies"][strategy][f"vs_{baseline}"] = vs
     return out
 
 
-# what each strategy is paired against random on (per seed); Dice at fixed counts besides
+# what each strategy is paired against each baseline on (per seed); Dice at fixed counts besides
 _PAIRED = ("aulc", "final_dice", "labels_to_95pct_full", "labels_to_98pct_full", "final_pixels_changed")
 
 
@@ -804,11 +808,14 @@ def _csv(summary: dict, with_external: bool) -> str:
              "final_pixels_changed_mean", "final_pixels_changed_lo", "final_pixels_changed_hi"]
     if with_external:
         head += ["external_dice_mean", "external_dice_lo", "external_dice_hi"]
-    for k in _PAIRED:
-        head += [f"diff_vs_random_{k}_{p}" for p in ("mean", "lo", "hi", "excludes_zero", "p_value")]
-    for c in counts:
-        head += [f"diff_vs_random_dice_at_{c:g}_labels_{p}" for p in ("mean", "lo", "hi", "p_value")]
-    head += ["diff_vs_random_p_method", "full_epochs", "full_best_epoch_per_seed", "full_still_improving_seeds",
+    baselines = summary["baselines"]
+    for b in baselines:
+        for k in _PAIRED:
+            head += [f"diff_vs_{b}_{k}_{p}" for p in ("mean", "lo", "hi", "excludes_zero", "p_value")]
+        for c in counts:
+            head += [f"diff_vs_{b}_dice_at_{c:g}_labels_{p}" for p in ("mean", "lo", "hi", "p_value")]
+        head.append(f"diff_vs_{b}_p_method")
+    head += ["full_epochs", "full_best_epoch_per_seed", "full_still_improving_seeds",
              "metric"]  # metric last: which test Dice every Dice column is
     writer.writerow(head)
     for s, t in summary["strategies"].items():
@@ -826,13 +833,15 @@ def _csv(summary: dict, with_external: bool) -> str:
                 *t["final_pixels_changed_interval"]]
         if with_external:
             row += [t["external_dice"], *t["external_dice_interval"]]
-        vs = t.get("vs_random") or {}
-        for k in _PAIRED:
-            d = vs.get(k) or {}
-            row += [d.get("mean"), d.get("lo"), d.get("hi"), d.get("excludes_zero"), d.get("p_value")]
-        at = vs.get("dice_at_labels") or [{} for _ in counts]
-        row += [v for d in at for v in (d.get("mean"), d.get("lo"), d.get("hi"), d.get("p_value"))]
-        row += [(vs.get("final_dice") or {}).get("p_method"), full.get("epochs"),
+        for b in baselines:
+            vs = t.get(f"vs_{b}") or {}
+            for k in _PAIRED:
+                d = vs.get(k) or {}
+                row += [d.get("mean"), d.get("lo"), d.get("hi"), d.get("excludes_zero"), d.get("p_value")]
+            at = vs.get("dice_at_labels") or [{} for _ in counts]
+            row += [v for d in at for v in (d.get("mean"), d.get("lo"), d.get("hi"), d.get("p_value"))]
+            row.append((vs.get("final_dice") or {}).get("p_method"))
+        row += [full.get("epochs"),
                 seeds_cell(full["best_epoch_per_seed"]) if full else None,
                 " ".join(map(str, full["still_improving_seeds"])) if full else None, summary["metric_label"]]
         writer.writerow([cell(v) for v in row])

@@ -178,6 +178,29 @@ def test_summary_gives_98pct_of_full_and_dice_at_fixed_counts_with_p_values():
     assert "weaker evidence" in out["intervals"]["note"] and out["paired_tests"]["exact_up_to_seeds"] == 16
 
 
+def test_every_strategy_is_paired_against_both_baselines_when_both_ran(tmp_path):
+    results = _results()
+    # fg-random: random's curves lowered by 0.01 on seed 0 and 0.03 on seeds 1 and 2
+    results["fg-random"] = [{**r, "rounds": [{**v, "test_dice": v["test_dice"] - (0.01 if r["seed"] == 0 else 0.03)}
+                                             for v in r["rounds"]]} for r in results["random"]]
+    out = summarise(results, FULL, train_size=90)
+    assert out["baselines"] == ["random", "fg-random"] and out["baseline"] == "random"
+    ceal, rand, fg = (out["strategies"][s] for s in ("ceal", "random", "fg-random"))
+    d_rand, d_fg = ceal["vs_random"]["final_dice"], ceal["vs_fg-random"]["final_dice"]
+    assert d_fg["per_seed"] == pytest.approx([a + b for a, b in zip(d_rand["per_seed"], [0.01, 0.03, 0.03])])
+    assert fg["vs_random"]["final_dice"]["per_seed"] == pytest.approx([-0.01, -0.03, -0.03])
+    assert rand["vs_fg-random"]["final_dice"]["mean"] == pytest.approx(0.07 / 3)
+    assert "vs_random" not in rand and "vs_fg-random" not in fg
+    _write_summary(tmp_path, out, preset="quick-lgg", split_preset="lgg", seed_list=[0, 1, 2], external=None,
+                   settings={})
+    head, *rows = [line.split(",") for line in (tmp_path / "compare.csv").read_text().splitlines()]
+    row = dict(zip(head, rows[[r[0] for r in rows].index("ceal")]))
+    assert float(row["diff_vs_fg-random_final_dice_mean"]) == pytest.approx(d_fg["mean"])
+    assert row["diff_vs_fg-random_p_method"] == "exact" and row["diff_vs_random_p_method"] == "exact"
+    only_fg = summarise({k: v for k, v in results.items() if k != "random"}, FULL, train_size=90)
+    assert only_fg["baselines"] == ["fg-random"] and "vs_random" not in only_fg["strategies"]["ceal"]
+
+
 def test_summary_effort_curve_from_round_facts():
     out = summarise(_results(), FULL, train_size=90)
     ceal, rand = out["strategies"]["ceal"], out["strategies"]["random"]
