@@ -72,21 +72,20 @@ from alseg.stats import (BOOTSTRAP_SEED, EXACT_FLIPS_UP_TO, LEVEL, MEGAPIXEL, MO
 BASELINES = ("random", "fg-random")
 # --- the driver ---------------------------------------------------------------------------------------
 
-def _finished_full(run_dir: Path) -> tuple[float, str] | None:
-    """A finished full-supervision reference's headline test Dice and which it is; None when it has none yet."""
+def _finished_full(run_dir: Path) -> dict | None:
+    """A finished full-supervision reference, from one reading of its store: ``"test_dice"`` (its
+    headline), ``"metric"`` (which Dice that is), and ``"best_epoch"`` and ``"epochs"`` (its kept and
+    last epoch: :func:`convergence`); None when it has no test evaluation yet."""
     if not (run_dir / "run.db").is_file():
         return None
     with RunStore.open_readonly(run_dir) as store:
         ev = [e for e in store.evaluations() if e["split"] == "test"]
+        if not ev:
+            return None
         metric = run_headline(store)
-        return (ev[0][metric], metric) if ev else None
-
-
-def _full_convergence(run_dir: Path) -> dict:
-    """A full-supervision reference's best and last epoch (:func:`convergence` of its recorded epochs)."""
-    with RunStore.open_readonly(run_dir) as store:
         found = convergence(store.epochs("initial"))
-    return {"best_epoch": found["best_epoch"], "epochs": found["epochs"]}
+    return {"test_dice": ev[0][metric], "metric": metric, "best_epoch": found["best_epoch"],
+            "epochs": found["epochs"]}
 
 
 def _recorded_run(run_dir: Path, rounds: Sequence[dict]) -> tuple[str, dict]:
@@ -210,16 +209,16 @@ def _check_same_settings(runs: Path, config: ExperimentConfig, with_full: bool) 
                              "or another --out", run_dir)
 
 
-def _make_full(cfg: ExperimentConfig, run_dir: Path, reporter: Reporter) -> tuple[float, str]:
-    """The full-supervision reference of ``cfg.seed`` (reused when finished): its headline test Dice
-    and which Dice that is."""
+def _make_full(cfg: ExperimentConfig, run_dir: Path, reporter: Reporter) -> dict:
+    """The full-supervision reference of ``cfg.seed`` (reused when finished), as :func:`_finished_full`
+    reads it."""
     found = _finished_full(run_dir)
     if found is None:
         if run_dir.exists():  # an interrupted supervised run: start it again
             _remove_unfinished(RunDir(run_dir))
         reporter.note(f"full supervision, seed {cfg.seed}")
-        test = train_supervised(cfg, run_dir, full=True, reporter=reporter)["test"]
-        found = test["headline_dice"], test["headline"]
+        train_supervised(cfg, run_dir, full=True, reporter=reporter)
+        found = _finished_full(run_dir)
     return found
 
 
@@ -413,8 +412,9 @@ def compare(config: ExperimentConfig, out: str | Path, *, strategies: Sequence[s
         cfg = dataclasses.replace(config, seed=seed)
         if full:
             run_dir = runs / f"full-s{seed}"
-            dice, metrics[run_dir.name] = _make_full(cfg, run_dir, reporter)
-            full_runs[seed] = {"test_dice": dice, **_full_convergence(run_dir)}
+            found = _make_full(cfg, run_dir, reporter)
+            metrics[run_dir.name] = found.pop("metric")
+            full_runs[seed] = found
             if scorer:
                 full_runs[seed]["external_dice"] = scorer.dice(run_dir.name, run_dir)
         donor = _finished_round0(runs, seed)  # else the seed's first run here trains it, the others adopt it

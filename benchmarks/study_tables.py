@@ -11,6 +11,12 @@ With ``--variant``, a study of the same seeds made with one setting changed (com
 setting per folder; e.g. ``active: {ceal: {pseudo_skip_empty: true}}``) is paired by seed with the
 first: each of its strategies against the first study's random and its own namesake there, per seed
 (AULC and final test Dice). Pairing needs the same round 0, which is checked (round-0 test Dice).
+
+With ``--training OUT/runs``, how much each strategy trained per round, from the runs' stores (mean
+over seeds): expert labels, pseudo-labels, and optimiser steps (each round's recorded
+``train_steps``): pseudo-labels give a strategy more steps unless ``--round-steps`` fixed them.
+
+    .venv/bin/python benchmarks/study_tables.py --training OUT/runs
 """
 from __future__ import annotations
 
@@ -102,9 +108,42 @@ def variant_table(base: dict, variant: dict) -> str:
     return "\n".join(lines[1:])
 
 
+def training_table(runs_dir: str) -> str:
+    """Per strategy and round, mean over its seeds: expert labels, pseudo-labels and optimiser steps."""
+    from pathlib import Path
+
+    from alseg.active.loop import status
+
+    by_strategy: dict[str, list[list[dict]]] = {}
+    for run in sorted(Path(runs_dir).iterdir()):
+        if run.name.startswith("full-") or not (run / "run.db").is_file():
+            continue
+        by_strategy.setdefault(run.name.rsplit("-s", 1)[0], []).append(status(run)["rounds"])
+    lines = ["| strategy (seeds) | " + " | ".join(f"round {k}" for k in range(max(
+        len(r) for seeds in by_strategy.values() for r in seeds))) + " |"]
+    lines.append("| --- |" + " --- |" * (lines[0].count("|") - 2))
+
+    def mean(values):
+        values = [v for v in values if v is not None]
+        return sum(values) / len(values) if values else None
+
+    for name, seeds in by_strategy.items():
+        cells = []
+        for k in range(min(len(r) for r in seeds)):
+            rows = [r[k] for r in seeds]
+            steps = mean([row["train_steps"] for row in rows])
+            cells.append(f"{mean([row['expert_labelled'] for row in rows]):.0f} + "
+                         f"{mean([row['pseudo_labelled'] for row in rows]):.0f} pseudo, "
+                         + ("– steps" if steps is None else f"{steps:.0f} steps"))
+        lines.append(f"| {name} ({len(seeds)}) | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     args = sys.argv[1:]
-    if len(args) == 3 and args[1] == "--variant":
+    if len(args) == 2 and args[0] == "--training":
+        print(training_table(args[1]))
+    elif len(args) == 3 and args[1] == "--variant":
         print(variant_table(json.load(open(args[0])), json.load(open(args[2]))))
     elif len(args) == 1:
         print(tables(json.load(open(args[0]))))

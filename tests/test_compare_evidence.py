@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from alseg.compare import _full_convergence, _recorded_run, _write_summary, merge, summarise
+from alseg.compare import _finished_full, _recorded_run, _write_summary, merge, summarise
 from alseg.stats import (EXACT_FLIPS_UP_TO, MONTE_CARLO_FLIPS, convergence, cumulative_pixels_changed,
                          default_fixed_counts, interval_name, paired_differences, sign_flip_method, sign_flip_p)
 from alseg.errors import AlsegError
@@ -338,4 +338,5 @@ def test_compare_reads_validation_size_effort_and_convergence_from_the_stores(tm
     assert record["rounds"][0]["effort"] is None and record["rounds"][1]["effort"]["pixels_changed"] == 300
     assert cumulative_pixels_changed(record["rounds"]) == [0, 300]
     _store(tmp_path / "full-s0", "supervised")
-    assert _full_convergence(tmp_path / "full-s0") == {"best_epoch": 2, "epochs": 3}
+    assert _finished_full(tmp_path / "full-s0") == {"test_dice": 0.5, "metric": "mean_dice", "best_epoch": 2,
+                                                    "epochs": 3}
