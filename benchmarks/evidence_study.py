@@ -1,0 +1,116 @@
+"""The evidence studies of issue 31: CEAL, random and the ablations that separate selection from
+pseudo-labels, over enough seeds for a paired test, on one fixed test split per dataset.
+
+One ``alseg compare`` study per dataset (and per ``--round-steps`` setting), made in chunks of
+``--chunk`` seeds (``--only-seeds``), so a study cut short leaves whole seeds (every arm and the
+full-supervision reference of a seed), and resumed where it stopped when run again (every run is
+resumable; finished runs are reused). Then one summarising call writes ``OUT/compare.json`` (and
+``--json``, with the command) and prints the tables of ``study_tables.py``: per arm and round the
+labels, pseudo-labels and optimiser steps, then the learning curves and the paired differences
+against ``random`` and ``fg-random`` with their sign-flip p-values.
+
+Arms (``--strategies``; the default is all five):
+
+* ``ceal``: the method (expert batch of missed, uncertain and low-uncertainty random images, plus
+  pseudo-labels behind the gate and cap);
+* ``ceal-no-pseudo``: CEAL's expert batch alone: ceal against it is what pseudo-labels add;
+* ``random``: the baseline;
+* ``random-pseudo``: random's batch plus CEAL's pseudo-labels: against ceal, what selection adds
+  when both have pseudo-labels;
+* ``fg-random``: foreground-aware random (nnActive's baseline).
+
+The test split is the same for every seed (``data.test_seed``: 0), so no seed's validation holds
+another seed's test images. On LGG the final models are also scored on the test patients as whole
+volumes, every slice (Buda et al.'s per-patient Dice; ``--external`` over a folder of links to those
+patients' files, made in ``OUT``). Usage (CPU: about an hour of one core per LGG seed, two per ISIC
+seed):
+
+    .venv/bin/python benchmarks/evidence_study.py --dataset lgg --seeds 10 --out /work/studies31/lgg-default \\
+        --json benchmarks/results/cpu-evidence-lgg.json
+    .venv/bin/python benchmarks/evidence_study.py --dataset isic --seeds 5 --out /work/studies31/isic-default \\
+        --json benchmarks/results/cpu-evidence-isic.json
+    # equal training: every round of every arm the same optimiser steps
+    .venv/bin/python benchmarks/evidence_study.py --dataset lgg --seeds 10 --round-steps 120 --out ...
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from machine import machine_info
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = {"lgg": ROOT.parent / "shared" / "data" / "lgg", "isic": ROOT.parent / "shared" / "data" / "isic"}
+PRESET = {"lgg": "quick-lgg", "isic": "quick-isic"}
+ARMS = "ceal,random,ceal-no-pseudo,random-pseudo,fg-random"
+
+
+def test_patients_folder(out: Path) -> Path:
+    """``OUT/test-patients/kaggle_3m/<patient>/``: links to every slice (tumour-free ones too) of the
+    fixed test split's LGG patients, for scoring the final models per whole volume."""
+    from alseg.config import build_config
+    from alseg.data import load_cached, open_dataset
+    from alseg.data.splits import make_split
+
+    cfg = build_config(PRESET["lgg"])
+    data = load_cached(open_dataset(DATA["lgg"]), cfg.data.size)
+    split = make_split(data.ids, has_mask=data.has_mask, positive=data.positive, groups=data.groups,
+                       subsets=data.subsets, preset=cfg.data.split_preset, seed=0, test_seed=cfg.data.test_seed)
+    patients = sorted({data.groups[k] for k in data.indices(split.test)})
+    folder = out / "test-patients"
+    for patient in patients:
+        target = folder / "kaggle_3m" / patient
+        target.mkdir(parents=True, exist_ok=True)
+        for f in sorted((DATA["lgg"] / "kaggle_3m" / patient).iterdir()):
+            if not (target / f.name).is_symlink():
+                (target / f.name).symlink_to(f)
+    return folder
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dataset", choices=sorted(PRESET), required=True)
+    ap.add_argument("--seeds", type=int, default=10)
+    ap.add_argument("--strategies", default=ARMS)
+    ap.add_argument("--round-steps", type=int, help="optimiser steps of every active round (default: the preset's epochs)")
+    ap.add_argument("--chunk", type=int, default=2, help="seeds made per compare call")
+    ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--json", type=Path, help="also write the summary here, with the command and machine")
+    args = ap.parse_args()
+    common = [sys.executable, "-m", "alseg", "compare", "--preset", PRESET[args.dataset],
+              "--data", str(DATA[args.dataset]), "--strategies", args.strategies, "--seeds", str(args.seeds),
+              "--full", "--out", str(args.out)]
+    if args.round_steps:
+        common += ["--round-steps", str(args.round_steps)]
+    t0 = time.time()
+    for first in range(0, args.seeds, args.chunk):
+        chunk = ",".join(str(s) for s in range(first, min(first + args.chunk, args.seeds)))
+        print(f"[evidence {time.strftime('%H:%M:%S')}] seeds {chunk}", file=sys.stderr, flush=True)
+        subprocess.run(common + ["--only-seeds", chunk, "--jobs", str(args.jobs)], check=True)
+    summary_cmd = common + ["--json"]
+    if args.dataset == "lgg":
+        summary_cmd += ["--external", str(test_patients_folder(args.out))]
+    done = subprocess.run(summary_cmd, check=True, capture_output=True, text=True)
+    summary = json.loads(done.stdout)
+    summary["study"] = {"command": " ".join(sys.argv), "compare": " ".join(summary_cmd[1:]),
+                        "machine": machine_info(), "seconds_this_call": round(time.time() - t0),
+                        "external": "the fixed test split's patients as whole volumes, every slice"
+                                    if args.dataset == "lgg" else None}
+    if args.json:
+        args.json.write_text(json.dumps(summary, indent=1) + "\n")
+    import study_tables
+
+    print(study_tables.training_table(str(args.out / "runs")))
+    print()
+    print(study_tables.tables(summary))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main()
