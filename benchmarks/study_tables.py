@@ -119,9 +119,9 @@ def training_table(runs_dir: str) -> str:
         if run.name.startswith("full-") or not (run / "run.db").is_file():
             continue
         by_strategy.setdefault(run.name.rsplit("-s", 1)[0], []).append(status(run)["rounds"])
-    lines = ["| strategy (seeds) | " + " | ".join(f"round {k}" for k in range(max(
-        len(r) for seeds in by_strategy.values() for r in seeds))) + " |"]
-    lines.append("| --- |" + " --- |" * (lines[0].count("|") - 2))
+    rounds = max(len(r) for seeds in by_strategy.values() for r in seeds)
+    lines = ["| strategy (seeds) | " + " | ".join(f"round {k}" for k in range(rounds)) + " |",
+             "| --- |" + " --- |" * rounds]
 
     def mean(values):
         values = [v for v in values if v is not None]
@@ -135,6 +135,7 @@ def training_table(runs_dir: str) -> str:
             cells.append(f"{mean([row['expert_labelled'] for row in rows]):.0f} + "
                          f"{mean([row['pseudo_labelled'] for row in rows]):.0f} pseudo, "
                          + ("– steps" if steps is None else f"{steps:.0f} steps"))
+        cells += ["–"] * (rounds - len(cells))  # rounds not every seed has finished
         lines.append(f"| {name} ({len(seeds)}) | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
