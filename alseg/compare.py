@@ -20,9 +20,10 @@ Owns the layout of a comparison folder and its summary:
   (:func:`aulc`), the expert labels needed to reach 95 % and 98 % of the seed's full-supervision
   Dice (:func:`labels_to_reach`, interpolated between rounds), the test Dice at 50 % labels and at
   fixed label counts, the labels counted with the validation masks (an expert drew those too), the
-  effort curve and final pixels changed (:func:`cumulative_pixels_changed`), and the paired
-  per-seed differences against each baseline among the strategies (``random``, ``fg-random``:
-  :data:`BASELINES`) with sign-flip p-values (:func:`paired_differences`,
+  effort curve and final pixels changed (:func:`cumulative_pixels_changed`), the pseudo-labels
+  the runs trained on (the gate may take none, leaving an arm the same as its no-pseudo twin),
+  and the paired per-seed differences against each baseline among the strategies (``random``,
+  ``fg-random``: :data:`BASELINES`) with sign-flip p-values (:func:`paired_differences`,
   :func:`sign_flip_p`); the full-supervision references' best and last epochs (:func:`convergence`);
   with ``external``, the Dice of every run's final model on a second labelled dataset;
 * ``OUT/external.json``: with ``external``, the external scores already computed, keyed by the
@@ -525,8 +526,10 @@ def merge(studies: Sequence[str | Path], out: str | Path, *, fixed_counts: Seque
         else:
             c = run["curve"]
             changed = c.get("pixels_changed") or [None] * len(c["test_dice"])
-            rounds = [{"expert_labelled": x, "test_dice": y, "effort": None if p is None else {"pixels_changed": p}}
-                      for x, y, p in zip(c["expert_labelled"], c["test_dice"], changed)]
+            pseudo = c.get("pseudo_labelled") or [None] * len(c["test_dice"])
+            rounds = [{"expert_labelled": x, "test_dice": y, "effort": None if p is None else {"pixels_changed": p},
+                       "pseudo_labelled": q}
+                      for x, y, p, q in zip(c["expert_labelled"], c["test_dice"], changed, pseudo)]
             results[run["strategy"]].append({"seed": run["seed"], "train_size": run["train_size"],
                                              "val_size": run["val_size"], "rounds": rounds, **extra})
             train_sizes[run["seed"]] = run["train_size"]
@@ -563,12 +566,12 @@ def _earlier_state(shorter: dict, longer: dict) -> bool:
         return False
     n = len(shorter["curve"]["test_dice"])
     same = {k: v for k, v in shorter.items() if k not in ("curve", "external_dice")}
-    def column(curve: dict, key: str) -> list:  # pixels_changed: absent from studies made before effort
+    def column(curve: dict, key: str) -> list:  # pixels_changed, pseudo_labelled: absent from older studies
         return curve.get(key) or [None] * len(curve["test_dice"])
 
     return same == {k: v for k, v in longer.items() if k not in ("curve", "external_dice")} and all(
         column(shorter["curve"], k) == column(longer["curve"], k)[:n]
-        for k in ("expert_labelled", "test_dice", "pixels_changed"))
+        for k in ("expert_labelled", "test_dice", "pixels_changed", "pseudo_labelled"))
 
 
 def _flat_summary(name: str, values: Sequence[float | None]) -> dict:
@@ -636,6 +639,9 @@ def summarise(results: dict[str, list[dict]], full_runs: dict[int, dict], train_
                                            "last-but-one round (the last may take every image left in the pool)"),
                  "labels_with_validation_rule": "expert labels plus the run's validation images (masks an expert "
                                                 "drew too); fractions are of the train + validation images",
+                 "pseudo_labels_trained_rule": "per seed, the pseudo-labels every round's model trained on, summed "
+                                               "over rounds (the gate may take none: then ceal trains as "
+                                               "ceal-no-pseudo and random-pseudo as random)",
                  "effort_rule": "megapixels (at working size) the expert changed from the model's predicted masks, "
                                 "summed over rounds 1.. (round 0: 0), from each round's recorded effort; "
                                 "null for runs that did not record it",
@@ -669,12 +675,15 @@ def summarise(results: dict[str, list[dict]], full_runs: dict[int, dict], train_
                     else None for x, y, r in zip(xs, ys, per_seed)]
 
         changed = [cumulative_pixels_changed(r["rounds"][:n_rounds]) for r in per_seed]
+        # pseudo-labels each round's model trained on, summed (None for runs summarised before they were read)
+        pseudo = [None if any(r["rounds"][k].get("pseudo_labelled") is None for k in range(n_rounds))
+                  else int(sum(r["rounds"][k]["pseudo_labelled"] for k in range(n_rounds))) for r in per_seed]
         with_val = [None if r.get("val_size") is None else x[-1] + r["val_size"] for x, r in zip(xs, per_seed)]
         return {"x": xs, "y": ys, "final_dice": [y[-1] for y in ys], "aulc": [aulc(x, y) for x, y in zip(xs, ys)],
                 "labels_to_95pct_full": need(0.95), "labels_to_98pct_full": need(0.98),
                 "dice_at_labels": [[dice_at(x, y, c) for x, y in zip(xs, ys)] for c in counts],
                 "pixels_changed": changed, "final_pixels_changed": [None if c is None else c[-1] for c in changed],
-                "final_labels_with_validation": with_val,
+                "final_labels_with_validation": with_val, "pseudo_labels_trained": pseudo,
                 "final_fraction_labelled": [x[-1] / r["train_size"] if r.get("train_size") else None
                                             for x, r in zip(xs, per_seed)],
                 "final_fraction_labelled_with_validation": [
@@ -711,6 +720,7 @@ def summarise(results: dict[str, list[dict]], full_runs: dict[int, dict], train_
         t.update(_flat_summary("final_fraction_labelled_with_validation", m["final_fraction_labelled_with_validation"]))
         t["effort_curve"] = effort_curve
         t.update(_flat_summary("final_pixels_changed", m["final_pixels_changed"]))
+        t.update(_flat_summary("pseudo_labels_trained", m["pseudo_labels_trained"]))
         if with_external:
             t.update(_flat_summary("external_dice", [r.get("external_dice") for r in per_seed]))
         out["strategies"][strategy] = t
@@ -725,12 +735,14 @@ def summarise(results: dict[str, list[dict]], full_runs: dict[int, dict], train_
                    "labels_to_98pct_full": m["labels_to_98pct_full"][k],
                    "dice_at_labels": [v[k] for v in m["dice_at_labels"]],
                    "curve": {"expert_labelled": labelled, "test_dice": [float(v["test_dice"]) for v in r["rounds"]],
-                             "pixels_changed": [(v.get("effort") or {}).get("pixels_changed") for v in r["rounds"]]},
+                             "pixels_changed": [(v.get("effort") or {}).get("pixels_changed") for v in r["rounds"]],
+                             "pseudo_labelled": [v.get("pseudo_labelled") for v in r["rounds"]]},
                    "val_size": val_size,
                    "labels_with_validation": None if val_size is None else [v + val_size for v in labelled],
                    "final_fraction_labelled_with_validation": m["final_fraction_labelled_with_validation"][k],
                    "effort_megapixels": None if run_changed is None else [v / MEGAPIXEL for v in run_changed],
-                   "final_pixels_changed": m["final_pixels_changed"][k]}
+                   "final_pixels_changed": m["final_pixels_changed"][k],
+                   "pseudo_labels_trained": m["pseudo_labels_trained"][k]}
             for key in ("train_size", "external_dice"):
                 if key in r:
                     run[key] = r[key]
@@ -805,7 +817,8 @@ def _csv(summary: dict, with_external: bool) -> str:
     for c in counts:
         head += [f"dice_at_{c:g}_labels_{p}" for p in ("mean", "lo", "hi")]
     head += ["final_labels_with_validation", "final_fraction_labelled", "final_fraction_labelled_with_validation",
-             "final_pixels_changed_mean", "final_pixels_changed_lo", "final_pixels_changed_hi"]
+             "final_pixels_changed_mean", "final_pixels_changed_lo", "final_pixels_changed_hi",
+             "pseudo_labels_trained_mean", "pseudo_labels_trained_per_seed"]
     if with_external:
         head += ["external_dice_mean", "external_dice_lo", "external_dice_hi"]
     baselines = summary["baselines"]
@@ -830,7 +843,8 @@ def _csv(summary: dict, with_external: bool) -> str:
         row += [v for d in t["dice_at_labels"] for v in (d["mean"], d["lo"], d["hi"])]
         row += [t["final_labels_with_validation"], t["final_fraction_labelled"],
                 t["final_fraction_labelled_with_validation"], t["final_pixels_changed"],
-                *t["final_pixels_changed_interval"]]
+                *t["final_pixels_changed_interval"], t["pseudo_labels_trained"],
+                seeds_cell(t["pseudo_labels_trained_per_seed"])]
         if with_external:
             row += [t["external_dice"], *t["external_dice_interval"]]
         for b in baselines:

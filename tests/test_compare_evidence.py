@@ -201,6 +201,30 @@ def test_every_strategy_is_paired_against_both_baselines_when_both_ran(tmp_path)
     assert only_fg["baselines"] == ["fg-random"] and "vs_random" not in only_fg["strategies"]["ceal"]
 
 
+def test_summary_counts_the_pseudo_labels_each_run_trained_on(tmp_path):
+    results = _results()
+    for r in results["ceal"]:
+        for k, v in enumerate(r["rounds"]):  # seed 0: 0, 5, 10, 15 a round; seed 1: the gate took none
+            v["pseudo_labelled"] = 5 * k if r["seed"] != 1 else 0
+    for r in results["random"]:
+        for v in r["rounds"]:
+            v["pseudo_labelled"] = 0
+    out = summarise(results, FULL, train_size=90)
+    ceal = out["strategies"]["ceal"]
+    assert ceal["pseudo_labels_trained_per_seed"] == [30, 0, 30] and ceal["pseudo_labels_trained"] == 20
+    assert out["runs"]["ceal-s0"]["curve"]["pseudo_labelled"] == [0, 5, 10, 15]
+    assert out["strategies"]["random"]["pseudo_labels_trained"] == 0
+    assert summarise(_results(), FULL, train_size=90)["strategies"]["ceal"]["pseudo_labels_trained"] is None
+    # a merge of the written summary keeps them
+    _write_summary(tmp_path / "s", out, preset="quick-lgg", split_preset="lgg", seed_list=[0, 1, 2], external=None,
+                   settings={})
+    merged = merge([tmp_path / "s"], tmp_path / "m")
+    assert merged["strategies"]["ceal"]["pseudo_labels_trained_per_seed"] == [30, 0, 30]
+    head, *rows = [line.split(",") for line in (tmp_path / "m" / "compare.csv").read_text().splitlines()]
+    row = dict(zip(head, rows[[r[0] for r in rows].index("ceal")]))
+    assert float(row["pseudo_labels_trained_mean"]) == 20 and [float(v) for v in row["pseudo_labels_trained_per_seed"].split()] == [30, 0, 30]
+
+
 def test_summary_effort_curve_from_round_facts():
     out = summarise(_results(), FULL, train_size=90)
     ceal, rand = out["strategies"]["ceal"], out["strategies"]["random"]
