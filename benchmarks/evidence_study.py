@@ -9,7 +9,9 @@ resumable; finished runs are reused). Then one summarising call writes ``OUT/com
 labels, pseudo-labels and optimiser steps, then the learning curves and the paired differences
 against ``random`` and ``fg-random`` with their sign-flip p-values.
 
-Arms (``--strategies``; the default is all five):
+Arms (``--strategies``; the default is all five, made in two phases: ``ceal``, ``random`` and
+``fg-random`` for every seed first, summarised then, so the headline comparison is whole before the
+ablations start; then ``ceal-no-pseudo`` and ``random-pseudo``, and the summary of all five):
 
 * ``ceal``: the method (expert batch of missed, uncertain and low-uncertainty random images, plus
   pseudo-labels behind the gate and cap);
@@ -47,7 +49,7 @@ from machine import machine_info
 ROOT = Path(__file__).resolve().parents[1]
 DATA = {"lgg": ROOT.parent / "shared" / "data" / "lgg", "isic": ROOT.parent / "shared" / "data" / "isic"}
 PRESET = {"lgg": "quick-lgg", "isic": "quick-isic"}
-ARMS = "ceal,random,ceal-no-pseudo,random-pseudo,fg-random"
+PHASES = ("ceal,random,fg-random", "ceal-no-pseudo,random-pseudo")  # headline arms, then the ablations
 
 
 def test_patients_folder(out: Path) -> Path:
@@ -76,23 +78,39 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dataset", choices=sorted(PRESET), required=True)
     ap.add_argument("--seeds", type=int, default=10)
-    ap.add_argument("--strategies", default=ARMS)
+    ap.add_argument("--strategies", help="comma-separated arms, made in one phase (default: all five, in two)")
     ap.add_argument("--round-steps", type=int, help="optimiser steps of every active round (default: the preset's epochs)")
     ap.add_argument("--chunk", type=int, default=2, help="seeds made per compare call")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--json", type=Path, help="also write the summary here, with the command and machine")
+    ap.add_argument("--json", type=Path, help="also write the summary here, with the command and machine "
+                                              "(after each phase: the arms made so far)")
     args = ap.parse_args()
-    common = [sys.executable, "-m", "alseg", "compare", "--preset", PRESET[args.dataset],
-              "--data", str(DATA[args.dataset]), "--strategies", args.strategies, "--seeds", str(args.seeds),
-              "--full", "--out", str(args.out)]
-    if args.round_steps:
-        common += ["--round-steps", str(args.round_steps)]
+    phases = [args.strategies] if args.strategies else list(PHASES)
     t0 = time.time()
-    for first in range(0, args.seeds, args.chunk):
-        chunk = ",".join(str(s) for s in range(first, min(first + args.chunk, args.seeds)))
-        print(f"[evidence {time.strftime('%H:%M:%S')}] seeds {chunk}", file=sys.stderr, flush=True)
-        subprocess.run(common + ["--only-seeds", chunk, "--jobs", str(args.jobs)], check=True)
+    arms: list[str] = []
+    for phase in phases:
+        arms += phase.split(",")
+        common = [sys.executable, "-m", "alseg", "compare", "--preset", PRESET[args.dataset],
+                  "--data", str(DATA[args.dataset]), "--strategies", ",".join(arms), "--seeds", str(args.seeds),
+                  "--full", "--out", str(args.out)]
+        if args.round_steps:
+            common += ["--round-steps", str(args.round_steps)]
+        for first in range(0, args.seeds, args.chunk):
+            chunk = ",".join(str(s) for s in range(first, min(first + args.chunk, args.seeds)))
+            print(f"[evidence {time.strftime('%H:%M:%S')}] {','.join(arms)}: seeds {chunk}", file=sys.stderr,
+                  flush=True)
+            subprocess.run(common + ["--only-seeds", chunk, "--jobs", str(args.jobs)], check=True)
+        summary = _summarise(args, common, t0)
+    import study_tables
+
+    print(study_tables.training_table(str(args.out / "runs")))
+    print()
+    print(study_tables.tables(summary))
+
+
+def _summarise(args: argparse.Namespace, common: list[str], t0: float) -> dict:
+    """Summarise the runs made so far (every one is finished: nothing is trained here)."""
     summary_cmd = common + ["--json"]
     if args.dataset == "lgg":
         summary_cmd += ["--external", str(test_patients_folder(args.out))]
@@ -104,11 +122,7 @@ def main() -> None:
                                     if args.dataset == "lgg" else None}
     if args.json:
         args.json.write_text(json.dumps(summary, indent=1) + "\n")
-    import study_tables
-
-    print(study_tables.training_table(str(args.out / "runs")))
-    print()
-    print(study_tables.tables(summary))
+    return summary
 
 
 if __name__ == "__main__":
