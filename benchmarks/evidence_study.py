@@ -85,6 +85,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--json", type=Path, help="also write the summary here, with the command and machine "
                                               "(after each phase: the arms made so far)")
+    ap.add_argument("--smoke", action="store_true", help="tiny runs (32 px, width 4, 2 + 1 epochs, 1 round): "
+                                                         "checks the script end to end in minutes, says nothing")
     args = ap.parse_args()
     phases = [args.strategies] if args.strategies else list(PHASES)
     t0 = time.time()
@@ -96,6 +98,9 @@ def main() -> None:
                   "--full", "--out", str(args.out)]
         if args.round_steps:
             common += ["--round-steps", str(args.round_steps)]
+        if args.smoke:
+            common += ["--size", "32", "--width", "4", "--epochs", "2", "--round-epochs", "1", "--full-epochs", "2",
+                       "--rounds", "1", "--mc-passes", "2"]
         for first in range(0, args.seeds, args.chunk):
             chunk = ",".join(str(s) for s in range(first, min(first + args.chunk, args.seeds)))
             print(f"[evidence {time.strftime('%H:%M:%S')}] {','.join(arms)}: seeds {chunk}", file=sys.stderr,
