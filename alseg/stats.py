@@ -160,6 +160,12 @@ def cumulative_pixels_changed(rounds: Sequence[dict]) -> list[int] | None:
     return out
 
 
+def epoch_score(record: dict) -> float | None:
+    """What a training ranks its epochs by when it keeps one (:func:`alseg.train.fit`, :func:`convergence`):
+    the epoch's validation Dice, its training Dice where none was measured."""
+    return record["val_dice"] if record.get("val_dice") is not None else record.get("train_dice")
+
+
 def convergence(epochs: Sequence[dict]) -> dict:
     """``{"best_epoch", "epochs", "still_improving"}`` of one training's recorded epochs (rows of
     :meth:`alseg.store.RunStore.epochs`), by the rule :func:`alseg.train.fit` keeps its checkpoint
@@ -168,7 +174,7 @@ def convergence(epochs: Sequence[dict]) -> dict:
     higher. No epochs: all None."""
     best, best_score = None, None
     for e in epochs:
-        score = e["val_dice"] if e.get("val_dice") is not None else e.get("train_dice")
+        score = epoch_score(e)
         if score is not None and (best_score is None or score > best_score):
             best, best_score = int(e["epoch"]), score
     n = max((int(e["epoch"]) for e in epochs), default=None)

@@ -31,6 +31,7 @@ from alseg.errors import AlsegError
 from alseg.metrics import dice_per_image, per_volume_scores
 from alseg.model import ModelConfig, UNet, pass_generators, seeded_dropout
 from alseg.runtime import Normalizer, autocast, resolve_device, resolve_precision, to_unit
+from alseg.stats import epoch_score
 from alseg.store import atomic_torch_save
 
 CHECKPOINT_VERSION = 1
@@ -293,7 +294,7 @@ def fit(model: UNet, train_images: np.ndarray, train_masks: np.ndarray, val_imag
             record["val_dice"] = validation_dice(probs > 0.5, np.asarray(val_masks) > 0, val_volumes)
         record["seconds"] = time.perf_counter() - t0
         history.append(record)
-        score = record["val_dice"] if record["val_dice"] is not None else record["train_dice"]
+        score = epoch_score(record)
         ckpt = Checkpoint(model, normalizer, size, dict(checkpoint_meta or {}))
         if score > best_val_dice:
             best_val_dice, best_epoch = score, epoch
