@@ -553,7 +553,7 @@ def _render_comparison(summary: dict) -> None:
             row.append(with_interval(t["external_dice"], t["external_dice_interval"], ".4f"))
         table.add_row(*(Text(c) for c in row))
     out.print(table)
-    for baseline in r.get("baselines") or []:
+    for baseline in r["baselines"]:
         key = f"vs_{baseline}"
         diff = Table(title=Text(f"paired per-seed differences vs {baseline} (strategy - {baseline}): mean "
                                 f"[{interval_name(n)}] and the sign-flip p-value"))

@@ -54,18 +54,18 @@ PHASES = ("ceal,random,fg-random", "ceal-no-pseudo,random-pseudo")  # headline a
 
 def test_patients_folder(out: Path) -> Path:
     """``OUT/test-patients/kaggle_3m/<patient>/``: links to every slice (tumour-free ones too) of the
-    fixed test split's LGG patients, for scoring the final models per whole volume."""
+    LGG patients the study's runs were tested on (read from a finished run's split, not derived
+    again), for scoring the final models per whole volume."""
     from alseg.config import build_config
     from alseg.data import load_cached, open_dataset
-    from alseg.data.splits import make_split
+    from alseg.store import RunStore
 
-    cfg = build_config(PRESET["lgg"])
-    data = load_cached(open_dataset(DATA["lgg"]), cfg.data.size)
-    split = make_split(data.ids, has_mask=data.has_mask, positive=data.positive, groups=data.groups,
-                       subsets=data.subsets, preset=cfg.data.split_preset, seed=0, test_seed=cfg.data.test_seed)
-    patients = sorted({data.groups[k] for k in data.indices(split.test)})
+    run = next(r for r in sorted((out / "runs").iterdir()) if (r / "run.db").is_file())
+    with RunStore.open_readonly(run) as store:
+        test_ids = store.split()["test"]
+    data = load_cached(open_dataset(DATA["lgg"]), build_config(PRESET["lgg"]).data.size)
     folder = out / "test-patients"
-    for patient in patients:
+    for patient in sorted({data.groups[k] for k in data.indices(test_ids)}):
         target = folder / "kaggle_3m" / patient
         target.mkdir(parents=True, exist_ok=True)
         for f in sorted((DATA["lgg"] / "kaggle_3m" / patient).iterdir()):
