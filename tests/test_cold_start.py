@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from alseg.active.coldstart import cover_selection
+from alseg.active.coldstart import TISSUE_SHARE, cover_selection, spread_selection, tissue_shares
 from alseg.active.gate import ModelHealth, constant_mask_dice, model_health, pseudo_gate
 from alseg.config import preset_for_images
 from alseg.data import open_dataset
@@ -250,6 +250,29 @@ def test_cover_selection_takes_every_kind_once_and_spreads_over_groups():
     assert sorted(np.bincount([int(groups[i][1]) for i in spread], minlength=4)) == [2, 2, 2, 2]
     assert cover_selection(x, groups, 8, np.random.default_rng(1)) == spread  # seeded
 
+
+
+def test_tissue_shares_measure_each_slice_against_its_volumes_fullest_and_spread_covers_volumes():
+    """Two generated volumes of 4 slices: a square of tissue whose side grows; an all-black volume
+    leaves nothing out. The shares are the squares' areas over the largest in the same volume."""
+    sides = [0, 4, 8, 16]
+    slices = []
+    for scale in (1.0, 0.5):  # the second volume dimmer: the level follows each volume's own percentile
+        for side in sides:
+            img = np.zeros((16, 16, 3), np.uint8)
+            img[:side, :side] = int(200 * scale)
+            slices.append(img)
+    slices += [np.zeros((16, 16, 3), np.uint8)] * 2
+    images = np.stack(slices)
+    groups = ["a"] * 4 + ["b"] * 4 + ["dark"] * 2
+    shares = tissue_shares(images, np.arange(10)[::-1], groups[::-1])  # any order of indices
+    expected = [s * s / 256 for s in sides] * 2 + [1.0, 1.0]
+    assert np.allclose(shares[::-1], expected)
+    assert (np.array(expected) < TISSUE_SHARE).sum() == 4  # the empty and the 4 px slices
+    ids = [f"{g}{k}" for k, g in enumerate(groups)]
+    batch = spread_selection(ids, groups, 3, np.random.default_rng(0))
+    assert len(set(batch)) == 3 and {b.rstrip("0123456789") for b in batch} == {"a", "b", "dark"}
+    assert spread_selection(ids, groups, 3, np.random.default_rng(0)) == batch
 
 def test_a_project_without_masks_can_start_with_a_batch_that_covers_the_pool(tmp_path):
     cover = {**TINY, "active": {**TINY["active"], "initial_selection": "cover"}}

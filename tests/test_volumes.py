@@ -267,6 +267,37 @@ def test_a_project_over_nifti_volumes_exports_slices_and_takes_their_masks(lgg_n
     assert out["masks"] >= 4 and not any("/" in p.name for p in (tmp_path / "out" / "masks").iterdir())
 
 
+
+def test_a_volume_project_without_masks_never_asks_for_a_slice_of_air(lgg_nifti, tmp_path):
+    """Three real patients, no masks: a first batch of every slice but the mostly-air ones is
+    exactly those slices (a random draw of that many from all of them would almost never miss
+    every air slice), and the rule leaves out no tumour slice of these patients."""
+    import shutil
+
+    from alseg.active.coldstart import TISSUE_SHARE, tissue_shares
+    from alseg.project import init_project, query
+    from alseg.store import RunStore
+
+    data = tmp_path / "volumes"
+    shutil.copytree(lgg_nifti["flat"], data)
+    for mask in data.glob("*_mask.nii.gz"):
+        mask.unlink()
+    cache = load_cached(open_dataset(data), 32, cache_dir=tmp_path / "cache")
+    ids, groups = list(cache.ids), list(cache.groups)
+    shares = tissue_shares(cache.images, cache.indices(ids), groups)
+    tissue = {i for i, s in zip(ids, shares) if s >= TISSUE_SHARE}
+    air = set(ids) - tissue
+    assert air and all(len([g for i, g in zip(ids, groups) if i in tissue and g == p]) > 5 for p in set(groups))
+    truth = lgg_nifti["truth"]
+    assert not any(truth[i.split("/")[0]][1][..., int(i.split("/")[1][1:])].any() for i in air)
+    project = tmp_path / "p"
+    init_project(project, data, preset="demo", pretrain=False,
+                 overrides={"data": {"size": 32, "cache_dir": str(tmp_path / "cache")}, "model": {"width": 4}})
+    batch = query(project, n=len(tissue))["batch"]
+    with RunStore.open_readonly(project) as store:
+        assert set(store.queued(0)) == tissue and batch["round"] == 0
+
+
 # ---------------------------------------------------------------- DICOM series
 
 AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)  # rows run to the patient's left (+x LPS), columns to posterior (+y)

@@ -10,7 +10,8 @@ loop exports the batch and stops at *awaiting labels* until ``alseg ingest`` or 
 has stored every mask. Both are the same code.
 
 * round 0: train ``train.epochs`` epochs on the initial labelled set (a project without masks
-  first queues a random initial batch, spread over groups), evaluate;
+  first queues a random initial batch, spread over groups, of a volume's slices only those
+  that are not mostly air), evaluate;
 * round r >= 1: score the pool with T MC-dropout passes (not for a strategy that needs no
   scores: ``random``); the strategy chooses expert and
   pseudo-label ids; the pseudo-labels (thresholded MC mean) are saved; scores, selection and the
@@ -36,13 +37,14 @@ from pathlib import Path
 import numpy as np
 
 from alseg.active.annotators import make_annotator
-from alseg.active.coldstart import cover_selection
+from alseg.active.coldstart import TISSUE_SHARE, cover_selection, spread_selection, tissue_shares
 from alseg.active.gate import ModelHealth, model_health, pseudo_gate
 from alseg.active.strategies import make_strategy
 from alseg.active.uncertainty import bottleneck_features, mc_dropout
 from alseg.active.volumes import apply_volume_rules, check_volume_rules
 from alseg.config import ExperimentConfig, config_from_dict
 from alseg.data.cache import mask_to_size
+from alseg.data.sources import SLICED_LAYOUTS
 from alseg.data.splits import Split, carve_validation
 from alseg.errors import AlsegError
 from alseg.faults import point
@@ -112,11 +114,16 @@ class ActiveRun:
 
     def select_initial(self) -> None:
         """Round 0 of a project that starts without masks: a batch spread over groups, at random or
-        covering the pool in the pre-trained features (``active.initial_selection``)."""
+        covering the pool in the pre-trained features (``active.initial_selection``); of a volume's
+        slices, only those that are not mostly air (:func:`~alseg.active.coldstart.tissue_shares`)."""
         pool = self.pool()
         n = min(self.config.active.expert_batch, len(pool))
         if n < 2:
             raise AlsegError("a project needs at least 2 images in its pool to start without masks", self.dir.root)
+        if self.dataset.format in SLICED_LAYOUTS:  # slices of volumes: not the mostly-air ones
+            shares = tissue_shares(self.data.images, self.data.indices(pool), [self.group_of.get(i) for i in pool])
+            tissue = [i for i, share in zip(pool, shares) if share >= TISSUE_SHARE]
+            pool = tissue if len(tissue) >= n else pool
         rng = np.random.default_rng(step_seed(self.config.seed, 0, 2))
         if self.config.active.initial_selection == "cover":
             features = bottleneck_features(self.fresh_model(), self.data.images, self.data.indices(pool),
@@ -126,18 +133,7 @@ class ActiveRun:
             chosen = [pool[k] for k in sorted(picked)]
             self.store.open_initial_round(chosen, {i: "cover" for i in chosen})
             return
-        group_of = self.group_of
-        by_group: dict[object, list[str]] = {}
-        for i in pool:
-            by_group.setdefault(group_of.get(i) or i, []).append(i)
-        # round-robin over shuffled groups, a random member each time: the batch covers many groups
-        queues = [list(rng.permutation(members)) for _, members in sorted(by_group.items(), key=lambda kv: str(kv[0]))]
-        queues = [queues[k] for k in rng.permutation(len(queues))]
-        chosen: list[str] = []
-        while len(chosen) < n:
-            for q in queues:
-                if q and len(chosen) < n:
-                    chosen.append(str(q.pop()))
+        chosen = spread_selection(pool, [self.group_of.get(i) for i in pool], n, rng)
         order = {i: k for k, i in enumerate(pool)}
         chosen.sort(key=order.__getitem__)
         self.store.open_initial_round(chosen, {i: "initial" for i in chosen})

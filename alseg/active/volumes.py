@@ -28,7 +28,8 @@ are left as they are, and never become expert slices here.
   the strategy's choice is returned unchanged in either mode.
 
 The loop's first batch (round 0 of a project without masks) is not subject to these rules: it is
-already spread over groups one slice at a time (``ActiveRun.select_initial``).
+already spread over groups one slice at a time, mostly-air slices left out
+(``ActiveRun.select_initial``, :func:`alseg.active.coldstart.tissue_shares`).
 """
 from __future__ import annotations
 
