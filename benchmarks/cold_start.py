@@ -55,7 +55,7 @@ import time
 from pathlib import Path
 
 from children import run_children
-from machine import machine_info
+from machine import emit, machine_info
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = {"isic": ROOT.parent / "shared" / "data" / "isic", "lgg": ROOT.parent / "shared" / "data" / "lgg"}
@@ -348,10 +348,7 @@ def main() -> None:
         path.write_text(json.dumps(result) + "\n")
         return
     if args.pretrain_speed:
-        text = json.dumps(pretrain_speed(args.dataset), indent=2)
-        if args.json:
-            args.json.write_text(text + "\n")
-        print(text)
+        emit(pretrain_speed(args.dataset), args.json)
         return
     if args.markdown:  # the tables of what has run, nothing trained
         print(markdown(summarize(args.out, args.dataset, args.variants, args.counts, args.seeds)))
@@ -377,11 +374,7 @@ def main() -> None:
     _run_children(list(first.values()), args.jobs)
     _run_children(rest, args.jobs)
     summary = summarize(args.out, args.dataset, args.variants, args.counts, args.seeds)
-    text = json.dumps(summary, indent=2)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text + "\n")
-    print(text)
+    emit(summary, args.json)
 
 
 def canonical(dataset: str) -> dict[str, str]:

@@ -14,12 +14,11 @@ with and without the rule: the share of tumour slices in a batch and how often a
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
 
-from machine import machine_info
+from machine import emit, machine_info
 
 LGG = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "lgg"
 SIZES = (10, 20, 40)
@@ -59,10 +58,7 @@ def main() -> None:
             out["batches"].append({"n": n, "rule": rule, "tumour_share": round(float(np.mean(share)), 4),
                                    "no_tumour_slice": round(none / args.draws, 4),
                                    "mostly_air_share": round(float(np.mean(air)), 4)})
-    text = json.dumps(out, indent=2)
-    if args.json:
-        args.json.write_text(text + "\n")
-    print(text)
+    emit(out, args.json)
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from machine import machine_info
+from machine import emit, machine_info
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "lgg"
@@ -184,11 +184,7 @@ def main() -> None:
                          "test_patients": len({data.groups[i] for i in data.indices(list(split.test))}),
                          **split.counts()},
                "arms": summarize(results), "runs": results}
-    text = json.dumps(summary, indent=2)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text + "\n")
-    print(json.dumps(summary["arms"], indent=2))
+    emit(summary, args.json, shown=summary["arms"])
 
 
 if __name__ == "__main__":

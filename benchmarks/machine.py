@@ -1,8 +1,11 @@
-"""What the benchmarks record about the machine they ran on: CPU model, bf16/AMX support, threads, versions."""
+"""What the benchmarks share: the record of the machine they ran on (CPU model, bf16/AMX support,
+threads, versions) and how a result is written out."""
 from __future__ import annotations
 
+import json
 import os
 import platform
+from pathlib import Path
 
 
 def machine_info() -> dict:
@@ -24,3 +27,12 @@ def machine_info() -> dict:
             "threads": torch.get_num_threads(), "avx512_bf16": "avx512_bf16" in flags,
             "amx_bf16": "amx_bf16" in flags, "amx_tile": "amx_tile" in flags, "torch": torch.__version__,
             "numpy": np.__version__, "python": platform.python_version()}
+
+
+def emit(result: dict, path: Path | None, shown: object = None) -> None:
+    """Print ``result`` as indented JSON (or only ``shown``, when given) and write it to ``path``."""
+    text = json.dumps(result, indent=2)
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text + "\n")
+    print(text if shown is None else json.dumps(shown, indent=2))

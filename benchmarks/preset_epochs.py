@@ -17,12 +17,12 @@ Children run `--jobs` at a time with one thread each; finished runs in `--out` a
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from pathlib import Path
 
 import numpy as np
 
+from machine import emit
 from train_runs import train_all, val_dice
 
 
@@ -65,10 +65,7 @@ def main() -> None:
               "mean_best_val_dice_by_epochs": {e: round(float(curves[:, e - 1].mean()), 4)
                                                for e in (5, 10, 15, 20, 25, 30, 40, 50) if e <= args.epochs},
               "val_dice_per_epoch": per_seed}
-    text = json.dumps(result, indent=2)
-    if args.json:
-        args.json.write_text(text + "\n")
-    print(text)
+    emit(result, args.json)
 
 
 if __name__ == "__main__":

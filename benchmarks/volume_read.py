@@ -12,7 +12,6 @@ reported. Also the same for a 4D file with 3 channels. Target: under 2 s for the
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from machine import machine_info
+from machine import emit, machine_info
 
 SHAPE = (256, 256, 150)
 
@@ -67,10 +66,7 @@ def main() -> None:
             _write(folder, channels)
             out[f"{channels}ch"] = {"file_mb": round(sum(f.stat().st_size for f in folder.iterdir()) / 1e6, 1),
                                     **_time_read(folder, args.size, args.repeats)}
-    text = json.dumps(out, indent=2)
-    if args.json:
-        args.json.write_text(text + "\n")
-    print(text)
+    emit(out, args.json)
 
 
 if __name__ == "__main__":

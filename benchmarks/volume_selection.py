@@ -44,7 +44,7 @@ import time
 from pathlib import Path
 
 from children import run_children
-from machine import machine_info
+from machine import emit, machine_info
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "lgg"
@@ -227,11 +227,7 @@ def main() -> None:
     _run_children([js[0] for js in jobs.values()], args.jobs)
     _run_children([{**j, "donor": js[0]["arm"]} for js in jobs.values() for j in js[1:]], args.jobs)
     summary = summarize(out, args.arms, args.seeds, settings, args.preset)
-    text = json.dumps(summary, indent=2)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text + "\n")
-    print(text)
+    emit(summary, args.json)
 
 
 if __name__ == "__main__":
