@@ -72,6 +72,10 @@ class TrainConfig:
     empty_ratio: float | None = None
     # dice_bce (per-image soft Dice + BCE), batch_dice_bce (Dice over the batch + BCE) or bce
     loss: str = "dice_bce"
+    # Decay of an exponential moving average of the weights (and batch-norm statistics), updated
+    # after every optimiser step; None: off. With it each epoch validates, keeps and saves the
+    # averaged weights, not the last step's, so one unlucky step does not decide the kept model.
+    weight_average: float | None = None
     device: str = "auto"
     # auto: bf16 on CUDA, fp32 on CPU. bf16 trains ~1.75x faster on CPUs with bf16 instructions but
     # reached a lower validation Dice at both quick presets (docs/benchmarks.md, "Training precision").
@@ -85,6 +89,8 @@ class TrainConfig:
         if self.empty_ratio is not None and not self.empty_ratio >= 0:
             raise AlsegError(f"train.empty_ratio must be a number >= 0 or null, not {self.empty_ratio!r}")
         check_total_steps(self.total_steps, self.epochs, "train.total_steps", "train.epochs")
+        if self.weight_average is not None and not 0 < self.weight_average < 1:
+            raise AlsegError(f"train.weight_average must be null or a decay between 0 and 1, not {self.weight_average!r}")
 
     @property
     def reference_epochs(self) -> int:
@@ -240,7 +246,8 @@ def fit(model: UNet, train_images: np.ndarray, train_masks: np.ndarray, val_imag
     volume (:func:`alseg.metrics.per_volume_scores`); without them the training Dice picks the
     best epoch. Returns ``{"history": [...], "best_val_dice", "best_epoch", "steps"}`` (optimiser
     steps taken: :func:`epoch_plan`'s sum). With ``checkpoint_dir``
-    it writes ``best.pt`` and ``last.pt`` there.
+    it writes ``best.pt`` and ``last.pt`` there. With ``config.weight_average`` the averaged
+    weights are what each epoch validates and saves, and what ``model`` holds at the end.
     """
     if len(train_images) == 0:
         raise AlsegError("no labelled training images to fit on")
@@ -276,6 +283,9 @@ def fit(model: UNet, train_images: np.ndarray, train_masks: np.ndarray, val_imag
     lesion = y_all.flatten(1).any(1).cpu().numpy()
     plan = epoch_plan(epoch_rows(lesion, config.empty_ratio), config)
     schedule = _Schedule(opt, config, sum(plan))
+    averaged = None if config.weight_average is None else torch.optim.swa_utils.AveragedModel(
+        model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(config.weight_average), use_buffers=True)
+    kept = model if averaged is None else averaged.module  # what is validated, kept and saved
     for epoch, steps in enumerate(plan, start=1):
         t0 = time.perf_counter()
         model.train()
@@ -283,19 +293,19 @@ def fit(model: UNet, train_images: np.ndarray, train_masks: np.ndarray, val_imag
         xs, ys = (x_all, y_all) if rows is None else (x_all[rows.to(device)], y_all[rows.to(device)])
         loss_sum, dices = _train_epoch(net, opt, scaler, xs, ys, config, normalizer, gen,
                                        (device, dtype), (rank, world), on_batch, steps, schedule,
-                                       (seed, sum(plan[:epoch - 1])))
+                                       (seed, sum(plan[:epoch - 1])), averaged)
         if world > 1:
             shares = distributed.all_gather((loss_sum, dices))
             loss_sum, dices = sum(s[0] for s in shares), [d for s in shares for d in s[1]]
         record = {"epoch": epoch, "train_loss": loss_sum / len(dices), "train_dice": float(np.mean(dices)),
                   "val_dice": None, "lr": schedule.lr, "steps": steps}
         if val_images is not None:  # every rank holds the same weights: each validates, none waits
-            probs = predict_probs(model, np.asarray(val_images), normalizer, device=device, precision=config.precision)
+            probs = predict_probs(kept, np.asarray(val_images), normalizer, device=device, precision=config.precision)
             record["val_dice"] = validation_dice(probs > 0.5, np.asarray(val_masks) > 0, val_volumes)
         record["seconds"] = time.perf_counter() - t0
         history.append(record)
         score = epoch_score(record)
-        ckpt = Checkpoint(model, normalizer, size, dict(checkpoint_meta or {}))
+        ckpt = Checkpoint(kept, normalizer, size, dict(checkpoint_meta or {}))
         if score > best_val_dice:
             best_val_dice, best_epoch = score, epoch
             if ckpt_dir:
@@ -304,6 +314,8 @@ def fit(model: UNet, train_images: np.ndarray, train_masks: np.ndarray, val_imag
             ckpt.save(ckpt_dir / "last.pt", epoch=epoch, val_dice=record["val_dice"], train_config=config.to_dict())
         if on_epoch and writer:
             on_epoch(record)
+    if averaged is not None:  # the caller's model ends as last.pt does: averaged
+        model.load_state_dict(averaged.module.state_dict())
     return {"history": history, "best_val_dice": best_val_dice, "best_epoch": best_epoch, "steps": schedule.step}
 
 
@@ -395,12 +407,13 @@ def _batch_order(n: int, steps: int, batch_size: int, gen: torch.Generator) -> t
 def _train_epoch(net, opt, scaler, x_all: torch.Tensor, y_all: torch.Tensor, config: TrainConfig,
                  normalizer: Normalizer, gen: torch.Generator, where: tuple, ranks: tuple[int, int],
                  on_batch: BatchCallback | None, steps: int, schedule: _Schedule,
-                 dropout: tuple[int, int]) -> tuple[float, list[float]]:
+                 dropout: tuple[int, int], averaged=None) -> tuple[float, list[float]]:
     """``steps`` batches of the training images; this rank's loss sum and per-image train Dice.
 
     ``dropout`` = (seed, steps before this epoch): row ``j`` of the whole batch of global step ``t``
     draws its dropout masks from a generator seeded by (seed, j, t), whichever rank trains it, so a
-    run trains the same in any number of processes, up to float rounding of the gradient sum."""
+    run trains the same in any number of processes, up to float rounding of the gradient sum.
+    ``averaged`` (an ``AveragedModel``) takes each step's weights into its moving average."""
     (device, dtype), (rank, world) = where, ranks
     dropout_seed, steps_before = dropout
     order = _batch_order(len(x_all), steps, config.batch_size, gen)
@@ -427,6 +440,8 @@ def _train_epoch(net, opt, scaler, x_all: torch.Tensor, y_all: torch.Tensor, con
         scaler.scale(loss * weight).backward()
         scaler.step(opt)
         scaler.update()
+        if averaged is not None:
+            averaged.update_parameters(net.module if hasattr(net, "module") else net)
         if weight:
             loss_sum += float(loss.detach()) * len(xb)
             pred = (logits.detach().float() > 0).cpu().numpy()[:, 0]

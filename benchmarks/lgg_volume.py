@@ -16,7 +16,9 @@ get more steps:
 * ``ARM+LOSS+cos``: the learning rate decayed by a cosine to a twentieth over the run
   (``train.lr_schedule``), against the preset's constant rate; ``+pre``: the U-Net starts from
   inpainting pre-training on the train and validation slices (``alseg.pretrain``, once per seed,
-  cached in ``--out``), as a project's round 0 does.
+  cached in ``--out``), as a project's round 0 does; ``+ema``: the weights validated and kept
+  are an exponential moving average over the optimiser steps (``train.weight_average`` =
+  ``EMA_DECAY``: a horizon of about 200 steps, four of the preset's epochs).
 
 Every arm keeps the epoch with the best mean per-volume Dice on the validation patients (all
 their slices: what a lab can measure) and is scored on the test patients over all their slices:
@@ -44,6 +46,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "lgg"
 PRESET = "quick-lgg-volume"
 LOSSES = {"batch": "batch_dice_bce", "dice": "dice_bce", "bce": "bce"}  # an arm's "+LOSS" suffix
+MODIFIERS = ("cos", "pre", "ema")
+EMA_DECAY = 0.995
 
 
 def _fixed():
@@ -75,13 +79,14 @@ def one_run(job: dict) -> dict:
     torch.set_num_threads(1)
     cfg, dataset, data, split = _fixed()
     arm, *mods = job["arm"].split("+")
-    loss = next((m for m in mods if m not in ("cos", "pre")), "dice_bce")
+    loss = next((m for m in mods if m not in MODIFIERS), "dice_bce")
     train_ids = [i for i in split.train if arm != "tumour" or data.positive[data.indices([i])[0]]]
     ratio = None if arm in ("ratio-all", "tumour") else float(arm.split("-", 1)[1])
     ti = data.indices(train_ids)
     lesion = np.asarray(data.masks[ti]).reshape(len(ti), -1).any(1)
     train_cfg = dataclasses.replace(cfg.train, empty_ratio=ratio, device="cpu", loss=LOSSES.get(loss, loss),
-                                    lr_schedule="cosine" if "cos" in mods else "constant")
+                                    lr_schedule="cosine" if "cos" in mods else "constant",
+                                    weight_average=EMA_DECAY if "ema" in mods else None)
     steps_per_epoch = epoch_steps(epoch_rows(lesion, ratio), train_cfg)
     train_cfg = dataclasses.replace(train_cfg, epochs=max(1, math.ceil(job["steps"] / steps_per_epoch)))
     model_cfg = dataclasses.replace(cfg.model, in_channels=data.channels)

@@ -105,3 +105,32 @@ def test_validation_per_volume_picks_on_volume_dice(isic64):
                  val_volumes=(groups, where))
     probs = predict_probs(model, np.asarray(isic64.images[:6]), norm)
     assert result["history"][0]["val_dice"] == pytest.approx(validation_dice(probs > 0.5, truth, (groups, where)))
+
+
+def test_weight_average_keeps_the_moving_average_of_every_steps_weights(isic64, tmp_path):
+    """With train.weight_average = d the kept and saved weights are e_1 = w_1, e_t = d e_(t-1) +
+    (1 - d) w_t over the weights after each optimiser step (batch-norm statistics too), each epoch
+    validates them, and the caller's model ends holding them; off, the last step's weights."""
+    seed_everything(0)
+    model = UNet(ModelConfig(width=4, depth=3, dropout=0.1))
+    norm = Normalizer.fit(isic64.images[:16])
+    steps = []
+    config = TrainConfig(epochs=2, batch_size=8, lr=2e-3, device="cpu", min_epoch_steps=3, weight_average=0.7)
+    result = fit(model, isic64.images[:16], isic64.masks[:16], isic64.images[16:22], isic64.masks[16:22], config, norm,
+                 size=64, checkpoint_dir=tmp_path,
+                 on_batch=lambda *_: steps.append({k: v.detach().clone() for k, v in model.state_dict().items()}))
+    assert len(steps) == 6 == result["steps"]
+    floats = [k for k, v in steps[0].items() if v.is_floating_point()]
+    expected = dict(steps[0])
+    for w in steps[1:]:
+        expected = {k: 0.7 * expected[k] + 0.3 * w[k] if k in floats else w[k] for k in expected}
+    last = Checkpoint.load(tmp_path / "last.pt").model.state_dict()
+    assert all(torch.allclose(last[k], expected[k], atol=1e-6) for k in floats)
+    assert not all(torch.allclose(last[k], steps[-1][k], atol=1e-4) for k in floats)  # not the last step's
+    assert all(torch.equal(model.state_dict()[k], last[k]) for k in floats)
+    best = Checkpoint.load(tmp_path / "best.pt")
+    again = predict_probs(best.model, np.asarray(isic64.images[16:22]), norm)
+    assert dice_per_image(again > 0.5, isic64.masks[16:22] > 0).mean() == pytest.approx(best.meta["val_dice"])
+    for bad in (0, 1, 1.5):
+        with pytest.raises(AlsegError, match="weight_average"):
+            TrainConfig(weight_average=bad)
