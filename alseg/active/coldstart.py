@@ -1,9 +1,9 @@
 """The first batch of a project without masks: random, spread over groups, or covering the pool.
 
+Pure: ids or features, groups and a seeded generator in, a choice out.
+
 :func:`spread_selection` (the default, ``active.initial_selection: random``) draws at random,
 one group (patient, volume) after another, so the batch covers as many groups as it can.
-
-Pure: ids or features, groups and a seeded generator in, a choice out.
 
 :func:`cover_selection` (``active.initial_selection: cover``) is given the pre-trained U-Net's
 bottleneck features (:mod:`alseg.pretrain`), so "alike" means alike to a network that has learnt
@@ -24,7 +24,7 @@ fullest slice, so an expert is never asked to draw on the air beyond a head's cr
 pixel brighter than :data:`TISSUE_LEVEL` of its volume's 99th percentile (mean over channels); the
 cache normalised each volume to its own percentiles, so the rule needs no modality. Measured on
 the LGG patients (``benchmarks/first_batch.py``): 6.8 % of slices fall below the share and none of
-the 360 tumour slices does.
+the 360 tumour slices does. When fewer slices than the batch have tissue, every slice is a candidate.
 """
 from __future__ import annotations
 
