@@ -75,6 +75,8 @@ class TrainConfig:
     # Decay of an exponential moving average of the weights (and batch-norm statistics), updated
     # after every optimiser step; None: off. With it each epoch validates, keeps and saves the
     # averaged weights, not the last step's, so one unlucky step does not decide the kept model.
+    # Off in every preset: at 0.995 quick-lgg-volume validated lower on 4 seeds of 4 (0.304 against
+    # 0.377; docs/benchmarks.md, "A moving average of the weights").
     weight_average: float | None = None
     device: str = "auto"
     # auto: bf16 on CUDA, fp32 on CPU. bf16 trains ~1.75x faster on CPUs with bf16 instructions but
