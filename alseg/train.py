@@ -74,7 +74,8 @@ class TrainConfig:
     loss: str = "dice_bce"
     # Decay of an exponential moving average of the weights (and batch-norm statistics), updated
     # after every optimiser step; None: off. With it each epoch validates, keeps and saves the
-    # averaged weights, not the last step's, so one unlucky step does not decide the kept model.
+    # averaged weights, not the last step's, so one unlucky step does not decide the kept model
+    # (without validation images the epoch is still ranked by the training Dice of the live weights).
     # Off in every preset: at 0.995 quick-lgg-volume validated lower on 4 seeds of 4 (0.304 against
     # 0.377; docs/benchmarks.md, "A moving average of the weights").
     weight_average: float | None = None
@@ -288,6 +289,7 @@ def fit(model: UNet, train_images: np.ndarray, train_masks: np.ndarray, val_imag
     averaged = None if config.weight_average is None else torch.optim.swa_utils.AveragedModel(
         model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(config.weight_average), use_buffers=True)
     kept = model if averaged is None else averaged.module  # what is validated, kept and saved
+    after_step = None if averaged is None else lambda: averaged.update_parameters(model)
     for epoch, steps in enumerate(plan, start=1):
         t0 = time.perf_counter()
         model.train()
@@ -295,7 +297,7 @@ def fit(model: UNet, train_images: np.ndarray, train_masks: np.ndarray, val_imag
         xs, ys = (x_all, y_all) if rows is None else (x_all[rows.to(device)], y_all[rows.to(device)])
         loss_sum, dices = _train_epoch(net, opt, scaler, xs, ys, config, normalizer, gen,
                                        (device, dtype), (rank, world), on_batch, steps, schedule,
-                                       (seed, sum(plan[:epoch - 1])), averaged)
+                                       (seed, sum(plan[:epoch - 1])), after_step)
         if world > 1:
             shares = distributed.all_gather((loss_sum, dices))
             loss_sum, dices = sum(s[0] for s in shares), [d for s in shares for d in s[1]]
@@ -409,13 +411,13 @@ def _batch_order(n: int, steps: int, batch_size: int, gen: torch.Generator) -> t
 def _train_epoch(net, opt, scaler, x_all: torch.Tensor, y_all: torch.Tensor, config: TrainConfig,
                  normalizer: Normalizer, gen: torch.Generator, where: tuple, ranks: tuple[int, int],
                  on_batch: BatchCallback | None, steps: int, schedule: _Schedule,
-                 dropout: tuple[int, int], averaged=None) -> tuple[float, list[float]]:
+                 dropout: tuple[int, int], after_step: Callable[[], None] | None = None) -> tuple[float, list[float]]:
     """``steps`` batches of the training images; this rank's loss sum and per-image train Dice.
 
     ``dropout`` = (seed, steps before this epoch): row ``j`` of the whole batch of global step ``t``
     draws its dropout masks from a generator seeded by (seed, j, t), whichever rank trains it, so a
     run trains the same in any number of processes, up to float rounding of the gradient sum.
-    ``averaged`` (an ``AveragedModel``) takes each step's weights into its moving average."""
+    ``after_step`` is called after each optimiser step (the weight average's update)."""
     (device, dtype), (rank, world) = where, ranks
     dropout_seed, steps_before = dropout
     order = _batch_order(len(x_all), steps, config.batch_size, gen)
@@ -442,8 +444,8 @@ def _train_epoch(net, opt, scaler, x_all: torch.Tensor, y_all: torch.Tensor, con
         scaler.scale(loss * weight).backward()
         scaler.step(opt)
         scaler.update()
-        if averaged is not None:
-            averaged.update_parameters(net.module if hasattr(net, "module") else net)
+        if after_step:
+            after_step()
         if weight:
             loss_sum += float(loss.detach()) * len(xb)
             pred = (logits.detach().float() > 0).cpu().numpy()[:, 0]

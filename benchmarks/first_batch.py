@@ -3,7 +3,7 @@
 A project over volumes without masks asks the expert for a first batch drawn at random, one
 volume after another (``alseg.active.coldstart.spread_selection``). The slices whose tissue
 covers less than ``TISSUE_SHARE`` of their volume's fullest slice are left out of it
-(``tissue_shares``). This measures, on the LGG patients in ``../shared/data`` as whole volumes
+(``tissue_candidates``). This measures, on the LGG patients in ``../shared/data`` as whole volumes
 (every slice, the 128 px cache a project reads), how many slices the rule leaves out, how many
 tumour slices are among them, and over ``--draws`` seeded first batches of 10, 20 and 40 slices
 with and without the rule: the share of tumour slices in a batch and how often a batch holds none
@@ -25,7 +25,7 @@ SIZES = (10, 20, 40)
 
 
 def main() -> None:
-    from alseg.active.coldstart import TISSUE_SHARE, spread_selection, tissue_shares
+    from alseg.active.coldstart import TISSUE_SHARE, spread_selection, tissue_candidates
     from alseg.data import load_cached, open_dataset
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -38,9 +38,8 @@ def main() -> None:
     data = load_cached(dataset, args.size)
     ids, groups = list(data.ids), list(data.groups)
     tumour = dict(zip(ids, data.masks.reshape(len(ids), -1).max(1) > 0))
-    shares = tissue_shares(data.images, data.indices(ids), groups)
-    kept = [i for i, s in zip(ids, shares) if s >= TISSUE_SHARE]
-    left_out = [i for i, s in zip(ids, shares) if s < TISSUE_SHARE]
+    kept = tissue_candidates(data.images, ids, data.indices(ids), groups, max(SIZES))
+    left_out = sorted(set(ids) - set(kept))
     out = {"machine": machine_info(), "data": str(args.data), "size": args.size, "draws": args.draws,
            "tissue_share": TISSUE_SHARE, "volumes": len(set(groups)), "slices": len(ids),
            "tumour_slices": int(sum(tumour.values())), "left_out": len(left_out),

@@ -18,6 +18,7 @@ import numpy as np
 def main() -> None:
     import torch
 
+    from alseg.config import config_from_dict
     from alseg.data.splits import Split
     from alseg.metrics import dice_per_image
     from alseg.rundata import open_run_data
@@ -29,8 +30,9 @@ def main() -> None:
     ap.add_argument("rounds", type=int, nargs="+")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    with RunStore.open_readonly(args.run) as store:
-        split, data = Split.from_dict(store.split()), open_run_data(store, None).data
+    with RunStore.open_readonly(args.run) as store:  # the run's own cache, as the loop opens it
+        cache_dir = config_from_dict(store.config()).data.cache_dir
+        split, data = Split.from_dict(store.split()), open_run_data(store, cache_dir).data
     for rnd in args.rounds:
         checkpoint = Checkpoint.load(args.run / "checkpoints" / f"round-{rnd:03d}" / "best.pt")
         for name, ids in (("val", split.val), ("test", split.test)):

@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from alseg.active.coldstart import TISSUE_SHARE, cover_selection, spread_selection, tissue_shares
+from alseg.active.coldstart import TISSUE_SHARE, cover_selection, spread_selection, tissue_candidates, tissue_shares
 from alseg.active.gate import ModelHealth, constant_mask_dice, model_health, pseudo_gate
 from alseg.config import preset_for_images
 from alseg.data import open_dataset
@@ -251,28 +251,33 @@ def test_cover_selection_takes_every_kind_once_and_spreads_over_groups():
     assert cover_selection(x, groups, 8, np.random.default_rng(1)) == spread  # seeded
 
 
-
 def test_tissue_shares_measure_each_slice_against_its_volumes_fullest_and_spread_covers_volumes():
-    """Two generated volumes of 4 slices: a square of tissue whose side grows; an all-black volume
-    leaves nothing out. The shares are the squares' areas over the largest in the same volume."""
+    """Two generated volumes of 4 slices: a square of tissue whose side grows; the second so dim
+    that a level taken over both volumes would call none of it tissue; an all-black volume and a
+    slice without a volume leave nothing out. The shares are the squares' areas over the largest
+    in the same volume; a first batch takes the slices at or above the share, or every slice when
+    too few are."""
     sides = [0, 4, 8, 16]
     slices = []
-    for scale in (1.0, 0.5):  # the second volume dimmer: the level follows each volume's own percentile
+    for level in (200, 10):
         for side in sides:
             img = np.zeros((16, 16, 3), np.uint8)
-            img[:side, :side] = int(200 * scale)
+            img[:side, :side] = level
             slices.append(img)
-    slices += [np.zeros((16, 16, 3), np.uint8)] * 2
+    slices += [np.zeros((16, 16, 3), np.uint8)] * 2 + [np.full((16, 16, 3), 3, np.uint8)]
     images = np.stack(slices)
-    groups = ["a"] * 4 + ["b"] * 4 + ["dark"] * 2
-    shares = tissue_shares(images, np.arange(10)[::-1], groups[::-1])  # any order of indices
-    expected = [s * s / 256 for s in sides] * 2 + [1.0, 1.0]
-    assert np.allclose(shares[::-1], expected)
-    assert (np.array(expected) < TISSUE_SHARE).sum() == 4  # the empty and the 4 px slices
+    groups = ["a"] * 4 + ["b"] * 4 + ["dark"] * 2 + [None]
+    shares = tissue_shares(images, np.arange(11)[::-1], groups[::-1])[::-1]  # any order of indices
+    assert np.allclose(shares, [s * s / 256 for s in sides] * 2 + [1.0, 1.0, 1.0])
     ids = [f"{g}{k}" for k, g in enumerate(groups)]
-    batch = spread_selection(ids, groups, 3, np.random.default_rng(0))
+    below = {ids[k] for k in (0, 1, 4, 5)}  # the empty and the 4 px slices: under a quarter
+    assert (shares < TISSUE_SHARE).sum() == 4
+    assert tissue_candidates(images, ids, np.arange(11), groups, 7) == [i for i in ids if i not in below]
+    assert tissue_candidates(images, ids, np.arange(11), groups, 8) == ids  # too few with tissue: all
+    batch = spread_selection(ids[:10], groups[:10], 3, np.random.default_rng(0))
     assert len(set(batch)) == 3 and {b.rstrip("0123456789") for b in batch} == {"a", "b", "dark"}
-    assert spread_selection(ids, groups, 3, np.random.default_rng(0)) == batch
+    assert spread_selection(ids[:10], groups[:10], 3, np.random.default_rng(0)) == batch
+
 
 def test_a_project_without_masks_can_start_with_a_batch_that_covers_the_pool(tmp_path):
     cover = {**TINY, "active": {**TINY["active"], "initial_selection": "cover"}}

@@ -131,6 +131,14 @@ def test_weight_average_keeps_the_moving_average_of_every_steps_weights(isic64, 
     best = Checkpoint.load(tmp_path / "best.pt")
     again = predict_probs(best.model, np.asarray(isic64.images[16:22]), norm)
     assert dice_per_image(again > 0.5, isic64.masks[16:22] > 0).mean() == pytest.approx(best.meta["val_dice"])
+    seed_everything(0)
+    plain = UNet(ModelConfig(width=4, depth=3, dropout=0.1))
+    steps.clear()
+    fit(plain, isic64.images[:16], isic64.masks[:16], None, None, TrainConfig(**{**config.to_dict(), "weight_average": None}),
+        norm, size=64, checkpoint_dir=tmp_path / "off",
+        on_batch=lambda *_: steps.append({k: v.detach().clone() for k, v in plain.state_dict().items()}))
+    off = Checkpoint.load(tmp_path / "off" / "last.pt").model.state_dict()
+    assert all(torch.equal(off[k], steps[-1][k]) for k in floats)  # off: the last step's weights
     for bad in (0, 1, 1.5):
         with pytest.raises(AlsegError, match="weight_average"):
             TrainConfig(weight_average=bad)

@@ -274,7 +274,7 @@ def test_a_volume_project_without_masks_never_asks_for_a_slice_of_air(lgg_nifti,
     every air slice), and the rule leaves out no tumour slice of these patients."""
     import shutil
 
-    from alseg.active.coldstart import TISSUE_SHARE, tissue_shares
+    from alseg.active.coldstart import tissue_candidates
     from alseg.project import init_project, query
     from alseg.store import RunStore
 
@@ -284,8 +284,7 @@ def test_a_volume_project_without_masks_never_asks_for_a_slice_of_air(lgg_nifti,
         mask.unlink()
     cache = load_cached(open_dataset(data), 32, cache_dir=tmp_path / "cache")
     ids, groups = list(cache.ids), list(cache.groups)
-    shares = tissue_shares(cache.images, cache.indices(ids), groups)
-    tissue = {i for i, s in zip(ids, shares) if s >= TISSUE_SHARE}
+    tissue = set(tissue_candidates(cache.images, ids, cache.indices(ids), groups, 1))  # the pool is every slice
     air = set(ids) - tissue
     assert air and all(len([g for i, g in zip(ids, groups) if i in tissue and g == p]) > 5 for p in set(groups))
     truth = lgg_nifti["truth"]

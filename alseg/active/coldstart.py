@@ -18,13 +18,14 @@ Measured against random masks on ISIC (docs/benchmarks.md, "Learning from the fi
 scored lower on validation Dice, so it is an option (``active.initial_selection: cover``), not the
 default.
 
-Slices of volumes (:func:`tissue_shares`): either rule leaves out the slices that are mostly air,
-those whose tissue covers less than :data:`TISSUE_SHARE` of the area it covers on their volume's
-fullest slice, so an expert is never asked to draw on the air beyond a head's crown. Tissue is a
-pixel brighter than :data:`TISSUE_LEVEL` of its volume's 99th percentile (mean over channels); the
-cache normalised each volume to its own percentiles, so the rule needs no modality. Measured on
-the LGG patients (``benchmarks/first_batch.py``): 6.8 % of slices fall below the share and none of
-the 360 tumour slices does. When fewer slices than the batch have tissue, every slice is a candidate.
+Slices of volumes (:func:`tissue_candidates`, which the loop applies before either rule): the
+slices that are mostly air are left out, those whose tissue covers less than :data:`TISSUE_SHARE`
+of the area it covers on the fullest of their volume's candidate slices, so an expert is never
+asked to draw on the air beyond a head's crown. Tissue is a pixel brighter than
+:data:`TISSUE_LEVEL` of its volume's 99th percentile (mean over channels): a level each volume
+sets for itself, whatever the modality or scale. Measured on the LGG patients
+(``benchmarks/first_batch.py``): 6.8 % of slices fall below the share and none of the 360 tumour
+slices does. When fewer slices than the batch have tissue, every slice stays a candidate.
 """
 from __future__ import annotations
 
@@ -42,7 +43,9 @@ def tissue_shares(images: np.ndarray, indices: Sequence[int], groups: Sequence[o
     """Each of ``images[indices]``'s tissue area over the largest among its group's (its volume's)
     slices in ``indices``: 1.0 for the fullest slice, 0.0 for a slice of air. One volume at a time,
     so memory holds one volume's pixels, not the pool's."""
-    indices, keys = np.asarray(indices), np.array([str(g) for g in groups], dtype=object)
+    indices = np.asarray(indices)
+    # a slice without a group is a volume of its own, as spread_selection counts it
+    keys = np.array([repr(g) if g is not None else f"#{k}" for k, g in enumerate(groups)], dtype=object)
     shares = np.zeros(len(indices))
     for key in dict.fromkeys(keys):
         rows = np.flatnonzero(keys == key)
@@ -50,6 +53,16 @@ def tissue_shares(images: np.ndarray, indices: Sequence[int], groups: Sequence[o
         area = (grey > TISSUE_LEVEL * np.percentile(grey, 99)).mean((1, 2))
         shares[rows] = area / area.max() if area.max() > 0 else 1.0
     return shares
+
+
+def tissue_candidates(images: np.ndarray, ids: Sequence[str], indices: Sequence[int],
+                      groups: Sequence[object | None], n: int) -> list[str]:
+    """The ``ids`` (rows ``indices`` of ``images``, volumes ``groups``) a first batch of ``n`` may
+    take: those with at least :data:`TISSUE_SHARE` (:func:`tissue_shares`), or all of them when
+    fewer than ``n`` have it."""
+    shares = tissue_shares(images, indices, groups)
+    tissue = [i for i, share in zip(ids, shares) if share >= TISSUE_SHARE]
+    return tissue if len(tissue) >= n else list(ids)
 
 
 def spread_selection(ids: Sequence[str], groups: Sequence[object | None], n: int,

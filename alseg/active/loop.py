@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from alseg.active.annotators import make_annotator
-from alseg.active.coldstart import TISSUE_SHARE, cover_selection, spread_selection, tissue_shares
+from alseg.active.coldstart import cover_selection, spread_selection, tissue_candidates
 from alseg.active.gate import ModelHealth, model_health, pseudo_gate
 from alseg.active.strategies import make_strategy
 from alseg.active.uncertainty import bottleneck_features, mc_dropout
@@ -115,25 +115,25 @@ class ActiveRun:
     def select_initial(self) -> None:
         """Round 0 of a project that starts without masks: a batch spread over groups, at random or
         covering the pool in the pre-trained features (``active.initial_selection``); of a volume's
-        slices, only those that are not mostly air (:func:`~alseg.active.coldstart.tissue_shares`)."""
+        slices, only those that are not mostly air (:func:`~alseg.active.coldstart.tissue_candidates`)."""
         pool = self.pool()
         n = min(self.config.active.expert_batch, len(pool))
         if n < 2:
             raise AlsegError("a project needs at least 2 images in its pool to start without masks", self.dir.root)
         if self.dataset.format in SLICED_LAYOUTS:  # slices of volumes: not the mostly-air ones
-            shares = tissue_shares(self.data.images, self.data.indices(pool), [self.group_of.get(i) for i in pool])
-            tissue = [i for i, share in zip(pool, shares) if share >= TISSUE_SHARE]
-            pool = tissue if len(tissue) >= n else pool
+            pool = tissue_candidates(self.data.images, pool, self.data.indices(pool),
+                                     [self.group_of.get(i) for i in pool], n)
+        groups = [self.group_of.get(i) for i in pool]
         rng = np.random.default_rng(step_seed(self.config.seed, 0, 2))
         if self.config.active.initial_selection == "cover":
             features = bottleneck_features(self.fresh_model(), self.data.images, self.data.indices(pool),
                                            self.normalizer, batch_size=self.config.active.mc_batch_size,
                                            device=self.device)
-            picked = cover_selection(features, [self.group_of.get(i) for i in pool], n, rng)
+            picked = cover_selection(features, groups, n, rng)
             chosen = [pool[k] for k in sorted(picked)]
             self.store.open_initial_round(chosen, {i: "cover" for i in chosen})
             return
-        chosen = spread_selection(pool, [self.group_of.get(i) for i in pool], n, rng)
+        chosen = spread_selection(pool, groups, n, rng)
         order = {i: k for k, i in enumerate(pool)}
         chosen.sort(key=order.__getitem__)
         self.store.open_initial_round(chosen, {i: "initial" for i in chosen})

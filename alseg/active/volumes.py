@@ -29,7 +29,7 @@ are left as they are, and never become expert slices here.
 
 The loop's first batch (round 0 of a project without masks) is not subject to these rules: it is
 already spread over groups one slice at a time, mostly-air slices left out
-(``ActiveRun.select_initial``, :func:`alseg.active.coldstart.tissue_shares`).
+(``ActiveRun.select_initial``, :func:`alseg.active.coldstart.tissue_candidates`).
 """
 from __future__ import annotations
 
