@@ -133,7 +133,7 @@ def test_the_gate_refuses_pseudo_labels_from_a_collapsed_model_and_says_why(tmp_
     assert status["warning"] is not None and status["warning"] == status["rounds"][-1]["model"]["warning"]
     text = run_cli("status", out)
     assert "warning: the model is no better than" in text.stderr
-    report = run_cli("report", out, "--images", "2")
+    run_cli("report", out, "--images", "2")
     page = (out / "report" / "index.html").read_text()
     assert "The model and its pseudo-labels" in page and "no pseudo-labels: validation Dice" in page
 
