@@ -608,6 +608,10 @@ def compare(preset: PresetName = typer.Option(..., help="Settings preset shared 
             fixed_counts: Optional[str] = typer.Option(None, "--fixed-counts", help="Comma-separated expert-label "
                                                        "counts to read each curve's Dice at (default: round 1's and "
                                                        "the last-but-one round's mean counts)."),
+            reuse_from: Optional[Path] = typer.Option(None, "--reuse-from", help="Another study's --out (other "
+                                                      "active-learning settings, e.g. --round-steps): each seed's round 0 "
+                                                      "is adopted from it and its full-supervision references copied, "
+                                                      "where they cannot differ."),
             as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON.")):
     """Learning curves of several strategies over seeds, with full supervision and the paper's Dice.
 
@@ -633,7 +637,7 @@ def compare(preset: PresetName = typer.Option(..., help="Settings preset shared 
     summary = run_compare(cfg, out_dir, strategies=[s.strip() for s in strategies.split(",") if s.strip()],
                           seeds=seed_spec, full=full, external=external, only_seeds=chosen,
                           jobs=jobs, fixed_counts=_numbers("--fixed-counts", fixed_counts, float),
-                          reporter=RichReporter(quiet=as_json))
+                          reuse_from=reuse_from, reporter=RichReporter(quiet=as_json))
     if chosen is not None:
         _emit(summary, as_json, lambda r: out.print(f"seeds {', '.join(map(str, r['seeds']))}: "
                                                     f"{len(r['runs'])} runs finished ({', '.join(r['runs'])}); "

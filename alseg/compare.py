@@ -10,7 +10,8 @@ Owns the layout of a comparison folder and its summary:
   strategy's run, and adopted by the others (:func:`alseg.active.loop.adopt_initial_round`);
 * ``OUT/runs/full-s<seed>/``: with ``full``, supervised training on the whole train split with the
   same preset (the full-supervision reference; one copied from a study of other active-learning
-  settings or initial epochs is reused, as it depends on neither);
+  settings or initial epochs is reused, as it depends on neither: ``reuse_from`` copies them, and
+  adopts each seed's round 0 from that study's runs);
 * ``OUT/compare.png``: test Dice against expert labels, each strategy's mean over seeds with a
   band of its interval (:func:`interval_name`: the range of 2-3 seeds, a 95 % bootstrap interval
   over more), the full-supervision line and the paper's reported Dice; where the runs recorded
@@ -48,6 +49,7 @@ import dataclasses
 import io
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Sequence
@@ -125,9 +127,16 @@ def _seed_text(seed_list: list[int]) -> str:
     return ", ".join(map(str, seed_list))
 
 
-def _finished_round0(runs: Path, seed: int) -> Path | None:
+def _finished_round0(runs: Path, seed: int, reuse: Path | None = None) -> Path | None:
     """An active run of ``seed`` (made by an earlier call, perhaps with other strategies) with round 0 done,
-    preferably the one that trained it rather than one that adopted it."""
+    preferably the one that trained it rather than one that adopted it; else one in ``reuse``
+    (another study's runs), whose round 0 a run adopts only where it cannot differ
+    (:func:`~alseg.active.loop.adopt_initial_round` checks)."""
+    here = _round0_in(runs, seed)
+    return here if here is not None or reuse is None else _round0_in(reuse, seed)
+
+
+def _round0_in(runs: Path, seed: int) -> Path | None:
     found = []
     for run_dir in sorted(runs.glob(f"*-s{seed}")) if runs.is_dir() else ():
         if run_dir.name.startswith("full-") or not (run_dir / "run.db").is_file():
@@ -210,6 +219,25 @@ def _check_same_settings(runs: Path, config: ExperimentConfig, with_full: bool) 
                              "or another --out", run_dir)
 
 
+def _take_reference(source: Path, run_dir: Path, config: ExperimentConfig, reporter: Reporter) -> bool:
+    """Copy another study's finished full-supervision reference ``source`` to ``run_dir`` when this
+    study has none there and the reference's settings are this study's (:func:`_run_settings`: it
+    depends on no ``active`` setting). Copied to a staging name and renamed, so a kill leaves no
+    half reference; the source's writer lock and SQLite's shared-memory file are not copied."""
+    if run_dir.exists() or _finished_full(source) is None:
+        return False
+    with RunStore.open_readonly(source) as store:
+        if _differing_setting(_run_settings(config.to_dict(), True), _run_settings(store.config(), True)):
+            return False
+    staging = run_dir.parent.parent / f".copying-{run_dir.name}"  # beside runs/: no study reads it there
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(source, staging, ignore=shutil.ignore_patterns(LOCK_NAME, "*-shm"))
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging.rename(run_dir)
+    reporter.note(f"{run_dir.name}: the reference of {source.parent.parent} (same settings), copied")
+    return True
+
+
 def _make_full(cfg: ExperimentConfig, run_dir: Path, reporter: Reporter) -> dict:
     """The full-supervision reference of ``cfg.seed`` (reused when finished), as :func:`_finished_full`
     reads it."""
@@ -240,8 +268,8 @@ def _make_active(cfg: ExperimentConfig, strategy: str, run_dir: Path, donor: Pat
         return run_active(resume=run_dir, reporter=reporter)
 
 
-def _worker(config: ExperimentConfig, runs: Path, seed: int, strategy: str | None, threads: int, conn,
-            parent: int) -> None:
+def _worker(config: ExperimentConfig, runs: Path, reuse: Path | None, seed: int, strategy: str | None, threads: int,
+            conn, parent: int) -> None:
     """One run, in a worker process: ``strategy`` None is the full-supervision reference."""
     import threading
 
@@ -259,7 +287,7 @@ def _worker(config: ExperimentConfig, runs: Path, seed: int, strategy: str | Non
         if strategy is None:
             _make_full(cfg, runs / f"full-s{seed}", SILENT)
         else:
-            _make_active(cfg, strategy, runs / f"{strategy}-s{seed}", _finished_round0(runs, seed), SILENT)
+            _make_active(cfg, strategy, runs / f"{strategy}-s{seed}", _finished_round0(runs, seed, reuse), SILENT)
     except AlsegError as exc:
         conn.send(str(exc))
     except KeyboardInterrupt:  # Ctrl-C reaches the workers too; the parent says how to resume
@@ -267,8 +295,8 @@ def _worker(config: ExperimentConfig, runs: Path, seed: int, strategy: str | Non
     conn.close()
 
 
-def _make_runs_in_parallel(config: ExperimentConfig, runs: Path, seeds: Sequence[int], strategies: Sequence[str],
-                           full: bool, jobs: int, reporter: Reporter) -> None:
+def _make_runs_in_parallel(config: ExperimentConfig, runs: Path, reuse: Path | None, seeds: Sequence[int],
+                           strategies: Sequence[str], full: bool, jobs: int, reporter: Reporter) -> None:
     """Make the runs of ``seeds`` with ``jobs`` worker processes, each with cores / jobs threads.
 
     One process per core trains faster than one process using every core on small CPUs (1.36x on
@@ -284,7 +312,7 @@ def _make_runs_in_parallel(config: ExperimentConfig, runs: Path, seeds: Sequence
     # (name, seed, strategy or None for full, needs round 0 done first); trainers of round 0 first
     waiting: list[tuple[str, int, str | None, bool]] = []
     for seed in seeds:
-        has_round0 = _finished_round0(runs, seed) is not None
+        has_round0 = _finished_round0(runs, seed, reuse) is not None
         waiting.append((f"{strategies[0]}-s{seed}", seed, strategies[0], False))
         waiting += [(f"{s}-s{seed}", seed, s, not has_round0) for s in strategies[1:]]
         if full and _finished_full(runs / f"full-s{seed}") is None:
@@ -298,7 +326,7 @@ def _make_runs_in_parallel(config: ExperimentConfig, runs: Path, seeds: Sequence
         while waiting or running:
             # each seed's stores read once a poll, and only while a unit still waits on its round 0
             ready = {seed for seed in {seed for _, seed, _, after in waiting if after}
-                     if _finished_round0(runs, seed) is not None}
+                     if _finished_round0(runs, seed, reuse) is not None}
             for unit in list(waiting):
                 if len(running) >= jobs:
                     break
@@ -307,7 +335,7 @@ def _make_runs_in_parallel(config: ExperimentConfig, runs: Path, seeds: Sequence
                     continue
                 waiting.remove(unit)
                 receive, send = ctx.Pipe(duplex=False)
-                proc = ctx.Process(target=_worker, args=(config, runs, seed, strategy, threads, send, os.getpid()),
+                proc = ctx.Process(target=_worker, args=(config, runs, reuse, seed, strategy, threads, send, os.getpid()),
                                    name=name)
                 proc.start()
                 send.close()
@@ -367,7 +395,8 @@ class _ExternalScores:
 
 def compare(config: ExperimentConfig, out: str | Path, *, strategies: Sequence[str], seeds: int | Sequence[int] = 3,
             full: bool = False, external: str | Path | None = None, only_seeds: Sequence[int] | None = None,
-            jobs: int = 1, fixed_counts: Sequence[float] | None = None, reporter: Reporter = SILENT) -> dict:
+            jobs: int = 1, fixed_counts: Sequence[float] | None = None, reuse_from: str | Path | None = None,
+            reporter: Reporter = SILENT) -> dict:
     """Run every strategy for seeds 0..seeds-1 (resuming or reusing runs in ``out``) and summarise.
 
     ``seeds`` may also list the seeds (for example those of a split study that have finished).
@@ -384,6 +413,12 @@ def compare(config: ExperimentConfig, out: str | Path, *, strategies: Sequence[s
     share of the CPU threads (:func:`_make_runs_in_parallel`); the results are the same runs.
 
     ``fixed_counts``: the expert-label counts the summary reads each curve's Dice at (:func:`summarise`).
+
+    ``reuse_from``: another study's folder (of other ``active`` settings: ``--round-steps``, rounds,
+    per-round epochs) whose finished work this one takes where it cannot differ: each seed's round 0
+    is adopted from its runs (:func:`~alseg.active.loop.adopt_initial_round` checks that nothing it
+    depends on differs), and its full-supervision references are copied in when their settings are
+    this study's (:func:`_take_reference`). A study at equal steps so trains neither again.
     """
     known = strategy_names()
     bad = [s for s in strategies if s not in known]
@@ -406,9 +441,15 @@ def compare(config: ExperimentConfig, out: str | Path, *, strategies: Sequence[s
     train_sizes: dict[int, int] = {}  # per seed: a split by patient gives each seed its own
     metrics: dict[str, str] = {}  # run name -> its headline test Dice
     made = seed_list if only_seeds is None else sorted(set(only_seeds))
+    reuse = None if reuse_from is None else Path(reuse_from) / "runs"
+    if reuse is not None and not reuse.is_dir():
+        raise AlsegError("no study's runs here (give the --out of an earlier alseg compare)", reuse_from)
+    if full and reuse is not None:
+        for seed in made:
+            _take_reference(reuse / f"full-s{seed}", runs / f"full-s{seed}", config, reporter)
     _check_same_settings(runs, config, full)
     if jobs > 1:  # make every run in worker processes; the pass below then only collects them
-        _make_runs_in_parallel(config, runs, made, strategies, full, jobs, reporter)
+        _make_runs_in_parallel(config, runs, reuse, made, strategies, full, jobs, reporter)
     for seed in made:
         cfg = dataclasses.replace(config, seed=seed)
         if full:
@@ -418,7 +459,7 @@ def compare(config: ExperimentConfig, out: str | Path, *, strategies: Sequence[s
             full_runs[seed] = found
             if scorer:
                 full_runs[seed]["external_dice"] = scorer.dice(run_dir.name, run_dir)
-        donor = _finished_round0(runs, seed)  # else the seed's first run here trains it, the others adopt it
+        donor = _finished_round0(runs, seed, reuse)  # else the seed's first run here trains it, the others adopt it
         for strategy in strategies:
             run_dir = runs / f"{strategy}-s{seed}"
             result = _make_active(cfg, strategy, run_dir, donor, reporter)

@@ -31,8 +31,10 @@ seed):
         --json benchmarks/results/cpu-evidence-lgg.json
     .venv/bin/python benchmarks/evidence_study.py --dataset isic --seeds 5 --out /work/studies31/isic-default \\
         --json benchmarks/results/cpu-evidence-isic.json
-    # equal training: every round of every arm the same optimiser steps
-    .venv/bin/python benchmarks/evidence_study.py --dataset lgg --seeds 10 --round-steps 120 --out ...
+    # equal training: every round of every arm the same optimiser steps; round 0 and the references
+    # taken from the study above (they depend on no active-learning setting), not trained again
+    .venv/bin/python benchmarks/evidence_study.py --dataset lgg --seeds 10 --round-steps 120 \
+        --reuse-from /work/studies31/lgg-default --out /work/studies31/lgg-steps120 --json ...
 """
 from __future__ import annotations
 
@@ -80,6 +82,8 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=10)
     ap.add_argument("--strategies", help="comma-separated arms, made in one phase (default: all five, in two)")
     ap.add_argument("--round-steps", type=int, help="optimiser steps of every active round (default: the preset's epochs)")
+    ap.add_argument("--reuse-from", type=Path, help="a finished study's --out whose round 0 and references this "
+                                                    "one takes (alseg compare --reuse-from)")
     ap.add_argument("--chunk", type=int, default=2, help="seeds made per compare call")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--out", type=Path, required=True)
@@ -98,6 +102,8 @@ def main() -> None:
                   "--full", "--out", str(args.out)]
         if args.round_steps:
             common += ["--round-steps", str(args.round_steps)]
+        if args.reuse_from:
+            common += ["--reuse-from", str(args.reuse_from)]
         if args.smoke:
             common += ["--size", "32", "--width", "4", "--epochs", "2", "--round-epochs", "1", "--full-epochs", "2",
                        "--rounds", "1", "--mc-passes", "2"]

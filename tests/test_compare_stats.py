@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from alseg.compare import _remove_unfinished, _write_summary, compare, merge, summarise
+from alseg.compare import _remove_unfinished, _take_reference, _write_summary, compare, merge, summarise
+from alseg.progress import SILENT
 from alseg.stats import aulc, bootstrap_interval, labels_to_reach, paired_differences, seed_summary
 from alseg.errors import AlsegError
 from alseg.rundir import RunDir
@@ -348,6 +349,24 @@ def test_compare_reports_intervals_aulc_paired_differences_and_external_dice(tmp
     assert adopt_initial_round(other, out / "runs" / "random-s0") is False
     with RunStore.open_readonly(other) as store:
         assert store.rounds() == [] and store.epochs() == [] and not other.checkpoint_dir(0).exists()
+    # a study at equal steps per round takes this study's round 0 and references (they depend on no
+    # active setting) instead of training them again; the rounds after take the steps it asks for
+    steps_cfg = dataclasses.replace(cfg, active=dataclasses.replace(cfg.active, round_steps=3))
+    equal = tmp_path / "equal-steps"
+    compare(steps_cfg, equal, strategies=["random"], seeds=2, full=True, only_seeds=[0], reuse_from=out)
+    with RunStore.open_readonly(equal / "runs" / "random-s0") as store, \
+            RunStore.open_readonly(out / "runs" / "random-s0") as first:
+        assert store.adopted_from(0) == str(out / "runs" / "random-s0") and store.rounds()[0] == first.rounds()[0]
+        assert store.round_facts()[1]["train_steps"] == 3 != first.round_facts()[1]["train_steps"]
+    with RunStore.open_readonly(equal / "runs" / "full-s0") as copied, \
+            RunStore.open_readonly(out / "runs" / "full-s0") as reference:
+        assert copied.epochs() == reference.epochs() and copied.evaluations() == reference.evaluations()
+    assert not (equal / "runs" / "full-s1").exists() and not list(equal.glob(".copying-*"))
+    # a reference of other training settings is not taken; a folder with no study is refused
+    assert _take_reference(out / "runs" / "full-s1", tmp_path / "x" / "runs" / "full-s1",
+                           dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, lr=0.5)), SILENT) is False
+    with pytest.raises(AlsegError, match="no study's runs"):
+        compare(steps_cfg, equal, strategies=["random"], seeds=2, only_seeds=[0], reuse_from=tmp_path / "nothing")
 
 
 def test_compare_jobs_makes_the_runs_in_worker_processes_and_round_0_once_per_seed(tmp_path):
@@ -399,34 +418,18 @@ def test_compare_jobs_makes_the_runs_in_worker_processes_and_round_0_once_per_se
     active_only = compare(longer_full, out, strategies=["random", "ceal"], seeds=2)
     assert active_only["strategies"] == compare(cfg, out, strategies=["random", "ceal"], seeds=2)["strategies"]
     assert "train.full_epochs" not in active_only["settings"]
-
-    other = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, lr=cfg.train.lr * 3))
-    with pytest.raises(AlsegError, match=r"made with train.lr = "):
-        compare(other, out, strategies=["random", "ceal", "bald"], seeds=2, full=True, jobs=2)
-    assert not (runs / "bald-s0").exists()
-    # a serial call reuses every run the workers made: same rounds, seconds included, same summary
-    again = compare(cfg, out, strategies=["random", "ceal"], seeds=2, full=True)
-    assert again == summary
-    for name, expected in rounds.items():
-        with RunStore.open_readonly(runs / name) as store:
-            assert store.rounds() == expected
-    # a reference uses no active-learning setting and not the initial epoch count: a study at another
-    # schedule takes it over (copied into its folder) instead of training it again ...
-    import shutil
-
-    schedule = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=1),
-                                   active=dataclasses.replace(cfg.active, round_epochs=2))
-    shutil.copytree(runs / "full-s0", tmp_path / "schedule" / "runs" / "full-s0")
-    taken_over = compare(schedule, tmp_path / "schedule", strategies=["random"], seeds=1, full=True)
-    assert taken_over["runs"]["full-s0"]["test_dice"] == summary["runs"]["full-s0"]["test_dice"]
-    with RunStore.open_readonly(tmp_path / "schedule" / "runs" / "full-s0") as full_store:
-        assert [e["epoch"] for e in full_store.epochs()] == [1, 2, 3]  # not trained again
-    with RunStore.open_readonly(tmp_path / "schedule" / "runs" / "random-s0") as store:
-        assert [e["epoch"] for e in store.epochs() if e["phase"] == "initial"] == [1]
-    # ... but not one trained with another setting it does use
-    with pytest.raises(AlsegError, match=r"full-s0: .*made with train.lr = "):
-        compare(dataclasses.replace(schedule, train=dataclasses.replace(schedule.train, lr=cfg.train.lr * 3)),
-                tmp_path / "schedule", strategies=["random"], seeds=1, full=True)
+    # worker processes adopt round 0 from another study too (--reuse-from): both strategies at once,
+    # the first from the run there that trained it, the other from it or from its twin here
+    steps_cfg = dataclasses.replace(cfg, active=dataclasses.replace(cfg.active, round_steps=2))
+    equal = tmp_path / "equal" / "runs"
+    compare(steps_cfg, tmp_path / "equal", strategies=["ceal", "random"], seeds=2, full=True, only_seeds=[1], jobs=2,
+            reuse_from=out)
+    sources = set()
+    for name in ("ceal", "random"):
+        with RunStore.open_readonly(equal / f"{name}-s1") as store:
+            sources.add(Path(store.adopted_from(0)))
+            assert store.rounds()[0] == rounds["random-s1"][0] and store.round_facts()[1]["train_steps"] == 2
+    assert runs / "random-s1" in sources and sources <= {runs / "random-s1", equal / "ceal-s1", equal / "random-s1"}
 
 
 def test_compare_workers_stop_when_the_parent_is_killed_outright(tmp_path):
