@@ -35,6 +35,17 @@ seed):
     # taken from the study above (they depend on no active-learning setting), not trained again
     .venv/bin/python benchmarks/evidence_study.py --dataset lgg --seeds 10 --round-steps 120 \
         --reuse-from /work/studies31/lgg-default --out /work/studies31/lgg-steps120 --json ...
+
+A study longer than a session (the folders outside the checkout do not outlive it) is made in
+parts: ``--seeds 0,1`` makes and summarises those seeds alone into their own ``--json`` (kept in
+the repository with the commit that made them and each run's steps per round), and ``--merge``
+the parts' files into the whole study's summary (``alseg compare merge``: nothing is trained, and
+parts of other settings are refused):
+
+    .venv/bin/python benchmarks/evidence_study.py --dataset lgg --seeds 0,1 --out /work/lgg-default \\
+        --json benchmarks/results/evidence-parts/cpu-evidence-lgg-s0-1.json
+    .venv/bin/python benchmarks/evidence_study.py --dataset lgg --out /work/lgg-merged \\
+        --merge benchmarks/results/evidence-parts/cpu-evidence-lgg-s*.json --json benchmarks/results/cpu-evidence-lgg.json
 """
 from __future__ import annotations
 
@@ -76,10 +87,18 @@ def test_patients_folder(out: Path) -> Path:
     return folder
 
 
+def seed_list(text: str) -> list[int]:
+    """``--seeds``: N for seeds 0..N-1, or the seeds listed with commas (one alone: ``4,``)."""
+    numbers = [int(k) for k in text.split(",") if k.strip()]
+    return sorted(set(numbers)) if "," in text else list(range(numbers[0]))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dataset", choices=sorted(PRESET), required=True)
-    ap.add_argument("--seeds", type=int, default=10)
+    ap.add_argument("--seeds", default="10", help="N for seeds 0..N-1, or the seeds listed with commas (one "
+                                                  "alone: 4,): a part of the study, summarised alone and merged "
+                                                  "with the other parts by --merge")
     ap.add_argument("--strategies", help="comma-separated arms, made in one phase (default: all five, in two)")
     ap.add_argument("--round-steps", type=int, help="optimiser steps of every active round (default: the preset's epochs)")
     ap.add_argument("--reuse-from", type=Path, help="a finished study's --out whose round 0 and references this "
@@ -87,51 +106,93 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=2, help="seeds made per compare call")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--json", type=Path, help="also write the summary here, with the command and machine "
-                                              "(after each phase: the arms made so far)")
+    ap.add_argument("--json", type=Path, help="also write the summary here, with the command, machine, commit and "
+                                              "each run's steps per round (after each phase: the arms made so far)")
+    ap.add_argument("--merge", type=Path, nargs="+", metavar="PART", help="the --json summaries of parts made "
+                                                                          "apart (other sessions or machines) "
+                                                                          "with the same settings: merged into "
+                                                                          "--out and --json; nothing is trained")
     ap.add_argument("--smoke", action="store_true", help="tiny runs (32 px, width 4, 2 + 1 epochs, 1 round): "
                                                          "checks the script end to end in minutes, says nothing")
     args = ap.parse_args()
-    phases = [args.strategies] if args.strategies else list(PHASES)
-    t0 = time.time()
-    arms: list[str] = []
-    for phase in phases:
-        arms += phase.split(",")
-        common = [sys.executable, "-m", "alseg", "compare", "--preset", PRESET[args.dataset],
-                  "--data", str(DATA[args.dataset]), "--strategies", ",".join(arms), "--seeds", str(args.seeds),
-                  "--full", "--out", str(args.out)]
-        if args.round_steps:
-            common += ["--round-steps", str(args.round_steps)]
-        if args.reuse_from:
-            common += ["--reuse-from", str(args.reuse_from)]
-        if args.smoke:
-            common += ["--size", "32", "--width", "4", "--epochs", "2", "--round-epochs", "1", "--full-epochs", "2",
-                       "--rounds", "1", "--mc-passes", "2"]
-        for first in range(0, args.seeds, args.chunk):
-            chunk = ",".join(str(s) for s in range(first, min(first + args.chunk, args.seeds)))
-            print(f"[evidence {time.strftime('%H:%M:%S')}] {','.join(arms)}: seeds {chunk}", file=sys.stderr,
-                  flush=True)
-            subprocess.run(common + ["--only-seeds", chunk, "--jobs", str(args.jobs)], check=True)
-        summary = _summarise(args, common, t0)
     import study_tables
 
-    print(study_tables.training_table(str(args.out / "runs")))
+    t0 = time.time()
+    if args.merge:
+        summary = _merge(args, t0)
+    else:
+        seeds = seed_list(args.seeds)
+        phases = [args.strategies] if args.strategies else list(PHASES)
+        arms: list[str] = []
+        for phase in phases:
+            arms += phase.split(",")
+            common = [sys.executable, "-m", "alseg", "compare", "--preset", PRESET[args.dataset],
+                      "--data", str(DATA[args.dataset]), "--strategies", ",".join(arms), "--seeds", args.seeds,
+                      "--full", "--out", str(args.out)]
+            if args.round_steps:
+                common += ["--round-steps", str(args.round_steps)]
+            if args.reuse_from:
+                common += ["--reuse-from", str(args.reuse_from)]
+            if args.smoke:
+                common += ["--size", "32", "--width", "4", "--epochs", "2", "--round-epochs", "1", "--full-epochs",
+                           "2", "--rounds", "1", "--mc-passes", "2"]
+            for first in range(0, len(seeds), args.chunk):
+                chunk = ",".join(str(s) for s in seeds[first:first + args.chunk])
+                print(f"[evidence {time.strftime('%H:%M:%S')}] {','.join(arms)}: seeds {chunk}", file=sys.stderr,
+                      flush=True)
+                subprocess.run(common + ["--only-seeds", chunk + ",", "--jobs", str(args.jobs)], check=True)
+            summary = _summarise(args, common, {f"{a}-s{s}" for a in arms for s in seeds}, t0)
+    print(study_tables.training_table(summary["study"]["training"]))
     print()
     print(study_tables.tables(summary))
 
 
-def _summarise(args: argparse.Namespace, common: list[str], t0: float) -> dict:
+def _commit() -> str:
+    """The checkout's commit, with ``+changes`` when its tracked files differ from it: which code made a part."""
+    git = ["git", "-C", str(ROOT)]
+    head = subprocess.run(git + ["rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(git + ["status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                           text=True).stdout.strip()
+    return head + ("+changes" if dirty else "") if head else "unknown"
+
+
+def _summarise(args: argparse.Namespace, common: list[str], names: set[str], t0: float) -> dict:
     """Summarise the runs made so far (every one is finished: nothing is trained here)."""
+    import study_tables
+
     summary_cmd = common + ["--json"]
     if args.dataset == "lgg":
         summary_cmd += ["--external", str(test_patients_folder(args.out))]
     done = subprocess.run(summary_cmd, check=True, capture_output=True, text=True)
     summary = json.loads(done.stdout)
+    training = {k: v for k, v in study_tables.training_rows(str(args.out / "runs")).items() if k in names}
     summary["study"] = {"command": " ".join(sys.argv), "compare": " ".join(summary_cmd[1:]),
-                        "machine": machine_info(), "seconds_this_call": round(time.time() - t0),
+                        "machine": machine_info(), "commit": _commit(), "seconds_this_call": round(time.time() - t0),
                         "external": "the fixed test split's patients as whole volumes, every slice"
-                                    if args.dataset == "lgg" else None}
+                                    if args.dataset == "lgg" else None,
+                        "training": training}
     if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(summary, indent=1) + "\n")
+    return summary
+
+
+def _merge(args: argparse.Namespace, t0: float) -> dict:
+    """One summary of parts made apart (``alseg compare merge`` checks their settings agree), with
+    each part's seeds, commit and machine, and the runs' steps per round the parts kept."""
+    cmd = [sys.executable, "-m", "alseg", "merge", *map(str, args.merge), "--out", str(args.out), "--json"]
+    summary = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+    parts = [(path, json.loads(path.read_text())) for path in args.merge]
+    training: dict[str, list[dict]] = {}
+    for _, part in parts:
+        training.update(part["study"]["training"])
+    summary["study"] = {"command": " ".join(sys.argv), "compare": " ".join(cmd[1:]), "commit": _commit(),
+                        "seconds_this_call": round(time.time() - t0),
+                        "parts": [{"file": str(path), "seeds": part["seed_list"], "commit": part["study"]["commit"],
+                                   "machine": part["study"]["machine"]} for path, part in parts],
+                        "external": parts[0][1]["study"]["external"], "training": training}
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(summary, indent=1) + "\n")
     return summary
 

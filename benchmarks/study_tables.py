@@ -108,17 +108,26 @@ def variant_table(base: dict, variant: dict) -> str:
     return "\n".join(lines[1:])
 
 
-def training_table(runs_dir: str) -> str:
-    """Per strategy and round, mean over its seeds: expert labels, pseudo-labels and optimiser steps."""
+def training_rows(runs_dir: str) -> dict[str, list[dict]]:
+    """Per active run of a study's runs folder, its rounds' expert labels, pseudo-labels and
+    optimiser steps (each round's recorded ``train_steps``), as :func:`training_table` reads them
+    (and evidence_study.py keeps them in a part's summary, whose runs folder does not outlive it)."""
     from pathlib import Path
 
     from alseg.active.loop import status
 
+    return {run.name: [{k: row[k] for k in ("expert_labelled", "pseudo_labelled", "train_steps")}
+                       for row in status(run)["rounds"]]
+            for run in sorted(Path(runs_dir).iterdir())
+            if not run.name.startswith("full-") and (run / "run.db").is_file()}
+
+
+def training_table(rows: dict[str, list[dict]]) -> str:
+    """Per strategy and round, mean over its seeds: expert labels, pseudo-labels and optimiser steps,
+    from :func:`training_rows` (runs named STRATEGY-sSEED)."""
     by_strategy: dict[str, list[list[dict]]] = {}
-    for run in sorted(Path(runs_dir).iterdir()):
-        if run.name.startswith("full-") or not (run / "run.db").is_file():
-            continue
-        by_strategy.setdefault(run.name.rsplit("-s", 1)[0], []).append(status(run)["rounds"])
+    for name, rounds_of_run in sorted(rows.items()):
+        by_strategy.setdefault(name.rsplit("-s", 1)[0], []).append(rounds_of_run)
     rounds = max(len(r) for seeds in by_strategy.values() for r in seeds)
     lines = ["| strategy (seeds) | " + " | ".join(f"round {k}" for k in range(rounds)) + " |",
              "| --- |" + " --- |" * rounds]
@@ -130,10 +139,10 @@ def training_table(runs_dir: str) -> str:
     for name, seeds in by_strategy.items():
         cells = []
         for k in range(min(len(r) for r in seeds)):
-            rows = [r[k] for r in seeds]
-            steps = mean([row["train_steps"] for row in rows])
-            cells.append(f"{mean([row['expert_labelled'] for row in rows]):.0f} + "
-                         f"{mean([row['pseudo_labelled'] for row in rows]):.0f} pseudo, "
+            rows_k = [r[k] for r in seeds]
+            steps = mean([row["train_steps"] for row in rows_k])
+            cells.append(f"{mean([row['expert_labelled'] for row in rows_k]):.0f} + "
+                         f"{mean([row['pseudo_labelled'] for row in rows_k]):.0f} pseudo, "
                          + ("– steps" if steps is None else f"{steps:.0f} steps"))
         cells += ["–"] * (rounds - len(cells))  # rounds not every seed has finished
         lines.append(f"| {name} ({len(seeds)}) | " + " | ".join(cells) + " |")
@@ -143,7 +152,7 @@ def training_table(runs_dir: str) -> str:
 if __name__ == "__main__":
     args = sys.argv[1:]
     if len(args) == 2 and args[0] == "--training":
-        print(training_table(args[1]))
+        print(training_table(training_rows(args[1])))
     elif len(args) == 3 and args[1] == "--variant":
         print(variant_table(json.load(open(args[0])), json.load(open(args[2]))))
     elif len(args) == 1:
