@@ -70,7 +70,8 @@ class TrainConfig:
     # Whole volumes hold mostly lesion-free slices: each epoch trains on every slice with a lesion
     # and this many lesion-free ones per lesion slice, drawn afresh (None: every slice every epoch).
     empty_ratio: float | None = None
-    # dice_bce (per-image soft Dice + BCE), batch_dice_bce (Dice over the batch + BCE) or bce
+    # dice_bce (per-image soft Dice + BCE), batch_dice_bce (Dice over the batch + BCE),
+    # lesion_dice_bce (per-image Dice over the lesion images only + BCE) or bce
     loss: str = "dice_bce"
     # Decay of an exponential moving average of the weights (and batch-norm statistics), updated
     # after every optimiser step; None: off. With it each epoch validates, keeps and saves the
@@ -161,11 +162,29 @@ def batch_dice_bce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Ten
     return bce + (1 - dice)
 
 
+def lesion_dice_bce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """BCE over every image + soft Dice per image over the images with a lesion only (smoothed by
+    1): each lesion slice weighs the same in the Dice term however small its lesion, which batch
+    Dice does not give, and a lesion-free slice is left to BCE, so it does not pull every pixel of
+    its own image toward 0 as per-image Dice does."""
+    logits = logits.float()
+    bce = F.binary_cross_entropy_with_logits(logits, target)
+    t = target.flatten(1)
+    has = t.sum(1) > 0
+    if not bool(has.any()):
+        return bce
+    prob = torch.sigmoid(logits).flatten(1)[has]
+    t = t[has]
+    dice = (2 * (prob * t).sum(1) + 1) / (prob.sum(1) + t.sum(1) + 1)
+    return bce + (1 - dice).mean()
+
+
 def bce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(logits.float(), target)
 
 
-LOSSES = {"dice_bce": dice_bce_loss, "batch_dice_bce": batch_dice_bce_loss, "bce": bce_loss}
+LOSSES = {"dice_bce": dice_bce_loss, "batch_dice_bce": batch_dice_bce_loss, "lesion_dice_bce": lesion_dice_bce_loss,
+          "bce": bce_loss}
 
 
 AUGMENT_RANGES = {  # rotation (degrees), scale, contrast and brightness (+-), gamma, per-channel gain (+-)

@@ -10,9 +10,11 @@ get more steps:
 * ``ratio-R``: every tumour slice of the train patients and R tumour-free slices per tumour slice,
   drawn afresh each epoch (``train.empty_ratio``); ``ratio-all``: every slice every epoch;
 * ``tumour``: the tumour slices only, as ``quick-lgg`` trains (the paper's filter);
-* ``ARM+batch`` (or ``+bce``, ``+dice``): the arm with another loss (``train.loss``: soft Dice
-  over the whole batch + BCE, BCE alone, per-image soft Dice + BCE, the presets' default). An
-  empty slice's own Dice term pulls every pixel to 0; over the batch it does not.
+* ``ARM+batch`` (or ``+lesion``, ``+bce``, ``+dice``): the arm with another loss (``train.loss``:
+  soft Dice over the whole batch + BCE, per-image soft Dice over the tumour slices only + BCE,
+  BCE alone, per-image soft Dice + BCE, the presets' default). An empty slice's own Dice term
+  pulls every pixel to 0; over the batch it does not, but a big tumour then outweighs a small
+  one, which the tumour-slice Dice does not let it.
 * ``ARM+LOSS+cos``: the learning rate decayed by a cosine to a twentieth over the run
   (``train.lr_schedule``), against the preset's constant rate; ``+pre``: the U-Net starts from
   inpainting pre-training on the train and validation slices (``alseg.pretrain``, once per seed,
@@ -45,7 +47,7 @@ from machine import emit, machine_info
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "lgg"
 PRESET = "quick-lgg-volume"
-LOSSES = {"batch": "batch_dice_bce", "dice": "dice_bce", "bce": "bce"}  # an arm's "+LOSS" suffix
+LOSSES = {"batch": "batch_dice_bce", "dice": "dice_bce", "lesion": "lesion_dice_bce", "bce": "bce"}  # an arm's "+LOSS" suffix
 MODIFIERS = ("cos", "pre", "ema")
 EMA_DECAY = 0.995
 

@@ -8,7 +8,7 @@ from alseg.errors import AlsegError
 from alseg.metrics import dice_per_image
 from alseg.model import ModelConfig, UNet
 from alseg.runtime import Normalizer, seed_everything
-from alseg.train import Checkpoint, TrainConfig, augment, fit, predict_probs
+from alseg.train import LOSSES, Checkpoint, TrainConfig, augment, fit, predict_probs
 from conftest import ISIC
 
 
@@ -54,6 +54,30 @@ def test_augmentation_moves_image_and_mask_together():
     # the image's bright region (before intensity jitter) follows the mask
     agreement = ((xa.mean(1, keepdim=True) > xa.mean(dim=(1, 2, 3), keepdim=True)) == (ya > 0.5)).float().mean()
     assert agreement > 0.97
+
+
+def test_losses_weigh_empty_images_and_small_lesions_as_documented():
+    """Per-image Dice pulls an empty image toward 0 on its own; batch Dice lets a big lesion drown a
+    small one; the lesion-image Dice weighs each lesion image alike and leaves empty ones to BCE."""
+    target = torch.zeros(3, 1, 16, 16)
+    target[0, 0, :12, :12] = 1  # a big lesion (144 px)
+    target[1, 0, 7:9, 7:9] = 1  # a small one (4 px)
+    logits = torch.where(target > 0, 3.0, -3.0)  # confident and right on the lesions
+    logits[2, 0, 0, 0] = 3.0  # one false-positive pixel on the empty image
+    logits[1, 0, 7, 7] = -3.0  # one missed pixel of the small lesion
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, target)
+    p, t = torch.sigmoid(logits).flatten(1), target.flatten(1)
+    per_image = (2 * (p * t).sum(1) + 1) / (p.sum(1) + t.sum(1) + 1)
+    over_batch = (2 * (p * t).sum() + 1) / (p.sum() + t.sum() + 1)
+    assert torch.isclose(LOSSES["dice_bce"](logits, target), bce + (1 - per_image).mean())
+    assert torch.isclose(LOSSES["batch_dice_bce"](logits, target), bce + 1 - over_batch)
+    assert torch.isclose(LOSSES["lesion_dice_bce"](logits, target), bce + (1 - per_image[:2]).mean())
+    # the missed pixel of the small lesion costs more under the lesion-image Dice than over the batch
+    assert (1 - per_image[:2]).mean() > 1 - over_batch
+    # a batch of empty images: BCE alone, no Dice term
+    empty = torch.zeros(2, 1, 8, 8)
+    assert torch.isclose(LOSSES["lesion_dice_bce"](torch.full_like(empty, -2.0), empty),
+                         torch.nn.functional.binary_cross_entropy_with_logits(torch.full_like(empty, -2.0), empty))
 
 
 def test_fit_needs_labelled_images(isic64):
