@@ -115,8 +115,12 @@ def one_run(job: dict) -> dict:
         seconds = time.process_time() - t0
         best = Checkpoint.load(Path(tmp) / "best.pt")
     test = data.indices(list(split.test))
-    raw = score_model(best, data, test, slice_index=where).summary
+    scored = score_model(best, data, test, slice_index=where)
+    raw = scored.summary
     largest = score_model(best, data, test, slice_index=where, largest_component=True).summary
+    tumour_voxels: dict[str, int] = {}
+    for i in test:
+        tumour_voxels[data.groups[i]] = tumour_voxels.get(data.groups[i], 0) + int(np.count_nonzero(data.masks[i]))
     return {**job, "train_slices": len(ti), "tumour_slices": int(lesion.sum()), "steps_per_epoch": steps_per_epoch,
             "epochs": train_cfg.epochs, "best_epoch": result["best_epoch"], "val_volume_dice": result["best_val_dice"],
             "val_curve": [h["val_dice"] for h in result["history"]], "cpu_seconds": seconds,
@@ -125,7 +129,10 @@ def one_run(job: dict) -> dict:
                                              "lesion_slice_dice_mean", "false_positive_voxels", "mean_dice")},
             "test_largest_component": {k: largest.get(k) for k in ("volume_dice_mean", "lesion_slice_dice_mean",
                                                                    "false_positive_voxels")},
-            "test_volumes": len({data.groups[i] for i in test}), "test_slices": len(test)}
+            "test_volumes": len({data.groups[i] for i in test}), "test_slices": len(test),
+            # which patients a model finds: each test patient's 3D Dice beside its tumour's voxels (128 px)
+            "test_per_volume": {g: {"dice": round(d, 4), "tumour_voxels": tumour_voxels[g]}
+                                for g, d in scored.volumes.items()}}
 
 
 def _path(out: Path, job: dict) -> Path:
