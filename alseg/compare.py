@@ -301,8 +301,10 @@ def _make_runs_in_parallel(config: ExperimentConfig, runs: Path, reuse: Path | N
 
     One process per core trains faster than one process using every core on small CPUs (1.36x on
     2 cores at quick-isic: ``benchmarks/process_split.py``) and different seeds are independent.
-    A seed's round 0 is still trained once: its first strategy's run goes first, and the seed's
-    other runs wait until round 0 is done there, then adopt it. Every run keeps its own writer
+    A seed's round 0 is still trained once: its first strategy's run goes first (adopting round 0
+    from ``reuse`` where it can, else training it), and the seed's other runs wait until round 0
+    is done there, then adopt it. (They do not start at once on the strength of a round 0 in
+    ``reuse`` alone: one of other settings would leave each of them training its own.) Every run keeps its own writer
     lock and is resumable, so a killed study resumes with the same command. The first error stops
     the workers (what they finished is kept) and is raised here."""
     import multiprocessing
@@ -312,7 +314,7 @@ def _make_runs_in_parallel(config: ExperimentConfig, runs: Path, reuse: Path | N
     # (name, seed, strategy or None for full, needs round 0 done first); trainers of round 0 first
     waiting: list[tuple[str, int, str | None, bool]] = []
     for seed in seeds:
-        has_round0 = _finished_round0(runs, seed, reuse) is not None
+        has_round0 = _round0_in(runs, seed) is not None
         waiting.append((f"{strategies[0]}-s{seed}", seed, strategies[0], False))
         waiting += [(f"{s}-s{seed}", seed, s, not has_round0) for s in strategies[1:]]
         if full and _finished_full(runs / f"full-s{seed}") is None:
@@ -326,7 +328,7 @@ def _make_runs_in_parallel(config: ExperimentConfig, runs: Path, reuse: Path | N
         while waiting or running:
             # each seed's stores read once a poll, and only while a unit still waits on its round 0
             ready = {seed for seed in {seed for _, seed, _, after in waiting if after}
-                     if _finished_round0(runs, seed, reuse) is not None}
+                     if _round0_in(runs, seed) is not None}
             for unit in list(waiting):
                 if len(running) >= jobs:
                     break

@@ -430,6 +430,13 @@ def test_compare_jobs_makes_the_runs_in_worker_processes_and_round_0_once_per_se
             sources.add(Path(store.adopted_from(0)))
             assert store.rounds()[0] == rounds["random-s1"][0] and store.round_facts()[1]["train_steps"] == 2
     assert runs / "random-s1" in sources and sources <= {runs / "random-s1", equal / "ceal-s1", equal / "random-s1"}
+    # a study whose round 0 cannot be the other's (more initial epochs) trains it once, not once an arm
+    longer = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=3))
+    apart = tmp_path / "apart" / "runs"
+    compare(longer, tmp_path / "apart", strategies=["ceal", "random"], seeds=2, only_seeds=[1], jobs=2, reuse_from=out)
+    with RunStore.open_readonly(apart / "ceal-s1") as first, RunStore.open_readonly(apart / "random-s1") as second:
+        assert first.adopted_from(0) is None and Path(second.adopted_from(0)) == apart / "ceal-s1"
+        assert [e["epoch"] for e in first.epochs() if e["phase"] == "initial"] == [1, 2, 3]
 
 
 def test_compare_workers_stop_when_the_parent_is_killed_outright(tmp_path):
