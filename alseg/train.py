@@ -4,7 +4,8 @@ Loss: soft Dice (per image, smoothed by 1) + binary cross-entropy on the logits,
 weighted: Dice alone is unstable on small lesions early in training, BCE alone under-segments.
 Optimiser: Adam. Augmentation runs on whole batches on the training device: random horizontal
 and vertical flips, a rotation of up to +-15 degrees and a scale of 0.9-1.1 (one affine warp,
-reflected borders), and brightness/contrast jitter of +-10 %.
+reflected borders), and brightness/contrast jitter of +-10 %. With ``train.patch_size`` each
+image of a batch is first cut to a random crop (:func:`crop_patches`, a third on the lesion).
 
 Validation each epoch predicts the validation images deterministically (dropout off) and keeps
 the checkpoint with the best mean Dice (``best.pt``) beside the latest (``last.pt``), both
@@ -70,6 +71,11 @@ class TrainConfig:
     # Whole volumes hold mostly lesion-free slices: each epoch trains on every slice with a lesion
     # and this many lesion-free ones per lesion slice, drawn afresh (None: every slice every epoch).
     empty_ratio: float | None = None
+    # Train on random square crops of this many pixels (a multiple of 16) of the working-size
+    # images, a third of them centred on a lesion pixel where the image has one (nnU-Net's patches
+    # and foreground oversampling): a finer working size at a coarser one's cost per step, for
+    # lesions a few pixels across. Validation and prediction see whole images. None: whole images.
+    patch_size: int | None = None
     # dice_bce (per-image soft Dice + BCE), batch_dice_bce (Dice over the batch + BCE),
     # lesion_dice_bce (per-image Dice over the lesion images only + BCE) or bce
     loss: str = "dice_bce"
@@ -93,6 +99,10 @@ class TrainConfig:
         if self.empty_ratio is not None and not self.empty_ratio >= 0:
             raise AlsegError(f"train.empty_ratio must be a number >= 0 or null, not {self.empty_ratio!r}")
         check_total_steps(self.total_steps, self.epochs, "train.total_steps", "train.epochs")
+        if self.patch_size is not None and not (isinstance(self.patch_size, int) and not isinstance(self.patch_size, bool)
+                                                and self.patch_size >= 16 and self.patch_size % 16 == 0):
+            raise AlsegError(f"train.patch_size must be null or a multiple of 16 (the U-Net halves it four times), "
+                             f"not {self.patch_size!r}")
         if self.weight_average is not None and not 0 < self.weight_average < 1:
             raise AlsegError(f"train.weight_average must be null or a decay between 0 and 1, not {self.weight_average!r}")
 
@@ -427,6 +437,35 @@ def _batch_order(n: int, steps: int, batch_size: int, gen: torch.Generator) -> t
     return torch.cat([torch.randperm(n, generator=gen) for _ in range(shuffles)])[:steps * batch_size]
 
 
+PATCH_FOREGROUND = 1 / 3  # nnU-Net's share of patches forced onto the foreground
+
+
+def crop_patches(x: torch.Tensor, y: torch.Tensor, size: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random ``size`` x ``size`` crops of a batch of square images ``x`` (N, S, S, C) and masks ``y``
+    (N, S, S): each crop is placed uniformly, or with probability :data:`PATCH_FOREGROUND` centred
+    (as far as the border allows) on a random lesion pixel of its mask when it has one. The
+    generator is drawn the same number of times whatever the masks hold, so every rank of a
+    process group crops alike. Images no larger than ``size`` are returned whole."""
+    n, side = x.shape[0], x.shape[1]
+    if size >= side:
+        return x, y
+    room = side - size
+    on_lesion = torch.rand(n, generator=gen) < PATCH_FOREGROUND
+    anywhere = torch.randint(0, room + 1, (n, 2), generator=gen)
+    which = torch.rand(n, generator=gen)
+    xs, ys = [], []
+    for i in range(n):
+        top, left = int(anywhere[i, 0]), int(anywhere[i, 1])
+        if on_lesion[i]:
+            lesion = torch.nonzero(y[i]).cpu()
+            if len(lesion):
+                r, c = lesion[min(int(which[i] * len(lesion)), len(lesion) - 1)].tolist()
+                top, left = min(max(r - size // 2, 0), room), min(max(c - size // 2, 0), room)
+        xs.append(x[i, top:top + size, left:left + size])
+        ys.append(y[i, top:top + size, left:left + size])
+    return torch.stack(xs), torch.stack(ys)
+
+
 def _train_epoch(net, opt, scaler, x_all: torch.Tensor, y_all: torch.Tensor, config: TrainConfig,
                  normalizer: Normalizer, gen: torch.Generator, where: tuple, ranks: tuple[int, int],
                  on_batch: BatchCallback | None, steps: int, schedule: _Schedule,
@@ -444,8 +483,11 @@ def _train_epoch(net, opt, scaler, x_all: torch.Tensor, y_all: torch.Tensor, con
     for step in range(steps):
         schedule.advance()
         idx = order[step * config.batch_size:(step + 1) * config.batch_size].to(device)
-        xb = to_unit(x_all[idx])
-        yb = y_all[idx].unsqueeze(1).float()
+        xb, yb = x_all[idx], y_all[idx]
+        if config.patch_size is not None:
+            xb, yb = crop_patches(xb, yb, config.patch_size, gen)
+        xb = to_unit(xb)
+        yb = yb.unsqueeze(1).float()
         if config.augment:  # the whole batch on every rank: the generator stays in step everywhere
             xb, yb = augment(xb, yb, gen, config.augment_strength)
         rows = torch.arange(len(xb))

@@ -166,3 +166,45 @@ def test_weight_average_keeps_the_moving_average_of_every_steps_weights(isic64, 
     for bad in (0, 1, 1.5):
         with pytest.raises(AlsegError, match="weight_average"):
             TrainConfig(weight_average=bad)
+
+
+def test_patches_are_crops_a_third_on_the_lesion_and_the_model_still_sees_whole_images(isic64, tmp_path):
+    """train.patch_size: each training image is a random crop of the working-size image, a third of
+    them centred on a lesion pixel; validation and the kept checkpoint work on whole images."""
+    from alseg.train import PATCH_FOREGROUND, crop_patches
+
+    n, side, size = 600, 64, 16
+    x = torch.arange(side * side, dtype=torch.int32).view(1, side, side, 1).repeat(n, 1, 1, 3)
+    y = torch.zeros(n, side, side, dtype=torch.uint8)
+    y[:, 60, 2] = 1  # one lesion pixel in a corner: a uniform crop rarely holds it
+    xc, yc = crop_patches(x, y, size, torch.Generator().manual_seed(0))
+    assert xc.shape == (n, size, size, 3) and yc.shape == (n, size, size)
+    tops, lefts = xc[:, 0, 0, 0] // side, xc[:, 0, 0, 0] % side
+    for i in range(0, n, 37):  # each crop is the image's pixels at one offset, image and mask alike
+        t, l = int(tops[i]), int(lefts[i])
+        assert torch.equal(xc[i], x[i, t:t + size, l:l + size]) and torch.equal(yc[i], y[i, t:t + size, l:l + size])
+    holding = yc.flatten(1).any(1).float().mean().item()
+    # a uniform crop holds the pixel with probability 4/49 x 3/49 (0.005): about a third do here
+    assert PATCH_FOREGROUND - 0.06 < holding < PATCH_FOREGROUND + 0.06
+    # the generator is drawn alike whatever the masks hold (ranks stay in step), and a seed repeats
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    crop_patches(x[:8], y[:8], size, g1)
+    crop_patches(x[:8], torch.zeros_like(y[:8]), size, g2)
+    assert torch.equal(torch.rand(3, generator=g1), torch.rand(3, generator=g2))
+    assert torch.equal(crop_patches(x[:8], y[:8], size, torch.Generator().manual_seed(5))[0],
+                       crop_patches(x[:8], y[:8], size, torch.Generator().manual_seed(5))[0])
+    whole = x[:2]
+    assert crop_patches(whole, y[:2], side, torch.Generator())[0] is whole  # no larger than the patch: whole
+    with pytest.raises(AlsegError, match="patch_size"):
+        TrainConfig(patch_size=20)
+    # a fit on 32 px patches of 64 px images validates and keeps a model for whole 64 px images
+    seed_everything(0)
+    model = UNet(ModelConfig(width=4, depth=3, dropout=0.1))
+    norm = Normalizer.fit(isic64.images[:32])
+    result = fit(model, isic64.images[:32], isic64.masks[:32], isic64.images[32:40], isic64.masks[32:40],
+                 TrainConfig(epochs=2, batch_size=8, device="cpu", patch_size=32), norm, size=64,
+                 checkpoint_dir=tmp_path)
+    best = Checkpoint.load(tmp_path / "best.pt")
+    probs = predict_probs(best.model, np.asarray(isic64.images[32:40]), best.normalizer)
+    assert probs.shape == (8, 64, 64) and best.size == 64
+    assert result["best_val_dice"] == pytest.approx(dice_per_image(probs > 0.5, isic64.masks[32:40] > 0).mean())
