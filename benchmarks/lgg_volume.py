@@ -20,7 +20,11 @@ get more steps:
   inpainting pre-training on the train and validation slices (``alseg.pretrain``, once per seed,
   cached in ``--out``), as a project's round 0 does; ``+ema``: the weights validated and kept
   are an exponential moving average over the optimiser steps (``train.weight_average`` =
-  ``EMA_DECAY``: a horizon of about 200 steps, four of the preset's epochs).
+  ``EMA_DECAY``: a horizon of about 200 steps, four of the preset's epochs); ``+patch``: the
+  slices at 256 px, trained on 128 px crops of them (``train.patch_size``, a third centred on
+  the tumour), so a step costs what the preset's does while small tumours have four times the
+  pixels; validated and tested on whole 256 px slices (false-positive voxels then count 256 px
+  voxels, a quarter of a 128 px one's area each).
 
 Every arm keeps the epoch with the best mean per-volume Dice on the validation patients (all
 their slices: what a lab can measure) and is scored on the test patients over all their slices:
@@ -48,18 +52,19 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "lgg"
 PRESET = "quick-lgg-volume"
 LOSSES = {"batch": "batch_dice_bce", "dice": "dice_bce", "lesion": "lesion_dice_bce", "bce": "bce"}  # an arm's "+LOSS" suffix
-MODIFIERS = ("cos", "pre", "ema")
+MODIFIERS = ("cos", "pre", "ema", "patch")
 EMA_DECAY = 0.995
+PATCH = (256, 128)  # +patch: the working size and the training patches
 
 
-def _fixed():
+def _fixed(size: int | None = None):
     from alseg.config import build_config
     from alseg.data import load_cached, open_dataset
     from alseg.data.splits import make_split
 
     cfg = build_config(PRESET)
     dataset = open_dataset(DATA)
-    data = load_cached(dataset, cfg.data.size)
+    data = load_cached(dataset, size or cfg.data.size)
     split = make_split(data.ids, has_mask=data.has_mask, positive=data.positive, groups=data.groups,
                        subsets=data.subsets, preset=cfg.data.split_preset, seed=0)
     return cfg, dataset, data, split
@@ -79,8 +84,8 @@ def one_run(job: dict) -> dict:
     from alseg.train import Checkpoint, epoch_rows, epoch_steps, fit
 
     torch.set_num_threads(1)
-    cfg, dataset, data, split = _fixed()
     arm, *mods = job["arm"].split("+")
+    cfg, dataset, data, split = _fixed(PATCH[0] if "patch" in mods else None)
     loss = next((m for m in mods if m not in MODIFIERS), "dice_bce")
     train_ids = [i for i in split.train if arm != "tumour" or data.positive[data.indices([i])[0]]]
     ratio = None if arm in ("ratio-all", "tumour") else float(arm.split("-", 1)[1])
@@ -88,7 +93,8 @@ def one_run(job: dict) -> dict:
     lesion = np.asarray(data.masks[ti]).reshape(len(ti), -1).any(1)
     train_cfg = dataclasses.replace(cfg.train, empty_ratio=ratio, device="cpu", loss=LOSSES.get(loss, loss),
                                     lr_schedule="cosine" if "cos" in mods else "constant",
-                                    weight_average=EMA_DECAY if "ema" in mods else None)
+                                    weight_average=EMA_DECAY if "ema" in mods else None,
+                                    patch_size=PATCH[1] if "patch" in mods else None)
     steps_per_epoch = epoch_steps(epoch_rows(lesion, ratio), train_cfg)
     train_cfg = dataclasses.replace(train_cfg, epochs=max(1, math.ceil(job["steps"] / steps_per_epoch)))
     model_cfg = dataclasses.replace(cfg.model, in_channels=data.channels)
@@ -130,7 +136,7 @@ def one_run(job: dict) -> dict:
             "test_largest_component": {k: largest.get(k) for k in ("volume_dice_mean", "lesion_slice_dice_mean",
                                                                    "false_positive_voxels")},
             "test_volumes": len({data.groups[i] for i in test}), "test_slices": len(test),
-            # which patients a model finds: each test patient's 3D Dice beside its tumour's voxels (128 px)
+            # which patients a model finds: each test patient's 3D Dice beside its tumour's voxels (working size)
             "test_per_volume": {g: {"dice": round(d, 4), "tumour_voxels": tumour_voxels[g]}
                                 for g, d in scored.volumes.items()}}
 
