@@ -303,8 +303,8 @@ def _make_runs_in_parallel(config: ExperimentConfig, runs: Path, reuse: Path | N
     2 cores at quick-isic: ``benchmarks/process_split.py``) and different seeds are independent.
     A seed's round 0 is still trained once: its first strategy's run goes first (adopting round 0
     from ``reuse`` where it can, else training it), and the seed's other runs wait until round 0
-    is done there, then adopt it. (They do not start at once on the strength of a round 0 in
-    ``reuse`` alone: one of other settings would leave each of them training its own.) Every run keeps its own writer
+    is done there, then adopt it (not at once on the strength of a round 0 in ``reuse`` alone:
+    one of other settings would leave each of them training its own). Every run keeps its own writer
     lock and is resumable, so a killed study resumes with the same command. The first error stops
     the workers (what they finished is kept) and is raised here."""
     import multiprocessing
@@ -465,7 +465,7 @@ def compare(config: ExperimentConfig, out: str | Path, *, strategies: Sequence[s
         for strategy in strategies:
             run_dir = runs / f"{strategy}-s{seed}"
             result = _make_active(cfg, strategy, run_dir, donor, reporter)
-            donor = donor or run_dir
+            donor = _round0_in(runs, seed) or donor  # round 0 done here, once a run here has it
             metrics[run_dir.name], recorded = _recorded_run(run_dir, result["rounds"])
             train_sizes[seed] = recorded["train_size"]
             record = {"seed": seed, **recorded}

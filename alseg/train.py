@@ -74,7 +74,8 @@ class TrainConfig:
     # Train on random square crops of this many pixels (a multiple of 16) of the working-size
     # images, a third of them centred on a lesion pixel where the image has one (nnU-Net's patches
     # and foreground oversampling): a finer working size at a coarser one's cost per step, for
-    # lesions a few pixels across. Validation and prediction see whole images. None: whole images.
+    # lesions a few pixels across. Validation and prediction see whole images (the recorded
+    # training loss and Dice are the crops'). None: whole images.
     patch_size: int | None = None
     # dice_bce (per-image soft Dice + BCE), batch_dice_bce (Dice over the batch + BCE),
     # lesion_dice_bce (per-image Dice over the lesion images only + BCE) or bce
@@ -101,7 +102,7 @@ class TrainConfig:
         check_total_steps(self.total_steps, self.epochs, "train.total_steps", "train.epochs")
         if self.patch_size is not None and not (isinstance(self.patch_size, int) and not isinstance(self.patch_size, bool)
                                                 and self.patch_size >= 16 and self.patch_size % 16 == 0):
-            raise AlsegError(f"train.patch_size must be null or a multiple of 16 (the U-Net halves it four times), "
+            raise AlsegError(f"train.patch_size must be null or a multiple of 16, as a working size is, "
                              f"not {self.patch_size!r}")
         if self.weight_average is not None and not 0 < self.weight_average < 1:
             raise AlsegError(f"train.weight_average must be null or a decay between 0 and 1, not {self.weight_average!r}")
@@ -179,14 +180,10 @@ def lesion_dice_bce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Te
     its own image toward 0 as per-image Dice does."""
     logits = logits.float()
     bce = F.binary_cross_entropy_with_logits(logits, target)
-    t = target.flatten(1)
-    has = t.sum(1) > 0
-    if not bool(has.any()):
-        return bce
-    prob = torch.sigmoid(logits).flatten(1)[has]
-    t = t[has]
+    prob, t = torch.sigmoid(logits).flatten(1), target.flatten(1)
+    has = (t.sum(1) > 0).float()  # a weight, not a filter: no wait on the device to count them
     dice = (2 * (prob * t).sum(1) + 1) / (prob.sum(1) + t.sum(1) + 1)
-    return bce + (1 - dice).mean()
+    return bce + ((1 - dice) * has).sum() / has.sum().clamp_min(1)
 
 
 def bce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -447,6 +444,8 @@ def crop_patches(x: torch.Tensor, y: torch.Tensor, size: int, gen: torch.Generat
     generator is drawn the same number of times whatever the masks hold, so every rank of a
     process group crops alike. Images no larger than ``size`` are returned whole."""
     n, side = x.shape[0], x.shape[1]
+    if x.shape[2] != side:
+        raise ValueError(f"crop_patches takes square images, not {tuple(x.shape[1:3])}")
     if size >= side:
         return x, y
     room = side - size
@@ -474,7 +473,9 @@ def _train_epoch(net, opt, scaler, x_all: torch.Tensor, y_all: torch.Tensor, con
 
     ``dropout`` = (seed, steps before this epoch): row ``j`` of the whole batch of global step ``t``
     draws its dropout masks from a generator seeded by (seed, j, t), whichever rank trains it, so a
-    run trains the same in any number of processes, up to float rounding of the gradient sum.
+    run trains the same in any number of processes, up to float rounding of the gradient sum (and
+    but for the losses whose Dice term spans images, batch_dice_bce and lesion_dice_bce: each rank
+    takes it over its own share of the batch).
     ``after_step`` is called after each optimiser step (the weight average's update)."""
     (device, dtype), (rank, world) = where, ranks
     dropout_seed, steps_before = dropout

@@ -39,13 +39,15 @@ seed):
 A study longer than a session (the folders outside the checkout do not outlive it) is made in
 parts: ``--seeds 0,1`` makes and summarises those seeds alone into their own ``--json`` (kept in
 the repository with the commit that made them and each run's steps per round), and ``--merge``
-the parts' files into the whole study's summary (``alseg compare merge``: nothing is trained, and
-parts of other settings are refused):
+the parts' files into the whole study's summary (``alseg merge``: nothing is trained, and parts
+of other settings are refused; the default and equal-steps parts are named apart so that one
+pattern picks one study's):
 
     .venv/bin/python benchmarks/evidence_study.py --dataset lgg --seeds 0,1 --out /work/lgg-default \\
-        --json benchmarks/results/evidence-parts/cpu-evidence-lgg-s0-1.json
+        --json benchmarks/results/evidence-parts/cpu-evidence-lgg-default-s0-1.json
     .venv/bin/python benchmarks/evidence_study.py --dataset lgg --out /work/lgg-merged \\
-        --merge benchmarks/results/evidence-parts/cpu-evidence-lgg-s*.json --json benchmarks/results/cpu-evidence-lgg.json
+        --merge benchmarks/results/evidence-parts/cpu-evidence-lgg-default-s*.json \\
+        --json benchmarks/results/cpu-evidence-lgg.json
 """
 from __future__ import annotations
 
@@ -89,8 +91,14 @@ def test_patients_folder(out: Path) -> Path:
 
 def seed_list(text: str) -> list[int]:
     """``--seeds``: N for seeds 0..N-1, or the seeds listed with commas (one alone: ``4,``)."""
-    numbers = [int(k) for k in text.split(",") if k.strip()]
-    return sorted(set(numbers)) if "," in text else list(range(numbers[0]))
+    try:
+        numbers = [int(k) for k in text.split(",") if k.strip()]
+    except ValueError:
+        numbers = []
+    seeds = sorted(set(numbers)) if "," in text else list(range(numbers[0])) if numbers else []
+    if not seeds or seeds[0] < 0:
+        raise SystemExit(f"--seeds takes N >= 1 or seeds >= 0 listed with commas, not {text!r}")
+    return seeds
 
 
 def main() -> None:
@@ -140,7 +148,7 @@ def main() -> None:
                 chunk = ",".join(str(s) for s in seeds[first:first + args.chunk])
                 print(f"[evidence {time.strftime('%H:%M:%S')}] {','.join(arms)}: seeds {chunk}", file=sys.stderr,
                       flush=True)
-                subprocess.run(common + ["--only-seeds", chunk + ",", "--jobs", str(args.jobs)], check=True)
+                subprocess.run(common + ["--only-seeds", chunk, "--jobs", str(args.jobs)], check=True)
             summary = _summarise(args, common, {f"{a}-s{s}" for a in arms for s in seeds}, t0)
     print(study_tables.training_table(summary["study"]["training"]))
     print()
@@ -163,7 +171,7 @@ def _summarise(args: argparse.Namespace, common: list[str], names: set[str], t0:
     summary_cmd = common + ["--json"]
     if args.dataset == "lgg":
         summary_cmd += ["--external", str(test_patients_folder(args.out))]
-    done = subprocess.run(summary_cmd, check=True, capture_output=True, text=True)
+    done = subprocess.run(summary_cmd, check=True, stdout=subprocess.PIPE, text=True)
     summary = json.loads(done.stdout)
     training = {k: v for k, v in study_tables.training_rows(str(args.out / "runs")).items() if k in names}
     summary["study"] = {"command": " ".join(sys.argv), "compare": " ".join(summary_cmd[1:]),
@@ -178,14 +186,22 @@ def _summarise(args: argparse.Namespace, common: list[str], names: set[str], t0:
 
 
 def _merge(args: argparse.Namespace, t0: float) -> dict:
-    """One summary of parts made apart (``alseg compare merge`` checks their settings agree), with
-    each part's seeds, commit and machine, and the runs' steps per round the parts kept."""
-    cmd = [sys.executable, "-m", "alseg", "merge", *map(str, args.merge), "--out", str(args.out), "--json"]
-    summary = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+    """One summary of parts made apart (``alseg merge`` checks their settings agree), with each
+    part's seeds, commit and machine, and the runs' steps per round the parts kept."""
     parts = [(path, json.loads(path.read_text())) for path in args.merge]
     training: dict[str, list[dict]] = {}
-    for _, part in parts:
-        training.update(part["study"]["training"])
+    for path, part in parts:
+        if not isinstance(part.get("study"), dict) or "training" not in part["study"]:
+            raise SystemExit(f"{path}: not a part made by this script (no study record)")
+        if part.get("preset") != PRESET[args.dataset]:
+            raise SystemExit(f"{path}: a {part.get('preset')} study, not {PRESET[args.dataset]}")
+        for name, rows in part["study"]["training"].items():
+            if training.get(name, rows) != rows:
+                raise SystemExit(f"{path}: run {name} is also in an earlier part, with other rounds")
+            training[name] = rows
+    cmd = [sys.executable, "-m", "alseg", "merge", *map(str, args.merge), "--out", str(args.out), "--json"]
+    # stdout alone: a part merge refuses says why on stderr, which reaches the terminal
+    summary = json.loads(subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout)
     summary["study"] = {"command": " ".join(sys.argv), "compare": " ".join(cmd[1:]), "commit": _commit(),
                         "seconds_this_call": round(time.time() - t0),
                         "parts": [{"file": str(path), "seeds": part["seed_list"], "commit": part["study"]["commit"],

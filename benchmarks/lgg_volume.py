@@ -109,7 +109,7 @@ def one_run(job: dict) -> dict:
         ids = list(split.train) + list(split.val)
         t0 = time.process_time()
         result = pretrain(data.images[data.indices(ids)], model_cfg, normalizer, PretrainConfig(enabled=True),
-                          folder=Path(job["out"]) / f"pretrain-s{job['seed']}", ids=ids, seed=job["seed"], device="cpu")
+                          folder=Path(job["out"]) / f"pretrain-{data.size}px-s{job['seed']}", ids=ids, seed=job["seed"], device="cpu")
         pretrain_s = time.process_time() - t0 if not result["reused"] else float(result["seconds"])
         load_into(model, result["weights"])
     where = np.asarray(dataset.slice_indices())

@@ -12,18 +12,21 @@ def machine_info() -> dict:
     import numpy as np
     import torch
 
-    model, flags = None, set()
+    info: dict[str, str] = {}  # the first processor's lines: one machine's CPUs are alike
     try:
         for line in open("/proc/cpuinfo"):
-            if line.startswith("model name") and model is None:
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-            if flags and model:
+            if not line.strip():
                 break
+            key, _, value = line.partition(":")
+            info[key.strip()] = value.strip()
     except OSError:
         pass
-    return {"cpu": model or platform.processor() or platform.machine(), "logical_cpus": os.cpu_count(),
+    flags = set(info.get("flags", "").split())
+    # "AMD EPYC" names several generations; family / model / stepping and the vector ISA torch
+    # dispatches to (AVX2, AVX512) tell them apart, and with them the float paths a run takes
+    family = "/".join(info.get(k, "?") for k in ("cpu family", "model", "stepping"))
+    return {"cpu": info.get("model name") or platform.processor() or platform.machine(), "cpu_family_model": family,
+            "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(), "logical_cpus": os.cpu_count(),
             "threads": torch.get_num_threads(), "avx512_bf16": "avx512_bf16" in flags,
             "amx_bf16": "amx_bf16" in flags, "amx_tile": "amx_tile" in flags, "torch": torch.__version__,
             "numpy": np.__version__, "python": platform.python_version()}

@@ -72,8 +72,11 @@ def test_losses_weigh_empty_images_and_small_lesions_as_documented():
     assert torch.isclose(LOSSES["dice_bce"](logits, target), bce + (1 - per_image).mean())
     assert torch.isclose(LOSSES["batch_dice_bce"](logits, target), bce + 1 - over_batch)
     assert torch.isclose(LOSSES["lesion_dice_bce"](logits, target), bce + (1 - per_image[:2]).mean())
-    # the missed pixel of the small lesion costs more under the lesion-image Dice than over the batch
-    assert (1 - per_image[:2]).mean() > 1 - over_batch
+    # the small lesion's missed pixel weighs more in the lesion-image Dice term than over the batch
+    hit = logits.clone()
+    hit[1, 0, 7, 7] = 3.0
+    cost = {name: LOSSES[name](logits, target) - LOSSES[name](hit, target) for name in ("lesion_dice_bce", "batch_dice_bce")}
+    assert cost["lesion_dice_bce"] > 3 * cost["batch_dice_bce"] > 0
     # a batch of empty images: BCE alone, no Dice term
     empty = torch.zeros(2, 1, 8, 8)
     assert torch.isclose(LOSSES["lesion_dice_bce"](torch.full_like(empty, -2.0), empty),
@@ -168,7 +171,7 @@ def test_weight_average_keeps_the_moving_average_of_every_steps_weights(isic64, 
             TrainConfig(weight_average=bad)
 
 
-def test_patches_are_crops_a_third_on_the_lesion_and_the_model_still_sees_whole_images(isic64, tmp_path):
+def test_patches_are_crops_a_third_on_the_lesion_and_the_model_still_sees_whole_images(isic64, tmp_path, monkeypatch):
     """train.patch_size: each training image is a random crop of the working-size image, a third of
     them centred on a lesion pixel; validation and the kept checkpoint work on whole images."""
     from alseg.train import PATCH_FOREGROUND, crop_patches
@@ -197,7 +200,18 @@ def test_patches_are_crops_a_third_on_the_lesion_and_the_model_still_sees_whole_
     assert crop_patches(whole, y[:2], side, torch.Generator())[0] is whole  # no larger than the patch: whole
     with pytest.raises(AlsegError, match="patch_size"):
         TrainConfig(patch_size=20)
-    # a fit on 32 px patches of 64 px images validates and keeps a model for whole 64 px images
+    # a fit on 32 px patches of 64 px images trains on the crops, validates and keeps a model for
+    # whole 64 px images
+    import alseg.train as train_module
+
+    trained_on = []
+
+    def watched(*args):
+        out = crop_patches(*args)
+        trained_on.append(tuple(out[0].shape[1:3]))
+        return out
+
+    monkeypatch.setattr(train_module, "crop_patches", watched)
     seed_everything(0)
     model = UNet(ModelConfig(width=4, depth=3, dropout=0.1))
     norm = Normalizer.fit(isic64.images[:32])
@@ -206,5 +220,6 @@ def test_patches_are_crops_a_third_on_the_lesion_and_the_model_still_sees_whole_
                  checkpoint_dir=tmp_path)
     best = Checkpoint.load(tmp_path / "best.pt")
     probs = predict_probs(best.model, np.asarray(isic64.images[32:40]), best.normalizer)
+    assert trained_on == [(32, 32)] * result["steps"]  # every step, on crops
     assert probs.shape == (8, 64, 64) and best.size == 64
     assert result["best_val_dice"] == pytest.approx(dice_per_image(probs > 0.5, isic64.masks[32:40] > 0).mean())

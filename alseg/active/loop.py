@@ -449,7 +449,9 @@ def adopt_initial_round(run_dir: str | Path | RunDir, donor: str | Path | RunDir
             return False
 
         def depends(s: RunStore) -> tuple:
-            config = {k: v for k, v in s.config().items() if k != "active"}
+            # read through the config classes, so a setting added since one of the two was stored
+            # compares as its default, not as a difference
+            config = {k: v for k, v in config_from_dict(s.config()).to_dict().items() if k != "active"}
             # not the cache folder: its name hashes file times, which change whenever the dataset is
             # copied again; a resumed run too reads the data by path, format, size and channels
             data = {k: v for k, v in s.data_info().items() if k != "cache"}
