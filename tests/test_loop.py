@@ -110,7 +110,9 @@ def test_pseudo_labels_belong_to_their_images(tmp_path, monkeypatch):
     agreement = np.array([[np.mean(pseudo_masks[i] == own[j]) for j in range(20)] for i in range(20)])
     own_mean = np.mean(np.diag(agreement))
     others_mean = (agreement.sum() - np.trace(agreement)) / (20 * 19)
-    assert own_mean > 0.97 and own_mean > others_mean + 0.03  # measured: 0.977 against 0.917
+    # the margin, not a level: agreement between two MC means depends on the CPU's float path
+    # (measured 0.977 against 0.917 with AVX-512 and bf16 scoring, 0.969 against 0.881 with AVX2 and fp32)
+    assert own_mean > others_mean + 0.03, (own_mean, others_mean)
     # ... and exactly the thresholded MC means of the pass that scored and selected them, whose
     # Dice the store records (a second pass, with other dropout masks, gave other masks)
     with RunStore.open_readonly(tmp_path / "run") as store:
