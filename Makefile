@@ -28,7 +28,7 @@ demo: setup
 	$(BIN)/alseg demo
 
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25
 
 # The speed benchmarks (minutes, on a quiet machine); the studies are in docs/benchmarks.md with their commands.
 bench: setup
