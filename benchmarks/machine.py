@@ -35,11 +35,13 @@ def machine_info() -> dict:
 
 def float_fingerprint() -> str:
     """A hash of the bits a fixed small U-Net computes in one thread: seeded weights and batch, a
-    forward pass and three Adam steps. Two sessions on the same CPU model (AMD EPYC 25/1/1, same
-    torch, same code and data) once gave MC scores 5e-7 apart and training losses 1e-7 apart from
-    the first epoch, while runs within one session repeated bit for bit; this records, beside a
-    part, which float path its machine took (unlike hashes mean other bits; like ones are what to
-    expect of runs made again)."""
+    forward pass and three Adam steps. Runs repeat bit for bit on one machine in the same threads
+    (LGG ceal seed 0 at equal steps, made again a session later on the same CPU model, AMD EPYC
+    25/1/1: the same losses and test Dice to the last digit), but not in other threads: the same
+    run in 2 threads rather than 1 scored the pool 5e-7 apart and trained 1e-7 apart from the
+    first epoch, and chose other images by round 2. Other CPUs (AVX-512 against AVX2) differ more.
+    This records, beside a part, the float path of its machine (unlike hashes: other bits; like
+    ones: what to expect of runs made again there in one thread)."""
     import torch
 
     from alseg.model import ModelConfig, UNet

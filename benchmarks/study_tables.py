@@ -110,21 +110,28 @@ def variant_table(base: dict, variant: dict) -> str:
 
 def training_rows(runs_dir: str) -> dict[str, list[dict]]:
     """Per active run of a study's runs folder, its rounds' expert labels, pseudo-labels and
-    optimiser steps (each round's recorded ``train_steps``), as :func:`training_table` reads them
+    optimiser steps (each round's recorded ``train_steps``) and CPU threads (``threads``: runs in
+    other threads take other float paths; None for runs stored before it was recorded), as :func:`training_table` reads them
     (and evidence_study.py keeps them in a part's summary, whose runs folder does not outlive it)."""
     from pathlib import Path
 
     from alseg.active.loop import status
 
-    return {run.name: [{k: row[k] for k in ("expert_labelled", "pseudo_labelled", "train_steps")}
+    return {run.name: [{k: row[k] for k in ("expert_labelled", "pseudo_labelled", "train_steps", "threads")}
                        for row in status(run)["rounds"]]
             for run in sorted(Path(runs_dir).iterdir())
             if not run.name.startswith("full-") and (run / "run.db").is_file()}
 
 
+def _threads_text(counts) -> str:
+    found = sorted({c for c in counts if c is not None})
+    return "" if not found else f", {'/'.join(map(str, found))} thread{'s' if found != [1] else ''}"
+
+
 def training_table(rows: dict[str, list[dict]]) -> str:
     """Per strategy and round, mean over its seeds: expert labels, pseudo-labels and optimiser steps,
-    from :func:`training_rows` (runs named STRATEGY-sSEED)."""
+    and the thread counts it trained in where recorded, from :func:`training_rows` (runs named
+    STRATEGY-sSEED)."""
     by_strategy: dict[str, list[list[dict]]] = {}
     for name, rounds_of_run in sorted(rows.items()):
         by_strategy.setdefault(name.rsplit("-s", 1)[0], []).append(rounds_of_run)
@@ -143,7 +150,8 @@ def training_table(rows: dict[str, list[dict]]) -> str:
             steps = mean([row["train_steps"] for row in rows_k])
             cells.append(f"{mean([row['expert_labelled'] for row in rows_k]):.0f} + "
                          f"{mean([row['pseudo_labelled'] for row in rows_k]):.0f} pseudo, "
-                         + ("– steps" if steps is None else f"{steps:.0f} steps"))
+                         + ("– steps" if steps is None else f"{steps:.0f} steps")
+                         + _threads_text(row.get("threads") for row in rows_k))
         cells += ["–"] * (rounds - len(cells))  # rounds not every seed has finished
         lines.append(f"| {name} ({len(seeds)}) | " + " | ".join(cells) + " |")
     return "\n".join(lines)

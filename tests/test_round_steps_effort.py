@@ -110,6 +110,8 @@ def test_round_steps_gives_every_round_the_same_steps(lesions, tmp_path, monkeyp
     assert [r["train_steps"] for r in rounds] == [epoch_steps(sizes[0], TrainConfig(batch_size=8)),
                                                   ROUND_STEPS, ROUND_STEPS]
     assert fits[0]["batches"] == rounds[0]["train_steps"]
+    # and the threads each round trained in, which decide its float path, are on record
+    assert [r["threads"] for r in status(tmp_path / "run")["rounds"]] == [torch.get_num_threads()] * 3
 
 
 def test_without_round_steps_rounds_take_one_pass_an_epoch(lesions, tmp_path, monkeypatch):

@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from alseg.active.annotators import make_annotator
 from alseg.active.coldstart import cover_selection, spread_selection, tissue_candidates
@@ -369,7 +370,9 @@ class ActiveRun:
         self.store.finish_round(round, expert_labelled=len(expert), pseudo_labelled=len(pseudo_ids), pool=pool_size,
                                 test_dice=test_dice, val_dice=result["best_val_dice"], seconds=row["seconds"],
                                 timings=timings, latest_checkpoint=self.dir.relative(self.dir.checkpoint(round)),
-                                facts={"model": health.to_dict(), "train_steps": result["steps"]})
+                                facts={"model": health.to_dict(), "train_steps": result["steps"],
+                                       # the float path: a round trained in other threads is other bits
+                                       "threads": torch.get_num_threads()})
         self.reporter.round(row)
         dice = "-" if test_dice is None else f"{test_dice:.3f}"
         val = "-" if result["best_val_dice"] is None else f"{result['best_val_dice']:.3f}"
@@ -532,7 +535,8 @@ def status(run_dir: str | Path) -> dict:
     ``effort``: the expert's effort per round and selection reason (``rounds``) and over all (``totals``),
     as :meth:`RunStore.effort_by_round`; ``agreement``: second readings against the owners' masks.
     Each finished round of ``rounds`` carries its recorded facts: ``model`` (health), ``gate``,
-    ``train_steps`` (optimiser steps it trained) and, for a simulated annotator's round >= 1,
+    ``train_steps`` (optimiser steps it trained), ``threads`` (the CPU threads it trained in: runs
+    made again in other threads take other float paths) and, for a simulated annotator's round >= 1,
     ``effort`` (:meth:`ActiveRun.simulated_effort`: the pixels the expert would change in the head
     start); None where not recorded."""
     with RunStore.open_readonly(run_dir) as store:
@@ -555,6 +559,7 @@ def status(run_dir: str | Path) -> dict:
                          "model": facts.get(r["round"], {}).get("model"),
                          "gate": facts.get(r["round"], {}).get("gate"),
                          "train_steps": facts.get(r["round"], {}).get("train_steps"),
+                         "threads": facts.get(r["round"], {}).get("threads"),
                          "effort": facts.get(r["round"], {}).get("effort")})
         open_round = next((r["round"] for r in store.rounds() if r["status"] == "awaiting"), None)
         model = rows[-1]["model"] if rows else None
