@@ -51,12 +51,14 @@ def float_fingerprint() -> str:
     try:
         with torch.random.fork_rng():  # the caller's global generator is left as it was
             torch.manual_seed(0)  # the weights
-            return _three_adam_steps(torch, UNet(ModelConfig(in_channels=3, width=8, depth=3, dropout=0.0)))
+            return _three_adam_steps(UNet(ModelConfig(in_channels=3, width=8, depth=3, dropout=0.0)))
     finally:
         torch.set_num_threads(threads)
 
 
-def _three_adam_steps(torch, net) -> str:
+def _three_adam_steps(net) -> str:
+    import torch
+
     gen = torch.Generator().manual_seed(0)  # the batch
     x = torch.rand(4, 3, 64, 64, generator=gen)
     y = (torch.rand(4, 1, 64, 64, generator=gen) > 0.7).float()

@@ -111,8 +111,8 @@ def variant_table(base: dict, variant: dict) -> str:
 def training_rows(runs_dir: str) -> dict[str, list[dict]]:
     """Per active run of a study's runs folder, its rounds' expert labels, pseudo-labels and
     optimiser steps (each round's recorded ``train_steps``) and CPU threads (``threads``: runs in
-    other threads take other float paths; None for runs stored before it was recorded), as :func:`training_table` reads them
-    (and evidence_study.py keeps them in a part's summary, whose runs folder does not outlive it)."""
+    other threads take other float paths; None for runs stored before it was recorded), as
+    :func:`training_table` reads them (and evidence_study.py keeps them in a part's summary, whose runs folder does not outlive it)."""
     from pathlib import Path
 
     from alseg.active.loop import status
